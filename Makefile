@@ -1,0 +1,31 @@
+# CPU install path: everything pinned by constraints-cpu.txt (torch==2.13.0 is the CPU build on this
+# kind of machine; an unpinned torch pulls a multi-GB CUDA build).
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/pip install -c constraints-cpu.txt
+
+.PHONY: venv demo test test-fast bench clean
+
+$(BIN)/.installed: pyproject.toml constraints-cpu.txt
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(PIP) -q torch==2.13.0 setuptools wheel ninja
+	# deepspeed is an sdist whose setup.py imports torch: build it against the torch just installed
+	$(PIP) -q --no-build-isolation deepspeed
+	$(PIP) -q -e '.[dev]'
+	touch $@
+
+venv: $(BIN)/.installed
+
+demo: venv
+	$(BIN)/python data_prep/make_pairs.py
+
+test: venv
+	$(BIN)/python -m pytest -q
+
+test-fast: venv
+	$(BIN)/python -m pytest -q -m "not slow"
+
+clean:
+	rm -rf $(VENV) data outputs

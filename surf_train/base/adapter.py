@@ -1,0 +1,206 @@
+"""The base-model interface shared by pair generation, validation and generation.
+
+A `BaseModel` wraps a diffusers pipeline (WanPipeline, HunyuanVideoPipeline): it encodes prompts,
+gives the guided velocity v(x, s) of DESIGN 3.1, and VAE-encodes/decodes with the family's latent
+normalisation. Constants (geometry, shift, native size) come from `conf/base/<name>.yaml`.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import torch
+
+from surf_train.errors import ConfigError
+from surf_train.sampling import Velocity
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class LatentGeometry:
+    """How pixels map to latents and latents to transformer tokens."""
+    channels: int
+    stride_t: int  # VAE temporal compression: frames = stride_t * (F - 1) + 1
+    stride_s: int  # VAE spatial compression
+    patch_t: int
+    patch_s: int
+
+    def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
+        """(C, F, H, W) of the latent of a (frames, height, width) video; validates first."""
+        self.check(frames, height, width)
+        return (self.channels, (frames - 1) // self.stride_t + 1, height // self.stride_s, width // self.stride_s)
+
+    def check(self, frames: int | None, height: int, width: int, what: str = "size") -> None:
+        """Raise ConfigError unless the sizes are ones the VAE and the patchifier accept exactly."""
+        mult = self.stride_s * self.patch_s
+        for name, val in (("height", height), ("width", width)):
+            if not isinstance(val, int) or val <= 0 or val % mult:
+                raise ConfigError(f"{what} {name}={val} must be a positive multiple of {mult} "
+                                  f"(VAE stride {self.stride_s} x patch {self.patch_s})")
+        if frames is not None:
+            if not isinstance(frames, int) or frames < 1 or (frames - 1) % self.stride_t:
+                raise ConfigError(f"{what} frames={frames} must be {self.stride_t}*n+1 (VAE temporal stride)")
+            if ((frames - 1) // self.stride_t + 1) % self.patch_t:
+                raise ConfigError(f"{what} frames={frames}: latent frames not divisible by patch {self.patch_t}")
+
+
+@dataclass
+class BaseSpec:
+    """One base model's constants: the contents of conf/base/<name>.yaml."""
+    name: str
+    family: str  # wan | hunyuan
+    pretrained: str | None  # hub id or local directory; None builds the tiny model from configs
+    channels: int
+    stride_t: int
+    stride_s: int
+    patch_t: int
+    patch_s: int
+    native_size: tuple[int, int]  # (height, width) in pixels
+    native_frames: int
+    fps: int
+    shift: float
+    guidance: float
+    revision: str | None = None
+    negative_prompt: str = ""
+    max_sequence_length: int = 512
+    dtype: str = "bfloat16"
+    vae_dtype: str = "float32"
+    prompt_template: dict | None = None  # hunyuan only; None = diffusers' default template
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "BaseSpec":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"base model {d.get('name')!r}: unknown keys {unknown}")
+        d = dict(d)
+        d["native_size"] = tuple(d["native_size"])
+        if d["family"] not in ("wan", "hunyuan"):
+            raise ConfigError(f"base model {d.get('name')!r}: unknown family {d['family']!r} (wan or hunyuan)")
+        for key in ("dtype", "vae_dtype"):
+            if d.get(key, "float32") not in DTYPES:
+                raise ConfigError(f"base model {d.get('name')!r}: {key}={d[key]!r} not in {list(DTYPES)}")
+        return cls(**d)
+
+    @classmethod
+    def from_name(cls, name: str) -> "BaseSpec":
+        """Read conf/base/<name>.yaml."""
+        import yaml
+
+        from surf_train import CONF_DIR
+
+        path = CONF_DIR / "base" / f"{name}.yaml"
+        if not path.is_file():
+            known = sorted(p.stem for p in (CONF_DIR / "base").glob("*.yaml"))
+            raise ConfigError(f"unknown base model {name!r}; known: {known}")
+        return cls.from_dict(yaml.safe_load(path.read_text()))
+
+    @property
+    def geometry(self) -> LatentGeometry:
+        return LatentGeometry(self.channels, self.stride_t, self.stride_s, self.patch_t, self.patch_s)
+
+    @property
+    def model_id(self) -> str:
+        return self.pretrained or f"tiny:{self.name}"
+
+
+@dataclass
+class Cond:
+    """Encoded prompts for a batch: everything the transformer needs besides x and s."""
+    embeds: torch.Tensor  # (B, L, D)
+    negative: torch.Tensor | None = None  # (B, L, D), Wan CFG
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)  # family-specific (masks, pooled)
+
+
+class BaseModel(ABC):
+    """A frozen flow-matching video DiT; subclasses implement one family each."""
+
+    def __init__(self, spec: BaseSpec, pipe, device: torch.device):
+        self.spec, self.pipe, self.device = spec, pipe, device
+        self.dtype = pipe.transformer.dtype
+        self.geometry = spec.geometry
+        pipe.set_progress_bar_config(disable=True)
+        for m in (pipe.transformer, pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):
+            if m is not None:
+                m.requires_grad_(False).eval()
+        self._check_loaded()
+
+    def _check_loaded(self) -> None:
+        cfg = self.pipe.transformer.config
+        got = (cfg.in_channels, self.pipe.vae_scale_factor_temporal, self.pipe.vae_scale_factor_spatial,
+               *self._patch())
+        want = (self.spec.channels, self.spec.stride_t, self.spec.stride_s, self.spec.patch_t, self.spec.patch_s)
+        if got != want:
+            raise ConfigError(f"base model {self.spec.model_id}: loaded (channels, stride_t, stride_s, patch_t, "
+                              f"patch_s)={got} but conf/base/{self.spec.name}.yaml says {want}")
+
+    # --- family-specific -------------------------------------------------------------------
+    @classmethod
+    @abstractmethod
+    def load(cls, spec: BaseSpec, device: torch.device) -> "BaseModel":
+        """Tiny model from configs when spec.pretrained is None, else diffusers from_pretrained."""
+
+    @abstractmethod
+    def _patch(self) -> tuple[int, int]:
+        """(patch_t, patch_s) of the loaded transformer."""
+
+    @abstractmethod
+    def encode_prompt(self, prompts: list[str]) -> Cond:
+        """Text conditioning for a batch of prompts (with the negative prompt where CFG needs it)."""
+
+    @abstractmethod
+    def _forward(self, x: torch.Tensor, s: float, cond: Cond, guidance: float) -> torch.Tensor:
+        """Guided transformer output for x in the model's dtype."""
+
+    @abstractmethod
+    def _normalise(self, z: torch.Tensor) -> torch.Tensor:
+        """Raw VAE latent -> the latent the transformer works on."""
+
+    @abstractmethod
+    def _denormalise(self, latent: torch.Tensor) -> torch.Tensor:
+        """Inverse of _normalise."""
+
+    # --- shared ----------------------------------------------------------------------------
+    def check_grid(self, latent_hw: tuple[int, int], frames: int) -> None:
+        """Family limits on the token grid beyond divisibility (none by default)."""
+
+    @torch.no_grad()
+    def velocity(self, x: torch.Tensor, s: float, cond: Cond, guidance: float | None = None) -> torch.Tensor:
+        """Guided velocity v = eps - x0 at noise level s for x (B, C, F, H, W); returned in float32."""
+        g = self.spec.guidance if guidance is None else guidance
+        return self._forward(x.to(self.device, self.dtype), s, cond, g).float()
+
+    def velocity_fn(self, cond: Cond, guidance: float | None = None) -> Velocity:
+        """The callable that the samplers in surf_train.sampling take."""
+        return lambda x, s: self.velocity(x, s, cond, guidance)
+
+    @torch.no_grad()
+    def vae_encode(self, video: torch.Tensor, sample: bool = False,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+        """(B, 3, frames, H, W) in [-1, 1] -> normalised latent (B, C, F, H/s, W/s) float32."""
+        vae = self.pipe.vae
+        self.geometry.check(video.shape[2], video.shape[3], video.shape[4], "video")
+        dist = vae.encode(video.to(self.device, vae.dtype)).latent_dist
+        z = dist.sample(generator) if sample else dist.mode()
+        return self._normalise(z.float())
+
+    @torch.no_grad()
+    def vae_decode(self, latent: torch.Tensor) -> torch.Tensor:
+        """Normalised latent (B, C, F, H, W) -> video (B, 3, frames, H*s, W*s) in [-1, 1] float32."""
+        vae = self.pipe.vae
+        z = self._denormalise(latent.float().to(self.device))
+        return vae.decode(z.to(vae.dtype), return_dict=False)[0].float().clamp(-1, 1)
+
+
+def load_base_model(spec: BaseSpec, device: str | torch.device = "auto") -> BaseModel:
+    """Build the adapter for `spec`: tiny from configs, otherwise diffusers `from_pretrained`."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if spec.family == "wan":
+        from surf_train.base.wan import WanBase as cls
+    else:
+        from surf_train.base.hunyuan import HunyuanBase as cls
+    return cls.load(spec, device)

@@ -1,0 +1,51 @@
+"""HunyuanVideo through diffusers' HunyuanVideoPipeline (embedded guidance, no CFG batch)."""
+from __future__ import annotations
+
+import torch
+
+from surf_train.base.adapter import DTYPES, BaseModel, BaseSpec, Cond
+
+
+class HunyuanBase(BaseModel):
+    """HunyuanVideo: Llama + CLIP text, guidance as a transformer input, scaled latents."""
+
+    @classmethod
+    def load(cls, spec: BaseSpec, device: torch.device) -> "HunyuanBase":
+        from diffusers import AutoencoderKLHunyuanVideo, HunyuanVideoPipeline
+
+        if spec.pretrained is None:
+            from surf_train.base.tiny import tiny_hunyuan_pipeline
+            pipe = tiny_hunyuan_pipeline()
+        else:
+            vae = AutoencoderKLHunyuanVideo.from_pretrained(spec.pretrained, subfolder="vae", revision=spec.revision,
+                                                            torch_dtype=DTYPES[spec.vae_dtype])
+            pipe = HunyuanVideoPipeline.from_pretrained(spec.pretrained, vae=vae, revision=spec.revision,
+                                                        torch_dtype=DTYPES[spec.dtype])
+        pipe.to(device)  # dtypes were set at load time (diffusers keeps some modules in float32)
+        return cls(spec, pipe, device)
+
+    def _patch(self) -> tuple[int, int]:
+        c = self.pipe.transformer.config
+        return c.patch_size_t, c.patch_size
+
+    @torch.no_grad()
+    def encode_prompt(self, prompts: list[str]) -> Cond:
+        kw = {} if self.spec.prompt_template is None else {"prompt_template": dict(self.spec.prompt_template)}
+        embeds, pooled, mask = self.pipe.encode_prompt(prompts, prompt_2=prompts, device=self.device,
+                                                       dtype=self.dtype,
+                                                       max_sequence_length=self.spec.max_sequence_length, **kw)
+        return Cond(embeds=embeds, extra={"pooled": pooled, "mask": mask})
+
+    def _forward(self, x: torch.Tensor, s: float, cond: Cond, guidance: float) -> torch.Tensor:
+        b = x.shape[0]
+        t = torch.full((b,), s * 1000.0, device=x.device, dtype=x.dtype)
+        g = torch.full((b,), guidance * 1000.0, device=x.device, dtype=x.dtype)  # diffusers' convention
+        return self.pipe.transformer(hidden_states=x, timestep=t, encoder_hidden_states=cond.embeds,
+                                     encoder_attention_mask=cond.extra["mask"],
+                                     pooled_projections=cond.extra["pooled"], guidance=g, return_dict=False)[0]
+
+    def _normalise(self, z: torch.Tensor) -> torch.Tensor:
+        return z * self.pipe.vae.config.scaling_factor
+
+    def _denormalise(self, latent: torch.Tensor) -> torch.Tensor:
+        return latent / self.pipe.vae.config.scaling_factor

@@ -1,0 +1,75 @@
+"""Wan 2.1 (T2V 1.3B / 14B) through diffusers' WanPipeline."""
+from __future__ import annotations
+
+import torch
+
+from surf_train.base.adapter import DTYPES, BaseModel, BaseSpec, Cond
+from surf_train.errors import ConfigError
+
+
+class WanBase(BaseModel):
+    """Wan: umT5 text, classifier-free guidance with a negative prompt, per-channel latent mean/std."""
+
+    @classmethod
+    def load(cls, spec: BaseSpec, device: torch.device) -> "WanBase":
+        from diffusers import AutoencoderKLWan, WanPipeline
+
+        if spec.pretrained is None:
+            from surf_train.base.tiny import tiny_wan_pipeline
+            pipe = tiny_wan_pipeline()
+        else:
+            # Wan's VAE is kept in float32 (as in the model card); the rest in spec.dtype
+            vae = AutoencoderKLWan.from_pretrained(spec.pretrained, subfolder="vae", revision=spec.revision,
+                                                   torch_dtype=DTYPES[spec.vae_dtype])
+            pipe = WanPipeline.from_pretrained(spec.pretrained, vae=vae, revision=spec.revision,
+                                               torch_dtype=DTYPES[spec.dtype])
+        pipe.to(device)  # dtypes were set at build/load time (diffusers keeps some modules in float32)
+        return cls(spec, pipe, device)
+
+    def _patch(self) -> tuple[int, int]:
+        pt, ph, pw = self.pipe.transformer.config.patch_size
+        if ph != pw:
+            raise ConfigError(f"{self.spec.model_id}: non-square patch {ph}x{pw} is not supported")
+        return pt, ph
+
+    def check_grid(self, latent_hw: tuple[int, int], frames: int) -> None:
+        # Wan's RoPE tables hold rope_max_seq_len positions per axis; larger grids would silently alias
+        limit = self.pipe.transformer.config.rope_max_seq_len
+        grid = (frames, latent_hw[0] // self.spec.patch_s, latent_hw[1] // self.spec.patch_s)
+        if max(grid) > limit:
+            raise ConfigError(f"{self.spec.model_id}: token grid {grid} exceeds rope_max_seq_len={limit}")
+
+    @torch.no_grad()
+    def encode_prompt(self, prompts: list[str]) -> Cond:
+        pos, neg = self.pipe.encode_prompt(prompts, negative_prompt=[self.spec.negative_prompt] * len(prompts),
+                                           do_classifier_free_guidance=True,
+                                           max_sequence_length=self.spec.max_sequence_length,
+                                           device=self.device, dtype=self.dtype)
+        return Cond(embeds=pos, negative=neg)  # (B, L, D) each, zero-padded to L
+
+    def _forward(self, x: torch.Tensor, s: float, cond: Cond, guidance: float) -> torch.Tensor:
+        net, b = self.pipe.transformer, x.shape[0]
+        cfg = guidance != 1.0 and cond.negative is not None
+        xs = torch.cat([x, x]) if cfg else x
+        text = torch.cat([cond.embeds, cond.negative]) if cfg else cond.embeds
+        t = torch.full((xs.shape[0],), s * 1000.0, device=x.device, dtype=x.dtype)  # diffusers timestep scale
+        out = net(hidden_states=xs, timestep=t, encoder_hidden_states=text, return_dict=False)[0]
+        if not cfg:
+            return out
+        v_pos, v_neg = out[:b], out[b:]
+        return v_neg + guidance * (v_pos - v_neg)
+
+    def _stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        c = self.pipe.vae.config
+        shape = (1, c.z_dim, 1, 1, 1)
+        mean = torch.tensor(c.latents_mean, device=like.device, dtype=like.dtype).view(shape)
+        std = torch.tensor(c.latents_std, device=like.device, dtype=like.dtype).view(shape)
+        return mean, std
+
+    def _normalise(self, z: torch.Tensor) -> torch.Tensor:
+        mean, std = self._stats(z)
+        return (z - mean) / std
+
+    def _denormalise(self, latent: torch.Tensor) -> torch.Tensor:
+        mean, std = self._stats(latent)
+        return latent * std + mean
