@@ -1,0 +1,162 @@
+"""The one shard schema: how a (preview, target) pair is stored in WebDataset tar shards.
+
+A sample is two tar entries under one key:
+  <key>.tensors.safetensors  preview (C, F, h, w), target (C, F, H, W), optional text (L, D)
+  <key>.json                 metadata (prompt, seed, base model, shapes, schedule, reshift, version)
+Tensors are safetensors bytes (fp16/bf16/fp32), so reading never unpickles.
+Shards are written under a temporary name and renamed when complete.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tarfile
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
+import webdataset as wds
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+SCHEMA_VERSION = 1
+TENSORS = "tensors.safetensors"
+META = "json"
+REQUIRED_TENSORS = ("preview", "target")
+REQUIRED_META = ("key", "schema", "source", "preview_shape", "target_shape")
+TMP_SUFFIX = ".tmp"
+
+
+class ShardError(RuntimeError):
+    """A shard or sample that cannot be read; the message names it."""
+
+
+def encode_sample(key: str, tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    """Tensors + metadata -> the dict that webdataset's TarWriter writes."""
+    missing = [k for k in REQUIRED_TENSORS if k not in tensors]
+    if missing:
+        raise ValueError(f"sample {key}: missing tensors {missing}")
+    meta = {**meta, "key": key, "schema": SCHEMA_VERSION,
+            "preview_shape": list(tensors["preview"].shape), "target_shape": list(tensors["target"].shape)}
+    blob = st_save({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
+    return {"__key__": key, TENSORS: blob, META: json.dumps(meta, sort_keys=True).encode()}
+
+
+def decode_sample(raw: dict) -> dict:
+    """Raw tar entries (bytes) -> {"key", "meta", tensor names...}; never unpickles."""
+    where = f"{raw.get('__url__', '?')}: sample {raw.get('__key__', '?')}"
+    extra = sorted(k for k in raw if not k.startswith("__") and k not in (TENSORS, META))
+    if extra or TENSORS not in raw or META not in raw:
+        raise ShardError(f"{where}: expected entries {TENSORS!r} and {META!r}, got {sorted(raw)}")
+    try:
+        meta = json.loads(raw[META])
+        tensors = st_load(raw[TENSORS])
+    except Exception as e:  # corrupt bytes: name the sample, keep the cause
+        raise ShardError(f"{where}: cannot decode ({type(e).__name__}: {e})") from e
+    missing = [k for k in REQUIRED_TENSORS if k not in tensors] + [k for k in REQUIRED_META if k not in meta]
+    if missing:
+        raise ShardError(f"{where}: missing fields {missing}")
+    if meta["schema"] != SCHEMA_VERSION:
+        raise ShardError(f"{where}: schema {meta['schema']} but this code reads schema {SCHEMA_VERSION}")
+    return {"key": meta["key"], "meta": meta, **tensors}
+
+
+def shard_name(prefix: str, rank: int, index: int) -> str:
+    return f"{prefix}-r{rank:03d}-{index:06d}.tar"
+
+
+def list_shards(directory: str | os.PathLike) -> list[Path]:
+    """Complete shards in a directory, sorted (temporary files are not listed)."""
+    return sorted(Path(directory).glob("*.tar"))
+
+
+def shard_keys(path: Path) -> list[str]:
+    """Sample keys in one complete shard, read from the tar index without decoding payloads."""
+    try:
+        with tarfile.open(path) as tar:
+            names = tar.getnames()
+    except (tarfile.TarError, OSError) as e:
+        raise ShardError(f"{path}: not a readable tar shard ({e})") from e
+    return sorted({os.path.basename(n).split(".", 1)[0] for n in names})
+
+
+def raise_named(exn: Exception) -> bool:
+    """webdataset error handler: re-raise as a ShardError that names the shard."""
+    if isinstance(exn, ShardError):
+        raise exn
+    # webdataset appends the shard url to the exception's args
+    where = next((a for a in reversed(exn.args) if isinstance(a, str) and ".tar" in a), "shard")
+    first = exn.args[0] if exn.args else exn
+    raise ShardError(f"{where}: cannot read ({type(exn).__name__}: {first})") from exn
+
+
+def read_shards(paths: Iterable[str | os.PathLike]) -> Iterator[dict]:
+    """Decoded samples from shards, in order, single process (tests, export, inspection)."""
+    urls = [str(p) for p in paths]
+    if not urls:
+        return iter(())
+    ds = wds.WebDataset(urls, shardshuffle=False, empty_check=False, handler=raise_named)
+    return map(decode_sample, ds)
+
+
+class ShardWriter:
+    """Writes samples into `<prefix>-r<rank>-<n>.tar` shards of at most `max_count` samples.
+
+    Each shard is written as `<name>.tmp` and renamed when it is closed, so a crash at any point
+    leaves only complete shards with `.tar` names; `start_index` continues numbering on resume.
+    """
+
+    def __init__(self, directory: str | os.PathLike, rank: int, max_count: int, prefix: str = "pairs",
+                 start_index: int = 0):
+        self.dir, self.rank, self.max_count, self.prefix = Path(directory), rank, max_count, prefix
+        self.index, self.count, self.bytes, self.shards = start_index, 0, 0, 0
+        self._file = self._tar = None
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def _open(self) -> None:
+        self._path = self.dir / shard_name(self.prefix, self.rank, self.index)
+        self._file = open(str(self._path) + TMP_SUFFIX, "wb")
+        self._tar = wds.TarWriter(self._file)
+
+    def close_shard(self) -> None:
+        if self._tar is None:
+            return
+        self._tar.close()
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        os.replace(str(self._path) + TMP_SUFFIX, self._path)
+        self.bytes += self._path.stat().st_size
+        self.shards += 1
+        self.index += 1
+        self._tar = self._file = None
+        self.count = 0
+
+    def write(self, sample: dict) -> None:
+        if self._tar is None:
+            self._open()
+        self._tar.write(sample)
+        self.count += 1
+        if self.count >= self.max_count:
+            self.close_shard()
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close_shard()
+
+
+def remove_partial(directory: str | os.PathLike, rank: int, prefix: str = "pairs") -> int:
+    """Delete this rank's leftover temporary shards (from a crash); returns how many."""
+    leftovers = list(Path(directory).glob(f"{prefix}-r{rank:03d}-*.tar{TMP_SUFFIX}"))
+    for p in leftovers:
+        p.unlink()
+    return len(leftovers)
+
+
+def next_index(directory: str | os.PathLike, rank: int, prefix: str = "pairs") -> int:
+    """First free shard number for this rank."""
+    nums = [int(p.stem.rsplit("-", 1)[1]) for p in Path(directory).glob(f"{prefix}-r{rank:03d}-*.tar")]
+    return max(nums, default=-1) + 1
+
