@@ -1,0 +1,251 @@
+"""Refiner network: shapes, init, gradients, checkpointing, text, presets, config, Wan initialisation."""
+import json
+import time
+
+import pytest
+import torch
+
+from surf_train.refiner import PRESETS, Refiner, RefinerConfig, init_from_wan, num_params
+
+WAN_TINY = dict(
+    patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16, out_channels=16,
+    text_dim=32, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+    rope_max_seq_len=32,
+)
+
+
+def _perturb(model: Refiner, seed: int = 0) -> Refiner:
+    """Lift the zero-inits (output projection, adaLN gates) so every path carries signal."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def _inputs(shape=(2, 16, 3, 8, 8), text_len=5, text_dim=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g)
+    cond = torch.randn(shape, generator=g)
+    t = torch.rand(shape[0], generator=g)
+    text = torch.randn(shape[0], text_len, text_dim, generator=g)
+    return x, t, cond, text
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    return _perturb(Refiner(RefinerConfig.preset("tiny")))
+
+
+@pytest.mark.parametrize("shape", [(1, 16, 5, 16, 16), (2, 16, 5, 14, 18), (1, 16, 1, 2, 2)])
+def test_output_shape(tiny, shape):
+    x, t, cond, text = _inputs(shape)
+    with torch.no_grad():
+        out = tiny(x, t, cond, text)
+    assert out.shape == x.shape and torch.isfinite(out).all()
+
+
+def test_patch_with_time_extent():
+    m = _perturb(Refiner(RefinerConfig(patch_size=(2, 2, 2), window=(2, 3, 3), depth=2)))
+    x, t, cond, _ = _inputs((1, 16, 6, 10, 14))
+    with torch.no_grad():
+        assert m(x, t, cond).shape == x.shape
+
+
+def test_untrained_output_is_zero():
+    m = Refiner(RefinerConfig.preset("tiny"))
+    x, t, cond, text = _inputs()
+    with torch.no_grad():
+        assert torch.equal(m(x, t, cond, text), torch.zeros_like(x))
+
+
+def test_blocks_alternate_plain_and_shifted():
+    m = Refiner(RefinerConfig(depth=4))
+    assert [b.attn1.shift for b in m.blocks] == [False, True, False, True]
+
+
+def test_gradients_reach_every_parameter():
+    m = _perturb(Refiner(RefinerConfig.preset("tiny")))
+    x, t, cond, text = _inputs((1, 16, 3, 10, 10))
+    (m(x, t, cond, text) ** 2).mean().backward()
+    missing = [n for n, p in m.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert missing == []
+
+
+def test_grad_checkpointing_matches():
+    torch.manual_seed(1)
+    base = _perturb(Refiner(RefinerConfig(depth=2)))
+    ckpt = Refiner(RefinerConfig(depth=2, grad_checkpointing=True))
+    ckpt.load_state_dict(base.state_dict())
+    x, t, cond, text = _inputs((1, 16, 3, 10, 10))
+    outs, grads = [], []
+    for m in (base, ckpt):
+        xi = x.clone().requires_grad_()
+        out = m(xi, t, cond, text)
+        (out**2).mean().backward()
+        outs.append(out.detach())
+        grads.append([xi.grad] + [p.grad for p in m.parameters()])
+    torch.testing.assert_close(outs[1], outs[0], atol=1e-6, rtol=1e-6)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-5)
+
+
+def test_attn_impls_agree(tiny):
+    x, t, cond, text = _inputs((1, 16, 5, 14, 18))
+    grouped = Refiner(RefinerConfig.preset("tiny", attn_impl="grouped"))
+    mask = Refiner(RefinerConfig.preset("tiny", attn_impl="mask"))
+    grouped.load_state_dict(tiny.state_dict())
+    mask.load_state_dict(tiny.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(grouped(x, t, cond, text), mask(x, t, cond, text), atol=1e-5, rtol=1e-5)
+
+
+def test_text_and_text_mask(tiny):
+    x, t, cond, text = _inputs()
+    with torch.no_grad():
+        no_text = tiny(x, t, cond)
+        with_text = tiny(x, t, cond, text)
+        assert not torch.allclose(no_text, with_text, atol=1e-4)
+        # Masked text tokens are ignored: masking the last 2 equals dropping them.
+        mask = torch.ones(text.shape[:2], dtype=torch.bool)
+        mask[:, 3:] = False
+        torch.testing.assert_close(tiny(x, t, cond, text, mask), tiny(x, t, cond, text[:, :3]), atol=1e-5, rtol=1e-5)
+        # A sample with no valid text token gets no cross-attention contribution.
+        torch.testing.assert_close(tiny(x, t, cond, text, torch.zeros_like(mask)), no_text, atol=1e-5, rtol=1e-5)
+
+
+def test_cond_and_time_matter(tiny):
+    x, t, cond, _ = _inputs()
+    with torch.no_grad():
+        out = tiny(x, t, cond)
+        assert not torch.allclose(out, tiny(x, t, cond + 1.0), atol=1e-4)
+        assert not torch.allclose(out, tiny(x, 1.0 - t, cond), atol=1e-4)
+
+
+def test_one_plain_block_is_local():
+    """Depth 1 (plain windows): a change in one latent pixel moves the output only inside its window."""
+    m = _perturb(Refiner(RefinerConfig(depth=1, window=(1, 2, 2), text_dim=0)))
+    x, t, cond, _ = _inputs((1, 16, 2, 8, 8))
+    x2 = x.clone()
+    x2[0, :, 1, 5, 2] += 1.0  # token (1, 2, 1) -> window rows 4..7, cols 0..3 of frame 1
+    with torch.no_grad():
+        changed = (m(x, t, cond) != m(x2, t, cond)).any(1)[0]  # (F, H, W)
+    expected = torch.zeros_like(changed)
+    expected[1, 4:8, 0:4] = True
+    assert torch.equal(changed, expected)
+
+
+def test_tiny_preset_is_small_and_fast():
+    m = Refiner(RefinerConfig.preset("tiny"))
+    assert num_params(m) < 500_000
+    x, t, cond, text = _inputs((1, 16, 5, 16, 16))
+    with torch.no_grad():
+        m(x, t, cond, text)
+        times = []
+        for _ in range(3):  # best of 3: a shared CPU can stall one call
+            start = time.perf_counter()
+            m(x, t, cond, text)
+            times.append(time.perf_counter() - start)
+    assert min(times) < 1.0
+
+
+def test_paper_preset_size():
+    with torch.device("meta"):
+        m = Refiner(RefinerConfig.preset("paper"))
+    assert 0.8e9 < num_params(m) < 1.3e9
+    assert m.cfg.text_dim == 4096
+
+
+def test_config_round_trip():
+    for name in PRESETS:
+        cfg = RefinerConfig.preset(name, grad_checkpointing=True)
+        back = RefinerConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
+        assert back == cfg and isinstance(back.window, tuple)
+    with pytest.raises(ValueError, match="unknown"):
+        RefinerConfig.from_dict({"dims": 3})
+    with pytest.raises(ValueError, match="divisible"):
+        RefinerConfig(dim=30, heads=4)
+    with pytest.raises(ValueError, match="attn_impl"):
+        RefinerConfig(attn_impl="flash")
+
+
+def test_bad_shapes_raise(tiny):
+    x, t, cond, text = _inputs((1, 16, 3, 8, 8))
+    with pytest.raises(ValueError, match=r"\(3, 8, 9\).*patch_size"):
+        bad = torch.randn(1, 16, 3, 8, 9)
+        tiny(bad, t, bad)
+    with pytest.raises(ValueError, match="cond shape"):
+        tiny(x, t, cond[:, :, :2])
+    with pytest.raises(ValueError, match=r"x_t must be \(B, 16"):
+        tiny(x[:, :8], t, cond[:, :8])
+    with pytest.raises(ValueError, match=r"t must be"):
+        tiny(x, torch.rand(2), cond)
+    with pytest.raises(ValueError, match="text must be"):
+        tiny(x, t, cond, text[..., :8])
+    with pytest.raises(ValueError, match="text_dim=0"):
+        Refiner(RefinerConfig(text_dim=0))(x, t, cond, text)
+
+
+# --- initialisation from Wan -------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def wan_tiny(tmp_path_factory):
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("wan")
+    WanTransformer3DModel(**WAN_TINY).save_pretrained(path)
+    return WanTransformer3DModel.from_pretrained(path).eval(), path
+
+
+def test_init_from_wan_copies_and_zeroes_cond(wan_tiny):
+    wan, path = wan_tiny
+    ref, report = Refiner.from_wan_transformer(path)  # from a saved directory
+    src = wan.state_dict()
+    assert len(src) == 69 and len(report.copied) == 69  # every Wan tensor has a counterpart
+    assert report.skipped == {} and report.not_initialised == []
+    own = ref.state_dict()
+    w = own["patch_embedding.weight"]  # (D, 2C, 1, 2, 2)
+    assert torch.equal(w[:, :16], src["patch_embedding.weight"]) and torch.equal(w[:, 16:], torch.zeros_like(w[:, 16:]))
+    for key in report.copied:
+        wkey = key.replace("to_out.", "to_out.0.").replace("fc1.", "net.0.proj.").replace("fc2.", "net.2.")
+        if key != "patch_embedding.weight":
+            assert torch.equal(own[key], src[wkey]), key
+
+
+def test_init_from_wan_block_subset(wan_tiny):
+    wan, _ = wan_tiny
+    ref, report = Refiner.from_wan_transformer(wan, depth=1)
+    assert len(report.copied) == 42 and len(report.skipped) == 27
+    assert all(k.startswith("blocks.1.") and why == "block not used" for k, why in report.skipped.items())
+    ref2 = Refiner(ref.cfg)
+    report2 = init_from_wan(ref2, wan.state_dict(), wan_blocks=[1])
+    assert len(report2.copied) == 42
+    assert torch.equal(ref2.blocks[0].attn1.to_q.weight, wan.blocks[1].attn1.to_q.weight)
+
+
+def test_init_from_wan_reports_shape_mismatch(wan_tiny):
+    wan, _ = wan_tiny
+    ref = Refiner(RefinerConfig(dim=24, heads=2, depth=2, mlp_ratio=2.0, text_dim=32))  # ffn 48 != 32
+    report = init_from_wan(ref, wan.state_dict())
+    assert "blocks.0.ffn.net.0.proj.weight" in report.skipped
+    assert "blocks.0.ffn.fc1.weight" in report.not_initialised
+    assert len(report.copied) == 69 - 2 * 3  # fc1 weight, fc1 bias, fc2 weight per block; fc2 bias fits
+
+
+@pytest.mark.parametrize("head_dim", [12, 16])  # 16: RoPE split (8, 4, 4) is not symmetric
+def test_wan_initialised_refiner_with_global_window_equals_wan(wan_tiny, head_dim):
+    """Window covering the grid: the refiner is Wan on x_t (cond channels are zero), t scaled by 1000."""
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(1)
+    wan = wan_tiny[0] if head_dim == 12 else WanTransformer3DModel(**{**WAN_TINY, "attention_head_dim": head_dim})
+    wan.eval()
+    ref, _ = Refiner.from_wan_transformer(wan, window=(-1, -1, -1))
+    x, t, cond, text = _inputs((2, 16, 3, 6, 8))
+    with torch.no_grad():
+        expected = wan(x, t * 1000, text).sample
+        torch.testing.assert_close(ref(x, t, cond, text), expected, atol=1e-5, rtol=1e-5)
+        windowed, _ = Refiner.from_wan_transformer(wan, window=(1, 2, 2))
+        assert not torch.allclose(windowed(x, t, cond, text), expected, atol=1e-3)
