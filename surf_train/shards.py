@@ -73,11 +73,17 @@ def list_shards(directory: str | os.PathLike) -> list[Path]:
 def shard_keys(path: Path) -> list[str]:
     """Sample keys in one complete shard, read from the tar index without decoding payloads."""
     try:
-        with tarfile.open(path) as tar:
-            names = tar.getnames()
+        with open(path, "rb") as f, tarfile.open(fileobj=f) as tar:
+            members = tar.getmembers()
+            # tarfile stops quietly where a file was cut: a complete tar ends in two zero blocks
+            end = members[-1].offset_data + -(-members[-1].size // 512) * 512 if members else 0
+            f.seek(end)
+            complete = f.read(1024) == bytes(1024)
     except (tarfile.TarError, OSError) as e:
         raise ShardError(f"{path}: not a readable tar shard ({e})") from e
-    return sorted({os.path.basename(n).split(".", 1)[0] for n in names})
+    if not complete:
+        raise ShardError(f"{path}: truncated (no end-of-archive marker after {len(members)} entries)")
+    return sorted({os.path.basename(m.name).split(".", 1)[0] for m in members})
 
 
 def raise_named(exn: Exception) -> bool:

@@ -79,3 +79,17 @@ def test_truncated_tar_is_named(tmp_path):
         shard_keys(shard)
     with pytest.raises(ShardError, match=f"{shard.name}: cannot read"):
         list(read_shards([shard]))
+
+
+def test_cut_inside_an_entry_is_detected(tmp_path):
+    with ShardWriter(tmp_path, rank=0, max_count=4) as w:
+        for i in range(4):
+            w.write(sample(i))
+    shard = list_shards(tmp_path)[0]
+    data = shard.read_bytes()
+    with tarfile.open(shard) as t:
+        last = t.getmembers()[-1]
+    for cut in (len(data) // 2, last.offset, last.offset_data + last.size // 2):  # mid-data and a clean boundary
+        shard.write_bytes(data[:cut])
+        with pytest.raises(ShardError, match=f"{shard.name}: (truncated|not a readable)"):
+            shard_keys(shard)
