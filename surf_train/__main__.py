@@ -1,0 +1,29 @@
+"""`python -m surf_train`: train a Refiner (Hydra + Lightning). See `python -m surf_train --help`."""
+import logging
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from surf_train.errors import ConfigError
+from surf_train.shards import ShardError
+
+log = logging.getLogger("surf_train")
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+def main(cfg: DictConfig) -> None:
+    from surf_train.train import train
+
+    try:
+        train(cfg)
+    except (ConfigError, ShardError) as e:
+        log.error("%s", e)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    from surf_train.train import register_resolvers
+
+    register_resolvers()
+    main()

@@ -1,0 +1,176 @@
+"""The LightningModule that trains a Refiner with the bridge objective (DESIGN 3.3)."""
+from __future__ import annotations
+
+import collections
+import logging
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from surf_train.errors import ConfigError
+from surf_train.objective import BridgeConfig, bridge_loss, refine, upsample
+from surf_train.refiner import Refiner, RefinerConfig
+
+log = logging.getLogger(__name__)
+LOSS_WINDOW = 10
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warmup then cosine (or constant) decay; paper lr 5e-5."""
+    lr: float = 5e-5
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0
+    warmup_steps: int = 100
+    decay: str = "cosine"  # cosine | constant
+    min_lr_ratio: float = 0.1
+
+    def __post_init__(self):
+        self.betas = tuple(self.betas)
+        if self.decay not in ("cosine", "constant"):
+            raise ConfigError(f"optim.decay={self.decay!r}: choose cosine or constant")
+
+    def factor(self, step: int, total: int) -> float:
+        """Learning-rate multiplier at `step` of `total`."""
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        if self.decay == "constant" or total <= self.warmup_steps:
+            return 1.0
+        p = min(1.0, (step - self.warmup_steps) / (total - self.warmup_steps))
+        return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * p))
+
+
+def refiner_config(model: dict) -> RefinerConfig:
+    """{"preset": name, **overrides} -> RefinerConfig."""
+    model = dict(model)
+    return RefinerConfig.preset(model.pop("preset", "tiny"), **model)
+
+
+def text_mask(text: torch.Tensor | None) -> torch.Tensor | None:
+    """(B, L) True for real tokens: the encoders' embeddings are zero-padded to a fixed length."""
+    return None if text is None else text.abs().amax(-1) > 0
+
+
+class RefinerModule(pl.LightningModule):
+    """Bridge-flow training of a shifted-window Refiner, with EMA and a K-step validation sampler."""
+
+    def __init__(self, model: dict, bridge: dict | None = None, optim: dict | None = None,
+                 ema_decay: float | None = None, init_from_wan: str | None = None, use_text: bool = True,
+                 decode_base: str | None = None, val_videos: int = 1, video_dir: str | None = None):
+        super().__init__()
+        self.save_hyperparameters()
+        self.model_cfg = refiner_config(model)
+        self.bridge = BridgeConfig(**(bridge or {}))
+        self.optim = OptimConfig(**(optim or {}))
+        if init_from_wan:
+            self.net, report = Refiner.from_wan_transformer(init_from_wan, **self.model_cfg.to_dict())
+            log.info("initialised from %s: %d tensors copied, %d skipped", init_from_wan, len(report.copied),
+                     len(report.skipped))
+        else:
+            self.net = Refiner(self.model_cfg)
+        self.ema = (AveragedModel(self.net, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
+                    if ema_decay else None)
+        if self.ema is not None:
+            self.ema.requires_grad_(False)
+        self._decoder = None
+        self._losses_first: list[torch.Tensor] = []  # first and last LOSS_WINDOW losses of this process
+        self._losses_last: collections.deque = collections.deque(maxlen=LOSS_WINDOW)
+
+    # --- training -------------------------------------------------------------------------------
+    def _net_fn(self, net: Refiner, text: torch.Tensor | None):
+        mask = text_mask(text)
+        return lambda x, t, cond, txt: net(x, t, cond, txt, mask)
+
+    def _text(self, batch: dict) -> torch.Tensor | None:
+        return batch.get("text") if self.hparams.use_text and self.model_cfg.text_dim else None
+
+    def on_fit_start(self) -> None:
+        stage = getattr(self.trainer.strategy, "zero_stage_3", False)
+        if stage and self.ema is not None:
+            raise ConfigError("EMA needs full parameters on every rank: use ZeRO stage 2 or set module.ema_decay=null")
+        # ranks draw different bridge times and noise from the same seed
+        torch.manual_seed(torch.initial_seed() + 1000 * self.global_rank + self.global_step)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        text = self._text(batch)
+        loss = bridge_loss(self._net_fn(self.net, text), batch["preview"], batch["target"], self.bridge, text)
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["target"].shape[0])
+        if len(self._losses_first) < LOSS_WINDOW:
+            self._losses_first.append(loss.detach())
+        self._losses_last.append(loss.detach())
+        return loss
+
+    @property
+    def loss_first(self) -> float | None:
+        """Mean training loss over the first steps this process ran."""
+        return float(torch.stack(self._losses_first).mean()) if self._losses_first else None
+
+    @property
+    def loss_last(self) -> float | None:
+        """Mean training loss over the last steps this process ran."""
+        return float(torch.stack(list(self._losses_last)).mean()) if self._losses_last else None
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        if self.ema is not None:
+            self.ema.update_parameters(self.net)
+
+    def configure_optimizers(self):
+        o = self.optim
+        opt = torch.optim.AdamW(self.net.parameters(), lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
+        total = max(1, int(self.trainer.max_steps)) if self.trainer.max_steps > 0 else 10**9
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: o.factor(step, total))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # --- validation -----------------------------------------------------------------------------
+    @property
+    def eval_net(self) -> Refiner:
+        return self.ema.module if self.ema is not None else self.net
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        preview, target = batch["preview"], batch["target"]
+        text = self._text(batch)
+        x_up = upsample(preview, tuple(target.shape[-2:]), self.bridge.up_mode)  # (B, C, F, H, W)
+        gen = torch.Generator().manual_seed(batch_idx)  # the same start noise at every validation
+        refined = refine(self._net_fn(self.eval_net, text), x_up, self.bridge.steps, self.bridge.sigma_aug_eval,
+                         text, gen)
+        b = target.shape[0]
+        self.log("val/mse_refiner", F.mse_loss(refined, target), sync_dist=True, batch_size=b)
+        self.log("val/mse_upsample", F.mse_loss(x_up, target), sync_dist=True, batch_size=b)
+        if batch_idx == 0 and self.global_rank == 0 and self.hparams.val_videos and self.hparams.decode_base:
+            self._log_videos(x_up[: self.hparams.val_videos], refined[: self.hparams.val_videos],
+                             target[: self.hparams.val_videos])
+
+    def on_validation_epoch_end(self) -> None:
+        m = self.trainer.callback_metrics
+        if "val/mse_refiner" in m and "val/mse_upsample" in m:
+            self.log("val/refiner_over_upsample", m["val/mse_refiner"] / m["val/mse_upsample"].clamp_min(1e-12))
+
+    def _log_videos(self, x_up: torch.Tensor, refined: torch.Tensor, target: torch.Tensor) -> None:
+        """Decode (upsampled preview | refined | target) side by side, write mp4, log to W&B if present."""
+        from diffusers.utils import export_to_video
+
+        from surf_train.base import BaseSpec, load_base_model
+
+        if self._decoder is None:
+            self._decoder = load_base_model(BaseSpec.from_name(self.hparams.decode_base), self.device)
+        spec = self._decoder.spec
+        out_dir = Path(self.hparams.video_dir or "videos")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for i in range(x_up.shape[0]):
+            row = torch.cat([self._decoder.vae_decode(x[i:i + 1]) for x in (x_up, refined, target)], dim=-1)
+            frames = ((row[0].permute(1, 2, 3, 0) + 1) / 2).clamp(0, 1).cpu().numpy()  # (frames, H, 3W, 3)
+            path = out_dir / f"step{self.global_step:07d}_{i}.mp4"
+            export_to_video(list(frames), str(path), fps=spec.fps)
+            paths.append(str(path))
+        if hasattr(self.logger, "log_video"):
+            self.logger.log_video("val/preview_refined_target", paths, step=self.global_step,
+                                  format=["mp4"] * len(paths))
+
+    def refiner_config_dict(self) -> dict:
+        return {"refiner": self.model_cfg.to_dict(), "bridge": asdict(self.bridge)}

@@ -1,0 +1,112 @@
+"""Training run: Hydra config -> datamodule, module, trainer, logger; resume; summary."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import uuid
+from pathlib import Path
+
+import lightning.pytorch as pl
+from hydra.utils import instantiate
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from omegaconf import DictConfig, OmegaConf
+
+from surf_train.data import DataConfig, PairDataModule
+
+log = logging.getLogger("surf_train")
+
+
+def wandb_offline() -> bool:
+    """W&B runs offline unless a key is configured or WANDB_MODE asks for online."""
+    mode = os.environ.get("WANDB_MODE", "").lower()
+    if mode in ("online", "run"):
+        return False
+    return mode in ("offline", "dryrun", "disabled") or not os.environ.get("WANDB_API_KEY")
+
+
+def register_resolvers() -> None:
+    if not OmegaConf.has_resolver("wandb_offline"):
+        OmegaConf.register_new_resolver("wandb_offline", wandb_offline)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes a checkpoint file under a temporary name and renames it: a crash never leaves a torn file."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        tmp = f"{path}.tmp"
+        super().save_checkpoint(checkpoint, tmp, storage_options)
+        os.replace(tmp, path)
+
+
+def newest_checkpoint(run_dir: Path) -> Path | None:
+    """The most recently written of checkpoints/last.ckpt and SLURM's hpc_ckpt_*.ckpt (file or ZeRO dir)."""
+    def mtime(p: Path) -> float:
+        return max([p.stat().st_mtime] + [q.stat().st_mtime for q in p.rglob("*")] if p.is_dir() else [p.stat().st_mtime])
+
+    cands = [p for p in [run_dir / "checkpoints" / "last.ckpt", *run_dir.glob("hpc_ckpt_*.ckpt")] if p.exists()]
+    return max(cands, key=mtime) if cands else None
+
+
+def _logger(cfg: DictConfig, run_dir: Path):
+    if cfg.get("logger") is None or cfg.logger.get("_target_") is None:
+        return False
+    kwargs = {}
+    if cfg.logger._target_.endswith("WandbLogger"):
+        # one W&B run per run_dir: a resumed or requeued job continues the same run
+        id_file = run_dir / "wandb_id"
+        if not id_file.exists():
+            tmp = run_dir / f"wandb_id.{os.getpid()}.tmp"
+            tmp.write_text(uuid.uuid4().hex[:12])
+            os.replace(tmp, id_file)
+        kwargs = {"id": id_file.read_text().strip(), "resume": "allow"}
+    return instantiate(cfg.logger, **kwargs)
+
+
+def train(cfg: DictConfig) -> dict:
+    """Fit, validate once more with the final (EMA) weights, write summary.json; returns the summary."""
+    register_resolvers()
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    pl.seed_everything(cfg.seed, workers=True)
+
+    data = PairDataModule(DataConfig(**OmegaConf.to_container(cfg.data, resolve=True)))
+    module = instantiate(cfg.module, _convert_="all")
+    ckpt = ModelCheckpoint(dirpath=run_dir / "checkpoints", every_n_train_steps=cfg.ckpt_every, save_last=True,
+                           save_top_k=0)
+    logger = _logger(cfg, run_dir)
+    callbacks = [ckpt] + ([LearningRateMonitor("step")] if logger else [])
+    trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
+    is_deepspeed = "deepspeed" in str(trainer_cfg.get("strategy", ""))
+    plugins = [] if is_deepspeed else [AtomicCheckpointIO()]
+    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger, plugins=plugins)
+
+    resume = newest_checkpoint(run_dir) if cfg.resume else None
+    if resume is not None:
+        log.info("resuming from %s", resume)
+    # our own checkpoints hold only tensors, numbers and strings: load them without unpickling objects
+    trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resume else None, weights_only=True)
+    if trainer.global_step % cfg.ckpt_every:
+        trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt", weights_only=False)  # all ranks (ZeRO)
+    val = trainer.validate(module, datamodule=data, verbose=False) if data.cfg.val_samples else [{}]
+    summary = {
+        "steps": trainer.global_step,
+        "resumed_from": str(resume) if resume else None,
+        "train_loss_first": module.loss_first,
+        "train_loss_last": module.loss_last,
+        "val_mse_refiner": val[0].get("val/mse_refiner"),
+        "val_mse_upsample": val[0].get("val/mse_upsample"),
+        "world_size": trainer.world_size,
+        "checkpoint": str(run_dir / "checkpoints" / "last.ckpt"),
+    }
+    if trainer.is_global_zero:
+        tmp = run_dir / "summary.json.tmp"
+        tmp.write_text(json.dumps(summary, indent=1))
+        os.replace(tmp, run_dir / "summary.json")
+        ref, up = summary["val_mse_refiner"], summary["val_mse_upsample"]
+        val_txt = f"val mse refiner {ref:.4f} vs upsample {up:.4f}" if ref is not None else "no validation"
+        print(f"[surf_train] {summary['steps']} steps, train loss {summary['train_loss_first']:.4f} -> "
+              f"{summary['train_loss_last']:.4f}, {val_txt}; summary: {run_dir / 'summary.json'}", flush=True)
+    return summary
+
