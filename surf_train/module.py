@@ -148,7 +148,8 @@ class RefinerModule(pl.LightningModule):
     def on_validation_epoch_end(self) -> None:
         m = self.trainer.callback_metrics
         if "val/mse_refiner" in m and "val/mse_upsample" in m:
-            self.log("val/refiner_over_upsample", m["val/mse_refiner"] / m["val/mse_upsample"].clamp_min(1e-12))
+            ratio = m["val/mse_refiner"] / m["val/mse_upsample"].clamp_min(1e-12)  # both already rank-averaged
+            self.log("val/refiner_over_upsample", ratio, sync_dist=True)
 
     def _log_videos(self, x_up: torch.Tensor, refined: torch.Tensor, target: torch.Tensor) -> None:
         """Decode (upsampled preview | refined | target) side by side, write mp4, log to W&B if present."""

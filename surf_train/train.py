@@ -8,10 +8,13 @@ import uuid
 from pathlib import Path
 
 import lightning.pytorch as pl
+import torch
 from hydra.utils import instantiate
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
+
+from surf_train.errors import ConfigError
 
 from surf_train.data import DataConfig, PairDataModule
 
@@ -40,13 +43,30 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         os.replace(tmp, path)
 
 
-def newest_checkpoint(run_dir: Path) -> Path | None:
-    """The most recently written of checkpoints/last.ckpt and SLURM's hpc_ckpt_*.ckpt (file or ZeRO dir)."""
-    def mtime(p: Path) -> float:
-        return max([p.stat().st_mtime] + [q.stat().st_mtime for q in p.rglob("*")] if p.is_dir() else [p.stat().st_mtime])
+def checkpoint_step(path: Path) -> int:
+    """Global step stored in a Lightning checkpoint file or DeepSpeed checkpoint directory (no unpickling)."""
+    path = Path(path)
+    f = path / "checkpoint" / "mp_rank_00_model_states.pt" if path.is_dir() else path
+    if not f.is_file():
+        raise ConfigError(f"{path}: not a Lightning or DeepSpeed checkpoint (no {f.name})")
+    return int(torch.load(f, map_location="cpu", weights_only=True)["global_step"])
 
+
+def newest_checkpoint(run_dir: Path) -> Path | None:
+    """checkpoints/last.ckpt (a link to the newest complete step checkpoint) or a newer SLURM hpc_ckpt_*.ckpt."""
     cands = [p for p in [run_dir / "checkpoints" / "last.ckpt", *run_dir.glob("hpc_ckpt_*.ckpt")] if p.exists()]
-    return max(cands, key=mtime) if cands else None
+    return max(cands, key=lambda p: p.stat().st_mtime) if cands else None
+
+
+def _relink_last(trainer: pl.Trainer, ckpt_dir: Path, step: int) -> None:
+    """Save step<step>.ckpt (all ranks: ZeRO writes shards), then point last.ckpt at it atomically."""
+    target = ckpt_dir / f"step{step:08d}.ckpt"
+    trainer.save_checkpoint(target, weights_only=False)
+    if trainer.is_global_zero:
+        tmp = ckpt_dir / f"last.ckpt.{os.getpid()}.tmp"
+        os.symlink(target.name, tmp)
+        os.replace(tmp, ckpt_dir / "last.ckpt")
+    trainer.strategy.barrier()
 
 
 def _logger(cfg: DictConfig, run_dir: Path):
@@ -73,8 +93,12 @@ def train(cfg: DictConfig) -> dict:
 
     data = PairDataModule(DataConfig(**OmegaConf.to_container(cfg.data, resolve=True)))
     module = instantiate(cfg.module, _convert_="all")
-    ckpt = ModelCheckpoint(dirpath=run_dir / "checkpoints", every_n_train_steps=cfg.ckpt_every, save_last=True,
-                           save_top_k=0)
+    # every checkpoint gets its own step-named file or ZeRO directory; last.ckpt is a link that moves only
+    # after a save completed, so a job killed mid-save resumes from the previous complete checkpoint
+    ckpt_dir = run_dir / "checkpoints"
+    ckpt = ModelCheckpoint(dirpath=ckpt_dir, filename="step{step:08d}", auto_insert_metric_name=False,
+                           every_n_train_steps=cfg.ckpt_every, monitor="step", mode="max", save_top_k=2,
+                           save_last="link")
     logger = _logger(cfg, run_dir)
     callbacks = [ckpt] + ([LearningRateMonitor("step")] if logger else [])
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
@@ -88,7 +112,7 @@ def train(cfg: DictConfig) -> dict:
     # our own checkpoints hold only tensors, numbers and strings: load them without unpickling objects
     trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resume else None, weights_only=True)
     if trainer.global_step % cfg.ckpt_every:
-        trainer.save_checkpoint(run_dir / "checkpoints" / "last.ckpt", weights_only=False)  # all ranks (ZeRO)
+        _relink_last(trainer, ckpt_dir, trainer.global_step)
     val = trainer.validate(module, datamodule=data, verbose=False) if data.cfg.val_samples else [{}]
     summary = {
         "steps": trainer.global_step,
@@ -98,7 +122,7 @@ def train(cfg: DictConfig) -> dict:
         "val_mse_refiner": val[0].get("val/mse_refiner"),
         "val_mse_upsample": val[0].get("val/mse_upsample"),
         "world_size": trainer.world_size,
-        "checkpoint": str(run_dir / "checkpoints" / "last.ckpt"),
+        "checkpoint": str((ckpt_dir / "last.ckpt").resolve()),
     }
     if trainer.is_global_zero:
         tmp = run_dir / "summary.json.tmp"

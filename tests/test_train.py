@@ -1,0 +1,151 @@
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from surf_train import CONF_DIR
+from surf_train.pairs import PairsConfig, make_pairs
+from surf_train.train import checkpoint_step, newest_checkpoint, register_resolvers, train
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["logger=none", "module.decode_base=null", "trainer.enable_progress_bar=false", "data.batch_size=4"]
+SHRINK = ["model.dim=32", "model.depth=2", "model.heads=2", "model.text_dim=32", "model.window=[2,4,4]",
+          "model.mlp_ratio=2.0"]
+
+
+@pytest.fixture(scope="session")
+def pairs(tmp_path_factory):
+    """24 tiny pairs (latent 16x3x8x8 targets) in 6 shards: 5 train, 1 held out for validation."""
+    out = tmp_path_factory.mktemp("pairs")
+    env = {k: os.environ.pop(k) for k in ("RANK", "WORLD_SIZE") if k in os.environ}
+    make_pairs(PairsConfig.from_dict({"base": "tiny", "out_dir": str(out), "height": 64, "width": 64, "frames": 9,
+                                      "steps": 6, "switch": 2, "num_pairs": 24, "shard_size": 4,
+                                      "progress": False}))
+    os.environ.update(env)
+    return out
+
+
+def compose_cfg(overrides):
+    register_resolvers()
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        return compose("train", overrides=overrides)
+
+
+def test_tiny_training_learns_and_beats_upsampling(pairs, tmp_path):
+    cfg = compose_cfg([f"data.shards={pairs}", f"run_dir={tmp_path}", "trainer.max_steps=120",
+                       "trainer.val_check_interval=60", "ckpt_every=50", *FAST])
+    s = train(cfg)
+    assert s["steps"] == 120
+    assert s["train_loss_last"] < 0.8 * s["train_loss_first"]
+    assert s["val_mse_refiner"] < s["val_mse_upsample"]
+    assert json.loads((tmp_path / "summary.json").read_text())["steps"] == 120
+    assert (tmp_path / "checkpoints" / "last.ckpt").resolve().name == "step00000120.ckpt"
+
+
+def test_rerun_resumes_from_last_checkpoint(pairs, tmp_path):
+    base = [f"data.shards={pairs}", f"run_dir={tmp_path}", "ckpt_every=3", "data.val_samples=0", *FAST]
+    first = train(compose_cfg(base + ["trainer.max_steps=4"]))
+    assert first["steps"] == 4 and first["resumed_from"] is None
+    assert checkpoint_step(tmp_path / "checkpoints" / "last.ckpt") == 4  # loads with weights_only=True
+    second = train(compose_cfg(base + ["trainer.max_steps=7"]))
+    assert second["steps"] == 7 and second["resumed_from"].endswith("last.ckpt")
+
+
+@pytest.mark.parametrize("experiment", ["tiny", "wan", "hunyuan"])
+def test_experiment_configs(experiment, pairs, tmp_path):
+    full = compose_cfg([f"+experiment={experiment}"])
+    if experiment == "tiny":
+        assert full.model.preset == "tiny" and full.trainer.accelerator == "cpu"
+    else:
+        assert full.model.preset == "paper" and full.model.grad_checkpointing
+        assert full.trainer.precision == "bf16-mixed" and full.trainer.strategy.stage == 2
+        assert full.module.optim.lr == 5e-5 and full.model.text_dim == 4096
+    # the same experiment with the model shrunk runs a few steps on CPU
+    cfg = compose_cfg([f"+experiment={experiment}", "trainer=cpu", f"data.shards={pairs}", f"run_dir={tmp_path}",
+                       "trainer.max_steps=2", "data.num_workers=0", "data.val_samples=2", *SHRINK, *FAST])
+    s = train(cfg)
+    assert s["steps"] == 2 and s["val_mse_refiner"] is not None
+
+
+def test_bad_config_is_one_clear_error(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "surf_train", f"data.shards={tmp_path}/nothing", f"run_dir={tmp_path}",
+                        "logger=none"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2
+    assert "nothing" in r.stderr + r.stdout and "Traceback" not in r.stderr
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _kill_tree(p: subprocess.Popen) -> None:
+    """kill -9 torchrun and its workers (they run in sessions of their own)."""
+    try:
+        procs = [psutil.Process(p.pid), *psutil.Process(p.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for proc in procs:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=30)
+
+
+@pytest.fixture
+def launched():
+    """Processes started by a test; whatever is still alive at the end is killed with its workers."""
+    procs = []
+    yield procs
+    for p in procs:
+        _kill_tree(p)
+
+
+def _torchrun(args, log):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}", "-m",
+           "surf_train", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "deepspeed"])
+def test_two_process_train_kill_resume(strategy, pairs, tmp_path, launched):
+    """2 CPU ranks train and checkpoint, get killed (-9), and the same command resumes at the right step."""
+    trainer = (["trainer=deepspeed", "trainer.accelerator=cpu", "trainer.precision=32-true"]
+               if strategy == "deepspeed" else ["trainer.strategy=ddp"])
+    args = [*trainer, "trainer.devices=2", f"data.shards={pairs}", f"run_dir={tmp_path}", "ckpt_every=2",
+            "data.val_samples=2", "data.batch_size=2", "logger=none", "module.decode_base=null",
+            "trainer.enable_progress_bar=false", *SHRINK]
+    log = open(tmp_path / "run1.log", "w")
+    p = _torchrun(args + ["trainer.max_steps=100000"], log)
+    launched.append(p)
+    ckpt = tmp_path / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 400
+    while time.time() < deadline and p.poll() is None and not ckpt.exists():
+        time.sleep(0.1)
+    time.sleep(0.5)  # often mid-save of the next checkpoint
+    _kill_tree(p)
+    assert ckpt.exists(), (tmp_path / "run1.log").read_text()[-3000:]
+    if strategy == "deepspeed":  # ZeRO: a directory of shards, one optimizer shard per rank
+        assert ckpt.is_dir() and len(list((ckpt / "checkpoint").glob("zero_pp_rank_*_optim_states.pt"))) == 2
+    step = checkpoint_step(ckpt)
+    assert step > 0 and step % 2 == 0 and newest_checkpoint(tmp_path) == ckpt
+    target = step + 4
+    log2 = open(tmp_path / "run2.log", "w")
+    p2 = _torchrun(args + [f"trainer.max_steps={target}"], log2)
+    launched.append(p2)
+    assert p2.wait(timeout=400) == 0, (tmp_path / "run2.log").read_text()[-3000:]
+    s = json.loads((tmp_path / "summary.json").read_text())
+    assert s["steps"] == target and s["world_size"] == 2 and s["resumed_from"].endswith("last.ckpt")
+    assert checkpoint_step(Path(s["checkpoint"])) == target
