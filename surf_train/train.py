@@ -52,9 +52,23 @@ def checkpoint_step(path: Path) -> int:
     return int(torch.load(f, map_location="cpu", weights_only=True)["global_step"])
 
 
+def _complete(p: Path) -> bool:
+    # checkpoint files are written under a temporary name; DeepSpeed writes `latest` after the shards
+    return p.is_file() or (p / "latest").is_file()
+
+
 def newest_checkpoint(run_dir: Path) -> Path | None:
-    """checkpoints/last.ckpt (a link to the newest complete step checkpoint) or a newer SLURM hpc_ckpt_*.ckpt."""
-    cands = [p for p in [run_dir / "checkpoints" / "last.ckpt", *run_dir.glob("hpc_ckpt_*.ckpt")] if p.exists()]
+    """The checkpoint a rerun resumes from: checkpoints/last.ckpt or a newer SLURM hpc_ckpt_*.ckpt.
+
+    last.ckpt links to the newest complete step checkpoint; if a kill left the link dangling (Lightning
+    removes the old step before moving the link), the newest complete step checkpoint is used.
+    """
+    ckpt_dir = run_dir / "checkpoints"
+    last = ckpt_dir / "last.ckpt"
+    if not last.exists():
+        steps = sorted((p for p in ckpt_dir.glob("step*.ckpt") if _complete(p)), key=lambda p: p.name)
+        last = steps[-1] if steps else last
+    cands = [p for p in [last, *run_dir.glob("hpc_ckpt_*.ckpt")] if p.exists()]
     return max(cands, key=lambda p: p.stat().st_mtime) if cands else None
 
 
@@ -96,9 +110,9 @@ def train(cfg: DictConfig) -> dict:
     # every checkpoint gets its own step-named file or ZeRO directory; last.ckpt is a link that moves only
     # after a save completed, so a job killed mid-save resumes from the previous complete checkpoint
     ckpt_dir = run_dir / "checkpoints"
+    # (no monitor: a monitored checkpoint on an epoch's last batch is deferred to a validation that may not run)
     ckpt = ModelCheckpoint(dirpath=ckpt_dir, filename="step{step:08d}", auto_insert_metric_name=False,
-                           every_n_train_steps=cfg.ckpt_every, monitor="step", mode="max", save_top_k=2,
-                           save_last="link")
+                           every_n_train_steps=cfg.ckpt_every, save_top_k=1, save_last="link")
     logger = _logger(cfg, run_dir)
     callbacks = [ckpt] + ([LearningRateMonitor("step")] if logger else [])
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)

@@ -149,3 +149,18 @@ def test_two_process_train_kill_resume(strategy, pairs, tmp_path, launched):
     s = json.loads((tmp_path / "summary.json").read_text())
     assert s["steps"] == target and s["world_size"] == 2 and s["resumed_from"].endswith("last.ckpt")
     assert checkpoint_step(Path(s["checkpoint"])) == target
+
+
+def test_newest_checkpoint_survives_a_dangling_link(tmp_path):
+    d = tmp_path / "checkpoints"
+    d.mkdir()
+    assert newest_checkpoint(tmp_path) is None
+    (d / "step00000002.ckpt").write_bytes(b"x")
+    (d / "step00000004.ckpt").mkdir()  # a ZeRO directory killed before `latest` was written
+    (d / "last.ckpt").symlink_to("step00000006.ckpt")  # dangling: step 6 was being written
+    assert newest_checkpoint(tmp_path) == d / "step00000002.ckpt"
+    (d / "step00000004.ckpt" / "latest").write_text("checkpoint")
+    assert newest_checkpoint(tmp_path) == d / "step00000004.ckpt"
+    (d / "last.ckpt").unlink()
+    (d / "last.ckpt").symlink_to("step00000004.ckpt")
+    assert newest_checkpoint(tmp_path) == d / "last.ckpt"
