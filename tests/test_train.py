@@ -12,25 +12,12 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from surf_train import CONF_DIR
-from surf_train.pairs import PairsConfig, make_pairs
 from surf_train.train import checkpoint_step, newest_checkpoint, register_resolvers, train
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["logger=none", "module.decode_base=null", "trainer.enable_progress_bar=false", "data.batch_size=4"]
 SHRINK = ["model.dim=32", "model.depth=2", "model.heads=2", "model.text_dim=32", "model.window=[2,4,4]",
           "model.mlp_ratio=2.0"]
-
-
-@pytest.fixture(scope="session")
-def pairs(tmp_path_factory):
-    """24 tiny pairs (latent 16x3x8x8 targets) in 6 shards: 5 train, 1 held out for validation."""
-    out = tmp_path_factory.mktemp("pairs")
-    env = {k: os.environ.pop(k) for k in ("RANK", "WORLD_SIZE") if k in os.environ}
-    make_pairs(PairsConfig.from_dict({"base": "tiny", "out_dir": str(out), "height": 64, "width": 64, "frames": 9,
-                                      "steps": 6, "switch": 2, "num_pairs": 24, "shard_size": 4,
-                                      "progress": False}))
-    os.environ.update(env)
-    return out
 
 
 def compose_cfg(overrides):
