@@ -73,13 +73,20 @@ def export(ckpt: str | os.PathLike, out_dir: str | os.PathLike, weights: str = "
     tensors = {k[len(prefix):]: v.to(DTYPES[dtype]).contiguous() for k, v in state.items() if k.startswith(prefix)}
     cfg = refiner_config(hp["model"])
     check_weights(cfg, tensors, str(ckpt))
-    meta = {"format": FORMAT, "version": VERSION, "refiner": cfg.to_dict(), "bridge": hp.get("bridge") or {},
-            "weights": weights, "dtype": dtype, "step": step, "source": str(Path(ckpt).resolve())}
+    return save_refiner(tensors, cfg, out_dir, bridge=hp.get("bridge") or {}, weights=weights, dtype=dtype,
+                        step=step, source=str(Path(ckpt).resolve()))
+
+
+def save_refiner(tensors: dict[str, torch.Tensor], cfg: RefinerConfig, out_dir: str | os.PathLike,
+                 **meta) -> Path:
+    """Write an exported Refiner directory atomically (temporary directory, then rename)."""
+    meta = {"format": FORMAT, "version": VERSION, "refiner": cfg.to_dict(), "bridge": {}, "dtype": "float32",
+            **meta}
     out = Path(out_dir)
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file(tensors, str(tmp / WEIGHTS), metadata={"format": FORMAT})
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / WEIGHTS), metadata={"format": FORMAT})
     (tmp / CONFIG).write_text(json.dumps(meta, indent=1))
     if out.exists():
         shutil.rmtree(out)

@@ -6,6 +6,7 @@ normalisation. Constants (geometry, shift, native size) come from `conf/base/<na
 """
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -100,6 +101,15 @@ class BaseSpec:
     @property
     def geometry(self) -> LatentGeometry:
         return LatentGeometry(self.channels, self.stride_t, self.stride_s, self.patch_t, self.patch_s)
+
+    @property
+    def source(self) -> str | None:
+        """What from_pretrained loads: a directory shipped in the repo (assets/...) wins over a hub id."""
+        from surf_train import CONF_DIR
+
+        if self.pretrained and not os.path.isabs(self.pretrained) and (CONF_DIR.parent / self.pretrained).exists():
+            return str(CONF_DIR.parent / self.pretrained)
+        return self.pretrained
 
     @property
     def model_id(self) -> str:

@@ -17,9 +17,9 @@ class HunyuanBase(BaseModel):
             from surf_train.base.tiny import tiny_hunyuan_pipeline
             pipe = tiny_hunyuan_pipeline()
         else:
-            vae = AutoencoderKLHunyuanVideo.from_pretrained(spec.pretrained, subfolder="vae", revision=spec.revision,
+            vae = AutoencoderKLHunyuanVideo.from_pretrained(spec.source, subfolder="vae", revision=spec.revision,
                                                             torch_dtype=DTYPES[spec.vae_dtype])
-            pipe = HunyuanVideoPipeline.from_pretrained(spec.pretrained, vae=vae, revision=spec.revision,
+            pipe = HunyuanVideoPipeline.from_pretrained(spec.source, vae=vae, revision=spec.revision,
                                                         torch_dtype=DTYPES[spec.dtype])
         pipe.to(device)  # dtypes were set at load time (diffusers keeps some modules in float32)
         return cls(spec, pipe, device)

@@ -19,9 +19,9 @@ class WanBase(BaseModel):
             pipe = tiny_wan_pipeline()
         else:
             # Wan's VAE is kept in float32 (as in the model card); the rest in spec.dtype
-            vae = AutoencoderKLWan.from_pretrained(spec.pretrained, subfolder="vae", revision=spec.revision,
+            vae = AutoencoderKLWan.from_pretrained(spec.source, subfolder="vae", revision=spec.revision,
                                                    torch_dtype=DTYPES[spec.vae_dtype])
-            pipe = WanPipeline.from_pretrained(spec.pretrained, vae=vae, revision=spec.revision,
+            pipe = WanPipeline.from_pretrained(spec.source, vae=vae, revision=spec.revision,
                                                torch_dtype=DTYPES[spec.dtype])
         pipe.to(device)  # dtypes were set at build/load time (diffusers keeps some modules in float32)
         return cls(spec, pipe, device)

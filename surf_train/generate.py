@@ -1,0 +1,273 @@
+"""Fast generation with a trained Refiner: preview with noise reshifting, refine, decode to mp4.
+
+    surf-generate --prompt "a red ball rolling" --seeds 0,1
+    python -m surf_train.generate --mode baseline --prompt "a red ball rolling"
+
+Modes: surf (prefix at the prefix size, remaining steps at the preview size, Refiner to the target size),
+baseline (the base model at the target size for every step), preview (surf without the Refiner: the
+preview upsampled). Each video gets a JSON report with settings, wall time and FLOPs per stage.
+Loads none of lightning, deepspeed, hydra or wandb.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from surf_train.base import BaseModel, BaseSpec, load_base_model
+from surf_train.errors import ConfigError
+from surf_train.export import load_refiner
+from surf_train.objective import refine, upsample
+from surf_train.sampling import DOWN_MODES, RULES, PreviewPlan, euler_sample, preview_sample
+
+DEFAULT_BASE = "toy"
+DEFAULT_REFINER = "runs/tiny/refiner"
+MODES = ("surf", "baseline", "preview")
+
+
+@dataclass
+class GenerateConfig:
+    """Settings of one generation run (all sizes in pixels; None = the base model's default)."""
+    base: str = DEFAULT_BASE
+    refiner: str = DEFAULT_REFINER
+    mode: str = "surf"
+    prompts: list[str] = field(default_factory=lambda: ["a red ball rolling across a wooden floor"])
+    seeds: list[int] = field(default_factory=lambda: [0])
+    height: int | None = None  # target
+    width: int | None = None
+    frames: int | None = None
+    prefix_height: int | None = None  # first `switch` steps; None: the base model's native size
+    prefix_width: int | None = None
+    preview_height: int | None = None  # None: half the target
+    preview_width: int | None = None
+    steps: int = 20
+    switch: int = 5
+    shift: float | None = None
+    guidance: float | None = None
+    rule: str = "paper"
+    down: str = "area"
+    refiner_steps: int | None = None  # None: the K the Refiner was trained with
+    dtype: str = "float32"
+    device: str = "auto"
+    out_dir: str = "outputs/generate"
+    progress: bool = True
+
+
+class StageClock:
+    """Wall time of network calls, split by the latent size they run at (synchronises CUDA)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.seconds, self.calls = device, {}, {}
+
+    def _sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def wrap(self, fn, name_of):
+        def timed(x, *a):
+            self._sync()
+            t = time.perf_counter()
+            out = fn(x, *a)
+            self._sync()
+            k = name_of(x)
+            self.seconds[k] = self.seconds.get(k, 0.0) + time.perf_counter() - t
+            self.calls[k] = self.calls.get(k, 0) + 1
+            return out
+        return timed
+
+    def time(self, name, fn, *a):
+        self._sync()
+        t = time.perf_counter()
+        out = fn(*a)
+        self._sync()
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t
+        return out
+
+
+def _sizes(cfg: GenerateConfig, spec: BaseSpec) -> dict[str, tuple[int, int]]:
+    h, w = cfg.height or spec.native_size[0], cfg.width or spec.native_size[1]
+    sizes = {"target": (h, w), "prefix": (cfg.prefix_height or spec.native_size[0],
+                                          cfg.prefix_width or spec.native_size[1]),
+             "preview": (cfg.preview_height or h // 2, cfg.preview_width or w // 2)}
+    g = spec.geometry
+    for name, (sh, sw) in sizes.items():
+        g.check(None, sh, sw, name)
+    if sizes["preview"][0] > h or sizes["preview"][1] > w:
+        raise ConfigError(f"preview {sizes['preview']} is larger than target {(h, w)}")
+    return sizes
+
+
+def _video_path(cfg: GenerateConfig, i: int, seed: int) -> Path:
+    return Path(cfg.out_dir) / f"{cfg.mode}_p{i:03d}_s{seed}.mp4"
+
+
+def generate(cfg: GenerateConfig) -> list[dict]:
+    """Run every (prompt, seed); returns the reports (also written next to each mp4)."""
+    from diffusers.utils import export_to_video
+
+    if cfg.mode not in MODES:
+        raise ConfigError(f"--mode {cfg.mode!r}: choose from {MODES}")
+    if cfg.rule not in RULES or cfg.down not in DOWN_MODES:
+        raise ConfigError(f"--rule must be one of {RULES} and --down one of {DOWN_MODES}")
+    if not 0 <= cfg.switch <= cfg.steps:
+        raise ConfigError(f"--switch {cfg.switch} must be in [0, --steps {cfg.steps}]")
+    spec = BaseSpec.from_name(cfg.base)
+    spec.dtype = cfg.dtype
+    frames = cfg.frames or spec.native_frames
+    sizes = _sizes(cfg, spec)
+    spec.geometry.check(frames, *sizes["target"], "target")
+    net, rmeta = (None, None)
+    if cfg.mode == "surf":
+        net, rmeta = load_refiner(cfg.refiner)
+        if net.cfg.in_channels != spec.channels:
+            raise ConfigError(f"Refiner {cfg.refiner} works on {net.cfg.in_channels}-channel latents but base "
+                              f"model {cfg.base} has {spec.channels}")
+    model = load_base_model(spec, cfg.device)
+    if net is not None:
+        net = net.to(model.device, model.dtype)
+    s = spec.stride_s
+    lat = {k: (v[0] // s, v[1] // s) for k, v in sizes.items()}
+    f_lat = (frames - 1) // spec.stride_t + 1
+    for k in ("target", "prefix", "preview"):
+        model.check_grid(lat[k], f_lat)
+    shift = spec.shift if cfg.shift is None else cfg.shift
+    k_ref = cfg.refiner_steps or (rmeta or {}).get("bridge", {}).get("steps", 10)
+    Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
+
+    reports = []
+    jobs = [(i, p, seed) for i, p in enumerate(cfg.prompts) for seed in cfg.seeds]
+    for i, prompt, seed in tqdm(jobs, desc=cfg.mode, disable=not cfg.progress, unit="video"):
+        clock = StageClock(model.device)
+        cond = clock.time("text", model.encode_prompt, [prompt])
+        text = cond.embeds.float() if net is not None and net.cfg.text_dim else None
+        if text is not None and text.shape[-1] != net.cfg.text_dim:
+            raise ConfigError(f"Refiner expects {net.cfg.text_dim}-wide text embeddings, {cfg.base} gives "
+                              f"{text.shape[-1]}")
+        # stage of each base-model call, by the latent size it runs at (the prefix wins if sizes coincide)
+        names = ({lat["target"]: "full_res"} if cfg.mode == "baseline"
+                 else {lat["preview"]: "low_res", lat["prefix"]: "prefix"})
+        vel = clock.wrap(model.velocity_fn(cond, cfg.guidance), lambda x: names[tuple(x.shape[-2:])])
+        gen = torch.Generator().manual_seed(seed)
+        c = spec.channels
+        if cfg.mode == "baseline":
+            noise = torch.randn((1, c, f_lat, *lat["target"]), generator=gen).to(model.device)
+            latent = euler_sample(vel, noise, PreviewPlan(cfg.steps, cfg.steps, shift, lat["target"]).sigmas)
+        else:
+            plan = PreviewPlan(steps=cfg.steps, switch=cfg.switch, shift=shift, preview_size=lat["preview"],
+                               rule=cfg.rule, down=cfg.down)
+            noise = torch.randn((1, c, f_lat, *lat["prefix"]), generator=gen).to(model.device)
+            fresh = torch.randn((1, c, f_lat, *lat["preview"]), generator=gen).to(model.device)
+            preview = preview_sample(vel, noise, plan, fresh)
+            x_up = upsample(preview, lat["target"], (rmeta or {}).get("bridge", {}).get("up_mode", "bilinear"))
+            if cfg.mode == "preview":
+                latent = x_up
+            else:
+                def ref_fn(x, t, cnd, txt):
+                    return net(x.to(model.dtype), t.to(model.dtype), cnd.to(model.dtype),
+                               None if txt is None else txt.to(model.dtype)).float()
+
+                sigma = float((rmeta or {}).get("bridge", {}).get("sigma_aug_eval", 0.0))
+                latent = clock.time("refine", refine, ref_fn, x_up, k_ref, sigma, text, gen)
+        video = clock.time("decode", model.vae_decode, latent)  # (1, 3, frames, H, W) in [-1, 1]
+        path = _video_path(cfg, i, seed)
+        frames_np = ((video[0].permute(1, 2, 3, 0) + 1) / 2).clamp(0, 1).cpu().numpy()
+        tmp = path.with_name(f".{path.stem}.tmp.mp4")
+        export_to_video(list(frames_np), str(tmp), fps=spec.fps)
+        os.replace(tmp, path)
+        flops = stage_flops(model, net if cfg.mode == "surf" else None, cfg.guidance, lat, f_lat, clock.calls, k_ref)
+        report = _report(cfg, spec, sizes, frames, prompt, seed, k_ref, clock, path, flops)
+        report_path = path.with_suffix(".json")
+        report_path.write_text(json.dumps(report, indent=1))
+        reports.append(report)
+    return reports
+
+
+def _report(cfg, spec, sizes, frames, prompt, seed, k_ref, clock: StageClock, path: Path, flops: dict) -> dict:
+    return {"mode": cfg.mode, "prompt": prompt, "seed": seed, "video": str(path),
+            "base": spec.model_id, "refiner": cfg.refiner if cfg.mode == "surf" else None,
+            "frames": frames, "size": {k: list(v) for k, v in sizes.items()},
+            "settings": {k: v for k, v in asdict(cfg).items() if k not in ("prompts", "seeds", "progress")},
+            "refiner_steps": k_ref if cfg.mode == "surf" else 0,
+            "seconds": {k: round(v, 4) for k, v in clock.seconds.items()}, "calls": dict(clock.calls),
+            "total_seconds": round(sum(clock.seconds.values()), 4), "flops": flops}
+
+
+def stage_flops(model: BaseModel, net, guidance: float | None, lat: dict, f_lat: int, calls: dict,
+                k_ref: int) -> dict:
+    """Analytic forward FLOPs per stage (surf_train.flops) for the calls actually made; decode not counted."""
+    from surf_train.flops import hunyuan_flops, refiner_flops, total, wan_flops
+
+    spec = model.spec
+    fn = wan_flops if spec.family == "wan" else hunyuan_flops
+    g = spec.guidance if guidance is None else guidance
+    branches = 2 if spec.family == "wan" and g != 1.0 else 1  # Wan's CFG runs both branches
+    size_of = {"full_res": lat["target"], "prefix": lat["prefix"], "low_res": lat["preview"]}
+    out = {stage: n * branches * total(fn(model.pipe.transformer.config, (spec.channels, f_lat, *size_of[stage]),
+                                          spec.max_sequence_length))
+           for stage, n in calls.items()}
+    if net is not None:
+        text_len = spec.max_sequence_length if net.cfg.text_dim else 0
+        out["refine"] = k_ref * total(refiner_flops(net.cfg, (spec.channels, f_lat, *lat["target"]), text_len))
+    out["total"] = sum(out.values())
+    return out
+
+
+def parse_args(argv: list[str] | None = None) -> GenerateConfig:
+    d = GenerateConfig()
+    ap = argparse.ArgumentParser(prog="surf-generate", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--base", default=d.base, help=f"base model config in conf/base (default {d.base})")
+    ap.add_argument("--refiner", default=d.refiner, help="exported Refiner directory (python -m surf_train.export)")
+    ap.add_argument("--mode", default=d.mode, choices=MODES)
+    ap.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    ap.add_argument("--prompts", help="file with one prompt per line")
+    ap.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2")
+    for name in ("height", "width", "frames", "prefix_height", "prefix_width", "preview_height", "preview_width"):
+        ap.add_argument(f"--{name.replace('_', '-')}", type=int, dest=name, help=f"{name.replace('_', ' ')} in "
+                        f"{'frames' if name == 'frames' else 'pixels'} (default: from the base model)")
+    ap.add_argument("--steps", type=int, default=d.steps, help="base-model steps in total")
+    ap.add_argument("--switch", type=int, default=d.switch, help="steps at the prefix size before the switch")
+    ap.add_argument("--shift", type=float, help="timestep shift (default: the base model's)")
+    ap.add_argument("--guidance", type=float, help="guidance scale (default: the base model's)")
+    ap.add_argument("--rule", default=d.rule, choices=RULES, help="re-noise rule at the switch")
+    ap.add_argument("--down", default=d.down, choices=DOWN_MODES, help="latent downsampling kernel")
+    ap.add_argument("--refiner-steps", type=int, dest="refiner_steps", help="Refiner Euler steps (default: trained K)")
+    ap.add_argument("--dtype", default=d.dtype, choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:1, ...")
+    ap.add_argument("--out", dest="out_dir", default=d.out_dir, help="output directory")
+    ap.add_argument("--no-progress", dest="progress", action="store_false")
+    a = vars(ap.parse_args(argv))
+    prompts = list(a.pop("prompt") or [])
+    pfile = a.pop("prompts")
+    if pfile:
+        p = Path(pfile)
+        if not p.is_file():
+            raise ConfigError(f"prompts file not found: {p}")
+        prompts += [line.strip() for line in p.read_text().splitlines() if line.strip()]
+    try:
+        a["seeds"] = [int(x) for x in a["seeds"].split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"--seeds {a['seeds']!r}: expected comma-separated integers") from None
+    return GenerateConfig(**{k: v for k, v in a.items() if v is not None}, **({"prompts": prompts} if prompts else {}))
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        reports = generate(parse_args(argv))
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    for r in reports:
+        print(f"{r['mode']}: {r['video']} ({r['frames']} frames, {r['size']['target'][0]}x{r['size']['target'][1]}) "
+              f"in {r['total_seconds']:.2f}s")
+
+
+if __name__ == "__main__":
+    main()

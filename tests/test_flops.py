@@ -1,0 +1,244 @@
+"""Cost model: analytic FLOPs equal FlopCounterMode (exactly), run totals, CLI and bad inputs.
+
+Tolerance: exact equality. FlopCounterMode counts mm/addmm/bmm/convolution/SDPA as 2 FLOPs per
+multiply-add with biases excluded, the same convention as surf_train.flops. On CPU the fused SDPA
+kernel is not in its registry, so the counted runs force the MATH backend (plain bmm, all queries x keys).
+"""
+import inspect
+import json
+import math
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from surf_train import flops as F
+from surf_train.errors import ConfigError
+from surf_train.refiner import Refiner, RefinerConfig
+
+
+def _count(fn) -> int:
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+@pytest.fixture(scope="module")
+def tiny_wan_net():
+    from surf_train.base.tiny import tiny_wan_pipeline
+    return tiny_wan_pipeline().transformer.eval()
+
+
+@pytest.fixture(scope="module")
+def tiny_hunyuan_net():
+    from surf_train.base.tiny import tiny_hunyuan_pipeline
+    return tiny_hunyuan_pipeline().transformer.eval()
+
+
+# --- architecture constants ------------------------------------------------------------------------
+
+def test_defaults_match_diffusers_constructors():
+    from diffusers import HunyuanVideoTransformer3DModel, WanTransformer3DModel
+
+    for cls, ours in ((WanTransformer3DModel, F.WAN_DEFAULTS), (HunyuanVideoTransformer3DModel, F.HUNYUAN_DEFAULTS)):
+        params = inspect.signature(cls.__init__).parameters
+        for key, value in ours.items():
+            default = params[key].default
+            assert (tuple(default) if isinstance(default, (list, tuple)) else default) == value, (cls.__name__, key)
+    assert F.ARCH["wan2.1_t2v_14b"] == F.WAN_DEFAULTS and F.ARCH["hunyuan_video"] == F.HUNYUAN_DEFAULTS
+    small = F.ARCH["wan2.1_t2v_1.3b"]
+    assert (small["num_attention_heads"] * small["attention_head_dim"], small["ffn_dim"], small["num_layers"]) == (
+        1536, 8960, 30)
+
+
+# --- analytic == FlopCounterMode -------------------------------------------------------------------
+
+@pytest.mark.parametrize("latent,batch,text_len", [((16, 3, 8, 12), 1, 7), ((16, 2, 6, 4), 2, 16)])
+def test_wan_tiny_matches_flop_counter(tiny_wan_net, latent, batch, text_len):
+    cfg = dict(tiny_wan_net.config)
+    x = torch.randn(batch, *latent)
+    t = torch.full((batch,), 500.0)
+    text = torch.randn(batch, text_len, cfg["text_dim"])
+    counted = _count(lambda: tiny_wan_net(x, t, text, return_dict=False))
+    assert F.total(F.wan_flops(cfg, latent, text_len, batch)) == counted
+    assert F.total(F.transformer_flops(tiny_wan_net, latent, text_len, batch)) == counted
+
+
+@pytest.mark.parametrize("latent,batch,text_len", [((4, 3, 6, 5), 1, 9), ((4, 2, 4, 4), 2, 5)])
+def test_hunyuan_tiny_matches_flop_counter(tiny_hunyuan_net, latent, batch, text_len):
+    cfg = dict(tiny_hunyuan_net.config)
+    x = torch.randn(batch, *latent)
+    t = torch.full((batch,), 500.0)
+    text = torch.randn(batch, text_len, cfg["text_embed_dim"])
+    mask = torch.ones(batch, text_len, dtype=torch.long)
+    mask[0, -2:] = 0  # padded tokens are still computed (masked), as in the pipeline
+    pooled = torch.randn(batch, cfg["pooled_projection_dim"])
+    g = torch.full((batch,), 6000.0)
+    counted = _count(lambda: tiny_hunyuan_net(x, t, text, mask, pooled, guidance=g, return_dict=False))
+    assert F.total(F.hunyuan_flops(cfg, latent, text_len, batch)) == counted
+    assert F.total(F.transformer_flops(tiny_hunyuan_net, latent, text_len, batch)) == counted
+
+
+@pytest.mark.parametrize("name,latent", [("wan2.1_t2v_14b", (16, 21, 90, 160)), ("hunyuan_video", (16, 33, 90, 160))])
+def test_real_configs_match_flop_counter_on_meta(name, latent):
+    """The released architectures at full size, on the meta device (shapes only, about 2 s each)."""
+    from diffusers import HunyuanVideoTransformer3DModel, WanTransformer3DModel
+
+    cfg = F.ARCH[name]
+    wan = name.startswith("wan")
+    with torch.device("meta"):
+        net = (WanTransformer3DModel if wan else HunyuanVideoTransformer3DModel)(**cfg)
+        x, t = torch.empty(1, *latent), torch.empty(1)
+        text = torch.empty(1, F.TEXT_LEN["wan" if wan else "hunyuan"], 4096)
+        extra = () if wan else (torch.ones(1, text.shape[1]), torch.empty(1, 768))
+    kw = {} if wan else {"guidance": t}
+    counted = _count(lambda: net(x, t, text, *extra, return_dict=False, **kw))
+    assert F.total(F.BaseArch.from_name(name).flops(latent)) == counted
+
+
+REFINER_CASES = [  # (latent, window, text tokens, batch)
+    ((16, 4, 16, 16), (2, 4, 4), 5, 2),  # windows divide the (4, 8, 8) grid
+    ((16, 3, 10, 14), (2, 4, 4), 0, 1),  # (3, 5, 7) grid: padded / partial windows
+    ((16, 5, 6, 18), (3, 2, 4), 5, 1),  # odd window sizes, partial on every axis
+    ((16, 3, 8, 8), (0, 0, 0), 5, 1),  # window = whole grid (full attention)
+    ((16, 3, 8, 8), (8, 9, 9), 0, 1),  # window larger than the grid: whole grid too
+]
+
+
+@pytest.mark.parametrize("impl", ["mask", "grouped"])
+@pytest.mark.parametrize("latent,window,text_len,batch", REFINER_CASES)
+def test_refiner_matches_flop_counter(latent, window, text_len, batch, impl):
+    torch.manual_seed(0)
+    cfg = RefinerConfig.preset("tiny", window=window, attn_impl=impl)
+    net = Refiner(cfg).eval()
+    x = torch.randn(batch, *latent)
+    t = torch.rand(batch)
+    text = torch.randn(batch, text_len, cfg.text_dim) if text_len else None
+    counted = _count(lambda: net(x, t, x, text))
+    assert F.total(F.refiner_flops(cfg, latent, text_len, batch=batch)) == counted
+
+
+def test_window_pairs_mask_counts_padding_grouped_is_exact():
+    grid = (3, 5, 7)
+    # exact partition, plain windows (2, 4, 4): pieces t 2+1, h 4+1, w 4+3
+    assert F.window_pairs(grid, (2, 4, 4), False, "grouped") == (4 + 1) * (16 + 1) * (16 + 9)
+    # shifted by (1, 2, 2): pieces t 1+2, h 2+3, w 2+4+1
+    assert F.window_pairs(grid, (2, 4, 4), True, "grouped") == (1 + 4) * (4 + 9) * (4 + 16 + 1)
+    # padded to (4, 8, 8): 2 x 2 x 2 windows of 32 slots, shifted or not
+    assert F.window_pairs(grid, (2, 4, 4), True, "mask") == F.window_pairs(grid, (2, 4, 4), False, "mask") == 8 * 32**2
+    assert F.window_pairs(grid, (0, 0, 0), True, "grouped") == F.window_pairs(grid, (0, 0, 0), True, "mask") == 105**2
+    with pytest.raises(ConfigError, match="impl"):
+        F.window_pairs(grid, (2, 4, 4), False, "flash")
+
+
+def test_windowed_attention_linear_full_quadratic():
+    """Tokens x1, x2, x4 along W at a fixed window: windowed cost linear, full attention quadratic."""
+    shapes = [(16, 8, 64, 64 * k) for k in (1, 2, 4)]
+    mask = [F.refiner_flops(RefinerConfig.preset("paper", attn_impl="mask"), s)["self_attn_sdpa"] for s in shapes]
+    grouped = [F.refiner_flops(RefinerConfig.preset("paper"), s)["self_attn_sdpa"] for s in shapes]
+    full = [F.refiner_flops(RefinerConfig.preset("paper", window=(0, 0, 0)), s)["self_attn_sdpa"] for s in shapes]
+    assert mask[1] == 2 * mask[0] and mask[2] == 4 * mask[0]  # window (4, 16, 16) divides (8, 32, 32k)
+    # Shifted blocks have two half windows at each border: affine in tokens (constant increment per token).
+    assert grouped[2] - grouped[1] == 2 * (grouped[1] - grouped[0]) and grouped[0] < mask[0]
+    assert full[1] == 4 * full[0] and full[2] == 16 * full[0]
+    cfg = RefinerConfig.preset("paper")  # projections and FFN are linear in tokens for both
+    assert F.refiner_flops(cfg, shapes[1])["ffn"] == 2 * F.refiner_flops(cfg, shapes[0])["ffn"]
+
+
+# --- runs ------------------------------------------------------------------------------------------
+
+def test_cfg_doubles_wan_base_cost():
+    on = F.run_costs(F.RunSettings(model="wan2.1_t2v_1.3b", target=(832, 480), cfg=True))
+    off = F.run_costs(F.RunSettings(model="wan2.1_t2v_1.3b", target=(832, 480), cfg=False))
+    auto = F.run_costs(F.RunSettings(model="wan2.1_t2v_1.3b", target=(832, 480)))
+    assert on["baseline_pflops"] == pytest.approx(2 * off["baseline_pflops"], rel=1e-12)
+    assert auto["baseline_pflops"] == on["baseline_pflops"]  # Wan uses CFG by default
+    base = {s["stage"]: s for s in on["stages"] if s["run"] == "surf"}
+    assert base["prefix"]["calls"] == 2 * 10 and base["preview"]["calls"] == 2 * 30 and base["refine"]["calls"] == 10
+    hy = F.run_costs(F.RunSettings(model="hunyuan_video", frames=129))
+    assert hy["settings"]["cfg_factor"] == 1 and hy["stages"][0]["calls"] == 50
+
+
+def test_run_totals_are_stage_sums_and_paper_baseline_within_1_percent():
+    r = F.run_costs(F.RunSettings())  # Wan 14B, 1280x720x81, 50 steps, CFG
+    stages = r["stages"]
+    assert r["baseline_pflops"] == pytest.approx(sum(s["pflops"] for s in stages if s["run"] == "baseline"))
+    assert r["surf_pflops"] == pytest.approx(sum(s["pflops"] for s in stages if s["run"] == "surf"))
+    assert r["speedup"] == pytest.approx(r["baseline_pflops"] / r["surf_pflops"])
+    assert [s["stage"] for s in stages] == ["base", "prefix", "preview", "refine"]
+    assert [s["size"] for s in stages] == ["1280x720", "832x480", "416x240", "1280x720"]
+    # Paper: 658.46 PFLOPs; the matmul-only count is 0.93% lower (elementwise work, see flops.py).
+    assert 0.99 < r["baseline_pflops"] / 658.46 < 1.0
+
+
+def test_paper_rule_costs_one_more_prefix_call():
+    pool = F.run_costs(F.RunSettings(rule="pool"))["stages"][1]["calls"]
+    paper = F.run_costs(F.RunSettings(rule="paper"))["stages"][1]["calls"]
+    assert paper == pool + 2  # one more velocity at the switch, both CFG branches
+
+
+def test_cli_json_has_required_keys(capsys):
+    F.main(["--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["runs"]) == 4 and "wan2.1_t2v_14b" in out["paper"]
+    for r in out["runs"]:
+        assert {"baseline_pflops", "surf_pflops", "speedup", "stages"} <= set(r)
+        assert all({"run", "stage", "pflops", "calls", "tflops_per_call"} <= set(s) for s in r["stages"])
+    F.main(["--model", "wan2.1_t2v_1.3b", "--target", "832x480", "--steps", "30", "--surf-steps", "30", "--switch", "5",
+            "--window", "2,8,8", "--impl", "mask", "--json"])
+    (r,) = json.loads(capsys.readouterr().out)["runs"]
+    assert r["settings"]["refiner_config"]["window"] == [2, 8, 8] and r["settings"]["attn_impl"] == "mask"
+    assert r["stages"][1]["calls"] == 10 and r["stages"][2]["calls"] == 50
+
+
+def test_cli_table_and_help(capsys):
+    F.main(["--model", "hunyuan_video"])
+    out = capsys.readouterr().out
+    assert "| surf | refine | 1280x720 |" in out and "FLOPs speedup" in out
+    with pytest.raises(SystemExit) as e:
+        F.main(["--help"])
+    assert e.value.code == 0 and "multiply-add = 2 FLOPs" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--model", "wan2.1_t2v_14b", "--target", "1280x721"], "height=721 must be a positive multiple of 16"),
+    (["--model", "wan2.1_t2v_14b", "--preview", "424x240"], "width=424 must be a positive multiple of 16"),
+    (["--model", "wan2.1_t2v_14b", "--frames", "80"], "frames=80 must be 4\\*n\\+1"),
+    (["--model", "wan2.1_t2v_14b", "--target", "1280"], "WIDTHxHEIGHT"),
+    (["--model", "wan2.1_t2v_14b", "--switch", "60"], "switch must be in"),
+    (["--model", "wan2.1_t2v_14b", "--refiner", "huge"], "unknown refiner preset"),
+])
+def test_cli_bad_input_is_a_clear_error(argv, match):
+    with pytest.raises(SystemExit, match=match):
+        F.main(argv)
+
+
+def test_api_bad_shapes():
+    with pytest.raises(ConfigError, match="not divisible by patch"):
+        F.wan_flops(F.WAN_DEFAULTS, (16, 21, 91, 160))
+    with pytest.raises(ConfigError, match="channels"):
+        F.hunyuan_flops(F.HUNYUAN_DEFAULTS, (4, 33, 90, 160))
+    with pytest.raises(ConfigError, match="not divisible by patch"):
+        F.refiner_flops(RefinerConfig(), (16, 3, 9, 8))
+    with pytest.raises(ConfigError, match="no architecture constants"):
+        F.BaseArch.from_name("tiny")
+    with pytest.raises(ConfigError, match="no FLOPs model"):
+        F.transformer_flops(torch.nn.Linear(2, 2), (16, 1, 2, 2), 1)
+    assert math.isclose(F.run_costs(F.RunSettings(window=(0, 0, 0)))["stages"][3]["tflops_per_call"],
+                        F.total(F.refiner_flops(RefinerConfig.preset("paper", window=(0, 0, 0)),
+                                                (16, 21, 90, 160), 512)) / 1e12)
+
+
+def test_vae_decode_is_added_to_both_runs():
+    r = F.run_costs(F.RunSettings(model="hunyuan_video", target=(256, 256), frames=9, preview=(128, 128),
+                                  prefix=(256, 256), switch=2, vae=True))
+    vae = [s for s in r["stages"] if s["stage"] == "vae_decode"]
+    assert [s["run"] for s in vae] == ["baseline", "surf"] and vae[0]["pflops"] == vae[1]["pflops"] > 0
+    assert r["surf_pflops"] == pytest.approx(sum(s["pflops"] for s in r["stages"] if s["run"] == "surf"))
+
+
+def test_cli_bad_window(capsys):
+    with pytest.raises(SystemExit) as e:
+        F.main(["--model", "wan2.1_t2v_14b", "--window", "4,16"])
+    assert e.value.code == 2 and "3 comma-separated ints" in capsys.readouterr().err

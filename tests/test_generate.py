@@ -1,0 +1,96 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import av
+import pytest
+import torch
+
+from surf_train.errors import ConfigError
+from surf_train.export import save_refiner
+from surf_train.generate import GenerateConfig, generate, parse_args
+from surf_train.refiner import Refiner, RefinerConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = dict(base="tiny", height=64, width=64, frames=9, prefix_height=64, prefix_width=64, steps=4, switch=1,
+             progress=False)
+
+
+@pytest.fixture(scope="module")
+def refiner_dir(tmp_path_factory):
+    """An exported tiny Refiner with random (non-zero) output weights."""
+    torch.manual_seed(0)
+    net = Refiner(RefinerConfig(dim=32, depth=2, heads=2, text_dim=32))
+    torch.nn.init.normal_(net.proj_out.weight, std=0.02)
+    return save_refiner(net.state_dict(), net.cfg, tmp_path_factory.mktemp("ref") / "refiner",
+                        bridge={"steps": 3, "sigma_aug_eval": 0.05})
+
+
+def read_video(path):
+    with av.open(str(path)) as c:
+        frames = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
+    return frames
+
+
+@pytest.mark.parametrize("mode", ["surf", "baseline", "preview"])
+def test_every_mode_writes_a_playable_video_and_a_report(mode, refiner_dir, tmp_path):
+    reps = generate(GenerateConfig(**SMALL, mode=mode, refiner=str(refiner_dir), out_dir=str(tmp_path),
+                                   prompts=["a cat", "a dog"], seeds=[3]))
+    assert len(reps) == 2
+    for r in reps:
+        frames = read_video(r["video"])
+        assert len(frames) == 9 and frames[0].shape == (64, 64, 3)
+        assert json.loads(Path(r["video"]).with_suffix(".json").read_text()) == r
+        want = {"surf": {"prefix", "low_res", "refine", "decode"}, "baseline": {"full_res", "decode"},
+                "preview": {"prefix", "low_res", "decode"}}[mode]
+        assert want <= set(r["seconds"]) and all(v >= 0 for v in r["seconds"].values())
+        assert r["seed"] == 3 and r["settings"]["steps"] == 4 and r["frames"] == 9
+        calls = r["calls"]
+        assert calls == ({"full_res": 4} if mode == "baseline" else {"prefix": 2, "low_res": 3})
+        assert r["refiner_steps"] == (3 if mode == "surf" else 0)
+        assert set(r["flops"]) >= {"total"} and r["flops"]["total"] > 0
+
+
+def test_surf_differs_from_preview_and_is_seeded(refiner_dir, tmp_path):
+    kw = dict(**SMALL, refiner=str(refiner_dir), prompts=["a cat"], seeds=[1])
+    a = generate(GenerateConfig(**kw, mode="surf", out_dir=str(tmp_path / "a")))[0]
+    b = generate(GenerateConfig(**kw, mode="surf", out_dir=str(tmp_path / "b")))[0]
+    c = generate(GenerateConfig(**kw, mode="preview", out_dir=str(tmp_path / "c")))[0]
+    va, vb, vc = (torch.tensor(read_video(r["video"])[4]).float() for r in (a, b, c))
+    assert torch.equal(va, vb)
+    assert (va - vc).abs().mean() > 0.5
+
+
+def test_slim_import_and_run(refiner_dir, tmp_path):
+    code = ("import sys; from surf_train.generate import main; "
+            f"main(['--base', 'tiny', '--refiner', {str(refiner_dir)!r}, '--height', '64', '--width', '64', "
+            f"'--frames', '5', '--prefix-height', '64', '--prefix-width', '64', '--steps', '2', '--switch', '1', "
+            f"'--out', {str(tmp_path)!r}, '--no-progress']); "
+            "print('LOADED', [m for m in ('lightning', 'pytorch_lightning', 'deepspeed', 'hydra', 'wandb') "
+            "if m in sys.modules])")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "LOADED []" in r.stdout and "surf:" in r.stdout
+
+
+@pytest.mark.parametrize("kw,msg", [
+    (dict(refiner="/nope"), "not an exported Refiner"),
+    (dict(height=60), "target height=60"),
+    (dict(preview_height=128), "larger than target"),
+    (dict(switch=9), "--switch 9"),
+    (dict(mode="fast"), "--mode 'fast'"),
+    (dict(base="sd15"), "unknown base model 'sd15'"),
+])
+def test_bad_input(kw, msg, refiner_dir, tmp_path):
+    args = {**SMALL, "refiner": str(refiner_dir), "out_dir": str(tmp_path), **kw}
+    with pytest.raises(ConfigError, match=msg):
+        generate(GenerateConfig(**args))
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    with pytest.raises(ConfigError, match="prompts file not found"):
+        parse_args(["--prompts", str(tmp_path / "none.txt")])
+    r = subprocess.run([sys.executable, "-m", "surf_train.generate", "--refiner", str(tmp_path / "x"), "--base", "tiny"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and "Traceback" not in r.stderr
