@@ -18,8 +18,12 @@ $(BIN)/.installed: pyproject.toml constraints-cpu.txt
 
 venv: $(BIN)/.installed
 
+# the main job end to end on the tiny default: pairs -> training -> export -> generation
 demo: venv
 	$(BIN)/python data_prep/make_pairs.py
+	$(BIN)/python -m surf_train
+	$(BIN)/python -m surf_train.export runs/tiny/checkpoints/last.ckpt runs/tiny/refiner
+	$(BIN)/python -m surf_train.generate
 
 test: venv
 	$(BIN)/python -m pytest -q
@@ -27,5 +31,11 @@ test: venv
 test-fast: venv
 	$(BIN)/python -m pytest -q -m "not slow"
 
+bench: venv
+	$(BIN)/python benchmarks/bench_pairs.py
+	$(BIN)/python benchmarks/bench_data.py
+	$(BIN)/python benchmarks/bench_attention.py
+	$(BIN)/python benchmarks/bench_generate.py
+
 clean:
-	rm -rf $(VENV) data outputs
+	rm -rf $(VENV) data outputs runs

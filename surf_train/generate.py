@@ -27,7 +27,7 @@ from surf_train.export import load_refiner
 from surf_train.objective import refine, upsample
 from surf_train.sampling import DOWN_MODES, RULES, PreviewPlan, euler_sample, preview_sample
 
-DEFAULT_BASE = "toy"
+DEFAULT_BASE = "tiny"
 DEFAULT_REFINER = "runs/tiny/refiner"
 MODES = ("surf", "baseline", "preview")
 
