@@ -32,3 +32,14 @@ def pairs(tmp_path_factory):
                                       "progress": False}))
     os.environ.update(env)
     return out
+
+
+@pytest.fixture
+def launched():
+    """Processes started by a test; whatever is still alive at the end is killed with its descendants."""
+    from procs import kill_tree
+
+    procs = []
+    yield procs
+    for p in procs:
+        kill_tree(p)

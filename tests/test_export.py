@@ -11,7 +11,8 @@ from surf_train.errors import ConfigError
 from surf_train.export import export, load_refiner, read_checkpoint
 from surf_train.module import RefinerModule
 from surf_train.train import train
-from test_train import FAST, SHRINK, _free_port, _kill_tree, compose_cfg
+from procs import free_port, kill_tree
+from test_train import FAST, SHRINK, compose_cfg
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -84,13 +85,13 @@ def test_zero2_checkpoint_exports_deepspeeds_fp32_weights(pairs, tmp_path):
             "data.val_samples=0", "data.batch_size=2", "logger=none", "module.decode_base=null",
             "module.ema_decay=0.5", "trainer.enable_progress_bar=false", *SHRINK]
     p = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                          f"--master_port={_free_port()}", "-m", "surf_train", *args], cwd=ROOT,
+                          f"--master_port={free_port()}", "-m", "surf_train", *args], cwd=ROOT,
                          env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
                          stderr=subprocess.STDOUT, text=True)
     try:
         out, _ = p.communicate(timeout=400)
     finally:
-        _kill_tree(p)
+        kill_tree(p)
     assert p.returncode == 0, out[-3000:]
     ckpt = tmp_path / "checkpoints" / "last.ckpt"
     assert ckpt.is_dir()

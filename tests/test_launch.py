@@ -20,6 +20,7 @@ import yaml
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
+from procs import free_port, kill_tree
 from surf_train import CONF_DIR
 from surf_train.dist_env import rank_world
 from surf_train.shards import shard_keys
@@ -430,32 +431,10 @@ def test_simulated_slurm_tasks_get_rank_and_world_size(procid, trainer, clean_en
 # --- a real 2-task CPU training run under the srun stub -----------------------------------------
 
 
-def _kill_tree(p: subprocess.Popen) -> None:
-    try:
-        procs = [psutil.Process(p.pid), *psutil.Process(p.pid).children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return
-    for proc in procs:
-        try:
-            proc.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(procs, timeout=30)
-
-
-@pytest.fixture
-def launched():
-    """Processes started by a test; whatever is still alive at the end is killed with its children."""
-    procs = []
-    yield procs
-    for p in procs:
-        _kill_tree(p)
-
-
 def _train_job(stubs, args, log, launched, **extra):
     alloc = dict(SLURM_JOB_ID=4242, SLURM_JOB_NAME="surf-train", SLURM_NNODES=1, SLURM_NTASKS=2,
                  SLURM_NTASKS_PER_NODE=2, SLURM_CPUS_PER_TASK=1, SLURM_JOB_NODELIST="localhost", STUB_SRUN_RUN=1,
-                 MASTER_PORT=_free_port())
+                 MASTER_PORT=free_port())
     env = stubs.env(**{**alloc, **extra})
     p = subprocess.Popen(["bash", str(LAUNCH / "train.sbatch"), *args], cwd=ROOT, env=env, stdout=log,
                          stderr=subprocess.STDOUT, start_new_session=True)
@@ -463,15 +442,6 @@ def _train_job(stubs, args, log, launched, **extra):
     return p
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
 def tiny_pairs(tmp_path_factory):
     """12 tiny pairs made by launch/pairs.sbatch as a 2-task job (tasks started by the srun stub): 4 shards."""
     stubs = Stubs(tmp_path_factory.mktemp("pairs_job"))
@@ -532,7 +502,7 @@ def test_time_limit_signal_saves_requeues_and_the_requeued_job_resumes(stubs, tm
         task.send_signal(signal.SIGUSR1)
         while time.time() < deadline and p.poll() is None and not stubs.calls("scontrol")[1:]:
             time.sleep(0.1)
-        _kill_tree(p)  # what SLURM does to a requeued job
+        kill_tree(p)  # what SLURM does to a requeued job
     requeue = stubs.calls("scontrol")[1:]
     assert [c["args"] for c in requeue] == [["requeue", "4242"]], _log(tmp_path, "job1.log")
     hpc = run_dir / "hpc_ckpt_1.ckpt"

@@ -1,16 +1,15 @@
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
+from procs import free_port, kill_tree
 from surf_train import CONF_DIR
 from surf_train.train import checkpoint_step, newest_checkpoint, register_resolvers, train
 
@@ -83,37 +82,8 @@ def test_bad_config_is_one_clear_error(tmp_path):
     assert "nothing" in r.stderr + r.stdout and "Traceback" not in r.stderr
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _kill_tree(p: subprocess.Popen) -> None:
-    """kill -9 torchrun and its workers (they run in sessions of their own)."""
-    try:
-        procs = [psutil.Process(p.pid), *psutil.Process(p.pid).children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return
-    for proc in procs:
-        try:
-            proc.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(procs, timeout=30)
-
-
-@pytest.fixture
-def launched():
-    """Processes started by a test; whatever is still alive at the end is killed with its workers."""
-    procs = []
-    yield procs
-    for p in procs:
-        _kill_tree(p)
-
-
 def _torchrun(args, log):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}", "-m",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}", "-m",
            "surf_train", *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -136,7 +106,7 @@ def test_two_process_train_kill_resume(strategy, pairs, tmp_path, launched):
     while time.time() < deadline and p.poll() is None and not ckpt.exists():
         time.sleep(0.1)
     time.sleep(0.5)  # often mid-save of the next checkpoint
-    _kill_tree(p)
+    kill_tree(p)
     assert ckpt.exists(), (tmp_path / "run1.log").read_text()[-3000:]
     if strategy == "deepspeed":  # ZeRO: a directory of shards, one optimizer shard per rank
         assert ckpt.is_dir() and len(list((ckpt / "checkpoint").glob("zero_pp_rank_*_optim_states.pt"))) == 2
