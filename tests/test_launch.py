@@ -442,6 +442,7 @@ def _train_job(stubs, args, log, launched, **extra):
     return p
 
 
+@pytest.fixture(scope="module")
 def tiny_pairs(tmp_path_factory):
     """12 tiny pairs made by launch/pairs.sbatch as a 2-task job (tasks started by the srun stub): 4 shards."""
     stubs = Stubs(tmp_path_factory.mktemp("pairs_job"))
