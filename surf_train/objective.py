@@ -24,8 +24,8 @@ class BridgeConfig:
     t_dist: str = "logit_normal"  # logit_normal | uniform
     t_mean: float = 0.0  # logit-normal location
     t_std: float = 1.0  # logit-normal scale
-    sigma_aug_max: float = 0.1  # per-sample noise on the start point ~ U(0, sigma_aug_max)
-    sigma_aug_eval: float = 0.05  # start-point noise used by the sampler
+    sigma_aug_max: float = 0.5  # per-sample noise on the start point ~ U(0, sigma_aug_max)
+    sigma_aug_eval: float = 0.0  # start-point noise used by the sampler
     up_mode: str = "bilinear"  # preview -> target grid (per frame; frames never change)
     latent_noise_max: float = 0.0  # latent degradation: extra Gaussian noise ~ U(0, max) on x_up
     latent_blur_max: float = 0.0  # latent degradation: Gaussian blur sigma ~ U(0, max) pixels, per sample

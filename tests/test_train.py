@@ -10,6 +10,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from procs import free_port, kill_tree
+from surf_train.pairs import PairsConfig, make_pairs
 from surf_train import CONF_DIR
 from surf_train.train import checkpoint_step, newest_checkpoint, register_resolvers, train
 
@@ -36,6 +37,19 @@ def test_tiny_training_learns(pairs, tmp_path):
     assert s["val_mse_refiner"] > 0 and s["val_mse_upsample"] > 0
     assert json.loads((tmp_path / "summary.json").read_text())["steps"] == 120
     assert (tmp_path / "checkpoints" / "last.ckpt").resolve().name == "step00000120.ckpt"
+
+
+@pytest.mark.slow
+def test_refiner_beats_upsampling_on_toy_pairs(tmp_path):
+    """Pairs from the trained toy base (pool rule, 64x64x9): the K-step Refiner beats plain upsampling on
+    held-out pairs (measured 0.390 vs 0.411 and 0.391 vs 0.411 for two seeds; 0.447 vs 0.471 with 640 pairs)."""
+    make_pairs(PairsConfig.from_dict({"base": "toy", "out_dir": str(tmp_path / "pairs"), "height": 64, "width": 64,
+                                      "frames": 9, "steps": 8, "switch": 2, "num_pairs": 320, "shard_size": 32,
+                                      "rule": "pool", "seed": 1000, "progress": False}))
+    s = train(compose_cfg([f"data.shards={tmp_path / 'pairs'}", f"run_dir={tmp_path / 'run'}", "trainer.max_steps=400",
+                           "trainer.val_check_interval=1000", "data.val_samples=32", "data.batch_size=8",
+                           "logger=none", "module.decode_base=null", "trainer.enable_progress_bar=false"]))
+    assert s["val_mse_refiner"] < 0.97 * s["val_mse_upsample"]
 
 
 def test_untrained_refiner_returns_the_upsampled_preview():
