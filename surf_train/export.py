@@ -72,7 +72,7 @@ def export(ckpt: str | os.PathLike, out_dir: str | os.PathLike, weights: str = "
     prefix = "ema.module." if weights == "ema" else "net."
     tensors = {k[len(prefix):]: v.to(DTYPES[dtype]).contiguous() for k, v in state.items() if k.startswith(prefix)}
     cfg = refiner_config(hp["model"])
-    check_weights(cfg, tensors, str(ckpt))
+    check_weights(_shapes(cfg), tensors, str(ckpt))
     return save_refiner(tensors, cfg, out_dir, bridge=hp.get("bridge") or {}, weights=weights, dtype=dtype,
                         step=step, source=str(Path(ckpt).resolve()))
 
@@ -94,9 +94,8 @@ def save_refiner(tensors: dict[str, torch.Tensor], cfg: RefinerConfig, out_dir: 
     return out
 
 
-def check_weights(cfg: RefinerConfig, tensors: dict[str, torch.Tensor], where: str) -> None:
-    """Raise ConfigError naming the keys and shapes where weights and config disagree."""
-    want = _shapes(cfg)
+def check_weights(want: dict[str, tuple[int, ...]], tensors: dict[str, torch.Tensor], where: str) -> None:
+    """Raise ConfigError naming the keys and shapes where weights and the config's shapes (`want`) disagree."""
     got = {k: tuple(v.shape) for k, v in tensors.items()}
     missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
     bad = sorted(k for k in set(want) & set(got) if want[k] != got[k])
@@ -125,9 +124,9 @@ def load_refiner(directory: str | os.PathLike, device: str | torch.device = "cpu
         raise ConfigError(f"{d / CONFIG}: format {meta.get('format')!r}, expected {FORMAT!r}")
     cfg = RefinerConfig.from_dict(meta["refiner"])
     tensors = load_file(str(d / WEIGHTS))
-    check_weights(cfg, tensors, str(d / WEIGHTS))
     with torch.device("meta"):
         net = Refiner(cfg)
+    check_weights({k: tuple(v.shape) for k, v in net.state_dict().items()}, tensors, str(d / WEIGHTS))
     net.load_state_dict(tensors, assign=True)
     net = net.to(device=device, dtype=dtype or DTYPES[meta.get("dtype", "float32")]).eval().requires_grad_(False)
     return net, meta

@@ -123,9 +123,10 @@ def generate(cfg: GenerateConfig) -> list[dict]:
     frames = cfg.frames or spec.native_frames
     sizes = _sizes(cfg, spec)
     spec.geometry.check(frames, *sizes["target"], "target")
-    net, rmeta = (None, None)
+    net, bridge = None, {}  # bridge: the training-time sampler settings stored with the export
     if cfg.mode == "surf":
         net, rmeta = load_refiner(cfg.refiner)
+        bridge = rmeta.get("bridge", {})
         if net.cfg.in_channels != spec.channels:
             raise ConfigError(f"Refiner {cfg.refiner} works on {net.cfg.in_channels}-channel latents but base "
                               f"model {cfg.base} has {spec.channels}")
@@ -138,7 +139,7 @@ def generate(cfg: GenerateConfig) -> list[dict]:
     for k in ("target", "prefix", "preview"):
         model.check_grid(lat[k], f_lat)
     shift = spec.shift if cfg.shift is None else cfg.shift
-    k_ref = cfg.refiner_steps or (rmeta or {}).get("bridge", {}).get("steps", 10)
+    k_ref = cfg.refiner_steps or bridge.get("steps", 10)
     Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
 
     reports = []
@@ -165,7 +166,7 @@ def generate(cfg: GenerateConfig) -> list[dict]:
             noise = torch.randn((1, c, f_lat, *lat["prefix"]), generator=gen).to(model.device)
             fresh = torch.randn((1, c, f_lat, *lat["preview"]), generator=gen).to(model.device)
             preview = preview_sample(vel, noise, plan, fresh)
-            x_up = upsample(preview, lat["target"], (rmeta or {}).get("bridge", {}).get("up_mode", "bilinear"))
+            x_up = upsample(preview, lat["target"], bridge.get("up_mode", "bilinear"))
             if cfg.mode == "preview":
                 latent = x_up
             else:
@@ -173,7 +174,7 @@ def generate(cfg: GenerateConfig) -> list[dict]:
                     return net(x.to(model.dtype), t.to(model.dtype), cnd.to(model.dtype),
                                None if txt is None else txt.to(model.dtype)).float()
 
-                sigma = float((rmeta or {}).get("bridge", {}).get("sigma_aug_eval", 0.0))
+                sigma = float(bridge.get("sigma_aug_eval", 0.0))
                 latent = clock.time("refine", refine, ref_fn, x_up, k_ref, sigma, text, gen)
         video = clock.time("decode", model.vae_decode, latent)  # (1, 3, frames, H, W) in [-1, 1]
         path = _video_path(cfg, i, seed)

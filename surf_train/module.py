@@ -4,7 +4,7 @@ from __future__ import annotations
 import collections
 import logging
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -172,6 +172,3 @@ class RefinerModule(pl.LightningModule):
         if hasattr(self.logger, "log_video"):
             self.logger.log_video("val/preview_refined_target", paths, step=self.global_step,
                                   format=["mp4"] * len(paths))
-
-    def refiner_config_dict(self) -> dict:
-        return {"refiner": self.model_cfg.to_dict(), "bridge": asdict(self.bridge)}
