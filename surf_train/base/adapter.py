@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from surf_train.dist_env import local_rank
 from surf_train.errors import ConfigError
 from surf_train.sampling import Velocity
 
@@ -206,8 +207,8 @@ class BaseModel(ABC):
 
 def load_base_model(spec: BaseSpec, device: str | torch.device = "auto") -> BaseModel:
     """Build the adapter for `spec`: tiny from configs, otherwise diffusers `from_pretrained`."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "auto":  # one GPU per process: torchrun's LOCAL_RANK or SLURM_LOCALID picks it
+        device = f"cuda:{local_rank()}" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
     if spec.family == "wan":
         from surf_train.base.wan import WanBase as cls
