@@ -1,118 +1,97 @@
-"""The toy base model: procedural latent clips (toy_data) and the trained pipeline in assets/toy_base."""
+"""The shipped toy base model (assets/toy_base) and the script that trains it."""
+import importlib.util
+import json
+
+import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from surf_train import CONF_DIR
 from surf_train.base import BaseSpec, load_base_model
-from surf_train.base.toy_data import prompt_look, render_batch, render_clip
-from surf_train.pairs import BUILTIN_PROMPTS
+from surf_train.base.toy_vae import PixelShuffleVAE
 from surf_train.sampling import PreviewPlan, euler_sample, flow_sigmas, pair_sample
+from surf_train.toyworld import all_captions, detect, render_batch
 
 ROOT = CONF_DIR.parent
 ASSET = ROOT / "assets" / "toy_base"
-HELDOUT = 2**31  # training draws seeds below 2**31 - 1
+CAPS = all_captions()
 
 
-def hf_fraction(x: torch.Tensor) -> float:
-    """Std of what 2x2 area pooling removes, relative to the std of x (B, C, F, H, W)."""
-    y = x.flatten(0, 2).unsqueeze(1)  # (B*C*F, 1, H, W)
-    return float((y - F.interpolate(F.avg_pool2d(y, 2), scale_factor=2)).std() / y.std())
+def _script():
+    spec = importlib.util.spec_from_file_location("train_toy_base", ROOT / "data_prep" / "train_toy_base.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
-
-# --- procedural data -----------------------------------------------------------------------------
-
-def test_clips_are_deterministic_and_depend_on_prompt_and_seed():
-    a = render_clip("a red ball rolling across a wooden floor", 3)
-    assert a.shape == (16, 5, 16, 16) and a.dtype == torch.float32
-    assert torch.equal(a, render_clip("a red ball rolling across a wooden floor", 3))
-    assert not torch.allclose(a, render_clip("a red ball rolling across a wooden floor", 4))
-    assert not torch.allclose(a, render_clip("snow falling in a pine forest", 3))
-    assert not torch.equal(a[:, 0], a[:, -1])  # objects move over the frames
-
-
-def test_same_content_at_every_resolution():
-    prompts, seeds = BUILTIN_PROMPTS[:6], list(range(6))
-    x32, x16, x8 = (render_batch(prompts, seeds, s) for s in (32, 16, 8))
-    pool = lambda x: F.avg_pool3d(x, (1, 2, 2))
-    assert torch.allclose(pool(x16), x8, atol=1e-5)
-    assert torch.allclose(pool(x32), x16, atol=1e-5)
-    # ... and the finer grid carries detail the coarser one lacks
-    assert hf_fraction(x16) > 0.1
-
-
-def test_clip_statistics_and_prompt_look():
-    x = render_batch(BUILTIN_PROMPTS * 2, list(range(32)))
-    assert 0.8 < x.std() < 1.25 and abs(float(x.mean())) < 0.2
-    looks = [prompt_look(p) for p in BUILTIN_PROMPTS]
-    assert len({(lk.n_objects, lk.direction) for lk in looks}) == len(BUILTIN_PROMPTS)
-    assert {lk.n_objects for lk in looks} <= {1, 2, 3}
-
-
-# --- trained pipeline ----------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def toy():
     if not (ASSET / "model_index.json").is_file():
         pytest.skip(f"{ASSET} missing: build it with `python data_prep/train_toy_base.py`")
-    torch.manual_seed(0)
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(ROOT)  # conf/base/toy.yaml names the pipeline relative to the repo root
         return load_base_model(BaseSpec.from_name("toy"), "cpu")
 
 
-def test_toy_loads(toy):
-    assert toy.spec.name == "toy" and toy.pipe.transformer.config.num_layers == 4
+def test_toy_loads_through_from_pretrained(toy):
+    assert isinstance(toy.pipe.vae, PixelShuffleVAE)
+    assert toy.geometry.latent_shape(5, 32, 32) == (12, 5, 16, 16)
     n = sum(p.numel() for p in toy.pipe.transformer.parameters())
-    assert 5e5 < n < 5e6
+    assert 1.0e6 < n < 1.5e6
     size = sum(f.stat().st_size for f in ASSET.rglob("*") if f.is_file())
-    assert size < 20e6
+    assert size < 20e6  # the issue's budget for shipped weights
 
 
-def test_toy_denoises_held_out_clips(toy):
-    """At s = 0.3/0.5/0.8 the model's x0 beats the best global linear guess from x_s by a clear margin."""
-    prompts = BUILTIN_PROMPTS
-    x0 = render_batch(prompts, [HELDOUT + i for i in range(len(prompts))])  # (16, C, F, 16, 16)
-    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
-    cond = toy.encode_prompt(prompts)
-    m, var = x0.mean(), x0.var()
-    for s, ratio in ((0.3, 0.35), (0.5, 0.3), (0.8, 0.4)):  # measured 0.12, 0.08, 0.13
-        xs = (1 - s) * x0 + s * eps
-        x0_hat = xs - s * toy.velocity(xs, s, cond, guidance=1.0)
-        c = (1 - s) * var / ((1 - s) ** 2 * var + s**2)  # linear MMSE coefficient for x0 given x_s
-        trivial = F.mse_loss(m + c * (xs - (1 - s) * m), x0)
-        assert F.mse_loss(x0_hat, x0) < ratio * trivial, (s, float(F.mse_loss(x0_hat, x0)), float(trivial))
+def test_adapter_latent_round_trip_is_exact(toy):
+    x = render_batch(CAPS[:3], [0, 1, 2], (32, 32), 5)
+    z = toy.vae_encode(x)
+    assert z.shape == (3, 12, 5, 16, 16)
+    assert 0.5 < float(z.std()) < 1.5  # normalised with the stats stored in the VAE config
+    assert torch.allclose(toy.vae_decode(z), x, atol=1e-5)
 
 
 @pytest.mark.slow
-def test_toy_samples_look_like_the_data(toy):
-    """Euler samples have the data's smoothness (low high-frequency share), unlike noise."""
-    prompts = BUILTIN_PROMPTS[:4]
-    noise = torch.randn(4, 16, 5, 16, 16, generator=torch.Generator().manual_seed(1))
-    x = euler_sample(toy.velocity_fn(toy.encode_prompt(prompts)), noise, flow_sigmas(12, toy.spec.shift))
-    data = render_batch(prompts, [HELDOUT + i for i in range(4)])
-    hf_noise, hf_data, hf_x = hf_fraction(noise), hf_fraction(data), hf_fraction(x)
-    assert abs(hf_x - hf_data) < 0.5 * abs(hf_noise - hf_data), (hf_x, hf_data, hf_noise)
-    assert 0.5 < x.std() / data.std() < 2.0
+def test_generations_show_the_captions_colours(toy):
+    """Native-resolution samples have the caption's object colour and background (measured 100% of 128).
+    Shape and direction are still at chance (README: issue 7 is open on them), so they are not asserted."""
+    prompts = [CAPS[(7 * i) % len(CAPS)] for i in range(16)]
+    noise = torch.randn(16, 12, 5, 16, 16, generator=torch.Generator().manual_seed(123))
+    x = euler_sample(toy.velocity_fn(toy.encode_prompt(prompts)), noise, flow_sigmas(20, toy.spec.shift))
+    found = [detect(v) for v in toy.vae_decode(x)]
+    assert all(d.found for d in found)
+    assert np.mean([d.matches(p)["colour"] and d.matches(p)["background"] for p, d in zip(prompts, found)]) >= 0.9
 
 
-@pytest.mark.slow
-def test_toy_preview_follows_target(toy):
-    """pair_sample: the 8x8 preview is much closer to its own target (pooled) than to another seed's.
+def test_pool_preview_keeps_the_target_layout(toy):
+    """Noise reshifting: the 16x16 preview shows the object where the 32x32 target shows it."""
+    prompts = CAPS[:8:2]
+    g = torch.Generator().manual_seed(7)
+    noise, fresh = torch.randn(4, 12, 5, 16, 16, generator=g), torch.randn(4, 12, 5, 8, 8, generator=g)
+    plan = PreviewPlan(steps=12, switch=4, shift=toy.spec.shift, preview_size=(8, 8), rule="pool")
+    preview, target = pair_sample(toy.velocity_fn(toy.encode_prompt(prompts)), noise, plan, fresh)
+    errs = []
+    for p, t in zip(toy.vae_decode(preview), toy.vae_decode(target)):
+        dp, dt = detect(p), detect(t)
+        if dp.found and dt.found:
+            errs.append(np.nanmean(np.linalg.norm(dp.centres - dt.centres, axis=1)))
+    assert len(errs) >= 3 and np.median(errs) < 0.08
 
-    Uses `pool`: with `paper` at switch 3 of 12 (s = 0.9) this weak model has not fixed the layout yet
-    and the fresh noise redraws it (same/other about 0.88; `pool` about 0.45).
-    """
-    prompts = BUILTIN_PROMPTS[:4]
-    plan = PreviewPlan(steps=12, switch=3, shift=toy.spec.shift, preview_size=(8, 8), rule="pool")
-    vel = toy.velocity_fn(toy.encode_prompt(prompts))
-    out = []
-    for seed in (2, 3):
-        g = torch.Generator().manual_seed(seed)
-        noise, fresh = torch.randn(4, 16, 5, 16, 16, generator=g), torch.randn(4, 16, 5, 8, 8, generator=g)
-        out.append(pair_sample(vel, noise, plan, fresh))
-    (p_a, t_a), (p_b, t_b) = out
-    pooled_a, pooled_b = F.avg_pool3d(t_a, (1, 2, 2)), F.avg_pool3d(t_b, (1, 2, 2))
-    same = F.mse_loss(p_a, pooled_a) + F.mse_loss(p_b, pooled_b)
-    other = F.mse_loss(p_a, pooled_b) + F.mse_loss(p_b, pooled_a)
-    assert same < 0.7 * other, (float(same), float(other))
+
+def test_training_script_saves_and_resumes(tmp_path):
+    """Two steps, then the same command with a later stop resumes (step count and log carry over)."""
+    mod = _script()
+    args = ["--work", str(tmp_path / "work"), "--out", str(tmp_path / "out"), "--batch", "2", "--n", "2",
+            "--threads", "1"]
+    mod.main(args + ["--steps", "2"])
+    assert json.loads((tmp_path / "out" / "toy_train.json").read_text())["steps"] == 2
+    first = torch.load(tmp_path / "work" / "state.pt", weights_only=True)
+    mod.main(args + ["--steps", "4"])
+    meta = json.loads((tmp_path / "out" / "toy_train.json").read_text())
+    assert meta["steps"] == 4 and not (tmp_path / "out.tmp").exists()
+    second = torch.load(tmp_path / "work" / "state.pt", weights_only=True)
+    assert second["step"] == 4 and second["elapsed"] >= first["elapsed"]
+    assert not torch.equal(first["ema"]["transformer"]["proj_out.weight"], second["ema"]["transformer"]["proj_out.weight"])
+    spec = BaseSpec.from_name("toy")
+    import dataclasses
+    model = load_base_model(dataclasses.replace(spec, pretrained=str(tmp_path / "out")), "cpu")
+    assert model.pipe.tokenizer("a red circle moving left on a gray background").input_ids[-1] == 1  # eos

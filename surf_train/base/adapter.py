@@ -70,6 +70,8 @@ class BaseSpec:
     dtype: str = "bfloat16"
     vae_dtype: str = "float32"
     prompt_template: dict | None = None  # hunyuan only; None = diffusers' default template
+    vae_class: str | None = None  # None: the family's VAE; "pixel_shuffle": the toy world's exact latent
+    prompts: str | None = None  # built-in prompts when none are given: None (everyday scenes) | toyworld
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "BaseSpec":
@@ -81,6 +83,10 @@ class BaseSpec:
         d["native_size"] = tuple(d["native_size"])
         if d["family"] not in ("wan", "hunyuan"):
             raise ConfigError(f"base model {d.get('name')!r}: unknown family {d['family']!r} (wan or hunyuan)")
+        if d.get("prompts") not in (None, "toyworld"):
+            raise ConfigError(f"base model {d.get('name')!r}: prompts={d['prompts']!r} not in [None, 'toyworld']")
+        if d.get("vae_class") not in (None, "pixel_shuffle"):
+            raise ConfigError(f"base model {d.get('name')!r}: vae_class={d['vae_class']!r} not in [None, 'pixel_shuffle']")
         for key in ("dtype", "vae_dtype"):
             if d.get(key, "float32") not in DTYPES:
                 raise ConfigError(f"base model {d.get('name')!r}: {key}={d[key]!r} not in {list(DTYPES)}")

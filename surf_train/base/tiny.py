@@ -13,16 +13,16 @@ CORPUS = ["a cat playing piano in a sunny room", "a video of waves on the beach 
           "city street at night with neon lights", "a bird flying over a mountain lake"]
 
 
-def tiny_tokenizer(specials=("<pad>", "</s>", "<unk>"), eos="</s>", bos=None):
-    """PreTrainedTokenizerFast from a BPE trained in memory on CORPUS (deterministic)."""
+def tiny_tokenizer(specials=("<pad>", "</s>", "<unk>"), eos="</s>", bos=None, corpus=CORPUS, vocab_size=300):
+    """PreTrainedTokenizerFast from a BPE trained in memory on `corpus` (deterministic)."""
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=list(specials), show_progress=False,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(specials), show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(CORPUS, trainer=trainer)
+    tok.train_from_iterator(corpus, trainer=trainer)
     prefix = f"{bos} " if bos else ""
     special = [(eos, tok.token_to_id(eos))] + ([(bos, tok.token_to_id(bos))] if bos else [])
     tok.post_processor = processors.TemplateProcessing(single=f"{prefix}$A {eos}", pair=f"{prefix}$A {eos} $B {eos}",

@@ -19,7 +19,10 @@ class WanBase(BaseModel):
             pipe = tiny_wan_pipeline()
         else:
             # Wan's VAE is kept in float32 (as in the model card); the rest in spec.dtype
-            vae = AutoencoderKLWan.from_pretrained(spec.source, subfolder="vae", revision=spec.revision,
+            vae_cls = AutoencoderKLWan
+            if spec.vae_class == "pixel_shuffle":  # the toy world's exact latent (surf_train/base/toy_vae.py)
+                from surf_train.base.toy_vae import PixelShuffleVAE as vae_cls
+            vae = vae_cls.from_pretrained(spec.source, subfolder="vae", revision=spec.revision,
                                                    torch_dtype=DTYPES[spec.vae_dtype])
             pipe = WanPipeline.from_pretrained(spec.source, vae=vae, revision=spec.revision,
                                                torch_dtype=DTYPES[spec.dtype])
