@@ -13,7 +13,7 @@ import random
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, Mapping, Sequence
 
 import lightning.pytorch as pl
 import torch
@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 class DataConfig:
     """Data settings (the Hydra `data` group builds this)."""
 
-    shards: str | list[str] = "data/pairs"  # directory, glob or brace pattern (or a list of them)
+    shards: str | list[str] | None = "data/pairs"  # directory, glob or brace pattern (or a list of them)
     val_shards: str | list[str] | None = None  # None: hold out the last `val_holdout` shards of `shards`
     val_holdout: int = 1
     val_samples: int = 8  # first samples of the validation shards in key order; 0: no validation
@@ -43,8 +43,22 @@ class DataConfig:
     seed: int = 0
     shuffle_buffer: int = 64  # samples per worker; <= 1: no shuffling
     text: bool = True  # keep text embeddings when the shards have them
+    # several pair directories mixed in training: {name: {"shards": ..., "weight": w}}; samples are drawn from
+    # each source in proportion to its weight (whatever its size or shard size); replaces `shards`
+    sources: dict[str, dict] | None = None
 
     def __post_init__(self):
+        if self.sources is not None:
+            if not isinstance(self.sources, Mapping) or not self.sources:
+                raise ConfigError(f"data.sources must be a non-empty mapping name -> {{shards, weight}}, "
+                                  f"got {self.sources!r}")
+            for name, src in self.sources.items():
+                if not isinstance(src, Mapping) or "shards" not in src or set(src) - {"shards", "weight"}:
+                    raise ConfigError(f"data.sources.{name}: expected {{shards: ..., weight: ...}}, got {src!r}")
+                if not isinstance(src.get("weight", 1.0), (int, float)) or not src.get("weight", 1.0) > 0:
+                    raise ConfigError(f"data.sources.{name}.weight must be a number > 0, got {src.get('weight')!r}")
+        elif self.shards is None:
+            raise ConfigError("give data.shards (one pair directory) or data.sources (several, with weights)")
         for name, low in (("val_holdout", 0), ("val_samples", 0), ("batch_size", 1), ("num_workers", 0),
                           ("shuffle_buffer", 0)):
             if getattr(self, name) < low:
@@ -74,22 +88,35 @@ def _magic(pattern: str) -> bool:
     return any(c in pattern for c in "*?[")
 
 
-def split_shards(cfg: DataConfig) -> tuple[list[Path], list[Path]]:
-    """(training shards, validation shards) as the config asks; ConfigError when training gets none."""
-    shards = resolve_shards(cfg.shards)
-    if not shards:
-        raise ConfigError(f"no shards (*.tar) match data.shards={cfg.shards!r}")
-    if cfg.val_shards is not None:
-        val = resolve_shards(cfg.val_shards)
-        if not val and cfg.val_samples:
-            raise ConfigError(f"no shards (*.tar) match data.val_shards={cfg.val_shards!r}")
-        train = [p for p in shards if p not in set(val)]
-    else:
-        k = cfg.val_holdout if cfg.val_samples else 0
-        train, val = shards[:len(shards) - k], shards[len(shards) - k:]
-    if not train:
-        raise ConfigError(f"holding out {len(val)} validation shard(s) leaves no training shards among the "
-                          f"{len(shards)} matching {cfg.shards!r}; lower data.val_holdout or set data.val_shards")
+def split_shards(cfg: DataConfig) -> tuple[dict[str, list[Path]], dict[str, list[Path]]]:
+    """({source: training shards}, {source: validation shards}) as the config asks; `shards` is the source "".
+
+    Without data.val_shards, the last `val_holdout` shards of every source are held out; validation shards
+    given by data.val_shards belong to the source that matches them ("" if none).
+    """
+    specs = {name: src["shards"] for name, src in cfg.sources.items()} if cfg.sources else {"": cfg.shards}
+    val_given = resolve_shards(cfg.val_shards) if cfg.val_shards is not None else None
+    if val_given is not None and not val_given and cfg.val_samples:
+        raise ConfigError(f"no shards (*.tar) match data.val_shards={cfg.val_shards!r}")
+    train, val = {}, {}
+    for name, spec in specs.items():
+        what = f"data.sources.{name}.shards" if name else "data.shards"
+        shards = resolve_shards(spec)
+        if not shards:
+            raise ConfigError(f"no shards (*.tar) match {what}={spec!r}")
+        if val_given is not None:
+            train[name] = [p for p in shards if p not in set(val_given)]
+            val[name] = [p for p in shards if p in set(val_given)]
+        else:
+            k = cfg.val_holdout if cfg.val_samples else 0
+            train[name], val[name] = shards[:len(shards) - k], shards[len(shards) - k:]
+        if not train[name]:
+            raise ConfigError(f"holding out {len(val[name])} validation shard(s) leaves no training shards among "
+                              f"the {len(shards)} matching {what}={spec!r}; lower data.val_holdout or set "
+                              f"data.val_shards")
+    if val_given is not None:
+        matched = {p for ps in val.values() for p in ps}
+        val[""] = val.get("", []) + [p for p in val_given if p not in matched]
     return train, val
 
 
@@ -126,9 +153,12 @@ def crop(sample: dict, frames: int, start: int) -> dict:
     return out
 
 
-def prepare(raw: dict, keep_text: bool = True) -> dict:
-    """decode_sample plus the checks the training loop relies on."""
+def prepare(raw: dict, keep_text: bool = True, sources: dict[str, str] | None = None) -> dict:
+    """decode_sample plus the checks the training loop relies on; `sources` (shard url -> name) tags
+    meta["data_source"] when sources are mixed."""
     s = decode_sample(raw)
+    if sources:
+        s["meta"]["data_source"] = sources.get(raw.get("__url__"), "?")
     if s["preview"].ndim != 4 or s["target"].ndim != 4 or s["preview"].shape[:2] != s["target"].shape[:2]:
         raise ShardError(f"{raw.get('__url__', '?')}: sample {s['key']}: preview {tuple(s['preview'].shape)} and "
                          f"target {tuple(s['target'].shape)} must be (C, F, h, w) and (C, F, H, W)")
@@ -140,8 +170,10 @@ def prepare(raw: dict, keep_text: bool = True) -> dict:
 class _Stream:
     """Per-worker state of the training stream: seeds, the current epoch, shards found corrupt."""
 
-    def __init__(self, urls: list[str], seed: int, rank: int, skipped, skip: bool):
+    def __init__(self, urls: list[str], seed: int, rank: int, skipped, skip: bool,
+                 weights: list[float] | None = None):
         self.urls, self.seed, self.rank, self.skipped, self.skip = urls, seed, rank, skipped, skip
+        self.weights = weights  # per url: draw probabilities of mixed sources; None: uniform
         self.epoch = 0
         self.bad: set[str] = set()  # shards that failed here are not drawn again in this worker
         self.seen: set[str] = set()  # corrupt samples already reported by this worker
@@ -184,21 +216,23 @@ class _Shards(IterableDataset):
 
     def __iter__(self) -> Iterator[dict]:
         st, rng = self.stream, self.stream.rng("shards")
-        limit, ok, nbad = 4 * len(st.urls) + 16, st.urls, 0
+        limit, ok, okw, nbad = 4 * len(st.urls) + 16, st.urls, st.weights, 0
         while True:
             if len(st.bad) != nbad:
-                ok, nbad = [u for u in st.urls if u not in st.bad], len(st.bad)
+                keep = [i for i, u in enumerate(st.urls) if u not in st.bad]
+                ok, nbad = [st.urls[i] for i in keep], len(st.bad)
+                okw = [st.weights[i] for i in keep] if st.weights else None
             if not ok:
                 raise ShardError(f"all {len(st.urls)} training shards are corrupt, e.g. {st.urls[0]}")
             if st.since_good > limit:
                 raise ShardError(f"no readable sample in the last {limit} shards drawn from {len(st.urls)} "
                                  f"training shards, e.g. {st.urls[0]}")
             st.since_good += 1
-            yield {"url": rng.choice(ok)}
+            yield {"url": rng.choices(ok, weights=okw)[0] if okw else rng.choice(ok)}
 
 
-def _decoded(src: Iterable[dict], stream: _Stream, keep_text: bool) -> Iterator[dict]:
-    for s in wds.map(partial(prepare, keep_text=keep_text), handler=stream.on_sample_error)(src):
+def _decoded(src: Iterable[dict], stream: _Stream, keep_text: bool, sources: dict[str, str] | None) -> Iterator[dict]:
+    for s in wds.map(partial(prepare, keep_text=keep_text, sources=sources), handler=stream.on_sample_error)(src):
         stream.since_good = 0
         yield s
 
@@ -251,6 +285,9 @@ class PairDataModule(pl.LightningDataModule):
         self.train_shards: list[Path] = []
         self.val_shards: list[Path] = []
         self.train_samples: int | None = None  # from the tar indexes; None when samples_per_epoch is given
+        self.source_samples: dict[str, int] = {}  # training samples per source (mixed sources only)
+        self.shard_weights: list[float] | None = None  # draw probability of each training shard (mixed sources)
+        self.shard_source: dict[str, str] = {}  # shard url -> source name (mixed sources)
         self._skipped = multiprocessing.Value("q", 0)  # shared with DataLoader workers
         self._val: list[dict] | None = None
         self._epochs = 0
@@ -273,14 +310,29 @@ class PairDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self._ready:
             return
-        train, self.val_shards = split_shards(self.cfg)
-        if self.cfg.samples_per_epoch is None:  # count samples from the tar indexes, no decoding
-            counts = {p: self._keys(p) for p in train}
-            train = [p for p in train if counts[p] is not None]
-            self.train_samples = sum(len(counts[p]) for p in train)
-            if not train:
-                raise ShardError(f"all {len(counts)} training shards are corrupt, e.g. {next(iter(counts))}")
-        self.train_shards = train
+        sources, val = split_shards(self.cfg)
+        self.val_shards = sorted({p for ps in val.values() for p in ps})
+        mixed = len(sources) > 1
+        if self.cfg.samples_per_epoch is None or mixed:  # count samples from the tar indexes, no decoding
+            for name, shards in sources.items():
+                counts = {p: self._keys(p) for p in shards}
+                sources[name] = [p for p in shards if counts[p] is not None]
+                if not sources[name]:
+                    where = f" of data.sources.{name}" if name else ""
+                    raise ShardError(f"all {len(counts)} training shards{where} are corrupt, e.g. {next(iter(counts))}")
+                self.source_samples[name] = sum(len(counts[p]) for p in sources[name])
+            self.train_samples = sum(self.source_samples.values())
+        self.train_shards = [p for shards in sources.values() for p in shards]
+        if self.cfg.sources is not None and self.cfg.shards is not None:
+            log.info("data.sources is given: data.shards=%r is not used", self.cfg.shards)
+        if mixed:
+            # a shard of source S is drawn with probability w_S / N_S (N_S: samples of S), so each source's
+            # share of the samples drawn is w_S / sum(w), whatever its size and shard sizes
+            w = {name: float(self.cfg.sources[name].get("weight", 1.0)) for name in sources}
+            self.shard_weights = [w[n] / self.source_samples[n] for n, shards in sources.items() for _ in shards]
+            self.shard_source = {str(p): n for part in (sources, val) for n, ps in part.items() for p in ps if n}
+            log.info("mixing %s", ", ".join(f"{n} (weight {w[n]:g}, {self.source_samples[n]} samples in "
+                                           f"{len(sources[n])} shards)" for n in sources))
         self._ready = True
 
     def _keys(self, path: Path) -> list[str] | None:
@@ -316,9 +368,10 @@ class PairDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> wds.WebLoader:
         self.setup()
         cfg, (rank, _) = self.cfg, self.rank_world()
-        stream = _Stream([str(p) for p in self.train_shards], cfg.seed, rank, self._skipped, cfg.skip_corrupt)
+        stream = _Stream([str(p) for p in self.train_shards], cfg.seed, rank, self._skipped, cfg.skip_corrupt,
+                         self.shard_weights)
         stages = [_Shards(stream), wds.tarfile_to_samples(handler=stream.on_shard_error),
-                  partial(_decoded, stream=stream, keep_text=cfg.text)]
+                  partial(_decoded, stream=stream, keep_text=cfg.text, sources=self.shard_source)]
         if cfg.crop_frames:
             stages.append(partial(_cropped, stream=stream, frames=cfg.crop_frames))
         if cfg.shuffle_buffer > 1:
@@ -346,7 +399,8 @@ class PairDataModule(pl.LightningDataModule):
         stream = _Stream(urls, cfg.seed, 0, self._skipped, cfg.skip_corrupt)
         raw = wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples(handler=stream.on_shard_error),
                                wds.select(lambda r: r["__key__"] in wanted),
-                               wds.map(partial(prepare, keep_text=cfg.text), handler=stream.on_sample_error))
+                               wds.map(partial(prepare, keep_text=cfg.text, sources=self.shard_source),
+                                       handler=stream.on_sample_error))
         got = {}
         for s in raw:
             n = s["target"].shape[1]  # the first window, so that validation is deterministic

@@ -48,6 +48,10 @@ class OptimConfig:
 def refiner_config(model: dict) -> RefinerConfig:
     """{"preset": name, **overrides} -> RefinerConfig."""
     model = dict(model)
+    unset = [k for k in ("in_channels", "text_dim") if k in model and model[k] is None]
+    if unset:
+        raise ConfigError(f"model.{' and model.'.join(unset)} unset (null): `python -m surf_train` reads them from "
+                          f"the shards; elsewhere give them explicitly")
     return RefinerConfig.preset(model.pop("preset", "tiny"), **model)
 
 
@@ -80,6 +84,27 @@ class RefinerModule(pl.LightningModule):
         self._decoder = None
         self._losses_first: list[torch.Tensor] = []  # first and last LOSS_WINDOW losses of this process
         self._losses_last: collections.deque = collections.deque(maxlen=LOSS_WINDOW)
+
+    def init_weights(self, path: str) -> str:
+        """Load another run's Refiner weights into this fresh module (progressive stage 2); returns "ema",
+        "raw" or "exported". Reads a .ckpt, a ZeRO-2 directory or an exported Refiner, never unpickling."""
+        from safetensors.torch import load_file
+
+        from surf_train.export import WEIGHTS, check_weights, read_checkpoint
+
+        p = Path(path)
+        if p.is_dir() and (p / WEIGHTS).is_file():
+            tensors, used = load_file(str(p / WEIGHTS)), "exported"
+        else:
+            state, _, _ = read_checkpoint(p)
+            used = "ema" if any(k.startswith("ema.module.") for k in state) else "raw"
+            prefix = "ema.module." if used == "ema" else "net."
+            tensors = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        check_weights({k: tuple(v.shape) for k, v in self.net.state_dict().items()}, tensors, str(path))
+        self.net.load_state_dict(tensors)  # copies into the existing parameters, converting the dtype
+        if self.ema is not None:
+            self.ema.module.load_state_dict(tensors)
+        return used
 
     # --- training -------------------------------------------------------------------------------
     def _net_fn(self, net: Refiner, text: torch.Tensor | None):

@@ -11,8 +11,9 @@ import json
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Iterable
 
 import torch
 from tqdm import tqdm
@@ -20,7 +21,7 @@ from tqdm import tqdm
 from surf_train import __version__
 from surf_train.base import BaseModel, BaseSpec, load_base_model
 from surf_train.dist_env import rank_world
-from surf_train.errors import ConfigError
+from surf_train.errors import ConfigError, known_keys
 from surf_train.sampling import DOWN_MODES, RULES, PreviewPlan, pair_sample
 from surf_train.shards import (ShardWriter, encode_sample, list_shards, next_index, remove_partial,
                                shard_keys)
@@ -39,6 +40,32 @@ BUILTIN_PROMPTS = [
     "fireworks over a river at night", "a child blowing soap bubbles in a park",
     "clouds moving over a desert canyon", "a jellyfish drifting in blue water",
 ]
+
+
+def settings(cls, d: dict, what: str) -> dict:
+    """A config dataclass's keyword arguments from a plain dict: `base` by name or as a dict; unknown keys refused."""
+    d = known_keys(d, cls, what)
+    base = d.pop("base")
+    return {"base": BaseSpec.from_name(base) if isinstance(base, str) else BaseSpec.from_dict(base), **d}
+
+
+def check_schedule(steps: int, switch: int, rule: str, down: str, where: str = "") -> None:
+    """The base model's sampling schedule and re-noise settings (`where`: key prefix in messages)."""
+    if steps < 1:
+        raise ConfigError(f"{where}steps={steps} must be >= 1")
+    if not 0 <= switch <= steps:
+        raise ConfigError(f"{where}switch={switch} must be in [0, steps={steps}]")
+    if rule not in RULES:
+        raise ConfigError(f"{where}rule={rule!r} must be one of {RULES}")
+    if down not in DOWN_MODES:
+        raise ConfigError(f"{where}down={down!r} must be one of {DOWN_MODES}")
+
+
+def check_storage(dtype: str, shard_size: int) -> None:
+    if dtype not in STORE_DTYPES:
+        raise ConfigError(f"dtype={dtype!r} must be one of {list(STORE_DTYPES)}")
+    if shard_size < 1:
+        raise ConfigError(f"shard_size={shard_size} must be >= 1")
 
 
 @dataclass
@@ -63,19 +90,13 @@ class PairsConfig:
     dtype: str = "float16"  # storage dtype of the latents
     store_text: bool = True
     shard_size: int = 8
+    batch_size: int = 8  # pairs sampled together (speed only: not part of the fingerprint)
     device: str = "auto"
     progress: bool = True
 
     @classmethod
     def from_dict(cls, d: dict) -> "PairsConfig":
-        d = dict(d)
-        base = d.pop("base")
-        base = BaseSpec.from_name(base) if isinstance(base, str) else BaseSpec.from_dict(base)
-        known = {f.name for f in fields(cls)} - {"base"}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"make_pairs: unknown settings {unknown}")
-        return cls(base=base, **d)
+        return cls(**settings(cls, d, "make_pairs"))
 
     def resolved(self) -> "PairsConfig":
         """A copy with every None default filled in from the base model, validated."""
@@ -98,20 +119,12 @@ class PairsConfig:
         if self.preview_height > self.height or self.preview_width > self.width:
             raise ConfigError(f"preview {self.preview_height}x{self.preview_width} is larger than target "
                               f"{self.height}x{self.width}")
-        if self.steps < 1:
-            raise ConfigError(f"steps={self.steps} must be >= 1")
-        if not 0 <= self.switch <= self.steps:
-            raise ConfigError(f"switch={self.switch} must be in [0, steps={self.steps}]")
-        if self.rule not in RULES:
-            raise ConfigError(f"rule={self.rule!r} must be one of {RULES}")
-        if self.down not in DOWN_MODES:
-            raise ConfigError(f"down={self.down!r} must be one of {DOWN_MODES}")
-        if self.dtype not in STORE_DTYPES:
-            raise ConfigError(f"dtype={self.dtype!r} must be one of {list(STORE_DTYPES)}")
+        check_schedule(self.steps, self.switch, self.rule, self.down)
+        check_storage(self.dtype, self.shard_size)
         if self.num_pairs is not None and self.num_pairs < 1:
             raise ConfigError(f"num_pairs={self.num_pairs} must be >= 1 (or null: one per prompt)")
-        if self.shard_size < 1:
-            raise ConfigError(f"shard_size={self.shard_size} must be >= 1")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size={self.batch_size} must be >= 1")
 
     def plan(self) -> PreviewPlan:
         s = self.base.stride_s
@@ -120,12 +133,21 @@ class PairsConfig:
 
     def fingerprint(self) -> dict:
         """Everything that changes the content of a pair; a rerun must match it to append."""
-        b = self.base
-        return {"base": b.model_id, "revision": b.revision, "negative_prompt": b.negative_prompt,
-                "max_sequence_length": b.max_sequence_length, "model_dtype": b.dtype,
+        return {**base_fingerprint(self.base),
                 **{k: getattr(self, k) for k in ("height", "width", "frames", "preview_height", "preview_width",
                                                  "steps", "switch", "shift", "guidance", "rule", "down",
                                                  "dtype", "store_text")}}
+
+
+def base_fingerprint(b: BaseSpec) -> dict:
+    """The base model's part of a pairs directory's fingerprint."""
+    return {"base": b.model_id, "revision": b.revision, "negative_prompt": b.negative_prompt,
+            "max_sequence_length": b.max_sequence_length, "model_dtype": b.dtype}
+
+
+def base_meta(b: BaseSpec) -> dict:
+    """The base model as named in each sample's metadata."""
+    return {"name": b.name, "id": b.model_id, "revision": b.revision, "family": b.family}
 
 
 @dataclass(frozen=True)
@@ -139,10 +161,19 @@ class Job:
         return hashlib.sha1(f"{self.seed}\0{self.prompt}".encode()).hexdigest()[:16]
 
 
-def read_prompts(path: str | None) -> list[tuple[str, int | None]]:
-    """(prompt, seed or None) entries from a .txt or .jsonl file, or the built-in list."""
+def builtin_prompts(base: BaseSpec | None = None) -> list[str]:
+    """The prompts used when none are given: the toy world's caption grammar for a base model trained on
+    it (`prompts: toyworld` in its yaml), else a fixed list of 16 everyday scenes."""
+    if base is not None and base.prompts == "toyworld":
+        from surf_train.toyworld import all_captions
+        return all_captions()
+    return list(BUILTIN_PROMPTS)
+
+
+def read_prompts(path: str | None, base: BaseSpec | None = None) -> list[tuple[str, int | None]]:
+    """(prompt, seed or None) entries from a .txt or .jsonl file, or the base model's built-in list."""
     if path is None:
-        return [(p, None) for p in BUILTIN_PROMPTS]
+        return [(p, None) for p in builtin_prompts(base)]
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"prompts file not found: {p.resolve()}")
@@ -198,30 +229,68 @@ def check_fingerprint(out_dir: Path, fp: dict) -> None:
     os.replace(tmp, path)  # ranks racing here write identical content
 
 
-def generate_pair(model: BaseModel, cfg: PairsConfig, job: Job) -> tuple[dict, dict]:
-    """One (preview, target) pair -> (tensors, metadata) for the shard schema."""
+def generate_pairs(model: BaseModel, cfg: PairsConfig, jobs: list[Job]) -> list[tuple[dict, dict]]:
+    """(preview, target) pairs for a batch of jobs -> [(tensors, metadata)] for the shard schema.
+
+    Each job's noise comes from its own generator seeded by its seed, so a pair does not depend on the
+    batch it was made in (up to float rounding of batched matmuls).
+    """
     plan = cfg.plan()
     shape = model.geometry.latent_shape(cfg.frames, cfg.height, cfg.width)  # (C, F, H, W)
-    gen = torch.Generator().manual_seed(job.seed)
-    noise = torch.randn((1, *shape), generator=gen)  # (1, C, F, H, W)
-    fresh = torch.randn((1, *shape[:2], *plan.preview_size), generator=gen)  # (1, C, F, h, w)
-    cond = model.encode_prompt([job.prompt])
-    preview, target = pair_sample(model.velocity_fn(cond, cfg.guidance), noise.to(model.device), plan,
-                                  fresh.to(model.device))
+    noise, fresh = [], []
+    for job in jobs:
+        gen = torch.Generator().manual_seed(job.seed)
+        noise.append(torch.randn((1, *shape), generator=gen))  # (1, C, F, H, W)
+        fresh.append(torch.randn((1, *shape[:2], *plan.preview_size), generator=gen))  # (1, C, F, h, w)
+    cond = model.encode_prompt([job.prompt for job in jobs])
+    previews, targets = pair_sample(model.velocity_fn(cond, cfg.guidance), torch.cat(noise).to(model.device), plan,
+                                    torch.cat(fresh).to(model.device))
     dt = STORE_DTYPES[cfg.dtype]
-    tensors = {"preview": preview[0].to(dt), "target": target[0].to(dt)}
-    if cfg.store_text:
-        tensors["text"] = cond.embeds[0].to(dt)  # (L, D), zero-padded to max_sequence_length
     s_k = float(plan.sigmas[plan.switch])
-    meta = {"source": "generated", "prompt": job.prompt, "seed": job.seed, "version": __version__,
-            "base": {"name": cfg.base.name, "id": cfg.base.model_id, "revision": cfg.base.revision,
-                     "family": cfg.base.family},
-            "target_size": [cfg.frames, cfg.height, cfg.width],
-            "preview_size": [cfg.frames, cfg.preview_height, cfg.preview_width],
-            "schedule": {"steps": cfg.steps, "shift": cfg.shift, "guidance": cfg.guidance},
-            "reshift": {"switch": cfg.switch, "sigma_switch": s_k, "rule": cfg.rule, "down": cfg.down},
-            "dtype": cfg.dtype}
-    return tensors, meta
+    out = []
+    for i, job in enumerate(jobs):
+        tensors = {"preview": previews[i].to(dt), "target": targets[i].to(dt)}
+        if cfg.store_text:
+            tensors["text"] = cond.embeds[i].to(dt)  # (L, D), zero-padded to max_sequence_length
+        meta = {"source": "generated", "prompt": job.prompt, "seed": job.seed, "version": __version__,
+                "base": base_meta(cfg.base),
+                "target_size": [cfg.frames, cfg.height, cfg.width],
+                "preview_size": [cfg.frames, cfg.preview_height, cfg.preview_width],
+                "schedule": {"steps": cfg.steps, "shift": cfg.shift, "guidance": cfg.guidance},
+                "reshift": {"switch": cfg.switch, "sigma_switch": s_k, "rule": cfg.rule, "down": cfg.down},
+                "dtype": cfg.dtype}
+        out.append((tensors, meta))
+    return out
+
+
+def open_out_dir(out: Path, fp: dict, rank: int, prefix: str = "pairs") -> set[str]:
+    """Check the directory's configuration, drop this rank's partial shards; returns the keys already written."""
+    check_fingerprint(out, fp)
+    removed = remove_partial(out, rank, prefix)
+    if removed:
+        log.info("rank %d: removed %d incomplete shard(s) left by an earlier run", rank, removed)
+    done = set()
+    for shard in list_shards(out):
+        done.update(shard_keys(shard))
+    return done
+
+
+def write_samples(out: Path, rank: int, world: int, samples: Iterable[tuple[str, dict, dict]], total: int,
+                  skipped: int, shard_size: int, prefix: str = "pairs", progress: bool = True) -> dict:
+    """Write (key, tensors, metadata) samples into this rank's next shards; returns the run summary."""
+    t0, n = time.perf_counter(), 0
+    with ShardWriter(out, rank, shard_size, prefix=prefix, start_index=next_index(out, rank, prefix)) as writer:
+        for key, tensors, meta in tqdm(samples, total=total, desc=f"{prefix} r{rank}", disable=not progress,
+                                       unit="pair"):
+            writer.write(encode_sample(key, tensors, meta))
+            n += 1
+    dt = time.perf_counter() - t0
+    summary = {"rank": rank, "world_size": world, "pairs": n, "skipped": skipped, "seconds": round(dt, 3),
+               "pairs_per_s": round(n / dt, 3) if n and dt > 0 else 0.0, "bytes": writer.bytes,
+               "shards": writer.shards, "out_dir": str(out)}
+    log.info("rank %d: wrote %d pairs (%d skipped) in %.1fs, %.2f pairs/s, %d shards, %.2f MB -> %s",
+             rank, n, skipped, dt, summary["pairs_per_s"], summary["shards"], summary["bytes"] / 1e6, out)
+    return summary
 
 
 def make_pairs(cfg: PairsConfig) -> dict:
@@ -229,14 +298,8 @@ def make_pairs(cfg: PairsConfig) -> dict:
     cfg = cfg.resolved()
     rank, world = rank_world()
     out = Path(cfg.out_dir)
-    entries = read_prompts(cfg.prompts)
-    check_fingerprint(out, cfg.fingerprint())
-    removed = remove_partial(out, rank)
-    if removed:
-        log.info("rank %d: removed %d incomplete shard(s) left by an earlier run", rank, removed)
-    done = set()
-    for shard in list_shards(out):
-        done.update(shard_keys(shard))
+    entries = read_prompts(cfg.prompts, cfg.base)
+    done = open_out_dir(out, cfg.fingerprint(), rank)
     jobs = make_jobs(entries, cfg.num_pairs, cfg.seed)
     mine = [j for i, j in enumerate(jobs) if i % world == rank]
     todo = [j for j in mine if j.key not in done]
@@ -247,16 +310,7 @@ def make_pairs(cfg: PairsConfig) -> dict:
     if model is not None:
         s = cfg.base.stride_s
         model.check_grid((cfg.height // s, cfg.width // s), (cfg.frames - 1) // cfg.base.stride_t + 1)
-    t0 = time.perf_counter()
-    with ShardWriter(out, rank, cfg.shard_size, start_index=next_index(out, rank)) as writer:
-        for job in tqdm(todo, desc=f"pairs r{rank}", disable=not cfg.progress, unit="pair"):
-            tensors, meta = generate_pair(model, cfg, job)
-            writer.write(encode_sample(job.key, tensors, meta))
-    dt = time.perf_counter() - t0
-    summary = {"rank": rank, "world_size": world, "pairs": len(todo), "skipped": len(mine) - len(todo),
-               "seconds": round(dt, 3), "pairs_per_s": round(len(todo) / dt, 3) if todo and dt > 0 else 0.0,
-               "bytes": writer.bytes, "shards": writer.shards, "out_dir": str(out)}
-    log.info("rank %d: wrote %d pairs (%d skipped) in %.1fs, %.2f pairs/s, %d shards, %.2f MB -> %s",
-             rank, summary["pairs"], summary["skipped"], dt, summary["pairs_per_s"], summary["shards"],
-             summary["bytes"] / 1e6, out)
-    return summary
+    batches = (todo[i:i + cfg.batch_size] for i in range(0, len(todo), cfg.batch_size))
+    samples = ((job.key, *pair) for jobs in batches for job, pair in zip(jobs, generate_pairs(model, cfg, jobs)))
+    return write_samples(out, rank, world, samples, len(todo), len(mine) - len(todo), cfg.shard_size,
+                         progress=cfg.progress)

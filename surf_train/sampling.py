@@ -153,10 +153,18 @@ def preview_sample(velocity: Velocity, noise: torch.Tensor, plan: PreviewPlan,
     noise: (B, C, F, H, W) start noise at the prefix resolution; fresh_noise: (B, C, F, h, w) for
     `paper`/`snr`. Returns the clean preview latent (B, C, F, h, w).
     """
-    sig = plan.sigmas
-    x = euler_sample(velocity, noise, sig[: plan.switch + 1])
+    x = euler_sample(velocity, noise, plan.sigmas[: plan.switch + 1])
+    return finish_preview(velocity, x, plan, fresh_noise)
+
+
+def finish_preview(velocity: Velocity, x: torch.Tensor, plan: PreviewPlan,
+                   fresh_noise: torch.Tensor | None = None) -> torch.Tensor:
+    """The switch and the remaining steps at preview size, from x (B, C, F, H, W) at level sigmas[switch].
+
+    Re-previews of real clips start here: the clean target latent noised to sigmas[switch].
+    """
     _, r = _switch(velocity, x, plan, fresh_noise)
-    return euler_sample(velocity, r.x, low_res_sigmas(sig, plan.switch, plan.rule, r.gain))
+    return euler_sample(velocity, r.x, low_res_sigmas(plan.sigmas, plan.switch, plan.rule, r.gain))
 
 
 def pair_sample(velocity: Velocity, noise: torch.Tensor, plan: PreviewPlan,

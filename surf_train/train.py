@@ -98,6 +98,31 @@ def _logger(cfg: DictConfig, run_dir: Path):
     return instantiate(cfg.logger, **kwargs)
 
 
+def fill_from_data(cfg: DictConfig, data_cfg: DataConfig) -> None:
+    """`model.in_channels` / `model.text_dim` null and `module.decode_base: auto` take their values from the
+    first training sample: its latent channels, its text width (0 without text) and the base model named in
+    its metadata. So the default config trains on whatever base model the pairs came from."""
+    from surf_train.data import split_shards
+    from surf_train.shards import read_shards
+
+    m = cfg.model
+    if m.in_channels is not None and m.text_dim is not None and cfg.module.decode_base != "auto":
+        return
+    train_shards, _ = split_shards(data_cfg)
+    first = next(p for paths in train_shards.values() for p in paths)
+    sample = next(iter(read_shards([first])), None)
+    if sample is None:
+        raise ConfigError(f"{first}: no samples to read model.in_channels / model.text_dim / decode_base from")
+    if m.in_channels is None:
+        m.in_channels = int(sample["preview"].shape[0])
+    if m.text_dim is None:
+        m.text_dim = int(sample["text"].shape[-1]) if "text" in sample else 0
+    if cfg.module.decode_base == "auto":
+        cfg.module.decode_base = sample["meta"].get("base", {}).get("name")
+    log.info("from %s: model.in_channels=%s model.text_dim=%s module.decode_base=%s", first, m.in_channels,
+             m.text_dim, cfg.module.decode_base)
+
+
 def train(cfg: DictConfig) -> dict:
     """Fit, validate once more with the final (EMA) weights, write summary.json; returns the summary."""
     register_resolvers()
@@ -105,7 +130,9 @@ def train(cfg: DictConfig) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(cfg.seed, workers=True)
 
-    data = PairDataModule(DataConfig(**OmegaConf.to_container(cfg.data, resolve=True)))
+    data_cfg = DataConfig(**OmegaConf.to_container(cfg.data, resolve=True))
+    fill_from_data(cfg, data_cfg)
+    data = PairDataModule(data_cfg)
     module = instantiate(cfg.module, _convert_="all")
     # every checkpoint gets its own step-named file or ZeRO directory; last.ckpt is a link that moves only
     # after a save completed, so a job killed mid-save resumes from the previous complete checkpoint
@@ -121,8 +148,11 @@ def train(cfg: DictConfig) -> dict:
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger, plugins=plugins)
 
     resume = newest_checkpoint(run_dir) if cfg.resume else None
+    init = cfg.get("init_from") if resume is None else None
     if resume is not None:
         log.info("resuming from %s", resume)
+    elif init:
+        log.info("initialised from %s (%s weights)", init, module.init_weights(init))
     # our own checkpoints hold only tensors, numbers and strings: load them without unpickling objects
     trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resume else None, weights_only=True)
     if trainer.global_step % cfg.ckpt_every:
@@ -131,6 +161,7 @@ def train(cfg: DictConfig) -> dict:
     summary = {
         "steps": trainer.global_step,
         "resumed_from": str(resume) if resume else None,
+        "initialised_from": str(init) if init else None,
         "train_loss_first": module.loss_first,
         "train_loss_last": module.loss_last,
         "val_mse_refiner": val[0].get("val/mse_refiner"),

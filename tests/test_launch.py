@@ -307,7 +307,7 @@ def test_every_sweep_point_composes_and_its_tiny_variant_instantiates():
         assert cfg.model.preset == "paper" and cfg.trainer.max_steps == 5000
         # the same point on the tiny set-up builds the RefinerModule the training would build
         tiny = [o.replace("+experiment=wan", "+experiment=tiny") for o in overrides]
-        cfg = compose_train([*tiny, "module.decode_base=null"])
+        cfg = compose_train([*tiny, "module.decode_base=null", "model.in_channels=16", "model.text_dim=32"])
         module = instantiate(cfg.module, _convert_="all")
         assert tuple(module.model_cfg.window) == (t, s, s)
         assert module.optim.lr == point["module.optim.lr"]

@@ -32,7 +32,7 @@ def cli(*args, env=None, **kw):
 
 
 def cli_args(out, **kw):
-    return [f"out_dir={out}", *(f"{k}={v}" for k, v in {**SMALL, **kw}.items()), "progress=false"]
+    return ["base=tiny", f"out_dir={out}", *(f"{k}={v}" for k, v in {**SMALL, **kw}.items()), "progress=false"]
 
 
 def test_end_to_end_count_schema_and_metadata(tmp_path, monkeypatch):
