@@ -18,12 +18,13 @@ $(BIN)/.installed: pyproject.toml constraints-cpu.txt
 
 venv: $(BIN)/.installed
 
-# the main job end to end on the tiny default: pairs -> training -> export -> generation
+# the main job end to end on the toy default: pairs -> training -> export -> generation -> evaluation
 demo: venv
 	$(BIN)/python data_prep/make_pairs.py
 	$(BIN)/python -m surf_train
 	$(BIN)/python -m surf_train.export runs/tiny/checkpoints/last.ckpt runs/tiny/refiner
 	$(BIN)/python -m surf_train.generate
+	$(BIN)/python -m surf_train.evaluate --n 16 --switches 5 --out-dir outputs/evaluate
 
 test: venv
 	$(BIN)/python -m pytest -q
@@ -36,6 +37,7 @@ bench: venv
 	$(BIN)/python benchmarks/bench_data.py
 	$(BIN)/python benchmarks/bench_attention.py
 	$(BIN)/python benchmarks/bench_generate.py
+	$(BIN)/python benchmarks/bench_video.py
 
 clean:
 	rm -rf $(VENV) data outputs runs

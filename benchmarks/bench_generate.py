@@ -4,8 +4,9 @@
 
 Runs `surf_train.generate.generate` (the public API, unchanged) for both modes on the `toy` base model
 (a ~1M-parameter Wan 2.1-architecture transformer with CFG) at a target where its transformer
-dominates the baseline: 384x384x17 by default (token grid 5x24x24 = 2880 tokens; at the toy's native
-128x128 a call is only 320 tokens). Sizes keep the paper's ratios: the prefix at 2/3 of the target
+dominates the baseline: 96x96x5 by default (token grid 5x24x24 = 2880 tokens; at the toy's native
+32x32 a call is only 320 tokens). The results in benchmarks/results were measured with the previous toy
+base (latent-space clips, a 16-channel VAE) at 384x384x17, the same 2880-token grid. Sizes keep the paper's ratios: the prefix at 2/3 of the target
 side (480p for 720p), the preview at 1/3 (240p for 720p). Same steps in both modes (the paper's 40,
 switch 10), 10 Refiner steps. The Refiner has random weights (timing does not depend on training),
 about 1/12 of the base transformer's parameters (paper: ~1B for the 14B base) with a window smaller
@@ -169,10 +170,10 @@ def window(text: str) -> tuple[int, int, int]:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--base", default="toy", help="base model in conf/base (default toy)")
-    ap.add_argument("--target", type=size, default=(384, 384), help="target HxW pixels (default 384x384)")
-    ap.add_argument("--prefix", type=size, default=(256, 256), help="prefix HxW (default 256: 2/3, as 480p/720p)")
-    ap.add_argument("--preview", type=size, default=(128, 128), help="preview HxW (default 128: 1/3, as 240p/720p)")
-    ap.add_argument("--frames", type=int, default=17, help="frames (default 17 -> 5 latent frames)")
+    ap.add_argument("--target", type=size, default=(96, 96), help="target HxW pixels (default 96x96)")
+    ap.add_argument("--prefix", type=size, default=(64, 64), help="prefix HxW (default 64: 2/3, as 480p/720p)")
+    ap.add_argument("--preview", type=size, default=(32, 32), help="preview HxW (default 32: 1/3, as 240p/720p)")
+    ap.add_argument("--frames", type=int, default=5, help="frames (default 5 -> 5 latent frames)")
     ap.add_argument("--steps", type=int, default=40, help="base-model steps, both modes (default 40)")
     ap.add_argument("--switch", type=int, default=10, help="SURF steps at the prefix size (default 10)")
     ap.add_argument("--refiner-steps", type=int, default=10)

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 from procs import free_port, kill_tree
 from surf_train.pairs import PairsConfig, make_pairs
@@ -40,15 +41,16 @@ def test_tiny_training_learns(pairs, tmp_path):
 
 
 @pytest.mark.slow
-def test_refiner_beats_upsampling_on_toy_pairs(tmp_path):
-    """Pairs from the trained toy base (pool rule, 64x64x9): the K-step Refiner beats plain upsampling on
-    held-out pairs (measured 0.390 vs 0.411 and 0.391 vs 0.411 for two seeds; 0.447 vs 0.471 with 640 pairs)."""
-    make_pairs(PairsConfig.from_dict({"base": "toy", "out_dir": str(tmp_path / "pairs"), "height": 64, "width": 64,
-                                      "frames": 9, "steps": 8, "switch": 2, "num_pairs": 320, "shard_size": 32,
-                                      "rule": "pool", "seed": 1000, "progress": False}))
-    s = train(compose_cfg([f"data.shards={tmp_path / 'pairs'}", f"run_dir={tmp_path / 'run'}", "trainer.max_steps=400",
-                           "trainer.val_check_interval=1000", "data.val_samples=32", "data.batch_size=8",
-                           "logger=none", "module.decode_base=null", "trainer.enable_progress_bar=false"]))
+def test_default_training_beats_upsampling_on_default_pairs(tmp_path, monkeypatch):
+    """The no-argument pipeline: `make_pairs.py` defaults (trained toy base) then `python -m surf_train`
+    defaults; on held-out pairs the K-step Refiner beats plain upsampling of the preview (README table)."""
+    from hydra import compose as hcompose
+
+    monkeypatch.chdir(tmp_path)
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        pcfg = hcompose("make_pairs", overrides=["progress=false"])
+    make_pairs(PairsConfig.from_dict(OmegaConf.to_container(pcfg, resolve=True)))
+    s = train(compose_cfg(["logger=none", "trainer.enable_progress_bar=false", "module.val_videos=0"]))
     assert s["val_mse_refiner"] < 0.97 * s["val_mse_upsample"]
 
 
