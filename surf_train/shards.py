@@ -101,7 +101,9 @@ def read_shards(paths: Iterable[str | os.PathLike]) -> Iterator[dict]:
     urls = [str(p) for p in paths]
     if not urls:
         return iter(())
-    ds = wds.WebDataset(urls, shardshuffle=False, empty_check=False, handler=raise_named)
+    # every given shard, in this process, even under torchrun (no node or worker splitting)
+    ds = wds.WebDataset(urls, shardshuffle=False, empty_check=False, handler=raise_named, nodesplitter=None,
+                        workersplitter=None)
     return map(decode_sample, ds)
 
 
