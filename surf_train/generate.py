@@ -51,7 +51,7 @@ class GenerateConfig:
     switch: int = 5
     shift: float | None = None
     guidance: float | None = None
-    rule: str = "paper"
+    rule: str = "pool"  # the make_pairs default the Refiner was trained on
     down: str = "area"
     refiner_steps: int | None = None  # None: the K the Refiner was trained with
     dtype: str = "float32"
