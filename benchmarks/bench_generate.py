@@ -5,8 +5,7 @@
 Runs `surf_train.generate.generate` (the public API, unchanged) for both modes on the `toy` base model
 (a ~1M-parameter Wan 2.1-architecture transformer with CFG) at a target where its transformer
 dominates the baseline: 96x96x5 by default (token grid 5x24x24 = 2880 tokens; at the toy's native
-32x32 a call is only 320 tokens). The results in benchmarks/results were measured with the previous toy
-base (latent-space clips, a 16-channel VAE) at 384x384x17, the same 2880-token grid. Sizes keep the paper's ratios: the prefix at 2/3 of the target
+32x32 a call is only 320 tokens). Sizes keep the paper's ratios: the prefix at 2/3 of the target
 side (480p for 720p), the preview at 1/3 (240p for 720p). Same steps in both modes (the paper's 40,
 switch 10), 10 Refiner steps. The Refiner has random weights (timing does not depend on training),
 about 1/12 of the base transformer's parameters (paper: ~1B for the 14B base) with a window smaller
