@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 NEGATIVE = ""  # conf/base/toy.yaml negative_prompt: the CFG "unconditional" caption
 MAX_LEN = 16  # conf/base/toy.yaml max_sequence_length
 NATIVE, PREVIEW, FRAMES = 32, 16, 5  # conf/base/toy.yaml native_size / native_frames
+SHIFT = 2.0  # conf/base/toy.yaml shift: training noise levels use the sampler's own shift
 TEXT = dict(d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4, relative_attention_num_buckets=8)
 TRANSFORMER = dict(patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=32, in_channels=12,
                    out_channels=12, text_dim=64, freq_dim=256, ffn_dim=512, num_layers=4, cross_attn_norm=True,
@@ -62,9 +63,6 @@ def build_pipeline(seed: int):
     vae = PixelShuffleVAE(stride=2, latents_mean=z.mean(dims).tolist(), latents_std=z.std(dims).tolist())
     return WanPipeline(tokenizer=tok, text_encoder=te, vae=vae, transformer=net,
                        scheduler=FlowMatchEulerDiscreteScheduler(shift=SHIFT))
-
-
-SHIFT = 2.0  # conf/base/toy.yaml shift: training noise levels use the sampler's own shift
 
 
 def encode_text(pipe, prompts: list[str]) -> torch.Tensor:
@@ -201,6 +199,7 @@ def train(args) -> None:
                                     elapsed=time.time() - t0, log=log, opt=opt.state_dict(), gen=gen.get_state()))
         save_pipeline(pipe, ema, args.out, meta())
 
+    mean, std = (torch.tensor(pipe.vae.config[k]).view(1, -1, 1, 1, 1) for k in ("latents_mean", "latents_std"))
     bar = tqdm(total=args.steps, initial=step, unit="step", dynamic_ncols=True, mininterval=10)
     while step < args.steps and (args.minutes is None or time.time() - t_start < 60 * args.minutes):
         # one draw of 2B clips at 32x32: B for the native step, all 2B area-pooled for the 16x16 step
@@ -210,7 +209,6 @@ def train(args) -> None:
         px = render_batch(prompts, seeds, (NATIVE, NATIVE), FRAMES)  # 16x16 = area-pooled 32x32 (toyworld)
         hi = pipe.vae.encode(px).latent_dist.mode()
         lo = pipe.vae.encode(F.avg_pool3d(px, (1, 2, 2))).latent_dist.mode()
-        mean, std = (torch.tensor(pipe.vae.config[k]).view(1, -1, 1, 1, 1) for k in ("latents_mean", "latents_std"))
         for res, z, ps in ((NATIVE, hi[: args.batch], prompts[: args.batch]), (PREVIEW, lo, prompts)):
             frac = min(1.0, step / args.steps)
             lr = args.lr * min(1.0, (step + 1) / args.warmup) * (0.55 + 0.45 * math.cos(math.pi * frac))
