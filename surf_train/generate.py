@@ -1,7 +1,7 @@
 """Fast generation with a trained Refiner: preview with noise reshifting, refine, decode to mp4.
 
     surf-generate --prompt "a red circle moving left on a gray background" --seeds 0,1
-    python -m surf_train.generate --mode baseline --prompt "a blue square moving up on a white background"
+    python -m surf_train.generate --mode baseline --prompt "a blue pillar moving up on a white background"
 
 Modes: surf (prefix at the prefix size, remaining steps at the preview size, Refiner to the target size),
 baseline (the base model at the target size for every step), preview (surf without the Refiner: the

@@ -22,13 +22,15 @@ import torch
 OBJECT_COLOURS = {"red": (0.9, 0.1, 0.1), "green": (0.1, 0.75, 0.2), "blue": (0.15, 0.25, 0.95),
                   "yellow": (0.95, 0.85, 0.1)}
 BACKGROUNDS = {"black": (0.05, 0.05, 0.05), "gray": (0.5, 0.5, 0.5), "white": (0.95, 0.95, 0.95)}
-SHAPES = ("circle", "square", "triangle")
+SHAPES = ("circle", "bar", "pillar")  # a disc, a 3:1 wide and a 1:3 tall rectangle, all of equal area
 DIRECTIONS = {"left": (-1.0, 0.0), "right": (1.0, 0.0), "up": (0.0, -1.0), "down": (0.0, 1.0)}  # (x, y), y down
 FINE = 256  # supersampling grid per side for sizes that divide it
 SUPERSAMPLE = 4  # per pixel and axis, for the other sizes
-RADIUS = (0.15, 0.2)  # of the shorter side; every shape has the area of the circle of this radius
-TRAVEL = (0.2, 0.3)  # distance covered over the clip, as a fraction of the frame along the motion
-EXTENT = {"circle": 1.0, "square": 0.5 * np.sqrt(np.pi), "triangle": 2 / np.sqrt(np.sqrt(3) / np.pi) / 3**0.5}
+RADIUS = (0.13, 0.16)  # of the shorter side; every shape has the area of the circle of this radius
+TRAVEL = (0.35, 0.45)  # distance covered over the clip, as a fraction of the frame along the motion
+ASPECT = 3.0  # a bar is ASPECT times wider than tall, a pillar ASPECT times taller than wide
+_LONG, _SHORT = np.sqrt(np.pi * ASPECT) / 2, np.sqrt(np.pi / ASPECT) / 2  # half sides, in radii, of equal area
+EXTENT = {"circle": (1.0, 1.0), "bar": (_LONG, _SHORT), "pillar": (_SHORT, _LONG)}  # (x, y) half extent in radii
 _CAPTION = re.compile(r"^a (\w+) (\w+) moving (\w+) on a (\w+) background$")
 
 
@@ -85,11 +87,10 @@ class Motion:
 def motion(caption: Caption, seed: int) -> Motion:
     r = _rng("toyworld", str(caption), seed)
     radius, travel = r.uniform(*RADIUS), r.uniform(*TRAVEL)
-    margin = radius * EXTENT[caption.shape] + 0.01  # keeps the whole shape inside the frame
     dx, dy = DIRECTIONS[caption.direction]
-    lo, hi = margin, 1.0 - margin
     start = []
-    for d in (dx, dy):  # along the motion: leave room to travel; across it: anywhere
+    for d, extent in zip((dx, dy), EXTENT[caption.shape]):  # along the motion: leave room to travel; across: anywhere
+        lo, hi = radius * extent + 0.01, 1.0 - radius * extent - 0.01  # keeps the whole shape inside the frame
         if d > 0:
             start.append(r.uniform(lo, hi - travel))
         elif d < 0:
@@ -107,13 +108,9 @@ def coverage(shape: str, centre_px: tuple[float, float], radius_px: float, heigh
     dx, dy = xs[None, :] - centre_px[0], ys[:, None] - centre_px[1]
     if shape == "circle":
         inside = dx**2 + dy**2 <= radius_px**2
-    elif shape == "square":  # half side sqrt(pi)/2 r: the circle's area
-        half = 0.5 * np.sqrt(np.pi) * radius_px
-        inside = (np.abs(dx) <= half) & (np.abs(dy) <= half)
-    elif shape == "triangle":  # equilateral, point up, centroid at the centre, the circle's area
-        side = radius_px * np.sqrt(4 * np.pi / np.sqrt(3))
-        h = side * np.sqrt(3) / 2
-        inside = (dy <= h / 3) & (np.sqrt(3) * np.abs(dx) <= dy + 2 * h / 3)
+    elif shape in ("bar", "pillar"):  # rectangles with the circle's area
+        ex, ey = EXTENT[shape]
+        inside = (np.abs(dx) <= ex * radius_px) & (np.abs(dy) <= ey * radius_px)
     else:
         raise ValueError(f"unknown shape {shape!r}; known: {SHAPES}")
     return inside.reshape(height, sy, width, sx).mean(axis=(1, 3))

@@ -38,13 +38,13 @@ def test_lower_resolutions_are_exact_area_downsamples():
 
 
 def test_object_stays_inside_the_frame():
-    """No shape is ever clipped: its extent around the centre (a triangle's tip included) stays in [0, 1]."""
+    """No shape is ever clipped: its extent around the centre (a bar's or pillar's long side) stays in [0, 1]."""
     for seed in range(3):
         for cap in CAPS:
             c = Caption.parse(cap)
             mo = motion(c, seed)
             centres = mo.centres(c, 5)
-            reach = mo.radius * EXTENT[c.shape]
+            reach = mo.radius * np.array(EXTENT[c.shape])  # (x, y)
             assert (centres - reach >= 0).all() and (centres + reach <= 1).all(), (cap, seed)
             assert all(lo <= v <= hi for v, (lo, hi) in ((mo.radius, RADIUS), (mo.travel, TRAVEL)))
 
@@ -61,9 +61,9 @@ def test_detector_reads_ground_truth(size):
 
 
 def test_detector_sees_position_shape_and_absence():
-    cap = "a blue square moving right on a white background"
-    a, b = render(cap, 1, (32, 32), 5), render(cap, 1, (32, 32), 5)
-    b_shifted = torch.roll(b, shifts=3, dims=-1)  # 3 pixels to the right (still inside the frame)
+    cap = "a blue bar moving right on a white background"
+    a, b = render(cap, 3, (32, 32), 5), render(cap, 3, (32, 32), 5)
+    b_shifted = torch.roll(b, shifts=3, dims=-1)  # 3 pixels to the right (seed 3: still inside the frame)
     da, db = detect(a), detect(b_shifted)
     assert np.allclose(db.centres[:, 0] - da.centres[:, 0], 3 / 32, atol=1e-3)
     assert np.allclose(db.centres[:, 1], da.centres[:, 1], atol=1e-3)
@@ -71,8 +71,8 @@ def test_detector_sees_position_shape_and_absence():
     d = detect(empty)
     assert not d.found and d.colour is None and d.direction is None and d.background == "white"
     # a still object has no direction
-    still = render(cap, 1, (32, 32), 5)[:, :1].repeat(1, 5, 1, 1)
-    assert detect(still).direction is None and detect(still).shape == "square"
+    still = render(cap, 3, (32, 32), 5)[:, :1].repeat(1, 5, 1, 1)
+    assert detect(still).direction is None and detect(still).shape == "bar"
     with pytest.raises(ValueError, match=r"\(3, F, H, W\)"):
         detect(torch.zeros(5, 32, 32))
 
