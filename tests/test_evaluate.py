@@ -10,14 +10,14 @@ from surf_train.errors import ConfigError
 from surf_train.evaluate import MISSING, PSNR_CAP, EvalConfig, _clip_metrics, bootstrap_ci, evaluate, main
 from surf_train.toyworld import detect, render
 
-CAP = "a yellow triangle moving down on a black background"
+CAP = "a yellow pillar moving down on a black background"
 ASSET = CONF_DIR.parent / "assets" / "toy_base"
 
 
 def test_identical_clips_are_perfect():
     v = render(CAP, 5, (32, 32), 5)
-    m = _clip_metrics(v, v, detect(v), CAP)
-    assert m["psnr"] == PSNR_CAP and m["ssim"] == pytest.approx(1.0, abs=1e-6)
+    m = _clip_metrics(v, v, detect(v), CAP, (16, 16))
+    assert m["psnr"] == m["psnr_lo"] == PSNR_CAP and m["ssim"] == pytest.approx(1.0, abs=1e-6)
     assert m["pos_err"] == 0 and m["speed_err"] == 0
     assert m["colour"] == m["shape"] == m["direction"] == m["background"] == m["all3"] == 1.0
 
@@ -25,21 +25,25 @@ def test_identical_clips_are_perfect():
 def test_shifted_object_gives_its_shift_as_position_error():
     ref = render(CAP, 5, (32, 32), 5)
     moved = torch.roll(ref, shifts=(2, -1), dims=(-1, -2))  # 2 px right, 1 px up: background wraps onto itself
-    m = _clip_metrics(moved, ref, detect(ref), CAP)
+    m = _clip_metrics(moved, ref, detect(ref), CAP, (16, 16))
     assert m["pos_err"] == pytest.approx(np.hypot(2 / 32, 1 / 32), abs=1e-3)
+    assert m["psnr"] < m["psnr_lo"] < 40  # pooling blurs the shift a little but does not hide it
     assert m["psnr"] < 30 and m["ssim"] < 0.99 and m["speed_err"] < 1e-6 and m["all3"] == 1.0
 
 
 def test_low_resolution_clip_is_compared_to_the_downsampled_reference():
     ref, low = render(CAP, 5, (32, 32), 5), render(CAP, 5, (16, 16), 5)
-    m = _clip_metrics(low, ref, detect(ref), CAP)
-    assert m["psnr"] > 60  # the 16x16 render is the area-downsampled 32x32 one
+    m = _clip_metrics(low, ref, detect(ref), CAP, (16, 16))
+    assert m["psnr"] > 60 and m["psnr_lo"] > 60  # the 16x16 render is the area-downsampled 32x32 one
+    up = torch.nn.functional.interpolate(low, size=(32, 32), mode="nearest")
+    m_up = _clip_metrics(up, ref, detect(ref), CAP, (16, 16))
+    assert m_up["psnr_lo"] > 60 > m_up["psnr"]  # same content on the preview grid, blockier at 32x32
     assert m["pos_err"] < 0.01 and m["all3"] == 1.0
 
 
 def test_wrong_content_and_missing_object():
     ref = render(CAP, 5, (32, 32), 5)
-    other = render("a red square moving left on a white background", 5, (32, 32), 5)
+    other = render("a red bar moving left on a white background", 5, (32, 32), 5)
     m = _clip_metrics(other, ref, detect(ref), CAP)
     assert m["colour"] == m["shape"] == m["direction"] == m["background"] == m["all3"] == 0.0
     empty = torch.full_like(ref, -0.9)  # black, no object
