@@ -4,7 +4,8 @@ Every clip is deterministic in (caption, seed) and renders at any resolution and
 positions are fractions of the frame, sizes fractions of its shorter side, and each pixel is the
 shape's coverage of a supersampled grid: FINE points per side wherever the size divides FINE, so a
 16x16 render is exactly the 32x32 one area-downsampled (other sizes use SUPERSAMPLE^2 per pixel).
-The caption fixes colour, shape, direction and background; the seed fixes size, start and speed.
+The caption fixes colour, shape, direction and background; the seed fixes size, speed and the start:
+anywhere across the motion, near the edge the object moves away from along it.
 
 `detect` reads a clip back exactly (colour segmentation against the known palette): per-frame
 object centres, colour, shape, background, direction and speed. Videos are (3, F, H, W) in [-1, 1].
@@ -27,7 +28,8 @@ DIRECTIONS = {"left": (-1.0, 0.0), "right": (1.0, 0.0), "up": (0.0, -1.0), "down
 FINE = 256  # supersampling grid per side for sizes that divide it
 SUPERSAMPLE = 4  # per pixel and axis, for the other sizes
 RADIUS = (0.13, 0.16)  # of the shorter side; every shape has the area of the circle of this radius
-TRAVEL = (0.35, 0.45)  # distance covered over the clip, as a fraction of the frame along the motion
+TRAVEL = (0.4, 0.45)  # distance covered over the clip, as a fraction of the frame along the motion
+ENTRY = 0.04  # the start along the motion lies within this of the edge it moves away from (across it: anywhere)
 ASPECT = 3.0  # a bar is ASPECT times wider than tall, a pillar ASPECT times taller than wide
 _LONG, _SHORT = np.sqrt(np.pi * ASPECT) / 2, np.sqrt(np.pi / ASPECT) / 2  # half sides, in radii, of equal area
 EXTENT = {"circle": (1.0, 1.0), "bar": (_LONG, _SHORT), "pillar": (_SHORT, _LONG)}  # (x, y) half extent in radii
@@ -92,9 +94,9 @@ def motion(caption: Caption, seed: int) -> Motion:
     for d, extent in zip((dx, dy), EXTENT[caption.shape]):  # along the motion: leave room to travel; across: anywhere
         lo, hi = radius * extent + 0.01, 1.0 - radius * extent - 0.01  # keeps the whole shape inside the frame
         if d > 0:
-            start.append(r.uniform(lo, hi - travel))
+            start.append(r.uniform(lo, min(lo + ENTRY, hi - travel)))
         elif d < 0:
-            start.append(r.uniform(lo + travel, hi))
+            start.append(r.uniform(max(hi - ENTRY, lo + travel), hi))
         else:
             start.append(r.uniform(lo, hi))
     return Motion(radius=float(radius), start=(float(start[0]), float(start[1])), travel=float(travel))
