@@ -136,7 +136,7 @@ def evaluate(pipe_dir: Path, n: int = 128, steps: int = 20, guidance: float | No
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n")[-1],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=9000, help="optimizer steps in all (half at 32x32, half at 16x16); "
+    ap.add_argument("--steps", type=int, default=21000, help="optimizer steps in all (half at 32x32, half at 16x16); "
                     "the learning-rate schedule follows them")
     ap.add_argument("--minutes", type=float, default=None, help="stop (resumably) after this much wall time")
     ap.add_argument("--out", type=Path, default=ROOT / "assets" / "toy_base", help="pipeline directory")

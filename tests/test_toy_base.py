@@ -51,15 +51,17 @@ def test_adapter_latent_round_trip_is_exact(toy):
 
 
 @pytest.mark.slow
-def test_generations_show_the_captions_colours(toy):
-    """Native-resolution samples have the caption's object colour and background (measured 100% of 128).
-    Shape and direction are still at chance (README: issue 7 is open on them), so they are not asserted."""
+def test_generations_show_the_captions_colour_background_and_shape(toy):
+    """Native-resolution samples have the caption's colour, background and shape (README: measured on 128
+    pairs). Direction is below the issue's target (README), so it is not asserted."""
     prompts = [CAPS[(7 * i) % len(CAPS)] for i in range(16)]
     noise = torch.randn(16, 12, 5, 16, 16, generator=torch.Generator().manual_seed(123))
     x = euler_sample(toy.velocity_fn(toy.encode_prompt(prompts)), noise, flow_sigmas(20, toy.spec.shift))
     found = [detect(v) for v in toy.vae_decode(x)]
     assert all(d.found for d in found)
-    assert np.mean([d.matches(p)["colour"] and d.matches(p)["background"] for p, d in zip(prompts, found)]) >= 0.9
+    match = [d.matches(p) for p, d in zip(prompts, found)]
+    assert np.mean([m["colour"] and m["background"] for m in match]) >= 0.9
+    assert np.mean([m["shape"] for m in match]) >= 0.75  # chance is 1/3
 
 
 def test_pool_preview_keeps_the_target_layout(toy):
