@@ -153,7 +153,8 @@ def evaluate(cfg: EvalConfig) -> dict:
     frames, (h, w) = spec.native_frames, spec.native_size
     c, f_lat = spec.channels, (frames - 1) // spec.stride_t + 1
     hi, lo = (h // spec.stride_s, w // spec.stride_s), (h // spec.stride_s // 2, w // spec.stride_s // 2)
-    spec.geometry.check(frames, h // 2, w // 2, "preview")
+    preview_px = (h // 2, w // 2)
+    spec.geometry.check(frames, *preview_px, "preview")
     k_ref = cfg.refiner_steps or bridge.get("steps", 10)
     sig = flow_sigmas(cfg.steps, spec.shift)
     flops_hi, flops_lo = (_call_flops(model, (c, f_lat, *s), cfg.guidance) for s in (hi, lo))
@@ -206,7 +207,7 @@ def evaluate(cfg: EvalConfig) -> dict:
         for j, p in enumerate(ps):
             ref_det = detect(videos["reference"][j])
             for m in names:
-                row = _clip_metrics(videos[m][j], videos["reference"][j], ref_det, p, (h // 2, w // 2))
+                row = _clip_metrics(videos[m][j], videos["reference"][j], ref_det, p, preview_px)
                 row.update(seconds=cost[m][0] / b, gflops=cost[m][1] / 1e9)
                 per[m].append(row)
     result = summarise(cfg, per, names, prompts)

@@ -62,8 +62,8 @@ def test_detector_reads_ground_truth(size):
 
 def test_detector_sees_position_shape_and_absence():
     cap = "a blue bar moving right on a white background"
-    a, b = render(cap, 3, (32, 32), 5), render(cap, 3, (32, 32), 5)
-    b_shifted = torch.roll(b, shifts=3, dims=-1)  # 3 pixels to the right (seed 3: still inside the frame)
+    a = render(cap, 3, (32, 32), 5)
+    b_shifted = torch.roll(a, shifts=3, dims=-1)  # 3 pixels to the right (seed 3: still inside the frame)
     da, db = detect(a), detect(b_shifted)
     assert np.allclose(db.centres[:, 0] - da.centres[:, 0], 3 / 32, atol=1e-3)
     assert np.allclose(db.centres[:, 1], da.centres[:, 1], atol=1e-3)
@@ -71,7 +71,7 @@ def test_detector_sees_position_shape_and_absence():
     d = detect(empty)
     assert not d.found and d.colour is None and d.direction is None and d.background == "white"
     # a still object has no direction
-    still = render(cap, 3, (32, 32), 5)[:, :1].repeat(1, 5, 1, 1)
+    still = a[:, :1].repeat(1, 5, 1, 1)
     assert detect(still).direction is None and detect(still).shape == "bar"
     with pytest.raises(ValueError, match=r"\(3, F, H, W\)"):
         detect(torch.zeros(5, 32, 32))
