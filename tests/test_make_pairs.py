@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from surf_train.errors import ConfigError
-from surf_train.pairs import BUILTIN_PROMPTS, PairsConfig, make_jobs, make_pairs, read_prompts
+from surf_train.pairs import (BUILTIN_PROMPTS, PairsConfig, base_fingerprint, check_fingerprint, make_jobs, make_pairs,
+                              read_prompts, weights_digest)
 from surf_train.shards import list_shards, read_shards, shard_keys
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -115,6 +116,35 @@ def test_unknown_base_and_foreign_directory(tmp_path, monkeypatch):
     make_pairs(cfg(tmp_path, num_pairs=1))
     with pytest.raises(ConfigError, match=r"different configuration \(steps: 4 -> 6\)"):
         make_pairs(cfg(tmp_path, num_pairs=1, steps=6))
+
+
+def test_retrained_local_base_is_a_different_configuration(tmp_path, monkeypatch):
+    """Pairs of a retrained local base (same directory, new weights) are refused, not appended."""
+    import dataclasses
+
+    from surf_train.base import BaseSpec
+
+    model = tmp_path / "model"
+    (model / "transformer").mkdir(parents=True)
+    (model / "transformer" / "weights.safetensors").write_bytes(b"old weights")
+    (model / "model_index.json").write_text("{}")
+    spec = dataclasses.replace(BaseSpec.from_name("toy"), pretrained=str(model))
+    old = base_fingerprint(spec)
+    assert old["weights"] == weights_digest(str(model)) and len(old["weights"]) == 16
+    check_fingerprint(tmp_path / "pairs", old)
+    check_fingerprint(tmp_path / "pairs", base_fingerprint(spec))  # unchanged weights: appending is fine
+    (model / "transformer" / "weights.safetensors").write_bytes(b"new weights")
+    with pytest.raises(ConfigError, match=r"different configuration \(weights: '[0-9a-f]{16}' -> '[0-9a-f]{16}'\)"):
+        check_fingerprint(tmp_path / "pairs", base_fingerprint(spec))
+    # large files are hashed by size and their ends: a change in the first MiB still shows
+    monkeypatch.setattr("surf_train.pairs.WHOLE_FILE", 1000)
+    big = bytearray(3 << 20)
+    (model / "transformer" / "weights.safetensors").write_bytes(big)
+    d = weights_digest(str(model))
+    big[10] = 1
+    (model / "transformer" / "weights.safetensors").write_bytes(big)
+    assert weights_digest(str(model)) != d
+    assert weights_digest("Wan-AI/Wan2.1-T2V-14B-Diffusers") is None and weights_digest(None) is None
 
 
 def test_cli_default_error_message(tmp_path):
