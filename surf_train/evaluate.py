@@ -159,7 +159,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     sig = flow_sigmas(cfg.steps, spec.shift)
     flops_hi, flops_lo = (_call_flops(model, (c, f_lat, *s), cfg.guidance) for s in (hi, lo))
     caps = all_captions()
-    prompts = [caps[(7 * i) % len(caps)] for i in range(cfg.n)]  # 7 is coprime to 144: no early repeats
+    prompts = [caps[(7 * i) % len(caps)] for i in range(cfg.n)]  # 7 is coprime to 72: no early repeats
     names = _methods(cfg)
     per: dict[str, list[dict]] = {m: [] for m in names}
     for i0 in tqdm(range(0, cfg.n, cfg.batch), desc="evaluate", unit="batch", disable=not cfg.progress):

@@ -1,7 +1,7 @@
 """Fast generation with a trained Refiner: preview with noise reshifting, refine, decode to mp4.
 
-    surf-generate --prompt "a red circle moving left on a gray background" --seeds 0,1
-    python -m surf_train.generate --mode baseline --prompt "a blue pillar moving up on a white background"
+    surf-generate --prompt "a red circle moving right on a gray background" --seeds 0,1
+    python -m surf_train.generate --mode baseline --prompt "a blue pillar moving down on a white background"
 
 Modes: surf (prefix at the prefix size, remaining steps at the preview size, Refiner to the target size),
 baseline (the base model at the target size for every step), preview (surf without the Refiner: the
@@ -38,7 +38,7 @@ class GenerateConfig:
     base: str = DEFAULT_BASE
     refiner: str = DEFAULT_REFINER
     mode: str = "surf"
-    prompts: list[str] = field(default_factory=lambda: ["a red circle moving left on a gray background"])
+    prompts: list[str] = field(default_factory=lambda: ["a red circle moving right on a gray background"])
     seeds: list[int] = field(default_factory=lambda: [0])
     height: int | None = None  # target
     width: int | None = None

@@ -24,7 +24,10 @@ OBJECT_COLOURS = {"red": (0.9, 0.1, 0.1), "green": (0.1, 0.75, 0.2), "blue": (0.
                   "yellow": (0.95, 0.85, 0.1)}
 BACKGROUNDS = {"black": (0.05, 0.05, 0.05), "gray": (0.5, 0.5, 0.5), "white": (0.95, 0.95, 0.95)}
 SHAPES = ("circle", "bar", "pillar")  # a disc, a 3:1 wide and a 1:3 tall rectangle, all of equal area
-DIRECTIONS = {"left": (-1.0, 0.0), "right": (1.0, 0.0), "up": (0.0, -1.0), "down": (0.0, 1.0)}  # (x, y), y down
+# Captions move objects right or down only: with all four directions the 21k-step base learned the axis of the
+# motion from the caption (88% of 128 clips) but not its sign (left/right and up/down at chance), README "Toy world".
+# The detector still reads all four.
+DIRECTIONS = {"right": (1.0, 0.0), "down": (0.0, 1.0)}  # (x, y), y down
 FINE = 256  # supersampling grid per side for sizes that divide it
 SUPERSAMPLE = 4  # per pixel and axis, for the other sizes
 RADIUS = (0.13, 0.16)  # of the shorter side; every shape has the area of the circle of this radius
@@ -62,7 +65,7 @@ class Caption:
 
 
 def all_captions() -> list[str]:
-    """Every caption of the grammar (4 colours x 3 shapes x 4 directions x 3 backgrounds = 144)."""
+    """Every caption of the grammar (4 colours x 3 shapes x 2 directions x 3 backgrounds = 72)."""
     return [str(Caption(*c)) for c in itertools.product(OBJECT_COLOURS, SHAPES, DIRECTIONS, BACKGROUNDS)]
 
 

@@ -43,7 +43,7 @@ def test_low_resolution_clip_is_compared_to_the_downsampled_reference():
 
 def test_wrong_content_and_missing_object():
     ref = render(CAP, 5, (32, 32), 5)
-    other = render("a red bar moving left on a white background", 5, (32, 32), 5)
+    other = render("a red bar moving right on a white background", 5, (32, 32), 5)
     m = _clip_metrics(other, ref, detect(ref), CAP)
     assert m["colour"] == m["shape"] == m["direction"] == m["background"] == m["all3"] == 0.0
     empty = torch.full_like(ref, -0.9)  # black, no object

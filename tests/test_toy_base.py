@@ -96,4 +96,4 @@ def test_training_script_saves_and_resumes(tmp_path):
     spec = BaseSpec.from_name("toy")
     import dataclasses
     model = load_base_model(dataclasses.replace(spec, pretrained=str(tmp_path / "out")), "cpu")
-    assert model.pipe.tokenizer("a red circle moving left on a gray background").input_ids[-1] == 1  # eos
+    assert model.pipe.tokenizer("a red circle moving right on a gray background").input_ids[-1] == 1  # eos
