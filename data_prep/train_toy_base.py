@@ -98,6 +98,19 @@ def save_pipeline(pipe, ema: dict, out: Path, meta: dict) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def init_from(pipe, pipe_dir: Path) -> None:
+    """Load a saved pipeline's transformer and text encoder (safetensors) into `pipe`; its tokenizer must match."""
+    from diffusers import WanTransformer3DModel
+    from transformers import AutoTokenizer, T5EncoderModel
+
+    if not (Path(pipe_dir) / "model_index.json").is_file():
+        raise SystemExit(f"--init {pipe_dir}: not a saved pipeline (no model_index.json)")
+    if AutoTokenizer.from_pretrained(pipe_dir, subfolder="tokenizer").get_vocab() != pipe.tokenizer.get_vocab():
+        raise SystemExit(f"--init {pipe_dir}: its tokenizer differs from this world's captions (world changed?)")
+    pipe.transformer.load_state_dict(WanTransformer3DModel.from_pretrained(pipe_dir, subfolder="transformer").state_dict())
+    pipe.text_encoder.load_state_dict(T5EncoderModel.from_pretrained(pipe_dir, subfolder="text_encoder").state_dict())
+
+
 def save_state(path: Path, state: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     torch.save(state, tmp)
@@ -144,6 +157,8 @@ def main(argv=None) -> None:
     ap.add_argument("--minutes", type=float, default=None, help="stop (resumably) after this much wall time")
     ap.add_argument("--out", type=Path, default=ROOT / "assets" / "toy_base", help="pipeline directory")
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "toy_base", help="resumable training state")
+    ap.add_argument("--init", type=Path, default=None, help="start a fresh run from the weights of a saved pipeline "
+                    "(such as assets/toy_base) instead of random ones; ignored when --work holds state to resume")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch", type=int, default=16, help="clips per 32x32 step; 16x16 steps use twice as many")
     ap.add_argument("--lr", type=float, default=8e-4)
@@ -186,6 +201,10 @@ def train(args) -> None:
         opt.load_state_dict(st["opt"])
         gen.set_state(st["gen"])
         print(f"resumed from {state_path} at step {step} ({elapsed / 60:.1f} min)", flush=True)
+    elif args.init is not None:
+        init_from(pipe, args.init)
+        ema = {k: {n: t.detach().clone() for n, t in m.state_dict().items()} for k, m in nets.items()}
+        print(f"initialised from {args.init}", flush=True)
     args.work.mkdir(parents=True, exist_ok=True)
     for m in nets.values():
         m.train().requires_grad_(True)

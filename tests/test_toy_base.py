@@ -97,3 +97,12 @@ def test_training_script_saves_and_resumes(tmp_path):
     import dataclasses
     model = load_base_model(dataclasses.replace(spec, pretrained=str(tmp_path / "out")), "cpu")
     assert model.pipe.tokenizer("a red circle moving right on a gray background").input_ids[-1] == 1  # eos
+    # --init starts a fresh run (new --work) from the saved weights: after 0 steps it saves them unchanged
+    mod.main(["--work", str(tmp_path / "work2"), "--out", str(tmp_path / "out2"), "--init", str(tmp_path / "out"),
+              "--steps", "0", "--threads", "1", "--n", "2"])
+    again = load_base_model(dataclasses.replace(spec, pretrained=str(tmp_path / "out2")), "cpu")
+    for a, b in ((model.pipe.transformer, again.pipe.transformer), (model.pipe.text_encoder, again.pipe.text_encoder)):
+        assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    with pytest.raises(SystemExit, match="not a saved pipeline"):
+        mod.main(["--work", str(tmp_path / "work3"), "--out", str(tmp_path / "out3"), "--init", str(tmp_path),
+                  "--steps", "0"])
