@@ -107,8 +107,8 @@ def init_from(pipe, pipe_dir: Path) -> None:
         raise SystemExit(f"--init {pipe_dir}: not a saved pipeline (no model_index.json)")
     if AutoTokenizer.from_pretrained(pipe_dir, subfolder="tokenizer").get_vocab() != pipe.tokenizer.get_vocab():
         raise SystemExit(f"--init {pipe_dir}: its tokenizer differs from this world's captions (world changed?)")
-    pipe.transformer.load_state_dict(WanTransformer3DModel.from_pretrained(pipe_dir, subfolder="transformer").state_dict())
-    pipe.text_encoder.load_state_dict(T5EncoderModel.from_pretrained(pipe_dir, subfolder="text_encoder").state_dict())
+    for name, cls in (("transformer", WanTransformer3DModel), ("text_encoder", T5EncoderModel)):
+        getattr(pipe, name).load_state_dict(cls.from_pretrained(pipe_dir, subfolder=name).state_dict())
 
 
 def save_state(path: Path, state: dict) -> None:
