@@ -190,9 +190,12 @@ def train(args) -> None:
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.99), weight_decay=0.01)
     gen = torch.Generator().manual_seed(args.seed)
     step, elapsed, log = 0, 0.0, []
+    state_path = args.work / "state.pt"
+    if args.init is not None and not state_path.exists():
+        init_from(pipe, args.init)
+        print(f"initialised from {args.init}", flush=True)
     # cloned one by one: T5's tied embedding appears under two keys and must not be averaged twice
     ema = {k: {n: t.detach().clone() for n, t in m.state_dict().items()} for k, m in nets.items()}
-    state_path = args.work / "state.pt"
     if state_path.exists():  # resume: our own file, still loaded without unpickling arbitrary objects
         st = torch.load(state_path, weights_only=True)
         for k, m in nets.items():
@@ -201,10 +204,6 @@ def train(args) -> None:
         opt.load_state_dict(st["opt"])
         gen.set_state(st["gen"])
         print(f"resumed from {state_path} at step {step} ({elapsed / 60:.1f} min)", flush=True)
-    elif args.init is not None:
-        init_from(pipe, args.init)
-        ema = {k: {n: t.detach().clone() for n, t in m.state_dict().items()} for k, m in nets.items()}
-        print(f"initialised from {args.init}", flush=True)
     args.work.mkdir(parents=True, exist_ok=True)
     for m in nets.values():
         m.train().requires_grad_(True)
