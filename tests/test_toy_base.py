@@ -103,6 +103,16 @@ def test_training_script_saves_and_resumes(tmp_path):
     again = load_base_model(dataclasses.replace(spec, pretrained=str(tmp_path / "out2")), "cpu")
     for a, b in ((model.pipe.transformer, again.pipe.transformer), (model.pipe.text_encoder, again.pipe.text_encoder)):
         assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert json.loads((tmp_path / "out2" / "toy_train.json").read_text())["init"]["steps"] == 4  # provenance
+    # --stop-at ends a run early on the schedule of --steps (the second stage of the shipped recipe)
+    mod.main(["--work", str(tmp_path / "work4"), "--out", str(tmp_path / "out4"), "--init", str(tmp_path / "out2"),
+              "--steps", "8", "--stop-at", "2", "--warmup", "1", "--batch", "2", "--n", "2", "--threads", "1"])
+    st = torch.load(tmp_path / "work4" / "state.pt", weights_only=True)
+    assert st["step"] == 2 and st["init_meta"]["init"]["steps"] == 4
+    lr = st["opt"]["param_groups"][0]["lr"]  # set for the last step (1 of 8): cosine at 1/8, not 1/2
+    assert lr == pytest.approx(8e-4 * (0.55 + 0.45 * np.cos(np.pi / 8)))
+    with pytest.raises(SystemExit):
+        mod.main(["--steps", "8", "--stop-at", "9"])
     with pytest.raises(SystemExit, match="not a saved pipeline"):
         mod.main(["--work", str(tmp_path / "work3"), "--out", str(tmp_path / "out3"), "--init", str(tmp_path),
                   "--steps", "0"])
