@@ -231,6 +231,8 @@ def comparisons(cfg: EvalConfig, names: list[str]) -> list[tuple[str, str, str]]
         for r in cfg.rules:
             if r != "paper" and "paper" in cfg.rules:
                 out += [(f"{r}@{k}", "paper@" + str(k), "pos_err"), (f"{r}@{k}", "paper@" + str(k), "psnr")]
+        if "pool" in cfg.rules and "snr" in cfg.rules:
+            out += [(f"pool@{k}", f"snr@{k}", "pos_err"), (f"pool@{k}", f"snr@{k}", "psnr")]
     if "surf" in names:
         out += [("surf", "upsampled", m) for m in ("psnr", "ssim", "pos_err")]
         out.append(("surf", f"{cfg.surf_rule}@{cfg.surf_switch}", "psnr_lo"))

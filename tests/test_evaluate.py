@@ -94,6 +94,7 @@ def test_small_run_writes_table_plot_and_consistent_numbers(tmp_path, monkeypatc
     assert meth["surf"]["gflops"] > meth["upsampled"]["gflops"] == meth["pool@3"]["gflops"]
     assert all(len(v) == 4 for v in res["per_clip"].values())
     assert {(d["a"], d["b"], d["metric"]) for d in res["paired"]} >= {("surf", "upsampled", "psnr"),
-                                                                       ("pool@3", "direct", "pos_err")}
+                                                                       ("pool@3", "direct", "pos_err"),
+                                                                       ("pool@3", "snr@3", "pos_err")}
     assert (out / "fidelity_vs_cost.png").stat().st_size > 10_000
     assert "| surf |" in (out / "table.md").read_text() and "| surf |" in capsys.readouterr().out
