@@ -235,8 +235,8 @@ def train(args) -> None:
         save_pipeline(pipe, ema, args.out, meta())
 
     mean, std = (torch.tensor(pipe.vae.config[k]).view(1, -1, 1, 1, 1) for k in ("latents_mean", "latents_std"))
-    bar = tqdm(total=args.steps, initial=step, unit="step", dynamic_ncols=True, mininterval=10)
     end = args.steps if args.stop_at is None else args.stop_at
+    bar = tqdm(total=end, initial=step, unit="step", dynamic_ncols=True, mininterval=10)
     while step < end and (args.minutes is None or time.time() - t_start < 60 * args.minutes):
         # one draw of 2B clips at 32x32: B for the native step, all 2B area-pooled for the 16x16 step
         idx = torch.randint(len(caps), (2 * args.batch,), generator=gen).tolist()

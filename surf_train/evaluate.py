@@ -18,6 +18,7 @@ over clips. Writes results.json, table.md and fidelity_vs_cost.png to --out-dir.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import time
@@ -225,14 +226,11 @@ def bootstrap_ci(diff: np.ndarray, n_boot: int, seed: int = 0) -> tuple[float, f
 def comparisons(cfg: EvalConfig, names: list[str]) -> list[tuple[str, str, str]]:
     """(method a, method b, metric): the paired differences the README's questions need."""
     out = []
+    rules = [r for r in RULES if r in cfg.rules]  # RULES order: each rule against every earlier one
     for k in cfg.switches:
-        for r in cfg.rules:
-            out.append((f"{r}@{k}", "direct", "pos_err"))
-        for r in cfg.rules:
-            if r != "paper" and "paper" in cfg.rules:
-                out += [(f"{r}@{k}", "paper@" + str(k), "pos_err"), (f"{r}@{k}", "paper@" + str(k), "psnr")]
-        if "pool" in cfg.rules and "snr" in cfg.rules:
-            out += [(f"pool@{k}", f"snr@{k}", "pos_err"), (f"pool@{k}", f"snr@{k}", "psnr")]
+        out += [(f"{r}@{k}", "direct", "pos_err") for r in cfg.rules]
+        for b, a in itertools.combinations(rules, 2):
+            out += [(f"{a}@{k}", f"{b}@{k}", m) for m in ("pos_err", "psnr")]
     if "surf" in names:
         out += [("surf", "upsampled", m) for m in ("psnr", "ssim", "pos_err")]
         out.append(("surf", f"{cfg.surf_rule}@{cfg.surf_switch}", "psnr_lo"))

@@ -43,8 +43,8 @@ def test_tiny_training_learns(pairs, tmp_path):
 @pytest.mark.slow
 def test_default_training_beats_upsampling_on_default_pairs(tmp_path, monkeypatch):
     """The no-argument pipeline: `make_pairs.py` defaults (trained toy base) then `python -m surf_train`
-    defaults; on held-out pairs the K-step Refiner beats plain upsampling of the preview (README table: only
-    just, 0.99x, on the right/down toy base; 0.96x on the previous one)."""
+    defaults; on held-out pairs the K-step Refiner beats plain upsampling of the preview (README table: 0.95x
+    on the shipped base, 0.99x on its first-run weights)."""
     from hydra import compose as hcompose
 
     monkeypatch.chdir(tmp_path)
