@@ -43,6 +43,9 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
         raise ConfigError(f"{f}: not a training checkpoint")
     state = ck.get("state_dict", ck.get("module"))
     hp = ck.get("hyper_parameters")
+    ema = ck.get("ema")  # the float32 EMA kept outside the module (surf_train.module.EMA)
+    if isinstance(state, dict) and isinstance(ema, dict) and isinstance(ema.get("state_dict"), dict):
+        state = {**state, **{f"ema.module.{k}": v for k, v in ema["state_dict"].items()}}
     if not isinstance(state, dict) or not isinstance(hp, dict) or "model" not in hp or \
             not any(k.startswith("net.") for k in state):
         raise ConfigError(f"{path}: not a surf_train Refiner checkpoint (no net.* weights or model settings)")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import collections
+import copy
 import logging
 import math
 from dataclasses import dataclass
@@ -10,7 +11,6 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from surf_train.errors import ConfigError
 from surf_train.objective import BridgeConfig, bridge_loss, refine, upsample
@@ -60,6 +60,39 @@ def text_mask(text: torch.Tensor | None) -> torch.Tensor | None:
     return None if text is None else text.abs().amax(-1) > 0
 
 
+class EMA:
+    """Exponential moving average of a network's weights, in float32 and outside the training engine.
+
+    DeepSpeed casts the whole engine module to bf16 under bf16-mixed; an EMA with decay 0.9999 in bf16
+    cannot move ((1 - d) * (p - e) is below bf16's resolution of e). So the copy is not a submodule: the
+    engine never sees it, it stays float32, and it travels in checkpoints under its own key ("ema"). Under
+    ZeRO-2 every rank holds the full (bf16) parameters and updates its own identical copy; under ZeRO-3 the
+    parameters are partitioned and gathering them every step would cost a full all-gather, so it is refused.
+    """
+
+    def __init__(self, net: torch.nn.Module, decay: float):
+        self.decay, self.updates = decay, 0
+        self.module = copy.deepcopy(net).float().requires_grad_(False).eval()
+
+    @torch.no_grad()
+    def update(self, net: torch.nn.Module) -> None:
+        ema, cur = list(self.module.parameters()), [p.detach().float() for p in net.parameters()]
+        if self.updates == 0:  # the first update copies, as torch's AveragedModel EMA does
+            torch._foreach_copy_(ema, cur)
+        else:
+            torch._foreach_lerp_(ema, cur, 1.0 - self.decay)
+        for b_ema, b in zip(self.module.buffers(), net.buffers()):
+            b_ema.copy_(b)
+        self.updates += 1
+
+    def state_dict(self) -> dict:
+        return {"state_dict": self.module.state_dict(), "updates": self.updates}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.module.load_state_dict(state["state_dict"])
+        self.updates = int(state["updates"])
+
+
 class RefinerModule(pl.LightningModule):
     """Bridge-flow training of a shifted-window Refiner, with EMA and a K-step validation sampler."""
 
@@ -77,10 +110,8 @@ class RefinerModule(pl.LightningModule):
                      len(report.skipped))
         else:
             self.net = Refiner(self.model_cfg)
-        self.ema = (AveragedModel(self.net, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
-                    if ema_decay else None)
-        if self.ema is not None:
-            self.ema.requires_grad_(False)
+        # a plain attribute, not a submodule: see EMA
+        object.__setattr__(self, "ema", EMA(self.net, ema_decay) if ema_decay else None)
         self._decoder = None
         self._losses_first: list[torch.Tensor] = []  # first and last LOSS_WINDOW losses of this process
         self._losses_last: collections.deque = collections.deque(maxlen=LOSS_WINDOW)
@@ -109,7 +140,12 @@ class RefinerModule(pl.LightningModule):
     # --- training -------------------------------------------------------------------------------
     def _net_fn(self, net: Refiner, text: torch.Tensor | None):
         mask = text_mask(text)
-        return lambda x, t, cond, txt: net(x, t, cond, txt, mask)
+        dtype = next(net.parameters()).dtype  # the float32 EMA beside a bf16 engine module
+
+        def fn(x, t, cond, txt):
+            cast = (lambda y: y) if x.dtype == dtype else (lambda y: None if y is None else y.to(dtype))
+            return net(cast(x), cast(t), cast(cond), cast(txt), mask).to(x.dtype)
+        return fn
 
     def _text(self, batch: dict) -> torch.Tensor | None:
         return batch.get("text") if self.hparams.use_text and self.model_cfg.text_dim else None
@@ -118,6 +154,8 @@ class RefinerModule(pl.LightningModule):
         stage = getattr(self.trainer.strategy, "zero_stage_3", False)
         if stage and self.ema is not None:
             raise ConfigError("EMA needs full parameters on every rank: use ZeRO stage 2 or set module.ema_decay=null")
+        if self.ema is not None:
+            self.ema.module.to(self.device)
         # ranks draw different bridge times and noise from the same seed
         torch.manual_seed(torch.initial_seed() + 1000 * self.global_rank + self.global_step)
 
@@ -142,7 +180,24 @@ class RefinerModule(pl.LightningModule):
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         if self.ema is not None:
-            self.ema.update_parameters(self.net)
+            self.ema.update(self.net)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self.ema is not None:  # a top-level key: DeepSpeed keeps it in its client state, Lightning in the file
+            checkpoint["ema"] = self.ema.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # checkpoints written before the EMA left the module keep it as ema.* entries of the state dict
+        state = checkpoint.get("state_dict") or {}
+        old = {k: state.pop(k) for k in [k for k in state if k.startswith("ema.")]}
+        if self.ema is None:
+            return
+        if "ema" in checkpoint:
+            self.ema.load_state_dict(checkpoint["ema"])
+        elif old:
+            self.ema.load_state_dict({"state_dict": {k[len("ema.module."):]: v for k, v in old.items()
+                                                     if k.startswith("ema.module.")},
+                                      "updates": int(old.get("ema.n_averaged", 1))})
 
     def configure_optimizers(self):
         o = self.optim
@@ -157,8 +212,9 @@ class RefinerModule(pl.LightningModule):
         return self.ema.module if self.ema is not None else self.net
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        preview, target = batch["preview"], batch["target"]
+        preview, target = batch["preview"].float(), batch["target"].float()  # metrics in float32
         text = self._text(batch)
+        text = None if text is None else text.float()
         x_up = upsample(preview, tuple(target.shape[-2:]), self.bridge.up_mode)  # (B, C, F, H, W)
         gen = torch.Generator().manual_seed(batch_idx)  # the same start noise at every validation
         refined = refine(self._net_fn(self.eval_net, text), x_up, self.bridge.steps, self.bridge.sigma_aug_eval,

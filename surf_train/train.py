@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import uuid
 from pathlib import Path
 
@@ -14,9 +15,9 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
-from surf_train.errors import ConfigError
-
+from surf_train.callbacks import PlainProgress, SlurmRequeue, prune_hpc_checkpoints
 from surf_train.data import DataConfig, PairDataModule
+from surf_train.errors import ConfigError
 
 log = logging.getLogger("surf_train")
 
@@ -43,13 +44,24 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         os.replace(tmp, path)
 
 
+def _load_meta(f: Path) -> dict:
+    # mmap: reads the archive's index and the small objects, not the tensor bytes (checkpoints can be GBs)
+    ck = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+    if not isinstance(ck, dict) or "global_step" not in ck:
+        raise ValueError("no global_step")
+    return ck
+
+
 def checkpoint_step(path: Path) -> int:
     """Global step stored in a Lightning checkpoint file or DeepSpeed checkpoint directory (no unpickling)."""
     path = Path(path)
     f = path / "checkpoint" / "mp_rank_00_model_states.pt" if path.is_dir() else path
     if not f.is_file():
         raise ConfigError(f"{path}: not a Lightning or DeepSpeed checkpoint (no {f.name})")
-    return int(torch.load(f, map_location="cpu", weights_only=True)["global_step"])
+    try:
+        return int(_load_meta(f)["global_step"])
+    except Exception as e:
+        raise ConfigError(f"{path}: unreadable checkpoint ({type(e).__name__}: {str(e)[:80]})") from None
 
 
 def _complete(p: Path) -> bool:
@@ -57,19 +69,63 @@ def _complete(p: Path) -> bool:
     return p.is_file() or (p / "latest").is_file()
 
 
-def newest_checkpoint(run_dir: Path) -> Path | None:
-    """The checkpoint a rerun resumes from: checkpoints/last.ckpt or a newer SLURM hpc_ckpt_*.ckpt.
+def checkpoint_candidates(run_dir: Path) -> list[Path]:
+    """Checkpoints a rerun could resume from, newest first: last.ckpt, step*.ckpt, SLURM hpc_ckpt_*.ckpt.
 
     last.ckpt links to the newest complete step checkpoint; if a kill left the link dangling (Lightning
-    removes the old step before moving the link), the newest complete step checkpoint is used.
+    removes the old step before moving the link), the step checkpoints are still there.
     """
     ckpt_dir = run_dir / "checkpoints"
     last = ckpt_dir / "last.ckpt"
-    if not last.exists():
-        steps = sorted((p for p in ckpt_dir.glob("step*.ckpt") if _complete(p)), key=lambda p: p.name)
-        last = steps[-1] if steps else last
-    cands = [p for p in [last, *run_dir.glob("hpc_ckpt_*.ckpt")] if p.exists()]
-    return max(cands, key=lambda p: p.stat().st_mtime) if cands else None
+    steps = sorted((p for p in ckpt_dir.glob("step*.ckpt") if _complete(p)), key=lambda p: p.name, reverse=True)
+    hpc = [p for p in run_dir.glob("hpc_ckpt_*.ckpt") if _complete(p)]
+    cands, seen = [], set()
+    # newest first by mtime; last.ckpt before the step file it links to (same target, the name users know)
+    for p in sorted([*([last] if _complete(last) else []), *steps, *hpc],
+                    key=lambda p: (p.stat().st_mtime, p == last), reverse=True):
+        if p.resolve() not in seen:
+            seen.add(p.resolve())
+            cands.append(p)
+    return cands
+
+
+def newest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete-looking checkpoint (see checkpoint_candidates), unread."""
+    cands = checkpoint_candidates(run_dir)
+    return cands[0] if cands else None
+
+
+def _unreadable(p: Path) -> str | None:
+    """Why checkpoint `p` cannot be resumed from (truncated, foreign, ...), or None when it loads."""
+    files = [p] if p.is_file() else sorted((p / "checkpoint").glob("*.pt"))
+    if not files:
+        return "no checkpoint files"
+    for f in files:
+        try:
+            ck = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:
+            return f"{f.name}: {type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}"
+        if f.name in (p.name, "mp_rank_00_model_states.pt") and (not isinstance(ck, dict) or "global_step" not in ck):
+            return f"{f.name}: not a training checkpoint (no global_step)"
+    return None
+
+
+def resume_checkpoint(run_dir: Path) -> tuple[Path, int] | None:
+    """(checkpoint, step) a rerun resumes from: the newest readable one, with one line per skipped one."""
+    cands = checkpoint_candidates(run_dir)
+    skipped = []
+    for p in cands:
+        why = _unreadable(p)
+        if why is None:
+            for q, r in skipped:
+                log.warning("%s is unreadable (%s); resuming from the older %s", q, r, p)
+            return p, checkpoint_step(p)
+        skipped.append((p, why))
+    if skipped:
+        q, r = skipped[0]
+        raise ConfigError(f"{run_dir}: none of its {len(skipped)} checkpoint(s) can be resumed from (newest {q}: "
+                          f"{r}); remove them or run with resume=false")
+    return None
 
 
 def _relink_last(trainer: pl.Trainer, ckpt_dir: Path, step: int) -> None:
@@ -123,6 +179,22 @@ def fill_from_data(cfg: DictConfig, data_cfg: DataConfig) -> None:
              m.text_dim, cfg.module.decode_base)
 
 
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.4f}"
+
+
+def _requeue_callback(trainer: pl.Trainer, cfg: DictConfig, run_dir: Path) -> SlurmRequeue | None:
+    """Our batch-boundary requeue in place of Lightning's in-handler save, when SLURM auto-requeue is on."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    env = trainer._accelerator_connector.cluster_environment  # what Lightning's own signal handler reads
+    if not (isinstance(env, SLURMEnvironment) and env.auto_requeue):
+        return None
+    cb = SlurmRequeue(run_dir, env.requeue_signal, keep=cfg.get("keep_hpc", 2))
+    trainer.callbacks.append(cb)
+    return cb
+
+
 def train(cfg: DictConfig) -> dict:
     """Fit, validate once more with the final (EMA) weights, write summary.json; returns the summary."""
     register_resolvers()
@@ -143,27 +215,53 @@ def train(cfg: DictConfig) -> dict:
     logger = _logger(cfg, run_dir)
     callbacks = [ckpt] + ([LearningRateMonitor("step")] if logger else [])
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
+    extra = {}
+    every = cfg.get("progress_every", 0)
+    if every and not sys.stdout.isatty():  # a log file (SLURM output): plain lines instead of a progress bar
+        callbacks.append(PlainProgress(every, data_cfg.batch_size))
+        extra["enable_progress_bar"] = False
     is_deepspeed = "deepspeed" in str(trainer_cfg.get("strategy", ""))
     plugins = [] if is_deepspeed else [AtomicCheckpointIO()]
-    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger, plugins=plugins)
+    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger, plugins=plugins, **extra)
+    requeue = _requeue_callback(trainer, cfg, run_dir)
 
-    resume = newest_checkpoint(run_dir) if cfg.resume else None
+    found = resume_checkpoint(run_dir) if cfg.resume else None
+    resume = found[0] if found else None
     init = cfg.get("init_from") if resume is None else None
     if resume is not None:
-        log.info("resuming from %s", resume)
+        log.info("resuming from %s (step %d)", resume, found[1])
+        if requeue is not None:
+            prune_hpc_checkpoints(run_dir, requeue.keep, protect=resume)
     elif init:
         log.info("initialised from %s (%s weights)", init, module.init_weights(init))
-    # our own checkpoints hold only tensors, numbers and strings: load them without unpickling objects
-    trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resume else None, weights_only=True)
+    if requeue is not None:
+        requeue.install()
+    try:
+        # our own checkpoints hold only tensors, numbers and strings: load them without unpickling objects
+        trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resume else None, weights_only=True)
+    finally:
+        if requeue is not None:
+            requeue.uninstall()
+    if requeue is not None and requeue.saved is not None:
+        # the job is requeued and will resume from this checkpoint: no final save, validation or summary
+        print(f"[surf_train] requeued at step {requeue.saved_step}; the next job resumes from {requeue.saved}",
+              flush=True)
+        return {"steps": trainer.global_step, "requeued": str(requeue.saved)}
     if trainer.global_step % cfg.ckpt_every:
         _relink_last(trainer, ckpt_dir, trainer.global_step)
     val = trainer.validate(module, datamodule=data, verbose=False) if data.cfg.val_samples else [{}]
+    previous = _read_summary(run_dir)
+    trained = module.loss_first is not None
+    if not trained:
+        log.info("nothing to train: the run is already at step %d (trainer.max_steps=%s)", trainer.global_step,
+                 trainer.max_steps)
     summary = {
         "steps": trainer.global_step,
         "resumed_from": str(resume) if resume else None,
         "initialised_from": str(init) if init else None,
-        "train_loss_first": module.loss_first,
-        "train_loss_last": module.loss_last,
+        # a rerun that trained nothing reports the losses of the run that did
+        "train_loss_first": module.loss_first if trained else previous.get("train_loss_first"),
+        "train_loss_last": module.loss_last if trained else previous.get("train_loss_last"),
         "val_mse_refiner": val[0].get("val/mse_refiner"),
         "val_mse_upsample": val[0].get("val/mse_upsample"),
         "world_size": trainer.world_size,
@@ -174,8 +272,14 @@ def train(cfg: DictConfig) -> dict:
         tmp.write_text(json.dumps(summary, indent=1))
         os.replace(tmp, run_dir / "summary.json")
         ref, up = summary["val_mse_refiner"], summary["val_mse_upsample"]
-        val_txt = f"val mse refiner {ref:.4f} vs upsample {up:.4f}" if ref is not None else "no validation"
-        print(f"[surf_train] {summary['steps']} steps, train loss {summary['train_loss_first']:.4f} -> "
-              f"{summary['train_loss_last']:.4f}, {val_txt}; summary: {run_dir / 'summary.json'}", flush=True)
+        val_txt = f"val mse refiner {_fmt(ref)} vs upsample {_fmt(up)}" if ref is not None else "no validation"
+        print(f"[surf_train] {summary['steps']} steps, train loss {_fmt(summary['train_loss_first'])} -> "
+              f"{_fmt(summary['train_loss_last'])}, {val_txt}; summary: {run_dir / 'summary.json'}", flush=True)
     return summary
 
+
+def _read_summary(run_dir: Path) -> dict:
+    try:
+        return json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return {}
