@@ -246,6 +246,8 @@ def train(cfg: DictConfig) -> dict:
         # the job is requeued and will resume from this checkpoint: no final save, validation or summary
         print(f"[surf_train] requeued at step {requeue.saved_step}; the next job resumes from {requeue.saved}",
               flush=True)
+        if torch.distributed.is_initialized():  # else gloo's threads abort the exit ("terminate called ...")
+            torch.distributed.destroy_process_group()
         return {"steps": trainer.global_step, "requeued": str(requeue.saved)}
     if trainer.global_step % cfg.ckpt_every:
         _relink_last(trainer, ckpt_dir, trainer.global_step)

@@ -488,31 +488,36 @@ def test_two_task_training_under_srun_trains_checkpoints_and_resumes(stubs, tmp_
 
 @pytest.mark.slow
 def test_time_limit_signal_saves_requeues_and_the_requeued_job_resumes(stubs, tmp_path, tiny_pairs, launched):
-    """SIGUSR1 (what --signal sends before the time limit): Lightning saves hpc_ckpt_1.ckpt and calls
-    `scontrol requeue <job id>`; the job restarted on the same run directory resumes from the newest checkpoint.
-    One task: Lightning saves from inside the signal handler, which with several ranks on CPU (gloo) can
-    interleave with the training step's collectives."""
+    """SIGUSR1 (what --signal sends before the time limit) to one of 2 tasks: at the next batch boundary both
+    ranks agree, save hpc_ckpt_1.ckpt at the same step, rank 0 calls `scontrol requeue <job id>` once and the
+    tasks exit; the job restarted on the same run directory resumes from that checkpoint."""
     run_dir = tmp_path / "run"
-    one_task = dict(SLURM_NTASKS=1, SLURM_NTASKS_PER_NODE=1, RUN_DIR=run_dir)
     with open(tmp_path / "job1.log", "w") as log:
-        p = _train_job(stubs, [*_train_args(tiny_pairs), "trainer.max_steps=100000"], log, launched, **one_task)
+        p = _train_job(stubs, [*_train_args(tiny_pairs), "trainer.max_steps=100000"], log, launched, RUN_DIR=run_dir)
         deadline = time.time() + 200
         while time.time() < deadline and p.poll() is None and not (run_dir / "checkpoints" / "last.ckpt").exists():
             time.sleep(0.1)
-        [task] = [c for c in psutil.Process(p.pid).children(recursive=True) if c.cmdline()[1:3] == ["-m", "surf_train"]]
-        task.send_signal(signal.SIGUSR1)
-        while time.time() < deadline and p.poll() is None and not stubs.calls("scontrol")[1:]:
-            time.sleep(0.1)
-        kill_tree(p)  # what SLURM does to a requeued job
+        tasks = [c for c in psutil.Process(p.pid).children(recursive=True) if c.cmdline()[1:3] == ["-m", "surf_train"]]
+        assert len(tasks) == 2, _log(tmp_path, "job1.log")
+        rank1 = next(t for t in tasks if t.environ().get("SLURM_PROCID") == "1")
+        rank1.send_signal(signal.SIGUSR1)  # SLURM signals every task, but not at the same instant
+        assert p.wait(timeout=200) == 0, _log(tmp_path, "job1.log")  # the tasks stop by themselves
+    text = (tmp_path / "job1.log").read_text()
+    saves = [ln for ln in text.splitlines() if "requeue signal, saving hpc_ckpt_1.ckpt at step" in ln]
+    assert len(saves) == 2 and {ln.split("rank ")[1][0] for ln in saves} == {"0", "1"}, text[-3000:]
+    step = {int(ln.split("at step ")[1].split()[0]) for ln in saves}
+    assert len(step) == 1  # both ranks saved at the same batch boundary
     requeue = stubs.calls("scontrol")[1:]
-    assert [c["args"] for c in requeue] == [["requeue", "4242"]], _log(tmp_path, "job1.log")
+    assert [c["args"] for c in requeue] == [["requeue", "4242"]], text[-3000:]
     hpc = run_dir / "hpc_ckpt_1.ckpt"
-    assert hpc.is_file() and checkpoint_step(hpc) > 0
+    assert hpc.is_file() and checkpoint_step(hpc) == step.pop()
+    assert not (run_dir / "summary.json").exists()  # a requeued job has not finished
     newest = newest_checkpoint(run_dir)
+    assert newest == hpc
     target = checkpoint_step(newest) + 2
     with open(tmp_path / "job2.log", "w") as log:
         p = _train_job(stubs, [*_train_args(tiny_pairs), f"trainer.max_steps={target}"], log, launched,
-                       SLURM_RESTART_COUNT=1, **one_task)
+                       SLURM_RESTART_COUNT=1, RUN_DIR=run_dir)
         assert p.wait(timeout=300) == 0, _log(tmp_path, "job2.log")
     s = json.loads((run_dir / "summary.json").read_text())
-    assert s["steps"] == target and s["resumed_from"] == str(newest)
+    assert s["steps"] == target and s["resumed_from"] == str(newest) and s["world_size"] == 2
