@@ -77,23 +77,51 @@ def export(ckpt: str | os.PathLike, out_dir: str | os.PathLike, weights: str = "
     cfg = refiner_config(hp["model"])
     check_weights(_shapes(cfg), tensors, str(ckpt))
     return save_refiner(tensors, cfg, out_dir, bridge=hp.get("bridge") or {}, weights=weights, dtype=dtype,
-                        step=step, source=str(Path(ckpt).resolve()))
+                        step=step, source=str(Path(ckpt).resolve()), trained_on=hp.get("trained_on"))
+
+
+def _is_export(d: Path) -> bool:
+    """A directory this module wrote: config.json of our format and nothing but our own files."""
+    try:
+        meta = json.loads((d / CONFIG).read_text())
+    except (OSError, ValueError):
+        return False
+    return meta.get("format") == FORMAT and {p.name for p in d.iterdir()} <= {CONFIG, WEIGHTS}
+
+
+def _check_out_dir(out: Path) -> None:
+    if out.is_file() or (out.exists() and not out.is_dir()):
+        raise ConfigError(f"output {out} is a file, not a directory")
+    if out.is_dir() and any(out.iterdir()) and not _is_export(out):
+        raise ConfigError(f"output {out} is a non-empty directory that is not an exported Refiner; "
+                          f"refusing to replace it (choose a new directory)")
 
 
 def save_refiner(tensors: dict[str, torch.Tensor], cfg: RefinerConfig, out_dir: str | os.PathLike,
                  **meta) -> Path:
-    """Write an exported Refiner directory atomically (temporary directory, then rename)."""
+    """Write an exported Refiner directory atomically: beside it under a temporary name, then swapped in.
+
+    Only an empty directory or an earlier export is ever replaced, never anything the user put there."""
     meta = {"format": FORMAT, "version": VERSION, "refiner": cfg.to_dict(), "bridge": {}, "dtype": "float32",
             **meta}
     out = Path(out_dir)
+    _check_out_dir(out)
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / WEIGHTS), metadata={"format": FORMAT})
-    (tmp / CONFIG).write_text(json.dumps(meta, indent=1))
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    old = out.with_name(f".{out.name}.old{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)  # our own pid's leftover only
+    try:
+        tmp.mkdir(parents=True)
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / WEIGHTS), metadata={"format": FORMAT})
+        (tmp / CONFIG).write_text(json.dumps(meta, indent=1))
+        if out.is_dir() and any(out.iterdir()):
+            os.replace(out, old)  # the previous export, checked by _check_out_dir
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not out.exists():
+            os.replace(old, out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
     return out
 
 
@@ -135,12 +163,28 @@ def load_refiner(directory: str | os.PathLike, device: str | torch.device = "cpu
     return net, meta
 
 
+def check_base(meta: dict, spec, where: str, force: bool = False) -> str | None:
+    """Refuse a Refiner trained on another base model than `spec` (a BaseSpec); returns a warning or None.
+
+    Two families can share a channel count (Wan and HunyuanVideo: 16), so the record decides, not shapes."""
+    rec = (meta.get("trained_on") or {}).get("base")
+    if not rec:
+        return f"{where} records no base model (exported before the record existed): not checked"
+    want = {"id": spec.model_id, "revision": spec.revision, "family": spec.family}
+    got = {k: rec.get(k) for k in want}
+    if got != want and not force:
+        diff = ", ".join(f"{k} {got[k]!r} (base {want[k]!r})" for k in want if got[k] != want[k])
+        raise ConfigError(f"{where} was trained on base model {rec.get('name')!r}, not {spec.name!r}: {diff}; "
+                          f"pass --force to use it anyway")
+    return None
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m surf_train.export", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("checkpoint", help="Lightning .ckpt file or DeepSpeed checkpoint directory "
                                        "(e.g. runs/tiny/checkpoints/last.ckpt)")
-    ap.add_argument("out_dir", help="output directory (replaced if it exists)")
+    ap.add_argument("out_dir", help="output directory: new, empty, or an earlier export (which is replaced)")
     ap.add_argument("--weights", default="auto", choices=["auto", "ema", "raw"],
                     help="EMA or raw weights (auto: EMA when the checkpoint has it)")
     ap.add_argument("--dtype", default="float32", choices=list(DTYPES), help="storage dtype of the weights")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import time
@@ -23,13 +24,14 @@ from tqdm import tqdm
 
 from surf_train.base import BaseModel, BaseSpec, load_base_model
 from surf_train.errors import ConfigError
-from surf_train.export import load_refiner
+from surf_train.export import check_base, load_refiner
 from surf_train.objective import refine, upsample
 from surf_train.sampling import DOWN_MODES, RULES, PreviewPlan, euler_sample, preview_sample
 
 DEFAULT_BASE = "toy"  # the trained toy-world model (assets/toy_base); `tiny` is random, for tests
 DEFAULT_REFINER = "runs/tiny/refiner"
 MODES = ("surf", "baseline", "preview")
+log = logging.getLogger("surf_train")
 
 
 @dataclass
@@ -45,7 +47,7 @@ class GenerateConfig:
     frames: int | None = None
     prefix_height: int | None = None  # first `switch` steps; None: the base model's native size
     prefix_width: int | None = None
-    preview_height: int | None = None  # None: half the target
+    preview_height: int | None = None  # None: half the target (on the size grid)
     preview_width: int | None = None
     steps: int = 20
     switch: int = 5
@@ -58,6 +60,7 @@ class GenerateConfig:
     device: str = "auto"
     out_dir: str = "outputs/generate"
     progress: bool = True
+    force: bool = False  # use a Refiner trained on another base model
 
 
 class StageClock:
@@ -91,16 +94,34 @@ class StageClock:
         return out
 
 
+def _on_grid(x: float, multiple: int) -> int:
+    return max(multiple, round(x / multiple) * multiple)
+
+
+def default_prefix(target: tuple[int, int], native: tuple[int, int], multiple: int) -> tuple[int, int]:
+    """The target's aspect ratio at the base model's native pixel count, on the size grid (`multiple`)."""
+    if target[0] * native[1] == target[1] * native[0]:
+        return tuple(native)
+    area, aspect = native[0] * native[1], target[1] / target[0]
+    return _on_grid((area / aspect) ** 0.5, multiple), _on_grid((area * aspect) ** 0.5, multiple)
+
+
 def _sizes(cfg: GenerateConfig, spec: BaseSpec) -> dict[str, tuple[int, int]]:
     h, w = cfg.height or spec.native_size[0], cfg.width or spec.native_size[1]
-    sizes = {"target": (h, w), "prefix": (cfg.prefix_height or spec.native_size[0],
-                                          cfg.prefix_width or spec.native_size[1]),
-             "preview": (cfg.preview_height or h // 2, cfg.preview_width or w // 2)}
     g = spec.geometry
+    m = g.stride_s * g.patch_s
+    prefix = default_prefix((h, w), spec.native_size, m)
+    # default preview: half the target on the size grid (HunyuanVideo 720p: 352x640, as 360 is off the grid)
+    sizes = {"target": (h, w), "prefix": (cfg.prefix_height or prefix[0], cfg.prefix_width or prefix[1]),
+             "preview": (cfg.preview_height or _on_grid(h / 2, m), cfg.preview_width or _on_grid(w / 2, m))}
     for name, (sh, sw) in sizes.items():
         g.check(None, sh, sw, name)
     if sizes["preview"][0] > h or sizes["preview"][1] > w:
         raise ConfigError(f"preview {sizes['preview']} is larger than target {(h, w)}")
+    if cfg.mode != "baseline" and cfg.switch and (sizes["prefix"][0] < sizes["preview"][0]
+                                                  or sizes["prefix"][1] < sizes["preview"][1]):
+        log.warning("prefix %s is smaller than the preview %s: the switch resamples upward (set --prefix-height/"
+                    "--prefix-width)", sizes["prefix"], sizes["preview"])
     return sizes
 
 
@@ -116,6 +137,10 @@ def generate(cfg: GenerateConfig) -> list[dict]:
         raise ConfigError(f"--mode {cfg.mode!r}: choose from {MODES}")
     if cfg.rule not in RULES or cfg.down not in DOWN_MODES:
         raise ConfigError(f"--rule must be one of {RULES} and --down one of {DOWN_MODES}")
+    if cfg.steps < 1:
+        raise ConfigError(f"--steps {cfg.steps}: needs at least 1 base-model step")
+    if cfg.refiner_steps is not None and cfg.refiner_steps < 1:
+        raise ConfigError(f"--refiner-steps {cfg.refiner_steps}: needs at least 1 Refiner step")
     if not 0 <= cfg.switch <= cfg.steps:
         raise ConfigError(f"--switch {cfg.switch} must be in [0, --steps {cfg.steps}]")
     spec = BaseSpec.from_name(cfg.base)
@@ -130,6 +155,9 @@ def generate(cfg: GenerateConfig) -> list[dict]:
         if net.cfg.in_channels != spec.channels:
             raise ConfigError(f"Refiner {cfg.refiner} works on {net.cfg.in_channels}-channel latents but base "
                               f"model {cfg.base} has {spec.channels}")
+        warning = check_base(rmeta, spec, f"Refiner {cfg.refiner}", cfg.force)
+        if warning:
+            log.warning("%s", warning)
     model = load_base_model(spec, cfg.device)
     if net is not None:
         net = net.to(model.device, model.dtype)
@@ -139,7 +167,7 @@ def generate(cfg: GenerateConfig) -> list[dict]:
     for k in ("target", "prefix", "preview"):
         model.check_grid(lat[k], f_lat)
     shift = spec.shift if cfg.shift is None else cfg.shift
-    k_ref = cfg.refiner_steps or bridge.get("steps", 10)
+    k_ref = bridge.get("steps", 10) if cfg.refiner_steps is None else cfg.refiner_steps
     Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
 
     reports = []
@@ -244,6 +272,7 @@ def parse_args(argv: list[str] | None = None) -> GenerateConfig:
     ap.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:1, ...")
     ap.add_argument("--out", dest="out_dir", default=d.out_dir, help="output directory")
     ap.add_argument("--no-progress", dest="progress", action="store_false")
+    ap.add_argument("--force", action="store_true", help="use a Refiner trained on another base model")
     a = vars(ap.parse_args(argv))
     prompts = list(a.pop("prompt") or [])
     pfile = a.pop("prompts")

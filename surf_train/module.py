@@ -98,7 +98,8 @@ class RefinerModule(pl.LightningModule):
 
     def __init__(self, model: dict, bridge: dict | None = None, optim: dict | None = None,
                  ema_decay: float | None = None, init_from_wan: str | None = None, use_text: bool = True,
-                 decode_base: str | None = None, val_videos: int = 1, video_dir: str | None = None):
+                 decode_base: str | None = None, val_videos: int = 1, video_dir: str | None = None,
+                 trained_on: dict | None = None):
         super().__init__()
         self.save_hyperparameters()
         self.model_cfg = refiner_config(model)

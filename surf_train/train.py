@@ -157,13 +157,12 @@ def _logger(cfg: DictConfig, run_dir: Path):
 def fill_from_data(cfg: DictConfig, data_cfg: DataConfig) -> None:
     """`model.in_channels` / `model.text_dim` null and `module.decode_base: auto` take their values from the
     first training sample: its latent channels, its text width (0 without text) and the base model named in
-    its metadata. So the default config trains on whatever base model the pairs came from."""
+    its metadata. So the default config trains on whatever base model the pairs came from. The base model
+    and the sizes of that sample are also recorded (`module.trained_on`), so an export names them."""
     from surf_train.data import split_shards
     from surf_train.shards import read_shards
 
     m = cfg.model
-    if m.in_channels is not None and m.text_dim is not None and cfg.module.decode_base != "auto":
-        return
     train_shards, _ = split_shards(data_cfg)
     first = next(p for paths in train_shards.values() for p in paths)
     sample = next(iter(read_shards([first])), None)
@@ -173,8 +172,14 @@ def fill_from_data(cfg: DictConfig, data_cfg: DataConfig) -> None:
         m.in_channels = int(sample["preview"].shape[0])
     if m.text_dim is None:
         m.text_dim = int(sample["text"].shape[-1]) if "text" in sample else 0
+    meta = sample["meta"]
     if cfg.module.decode_base == "auto":
-        cfg.module.decode_base = sample["meta"].get("base", {}).get("name")
+        cfg.module.decode_base = meta.get("base", {}).get("name")
+    if cfg.module.get("trained_on") is None:
+        cfg.module.trained_on = {"base": meta.get("base"), "latent_channels": int(sample["preview"].shape[0]),
+                                 "preview_latent": list(sample["preview"].shape[1:]),
+                                 "target_latent": list(sample["target"].shape[1:]),
+                                 "preview_size": meta.get("preview_size"), "target_size": meta.get("target_size")}
     log.info("from %s: model.in_channels=%s model.text_dim=%s module.decode_base=%s", first, m.in_channels,
              m.text_dim, cfg.module.decode_base)
 

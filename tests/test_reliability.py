@@ -132,3 +132,75 @@ def test_hpc_pruning_keeps_the_newest_and_the_resume_checkpoint(tmp_path):
     gone = prune_hpc_checkpoints(tmp_path, keep=2, protect=tmp_path / "hpc_ckpt_1.ckpt")
     assert sorted(p.name for p in gone) == ["hpc_ckpt_2.ckpt", "hpc_ckpt_3.ckpt"]
     assert [p.name for p in hpc_checkpoints(tmp_path)] == ["hpc_ckpt_1.ckpt", "hpc_ckpt_4.ckpt", "hpc_ckpt_10.ckpt"]
+
+
+# --- export never deletes what it did not write; the base model travels with the export ----------------
+
+
+@pytest.fixture(scope="module")
+def run_ckpt(pairs, tmp_path_factory):
+    run = tmp_path_factory.mktemp("run")
+    train(compose_cfg([f"data.shards={pairs}", f"run_dir={run}", "trainer.max_steps=2", "ckpt_every=2",
+                       "data.val_samples=0", *SHRINK, *FAST]))
+    return run
+
+
+def test_export_refuses_a_directory_it_did_not_write(run_ckpt, tmp_path):
+    from surf_train.export import export
+
+    ckpt = run_ckpt / "checkpoints" / "last.ckpt"
+    before = sorted(p.relative_to(run_ckpt) for p in run_ckpt.rglob("*"))
+    r = subprocess.run([sys.executable, "-m", "surf_train.export", str(ckpt), str(run_ckpt)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "not an exported Refiner" in r.stderr and "Traceback" not in r.stderr
+    assert sorted(p.relative_to(run_ckpt) for p in run_ckpt.rglob("*")) == before  # the run is intact
+    f = tmp_path / "file"
+    f.write_text("mine")
+    with pytest.raises(ConfigError, match="is a file"):
+        export(ckpt, f)
+    assert f.read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["file"]  # no .tmp left
+    out = export(ckpt, tmp_path / "ref")  # new directory
+    first = (out / "refiner.safetensors").read_bytes()
+    export(ckpt, out)  # an earlier export is replaced
+    assert (out / "refiner.safetensors").read_bytes() == first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "ref"]
+    (out / "notes.txt").write_text("user file")  # no longer only our files: refused
+    with pytest.raises(ConfigError, match="refusing"):
+        export(ckpt, out)
+    assert (out / "notes.txt").exists()
+
+
+def test_export_records_the_base_model_and_generate_refuses_another(run_ckpt, tmp_path):
+    from surf_train.export import export
+
+    out = export(run_ckpt / "checkpoints" / "last.ckpt", tmp_path / "ref")
+    meta = json.loads((out / "config.json").read_text())
+    rec = meta["trained_on"]
+    assert rec["base"]["name"] == "tiny" and rec["base"]["family"] == "wan" and rec["latent_channels"] == 16
+    assert rec["target_latent"] == [3, 8, 8] and rec["preview_latent"] == [3, 4, 4]
+    # hunyuan_video has 16 latent channels too: only the record tells them apart (checked before any download)
+    r = subprocess.run([sys.executable, "-m", "surf_train.generate", "--base", "hunyuan_video", "--refiner", str(out),
+                        "--out", str(tmp_path / "gen")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "trained on base model 'tiny'" in r.stderr and "--force" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("args, msg", [(["--steps", "0"], "--steps 0"), (["--refiner-steps", "0"], "--refiner-steps 0")])
+def test_generate_zero_steps_is_one_clear_error(args, msg, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "surf_train.generate", "--base", "tiny", *args, "--out", str(tmp_path)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr
+
+
+def test_prefix_defaults_to_the_target_aspect_at_the_native_pixel_count(caplog):
+    from surf_train.base import BaseSpec
+    from surf_train.generate import GenerateConfig, _sizes, default_prefix
+
+    assert default_prefix((32, 32), (32, 32), 4) == (32, 32)
+    assert default_prefix((32, 64), (32, 32), 4) == (24, 44)  # 2:1 at about 32*32 pixels
+    assert default_prefix((720, 1280), (480, 832), 16) == (480, 848)  # Wan 480p native, exact 16:9 target
+    spec = BaseSpec.from_name("toy")
+    assert _sizes(GenerateConfig(base="toy", height=32, width=64), spec)["prefix"] == (24, 44)
+    assert "smaller than the preview" not in caplog.text
+    _sizes(GenerateConfig(base="toy", height=96, width=96), spec)  # preview 48x48 > the 32x32 prefix
+    assert "smaller than the preview" in caplog.text
