@@ -21,6 +21,7 @@ import argparse
 import itertools
 import json
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -133,7 +134,7 @@ def _call_flops(model: BaseModel, lat_shape: tuple[int, ...], guidance: float | 
 
 def evaluate(cfg: EvalConfig) -> dict:
     """Run every method on every clip; returns the summary (also written to cfg.out_dir)."""
-    from surf_train.export import load_refiner
+    from surf_train.export import check_base, load_refiner
     from surf_train.flops import refiner_flops, total
     from surf_train.objective import refine, upsample
     from surf_train.toyworld import all_captions, detect
@@ -147,9 +148,9 @@ def evaluate(cfg: EvalConfig) -> dict:
                               f"python -m surf_train.export) first, or pass --refiner none")
         net, meta = load_refiner(cfg.refiner)
         bridge = meta.get("bridge", {})
-        if net.cfg.in_channels != spec.channels:
-            raise ConfigError(f"Refiner {cfg.refiner} works on {net.cfg.in_channels}-channel latents but base "
-                              f"model {cfg.base} has {spec.channels}")
+        warning = check_base(meta, spec, f"Refiner {cfg.refiner}")
+        if warning:
+            print(f"warning: {warning}", file=sys.stderr)
     model = load_base_model(spec, "cpu")
     frames, (h, w) = spec.native_frames, spec.native_size
     c, f_lat = spec.channels, (frames - 1) // spec.stride_t + 1

@@ -167,6 +167,10 @@ def check_base(meta: dict, spec, where: str, force: bool = False) -> str | None:
     """Refuse a Refiner trained on another base model than `spec` (a BaseSpec); returns a warning or None.
 
     Two families can share a channel count (Wan and HunyuanVideo: 16), so the record decides, not shapes."""
+    channels = meta.get("refiner", {}).get("in_channels")
+    if channels != spec.channels:
+        raise ConfigError(f"{where} works on {channels}-channel latents but base model {spec.name} has "
+                          f"{spec.channels}")
     rec = (meta.get("trained_on") or {}).get("base")
     if not rec:
         return f"{where} records no base model (exported before the record existed): not checked"

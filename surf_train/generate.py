@@ -152,9 +152,6 @@ def generate(cfg: GenerateConfig) -> list[dict]:
     if cfg.mode == "surf":
         net, rmeta = load_refiner(cfg.refiner)
         bridge = rmeta.get("bridge", {})
-        if net.cfg.in_channels != spec.channels:
-            raise ConfigError(f"Refiner {cfg.refiner} works on {net.cfg.in_channels}-channel latents but base "
-                              f"model {cfg.base} has {spec.channels}")
         warning = check_base(rmeta, spec, f"Refiner {cfg.refiner}", cfg.force)
         if warning:
             log.warning("%s", warning)

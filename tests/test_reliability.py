@@ -172,6 +172,7 @@ def test_export_refuses_a_directory_it_did_not_write(run_ckpt, tmp_path):
 
 def test_export_records_the_base_model_and_generate_refuses_another(run_ckpt, tmp_path):
     from surf_train.export import export
+    from surf_train.generate import GenerateConfig, generate
 
     out = export(run_ckpt / "checkpoints" / "last.ckpt", tmp_path / "ref")
     meta = json.loads((out / "config.json").read_text())
@@ -183,6 +184,8 @@ def test_export_records_the_base_model_and_generate_refuses_another(run_ckpt, tm
                         "--out", str(tmp_path / "gen")], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "trained on base model 'tiny'" in r.stderr and "--force" in r.stderr
     assert "Traceback" not in r.stderr
+    with pytest.raises(ConfigError, match="16-channel latents but base model toy has 12"):
+        generate(GenerateConfig(base="toy", refiner=str(out), out_dir=str(tmp_path / "gen"), progress=False))
 
 
 @pytest.mark.parametrize("args, msg", [(["--steps", "0"], "--steps 0"), (["--refiner-steps", "0"], "--refiner-steps 0")])
