@@ -1,4 +1,5 @@
 """`python -m surf_train`: train a Refiner (Hydra + Lightning). See `python -m surf_train --help`."""
+import faulthandler
 import logging
 import sys
 
@@ -26,4 +27,5 @@ if __name__ == "__main__":
     from surf_train.train import register_resolvers
 
     register_resolvers()
+    faulthandler.enable()  # a rank killed by SIGSEGV/SIGABRT/SIGBUS prints its Python stack instead of vanishing
     main()

@@ -6,6 +6,7 @@ import logging
 import os
 import sys
 import uuid
+import zipfile
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -96,17 +97,25 @@ def newest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def _unreadable(p: Path) -> str | None:
-    """Why checkpoint `p` cannot be resumed from (truncated, foreign, ...), or None when it loads."""
+    """Why checkpoint `p` cannot be resumed from (truncated, foreign, ...), or None when it looks whole.
+
+    The file holding global_step (Lightning's, or ZeRO's mp_rank_00_model_states.pt) is loaded with
+    weights_only; ZeRO's optimizer shards hold DeepSpeed classes that weights_only refuses, so for them the
+    zip directory at the end of the file is read: a kill mid-write leaves none."""
     files = [p] if p.is_file() else sorted((p / "checkpoint").glob("*.pt"))
     if not files:
         return "no checkpoint files"
     for f in files:
         try:
-            ck = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+            if f.name in (p.name, "mp_rank_00_model_states.pt"):
+                ck = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+                if not isinstance(ck, dict) or "global_step" not in ck:
+                    return f"{f.name}: not a training checkpoint (no global_step)"
+            else:
+                with zipfile.ZipFile(f) as z:
+                    z.namelist()
         except Exception as e:
             return f"{f.name}: {type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}"
-        if f.name in (p.name, "mp_rank_00_model_states.pt") and (not isinstance(ck, dict) or "global_step" not in ck):
-            return f"{f.name}: not a training checkpoint (no global_step)"
     return None
 
 

@@ -81,6 +81,15 @@ def test_ema_stays_float32_under_bf16_mixed_deepspeed(pairs, tmp_path):
     # after the first (copying) update the EMA moves by 1e-4 of (net - ema) per step: far below bf16's step
     moved = [(ema[k] - net[k].float()).abs().max() for k in net if net[k].dtype == torch.bfloat16]
     assert max(moved) > 0
+    # a ZeRO checkpoint directory is resumable (its optimizer shards hold DeepSpeed classes that weights_only
+    # refuses); a truncated optimizer shard (a kill mid-save) is not, and the rerun falls back to an older one
+    from surf_train.train import _unreadable
+
+    last = (tmp_path / "checkpoints" / "last.ckpt").resolve()
+    assert last.is_dir() and _unreadable(last) is None
+    shard = next((last / "checkpoint").glob("*zero_pp_rank_0_*optim_states.pt"))
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    assert "zero_pp_rank_0" in _unreadable(last)
 
 
 def test_ema_checkpoint_round_trip_and_old_format(tmp_path):
