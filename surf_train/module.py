@@ -237,16 +237,17 @@ class RefinerModule(pl.LightningModule):
         """Decode (upsampled preview | refined | target) side by side, write mp4, log to W&B if present."""
         from diffusers.utils import export_to_video
 
-        from surf_train.base import BaseSpec, load_base_model
+        from surf_train.base import BaseSpec
+        from surf_train.base.vae import LatentDecoder
 
-        if self._decoder is None:
-            self._decoder = load_base_model(BaseSpec.from_name(self.hparams.decode_base), self.device)
+        if self._decoder is None:  # the VAE alone: never the base model's transformer or text encoders
+            self._decoder = LatentDecoder(BaseSpec.from_name(self.hparams.decode_base), self.device)
         spec = self._decoder.spec
         out_dir = Path(self.hparams.video_dir or "videos")
         out_dir.mkdir(parents=True, exist_ok=True)
         paths = []
         for i in range(x_up.shape[0]):
-            row = torch.cat([self._decoder.vae_decode(x[i:i + 1]) for x in (x_up, refined, target)], dim=-1)
+            row = torch.cat([self._decoder.decode(x[i:i + 1]) for x in (x_up, refined, target)], dim=-1)
             frames = ((row[0].permute(1, 2, 3, 0) + 1) / 2).clamp(0, 1).cpu().numpy()  # (frames, H, 3W, 3)
             path = out_dir / f"step{self.global_step:07d}_{i}.mp4"
             export_to_video(list(frames), str(path), fps=spec.fps)

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from surf_train.base import vae as vae_io
 from surf_train.dist_env import local_rank
 from surf_train.errors import ConfigError
 from surf_train.sampling import Velocity
@@ -171,14 +172,6 @@ class BaseModel(ABC):
     def _forward(self, x: torch.Tensor, s: float, cond: Cond, guidance: float) -> torch.Tensor:
         """Guided transformer output for x in the model's dtype."""
 
-    @abstractmethod
-    def _normalise(self, z: torch.Tensor) -> torch.Tensor:
-        """Raw VAE latent -> the latent the transformer works on."""
-
-    @abstractmethod
-    def _denormalise(self, latent: torch.Tensor) -> torch.Tensor:
-        """Inverse of _normalise."""
-
     # --- shared ----------------------------------------------------------------------------
     def check_grid(self, latent_hw: tuple[int, int], frames: int) -> None:
         """Family limits on the token grid beyond divisibility (none by default)."""
@@ -197,18 +190,13 @@ class BaseModel(ABC):
     def vae_encode(self, video: torch.Tensor, sample: bool = False,
                    generator: torch.Generator | None = None) -> torch.Tensor:
         """(B, 3, frames, H, W) in [-1, 1] -> normalised latent (B, C, F, H/s, W/s) float32."""
-        vae = self.pipe.vae
         self.geometry.check(video.shape[2], video.shape[3], video.shape[4], "video")
-        dist = vae.encode(video.to(self.device, vae.dtype)).latent_dist
-        z = dist.sample(generator) if sample else dist.mode()
-        return self._normalise(z.float())
+        return vae_io.encode(self.spec.family, self.pipe.vae, video, self.device, sample, generator)
 
     @torch.no_grad()
     def vae_decode(self, latent: torch.Tensor) -> torch.Tensor:
         """Normalised latent (B, C, F, H, W) -> video (B, 3, frames, H*s, W*s) in [-1, 1] float32."""
-        vae = self.pipe.vae
-        z = self._denormalise(latent.float().to(self.device))
-        return vae.decode(z.to(vae.dtype), return_dict=False)[0].float().clamp(-1, 1)
+        return vae_io.decode(self.spec.family, self.pipe.vae, latent, self.device)
 
 
 def load_base_model(spec: BaseSpec, device: str | torch.device = "auto") -> BaseModel:

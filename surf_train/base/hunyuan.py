@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from surf_train.base.adapter import DTYPES, BaseModel, BaseSpec, Cond
+from surf_train.base.vae import load_vae_module
 
 
 class HunyuanBase(BaseModel):
@@ -11,16 +12,14 @@ class HunyuanBase(BaseModel):
 
     @classmethod
     def load(cls, spec: BaseSpec, device: torch.device) -> "HunyuanBase":
-        from diffusers import AutoencoderKLHunyuanVideo, HunyuanVideoPipeline
+        from diffusers import HunyuanVideoPipeline
 
         if spec.pretrained is None:
             from surf_train.base.tiny import tiny_hunyuan_pipeline
             pipe = tiny_hunyuan_pipeline()
         else:
-            vae = AutoencoderKLHunyuanVideo.from_pretrained(spec.source, subfolder="vae", revision=spec.revision,
-                                                            torch_dtype=DTYPES[spec.vae_dtype])
-            pipe = HunyuanVideoPipeline.from_pretrained(spec.source, vae=vae, revision=spec.revision,
-                                                        torch_dtype=DTYPES[spec.dtype])
+            pipe = HunyuanVideoPipeline.from_pretrained(spec.source, vae=load_vae_module(spec), revision=spec.revision,
+                                                        dtype=DTYPES[spec.dtype])
         pipe.to(device)  # dtypes were set at load time (diffusers keeps some modules in float32)
         return cls(spec, pipe, device)
 
@@ -43,9 +42,3 @@ class HunyuanBase(BaseModel):
         return self.pipe.transformer(hidden_states=x, timestep=t, encoder_hidden_states=cond.embeds,
                                      encoder_attention_mask=cond.extra["mask"],
                                      pooled_projections=cond.extra["pooled"], guidance=g, return_dict=False)[0]
-
-    def _normalise(self, z: torch.Tensor) -> torch.Tensor:
-        return z * self.pipe.vae.config.scaling_factor
-
-    def _denormalise(self, latent: torch.Tensor) -> torch.Tensor:
-        return latent / self.pipe.vae.config.scaling_factor

@@ -31,9 +31,34 @@ def tiny_tokenizer(specials=("<pad>", "</s>", "<unk>"), eos="</s>", bos=None, co
     return PreTrainedTokenizerFast(tokenizer_object=tok, **kw)
 
 
+def tiny_wan_vae(seed: int = 0):
+    """The tiny Wan VAE alone (3-channel base, 16 latent channels), seeded on its own: validation decoding
+    builds it without building the transformer or the text encoder, and gets the pipeline's weights."""
+    from diffusers import AutoencoderKLWan
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 1)
+        return AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                                temperal_downsample=[False, True, True])
+
+
+def tiny_hunyuan_vae(seed: int = 0):
+    """The tiny HunyuanVideo VAE alone (4 latent channels), seeded on its own (see tiny_wan_vae)."""
+    from diffusers import AutoencoderKLHunyuanVideo
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 1)
+        return AutoencoderKLHunyuanVideo(in_channels=3, out_channels=3, latent_channels=4,
+                                         down_block_types=("HunyuanVideoDownBlock3D",) * 4,
+                                         up_block_types=("HunyuanVideoUpBlock3D",) * 4,
+                                         block_out_channels=(8, 8, 8, 8), layers_per_block=1, act_fn="silu",
+                                         norm_num_groups=4, scaling_factor=0.476986, spatial_compression_ratio=8,
+                                         temporal_compression_ratio=4, mid_block_add_attention=True)
+
+
 def tiny_wan_pipeline(seed: int = 0):
     """WanPipeline with a 2-layer transformer, a 3-channel-base VAE and a 2-layer T5."""
-    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
     from transformers import T5Config, T5EncoderModel
 
     with torch.random.fork_rng(devices=[]):
@@ -42,20 +67,17 @@ def tiny_wan_pipeline(seed: int = 0):
         te = T5EncoderModel(T5Config(vocab_size=len(tok), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
                                      relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1,
                                      decoder_start_token_id=0))
-        vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-                               temperal_downsample=[False, True, True])
         net = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
                                     in_channels=16, out_channels=16, text_dim=32, freq_dim=256, ffn_dim=32,
                                     num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
                                     rope_max_seq_len=32)
-    return WanPipeline(tokenizer=tok, text_encoder=te.eval(), vae=vae, transformer=net,
+    return WanPipeline(tokenizer=tok, text_encoder=te.eval(), vae=tiny_wan_vae(seed), transformer=net,
                        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
 
 
 def tiny_hunyuan_pipeline(seed: int = 0):
     """HunyuanVideoPipeline with one double and one single block, tiny Llama and CLIP encoders."""
-    from diffusers import (AutoencoderKLHunyuanVideo, FlowMatchEulerDiscreteScheduler, HunyuanVideoPipeline,
-                           HunyuanVideoTransformer3DModel)
+    from diffusers import FlowMatchEulerDiscreteScheduler, HunyuanVideoPipeline, HunyuanVideoTransformer3DModel
     from transformers import CLIPTextConfig, CLIPTextModel, LlamaConfig, LlamaModel
 
     with torch.random.fork_rng(devices=[]):
@@ -74,12 +96,7 @@ def tiny_hunyuan_pipeline(seed: int = 0):
                                              num_refiner_layers=1, patch_size=1, patch_size_t=1,
                                              guidance_embeds=True, text_embed_dim=16, pooled_projection_dim=8,
                                              rope_axes_dim=(2, 4, 4))
-        vae = AutoencoderKLHunyuanVideo(in_channels=3, out_channels=3, latent_channels=4,
-                                        down_block_types=("HunyuanVideoDownBlock3D",) * 4,
-                                        up_block_types=("HunyuanVideoUpBlock3D",) * 4,
-                                        block_out_channels=(8, 8, 8, 8), layers_per_block=1, act_fn="silu",
-                                        norm_num_groups=4, scaling_factor=0.476986, spatial_compression_ratio=8,
-                                        temporal_compression_ratio=4, mid_block_add_attention=True)
-    return HunyuanVideoPipeline(text_encoder=llama.eval(), tokenizer=llama_tok, transformer=net, vae=vae,
+    return HunyuanVideoPipeline(text_encoder=llama.eval(), tokenizer=llama_tok, transformer=net,
+                                vae=tiny_hunyuan_vae(seed),
                                 scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0), text_encoder_2=clip.eval(),
                                 tokenizer_2=clip_tok)

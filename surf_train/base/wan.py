@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from surf_train.base.adapter import DTYPES, BaseModel, BaseSpec, Cond
+from surf_train.base.vae import load_vae_module
 from surf_train.errors import ConfigError
 
 
@@ -12,20 +13,17 @@ class WanBase(BaseModel):
 
     @classmethod
     def load(cls, spec: BaseSpec, device: torch.device) -> "WanBase":
-        from diffusers import AutoencoderKLWan, WanPipeline
+        from diffusers import WanPipeline
+
+        import surf_train.base.known_warnings  # noqa: F401  (the toy's stand-in VAE and text encoder)
 
         if spec.pretrained is None:
             from surf_train.base.tiny import tiny_wan_pipeline
             pipe = tiny_wan_pipeline()
         else:
             # Wan's VAE is kept in float32 (as in the model card); the rest in spec.dtype
-            vae_cls = AutoencoderKLWan
-            if spec.vae_class == "pixel_shuffle":  # the toy world's exact latent (surf_train/base/toy_vae.py)
-                from surf_train.base.toy_vae import PixelShuffleVAE as vae_cls
-            vae = vae_cls.from_pretrained(spec.source, subfolder="vae", revision=spec.revision,
-                                                   torch_dtype=DTYPES[spec.vae_dtype])
-            pipe = WanPipeline.from_pretrained(spec.source, vae=vae, revision=spec.revision,
-                                               torch_dtype=DTYPES[spec.dtype])
+            pipe = WanPipeline.from_pretrained(spec.source, vae=load_vae_module(spec), revision=spec.revision,
+                                               dtype=DTYPES[spec.dtype])
         pipe.to(device)  # dtypes were set at build/load time (diffusers keeps some modules in float32)
         return cls(spec, pipe, device)
 
@@ -61,18 +59,3 @@ class WanBase(BaseModel):
             return out
         v_pos, v_neg = out[:b], out[b:]
         return v_neg + guidance * (v_pos - v_neg)
-
-    def _stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        c = self.pipe.vae.config
-        shape = (1, c.z_dim, 1, 1, 1)
-        mean = torch.tensor(c.latents_mean, device=like.device, dtype=like.dtype).view(shape)
-        std = torch.tensor(c.latents_std, device=like.device, dtype=like.dtype).view(shape)
-        return mean, std
-
-    def _normalise(self, z: torch.Tensor) -> torch.Tensor:
-        mean, std = self._stats(z)
-        return (z - mean) / std
-
-    def _denormalise(self, latent: torch.Tensor) -> torch.Tensor:
-        mean, std = self._stats(latent)
-        return latent * std + mean
