@@ -678,10 +678,11 @@ def wan_on_device(config: dict, dev: torch.device, dtype: torch.dtype):
         net = WanTransformer3DModel(**config).to(dtype)
     # as from_pretrained(torch_dtype=bf16) does: the model's _keep_in_fp32_modules (time embedder, norms,
     # adaLN tables) stay float32
-    keep = getattr(net, "_keep_in_fp32_modules", None) or []
-    for name, mod in net.named_modules():
-        if any(k in name.split(".") for k in keep):
-            mod.float()
+    keep = set(getattr(net, "_keep_in_fp32_modules", None) or [])
+    for mname, mod in net.named_modules():  # matched on parameter names, as diffusers' loader does
+        for pname, prm in list(mod.named_parameters(recurse=False)):
+            if keep & set(f"{mname}.{pname}".split(".")):
+                mod._parameters[pname] = torch.nn.Parameter(prm.float(), requires_grad=prm.requires_grad)
     net = net.to_empty(device=dev)  # uninitialised storage on dev, no host copy of 28 GB
     # the RoPE tables are the only buffers (non-persistent, computed in __init__): rebuild them for real
     c = net.config
@@ -690,7 +691,7 @@ def wan_on_device(config: dict, dev: torch.device, dtype: torch.dtype):
     other = [n for n, _ in net.named_buffers() if not n.startswith("rope.")]
     if other:
         raise RuntimeError(f"buffers other than RoPE would stay uninitialised: {other[:5]}")
-    gen = torch.Generator(dev).manual_seed(0)
+    gen = None if dev.type == "meta" else torch.Generator(dev).manual_seed(0)  # meta: shapes-only tests
     with torch.no_grad():
         for name, p in net.named_parameters():
             if "norm" in name:  # norm scales 1, shifts 0: activations stay in range
@@ -777,6 +778,17 @@ def write_shards(directory: Path, target: tuple[int, ...], text: tuple[int, int]
     return writer.shards
 
 
+def train_overrides(plan: Plan, shards: Path, run_dir: Path) -> list[str]:
+    """Hydra overrides of `python -m surf_train`: the `wan` experiment (bf16-mixed, ZeRO-2, EMA) shrunk to 5 steps
+    of a mid-sized Refiner on one device."""
+    model = [f"model.{k}={json.dumps(list(v) if isinstance(v, tuple) else v).replace(' ', '')}"
+             for k, v in plan.ds_model.items()]
+    return ["+experiment=wan", f"data.shards={shards}", f"run_dir={run_dir}", "name=gpu_check", "logger=none",
+            "module.decode_base=null", "trainer.devices=1", "trainer.max_steps=5", "ckpt_every=5",
+            "data.val_samples=2", "trainer.enable_progress_bar=false", "module.optim.warmup_steps=1", *model,
+            *plan.ds_extra]
+
+
 def part_lightning_deepspeed(plan: Plan, dev: torch.device, deadline: float, r: dict, report: Report) -> None:
     from surf_train.export import load_refiner, read_checkpoint
     from surf_train.module import text_mask
@@ -790,12 +802,7 @@ def part_lightning_deepspeed(plan: Plan, dev: torch.device, deadline: float, r: 
         shards = work / "shards"
         r["shards"] = {"count": write_shards(shards, plan.ds_target, plan.ds_text, 4, 2), "per_shard": 2,
                        "target": list(plan.ds_target), "text": list(plan.ds_text)}
-        model = [f"model.{k}={json.dumps(list(v) if isinstance(v, tuple) else v).replace(' ', '')}"
-                 for k, v in plan.ds_model.items()]
-        cmd = [sys.executable, "-m", "surf_train", "+experiment=wan", f"data.shards={shards}", f"run_dir={work}/run",
-               "name=gpu_check", "logger=none", "module.decode_base=null", "trainer.devices=1", "trainer.max_steps=5",
-               "ckpt_every=5", "data.val_samples=2", "trainer.enable_progress_bar=false",
-               "module.optim.warmup_steps=1", *model, *plan.ds_extra]
+        cmd = [sys.executable, "-m", "surf_train", *train_overrides(plan, shards, work / "run")]
         r["command"] = shlex.join([Path(cmd[0]).name, *cmd[1:]]).replace(str(work), "$WORK")
         report.save()
         t0 = time.monotonic()

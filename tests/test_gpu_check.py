@@ -157,3 +157,40 @@ def test_failures_are_recorded_and_the_run_goes_on(tmp_path, monkeypatch):
     assert "refiner_sample" in wan["results"]["composition"]["null_reasons"]["refiner_step_source"]
     assert parts["environment"]["status"] == "skipped" and parts["lightning_deepspeed"]["reason"] == "not in --parts"
     assert G.unexplained_nulls(doc) == []
+
+
+def test_real_training_overrides_compose_to_the_wan_experiment(tmp_path):
+    """The GPU run's `python -m surf_train` overrides: bf16-mixed Lightning DeepSpeed ZeRO-2 on one GPU, EMA on,
+    a ~140M-parameter Refiner with the paper's text width and window."""
+    from hydra import compose, initialize_config_dir
+
+    from surf_train import CONF_DIR
+    from surf_train.module import refiner_config
+    from surf_train.refiner import Refiner, num_params
+    from surf_train.train import register_resolvers
+
+    register_resolvers()
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=G.train_overrides(G.Plan(dry_run=False), tmp_path, tmp_path / "run"))
+    t = cfg.trainer
+    assert (t.accelerator, t.devices, t.precision, t.max_steps) == ("gpu", 1, "bf16-mixed", 5)
+    assert t.strategy._target_.endswith("deepspeed_strategy") and t.strategy.stage == 2
+    assert cfg.module.ema_decay and cfg.module.decode_base is None and cfg.data.num_workers == 2
+    rc = refiner_config(cfg.model)
+    assert (rc.dim, rc.depth, rc.head_dim, rc.text_dim, rc.window) == (1024, 8, 128, 4096, (4, 16, 16))
+    with torch.device("meta"):
+        assert 100e6 < num_params(Refiner(rc)) < 200e6
+
+
+def test_wan_14b_builds_like_from_pretrained_on_meta():
+    """The released config at full size on the meta device: 14.3B parameters, bf16 but for the modules diffusers
+    keeps in float32, RoPE tables rebuilt."""
+    from surf_train.flops import ARCH
+
+    net = G.wan_on_device(ARCH["wan2.1_t2v_14b"], torch.device("meta"), torch.bfloat16)
+    assert 14.2e9 < sum(p.numel() for p in net.parameters()) < 14.4e9
+    fp32 = {n for n, p in net.named_parameters() if p.dtype == torch.float32}
+    assert "blocks.0.scale_shift_table" in fp32 and "blocks.0.norm2.weight" in fp32
+    assert "blocks.0.ffn.net.0.proj.weight" not in fp32 and all(
+        set(n.split(".")) & set(net._keep_in_fp32_modules) for n in fp32)
+    assert [n for n, _ in net.named_buffers()] == ["rope.freqs_cos", "rope.freqs_sin"]
