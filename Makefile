@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/pip install -c constraints-cpu.txt
 
-.PHONY: venv demo test test-fast bench toy-base clean
+.PHONY: venv demo test test-fast bench toy-base clean gpu-wheels gpu-check
 
 $(BIN)/.installed: pyproject.toml constraints-cpu.txt
 	$(PY) -m venv $(VENV)
@@ -45,6 +45,38 @@ bench: venv
 	$(BIN)/python benchmarks/bench_attention.py
 	$(BIN)/python benchmarks/bench_generate.py
 	$(BIN)/python benchmarks/bench_video.py
+
+# GPU check (benchmarks/gpu_check.py): `make gpu-wheels` here (PyPI reachable) downloads into $(WHL)/ the packages the
+# GPU machine lacks, at the versions of constraints-cpu.txt, for its CPython 3.12 on manylinux x86_64; antlr4 4.9.3
+# is an sdist only (pure Python: built into a wheel here), deepspeed stays an sdist (built there against its torch).
+WHL ?= .whl
+GPU_PY ?= python3
+GPU_SITE ?= /tmp/site
+GPU_WHEELS := diffusers hydra-core omegaconf webdataset braceexpand importlib_metadata lazy-importer pydantic \
+	pydantic_core annotated-types typing-inspection typing_extensions hjson
+GPU_SDISTS := antlr4-python3-runtime deepspeed
+PLATFORMS := --only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 \
+	--platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+	--platform manylinux1_x86_64
+pinned = $(foreach p,$(1),$(or $(shell grep -i '^$(p)==' constraints-cpu.txt),\
+	$(error $(p) is not pinned in constraints-cpu.txt)))
+
+gpu-wheels:
+	rm -rf $(WHL) && mkdir -p $(WHL)/sdist
+	$(PY) -m pip download -q --no-deps $(PLATFORMS) -d $(WHL) $(call pinned,$(GPU_WHEELS))
+	$(PY) -m pip download -q --no-deps --no-binary=:all: -d $(WHL)/sdist $(call pinned,$(GPU_SDISTS))
+	$(PY) -m pip wheel -q --no-deps -w $(WHL) $(WHL)/sdist/antlr4*.tar.gz
+	mv $(WHL)/sdist/deepspeed-*.tar.gz $(WHL)/ && rm -rf $(WHL)/sdist
+	@ls -l $(WHL) | tail -n +2
+	@size=$$(du -sm $(WHL) | cut -f1); echo "$(WHL): $$size MB"; test $$size -lt 60
+
+# on the GPU machine, from the repository root with $(WHL)/ carried along (see the docstring of gpu_check.py)
+gpu-check:
+	$(GPU_PY) -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target $(GPU_SITE) \
+		$(WHL)/*.whl
+	DS_BUILD_OPS=0 PYTHONPATH=$(GPU_SITE) $(GPU_PY) -m pip install -q --no-index --no-deps --no-build-isolation \
+		--no-compile --no-cache-dir --upgrade --target $(GPU_SITE)_ds $(WHL)/deepspeed-*.tar.gz
+	PYTHONPATH=$(GPU_SITE):$(GPU_SITE)_ds:$(CURDIR) PYTHONUNBUFFERED=1 $(GPU_PY) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) data outputs runs
