@@ -4,13 +4,21 @@ A sample is two tar entries under one key:
   <key>.tensors.safetensors  preview (C, F, h, w), target (C, F, H, W), optional text (L, D)
   <key>.json                 metadata (prompt, seed, base model, shapes, schedule, reshift, version)
 Tensors are safetensors bytes (fp16/bf16/fp32), so reading never unpickles.
-Shards are written under a temporary name and renamed when complete.
+Shards are written under a temporary name and renamed when complete, by the one process that holds
+the directory's lock for its rank (`OutDirLock`).
 """
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
+import logging
 import os
+import socket
+import sys
 import tarfile
+import tempfile
+import uuid
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -18,6 +26,10 @@ import torch
 import webdataset as wds
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
+
+from surf_train.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 TENSORS = "tensors.safetensors"
@@ -110,8 +122,9 @@ def read_shards(paths: Iterable[str | os.PathLike]) -> Iterator[dict]:
 class ShardWriter:
     """Writes samples into `<prefix>-r<rank>-<n>.tar` shards of at most `max_count` samples.
 
-    Each shard is written as `<name>.tmp` and renamed when it is closed, so a crash at any point
-    leaves only complete shards with `.tar` names; `start_index` continues numbering on resume.
+    Each shard is written as `<name>.<pid>.tmp` and renamed when it is closed, so a crash at any point
+    leaves only complete shards with `.tar` names, and a writer renames only its own file; `start_index`
+    continues numbering on resume.
     """
 
     def __init__(self, directory: str | os.PathLike, rank: int, max_count: int, prefix: str = "pairs",
@@ -123,7 +136,8 @@ class ShardWriter:
 
     def _open(self) -> None:
         self._path = self.dir / shard_name(self.prefix, self.rank, self.index)
-        self._file = open(str(self._path) + TMP_SUFFIX, "wb")
+        self._tmp = f"{self._path}.{os.getpid()}{TMP_SUFFIX}"
+        self._file = open(self._tmp, "xb")  # never truncates a file that another process is writing
         self._tar = wds.TarWriter(self._file)
 
     def close_shard(self) -> None:
@@ -133,7 +147,7 @@ class ShardWriter:
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
-        os.replace(str(self._path) + TMP_SUFFIX, self._path)
+        os.replace(self._tmp, self._path)
         self.bytes += self._path.stat().st_size
         self.shards += 1
         self.index += 1
@@ -156,8 +170,9 @@ class ShardWriter:
 
 
 def remove_partial(directory: str | os.PathLike, rank: int, prefix: str = "pairs") -> int:
-    """Delete this rank's leftover temporary shards (from a crash); returns how many."""
-    leftovers = list(Path(directory).glob(f"{prefix}-r{rank:03d}-*.tar{TMP_SUFFIX}"))
+    """Delete this rank's leftover temporary shards (from a crash); returns how many. Call it holding the
+    rank's `OutDirLock`: then no live process is writing them."""
+    leftovers = list(Path(directory).glob(f"{prefix}-r{rank:03d}-*.tar*{TMP_SUFFIX}"))
     for p in leftovers:
         p.unlink()
     return len(leftovers)
@@ -168,3 +183,103 @@ def next_index(directory: str | os.PathLike, rank: int, prefix: str = "pairs") -
     nums = [int(p.stem.rsplit("-", 1)[1]) for p in Path(directory).glob(f"{prefix}-r{rank:03d}-*.tar")]
     return max(nums, default=-1) + 1
 
+
+def lock_path(directory: str | os.PathLike, rank: int) -> Path:
+    return Path(directory) / f"r{rank:03d}.lock"
+
+
+def _start_time(pid: int) -> str | None:
+    """A process's start time in clock ticks since boot (Linux); tells a live process from a reused pid."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _alive(owner: dict) -> bool:
+    """Whether the process a lock names still runs; only answerable on its own host (else: assume it does)."""
+    if owner.get("host") != socket.gethostname():
+        return True
+    try:
+        os.kill(owner["pid"], 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        pass
+    started = owner.get("started")
+    return started is None or _start_time(owner["pid"]) in (None, started)
+
+
+class OutDirLock:
+    """One writing process per (out_dir, rank): `<out_dir>/r<rank>.lock` names its owner's host and pid.
+
+    The lock is made with os.link (atomic, also on NFS), so it is never seen without its content. A lock
+    whose owner is a dead process on this host is stale and taken over with one warning; a live owner, or
+    one on another host (which cannot be checked from here), is one ConfigError naming the lock and owner.
+    """
+
+    def __init__(self, directory: str | os.PathLike, rank: int):
+        self.dir, self.rank = Path(directory), rank
+        self.path = lock_path(directory, rank)
+        self.me = {"host": socket.gethostname(), "pid": os.getpid(), "started": _start_time(os.getpid()),
+                   "token": uuid.uuid4().hex, "argv": sys.argv}
+
+    def _owner(self) -> dict | None:
+        try:
+            owner = json.loads(self.path.read_text())
+            return owner if isinstance(owner, dict) and isinstance(owner.get("pid"), int) else {}
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            return {}
+
+    def acquire(self) -> "OutDirLock":
+        if self.dir.exists() and not self.dir.is_dir():
+            raise ConfigError(f"out_dir={self.dir} is an existing file, not a directory")
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"out_dir={self.dir}: cannot create the directory ({e.strerror})") from None
+        tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.{self.me['token'][:8]}{TMP_SUFFIX}")
+        tmp.write_text(json.dumps(self.me))
+        try:
+            # processes of one host decide about stale locks one at a time (a host-local flock): two of
+            # them must not both remove a stale lock and then one the other's new lock
+            digest = hashlib.sha1(str(self.path.resolve()).encode()).hexdigest()[:16]
+            with open(Path(tempfile.gettempdir()) / f"surf-lock-{digest}.guard", "a") as g:
+                fcntl.flock(g, fcntl.LOCK_EX)
+                for _ in range(3):
+                    try:
+                        os.link(tmp, self.path)
+                        return self
+                    except FileExistsError:
+                        pass
+                    owner = self._owner()
+                    if owner is None:  # released meanwhile
+                        continue
+                    if not owner:
+                        raise ConfigError(f"{self.path}: unreadable lock file in out_dir; if no other process writes "
+                                          f"rank {self.rank} there, delete it")
+                    if _alive(owner):
+                        raise ConfigError(f"{self.path}: rank {self.rank} of {self.dir} is being written by pid "
+                                          f"{owner['pid']} on {owner.get('host')}; wait for it to finish (or, if "
+                                          f"that process is gone, delete the lock file)")
+                    log.warning("%s: taking over the stale lock of pid %s on %s (no longer running)", self.path,
+                                owner["pid"], owner.get("host"))
+                    self.path.unlink(missing_ok=True)
+                raise ConfigError(f"{self.path}: could not take the lock (it keeps changing hands)")
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def release(self) -> None:
+        owner = self._owner()
+        if owner and owner.get("token") == self.me["token"]:
+            self.path.unlink()
+        else:
+            log.warning("%s: the lock is no longer this process's; left as it is", self.path)
+
+    def __enter__(self) -> "OutDirLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()

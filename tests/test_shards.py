@@ -1,12 +1,14 @@
 import io
 import json
+import os
 import tarfile
 
 import pytest
 import torch
 
-from surf_train.shards import (ShardError, ShardWriter, decode_sample, encode_sample, list_shards, next_index,
-                               read_shards, remove_partial, shard_keys)
+from surf_train.errors import ConfigError
+from surf_train.shards import (OutDirLock, ShardError, ShardWriter, decode_sample, encode_sample, list_shards,
+                               lock_path, next_index, read_shards, remove_partial, shard_keys)
 
 
 def sample(i, dtype=torch.float16):
@@ -31,7 +33,8 @@ def test_round_trip_keeps_dtype_and_values(tmp_path, dtype):
 def test_open_shard_is_not_visible_until_closed(tmp_path):
     w = ShardWriter(tmp_path, rank=2, max_count=10)
     w.write(sample(0))
-    assert list_shards(tmp_path) == [] and len(list(tmp_path.glob("*.tar.tmp"))) == 1
+    assert list_shards(tmp_path) == []
+    assert [p.name for p in tmp_path.glob("*.tmp")] == [f"pairs-r002-000000.tar.{os.getpid()}.tmp"]
     assert remove_partial(tmp_path, rank=1) == 0 and remove_partial(tmp_path, rank=2) == 1
     assert not list(tmp_path.iterdir())
 
@@ -93,3 +96,43 @@ def test_cut_inside_an_entry_is_detected(tmp_path):
         shard.write_bytes(data[:cut])
         with pytest.raises(ShardError, match=f"{shard.name}: (truncated|not a readable)"):
             shard_keys(shard)
+
+
+def test_writer_never_touches_another_writers_temporary_file(tmp_path):
+    other = tmp_path / "pairs-r000-000000.tar.tmp"  # another process's shard in progress (old-style name)
+    other.write_bytes(b"someone else's half-written shard")
+    with ShardWriter(tmp_path, rank=0, max_count=1) as w:
+        w.write(sample(0))
+    assert other.read_bytes() == b"someone else's half-written shard"
+    assert [s["key"] for s in read_shards(list_shards(tmp_path))] == ["k0000"]
+
+
+def test_out_dir_lock_refuses_a_live_owner_and_takes_over_a_stale_one(tmp_path, caplog):
+    import socket
+    import subprocess
+    import sys
+    host, lock = socket.gethostname(), lock_path(tmp_path, 0)
+    with OutDirLock(tmp_path, 0):
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+        with pytest.raises(ConfigError, match=rf"{lock}: rank 0 of {tmp_path} is being written by pid {os.getpid()} "
+                                              rf"on {host}"):
+            OutDirLock(tmp_path, 0).acquire()
+        with OutDirLock(tmp_path, 1):  # another rank: its own lock
+            pass
+    assert not list(tmp_path.iterdir())  # released, no temporary file left
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    for owner in ({"host": host, "pid": dead.pid}, {"host": host, "pid": os.getppid(), "started": "0"}):  # reused pid
+        lock.write_text(json.dumps(owner))
+        with caplog.at_level("WARNING", logger="surf_train.shards"), OutDirLock(tmp_path, 0):
+            assert json.loads(lock.read_text())["pid"] == os.getpid()
+        assert f"{lock}: taking over the stale lock of pid {owner['pid']} on {host} (no longer running)" in caplog.text
+    lock.write_text(json.dumps({"host": "another-node", "pid": dead.pid}))  # cannot be checked from here
+    with pytest.raises(ConfigError, match="being written by pid .* on another-node; wait for it"):
+        OutDirLock(tmp_path, 0).acquire()
+    lock.write_text("garbage")
+    with pytest.raises(ConfigError, match="unreadable lock file"):
+        OutDirLock(tmp_path, 0).acquire()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match=f"out_dir={tmp_path / 'file'} is an existing file, not a directory"):
+        OutDirLock(tmp_path / "file", 0).acquire()
