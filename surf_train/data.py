@@ -395,6 +395,10 @@ class PairDataModule(pl.LightningDataModule):
         index = sorted((k, p) for p in self.val_shards for k in (self._keys(p) or []))[:cfg.val_samples]
         wanted = {k for k, _ in index}
         urls = sorted({str(p) for _, p in index})
+        if not urls:  # every validation shard was corrupt and skipped (else _keys raised, naming it)
+            log.warning("no readable validation sample in the %d validation shard(s): validation is skipped",
+                        len(self.val_shards))
+            return []
         # the training stream's error handling, without resampling: shards in order, each read once
         stream = _Stream(urls, cfg.seed, 0, self._skipped, cfg.skip_corrupt)
         raw = wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples(handler=stream.on_shard_error),

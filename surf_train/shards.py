@@ -2,7 +2,8 @@
 
 A sample is two tar entries under one key:
   <key>.tensors.safetensors  preview (C, F, h, w), target (C, F, H, W), optional text (L, D)
-  <key>.json                 metadata (prompt, seed, base model, shapes, schedule, reshift, version)
+  <key>.json                 metadata (prompt, seed, base model, shapes, schedule, reshift, version,
+                             sha256 of the safetensors bytes)
 Tensors are safetensors bytes (fp16/bf16/fp32), so reading never unpickles.
 Shards are written under a temporary name and renamed when complete, by the one process that holds
 the directory's lock for its rank (`OutDirLock`).
@@ -37,6 +38,7 @@ META = "json"
 REQUIRED_TENSORS = ("preview", "target")
 REQUIRED_META = ("key", "schema", "source", "preview_shape", "target_shape")
 TMP_SUFFIX = ".tmp"
+CHECKSUM = "sha256"  # metadata field: sha256 of the safetensors bytes (shards written before it have none)
 
 
 class ShardError(RuntimeError):
@@ -48,9 +50,9 @@ def encode_sample(key: str, tensors: dict[str, torch.Tensor], meta: dict) -> dic
     missing = [k for k in REQUIRED_TENSORS if k not in tensors]
     if missing:
         raise ValueError(f"sample {key}: missing tensors {missing}")
-    meta = {**meta, "key": key, "schema": SCHEMA_VERSION,
-            "preview_shape": list(tensors["preview"].shape), "target_shape": list(tensors["target"].shape)}
     blob = st_save({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
+    meta = {**meta, "key": key, "schema": SCHEMA_VERSION, CHECKSUM: hashlib.sha256(blob).hexdigest(),
+            "preview_shape": list(tensors["preview"].shape), "target_shape": list(tensors["target"].shape)}
     return {"__key__": key, TENSORS: blob, META: json.dumps(meta, sort_keys=True).encode()}
 
 
@@ -62,7 +64,15 @@ def decode_sample(raw: dict) -> dict:
         raise ShardError(f"{where}: expected entries {TENSORS!r} and {META!r}, got {sorted(raw)}")
     try:
         meta = json.loads(raw[META])
+        # checked before parsing: a flipped byte in the tensor data would otherwise decode as a wrong value
+        digest = meta.get(CHECKSUM) if isinstance(meta, dict) else None
+        read = hashlib.sha256(raw[TENSORS]).hexdigest() if digest is not None else None
+        if read != digest:
+            raise ShardError(f"{where}: checksum mismatch in {TENSORS} (sha256 {digest[:12]}... recorded, "
+                             f"{read[:12]}... read): the bytes are corrupt")
         tensors = st_load(raw[TENSORS])
+    except ShardError:
+        raise
     except Exception as e:  # corrupt bytes: name the sample, keep the cause
         raise ShardError(f"{where}: cannot decode ({type(e).__name__}: {e})") from e
     missing = [k for k in REQUIRED_TENSORS if k not in tensors] + [k for k in REQUIRED_META if k not in meta]
@@ -84,18 +94,43 @@ def list_shards(directory: str | os.PathLike) -> list[Path]:
 
 def shard_keys(path: Path) -> list[str]:
     """Sample keys in one complete shard, read from the tar index without decoding payloads."""
+    members: list[tarfile.TarInfo] = []
     try:
-        with open(path, "rb") as f, tarfile.open(fileobj=f) as tar:
-            members = tar.getmembers()
-            # tarfile stops quietly where a file was cut: a complete tar ends in two zero blocks
+        # "r:": shards are plain tar; the default mode would report a bad header as "not a gzip file" etc.
+        with open(path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
+            try:
+                members.extend(tar)
+            except tarfile.ReadError as e:  # a header after an extended (pax) header is cut or corrupt
+                cut = f.seek(0, os.SEEK_END) - tar.offset < 3 * 512  # pax header, its records, plain header
+                why = "truncated inside the entry" if cut else "invalid tar header"
+                raise ShardError(f"{path}: {why} at byte {tar.offset} ({e}) after {len(members)} entries") from e
+            # tarfile stops quietly where a file was cut or a header is corrupt: a complete tar ends in two
+            # zero blocks right after the last entry it read
             end = members[-1].offset_data + -(-members[-1].size // 512) * 512 if members else 0
             f.seek(end)
-            complete = f.read(1024) == bytes(1024)
+            tail = f.read(1024)
+    except tarfile.ReadError as e:  # the first header
+        if os.path.getsize(path) < 3 * 512:
+            raise ShardError(f"{path}: truncated ({os.path.getsize(path)} bytes: not even one tar entry)") from e
+        raise ShardError(f"{path}: not a readable tar shard (first tar header: {e})") from e
     except (tarfile.TarError, OSError) as e:
         raise ShardError(f"{path}: not a readable tar shard ({e})") from e
-    if not complete:
-        raise ShardError(f"{path}: truncated (no end-of-archive marker after {len(members)} entries)")
+    if tail != bytes(1024):
+        raise ShardError(f"{path}: {_cause(tail, end)} after {len(members)} entries")
     return sorted({os.path.basename(m.name).split(".", 1)[0] for m in members})
+
+
+def _cause(tail: bytes, offset: int) -> str:
+    """Why a tar stops before its end-of-archive marker, from the bytes where the next header should be."""
+    if len(tail) < 512 or (tail[:512] == bytes(512) and len(tail) < 1024):
+        return f"truncated (no end-of-archive marker at byte {offset})"
+    if tail[:512] == bytes(512):
+        return f"corrupt end-of-archive marker at byte {offset + 512}"
+    try:
+        tarfile.TarInfo.frombuf(tail[:512], tarfile.ENCODING, "surrogateescape")
+    except tarfile.HeaderError as e:  # e.g. "bad checksum": a flipped byte in the header
+        return f"invalid tar header at byte {offset} ({e})"
+    return f"unreadable tar entry at byte {offset}"
 
 
 def raise_named(exn: Exception) -> bool:

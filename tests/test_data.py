@@ -286,3 +286,38 @@ def test_two_gloo_ranks_run_equal_steps(tmp_path):
         p.join(timeout=120)
     assert [p.exitcode for p in procs] == [0, 0]
     assert sorted(out.get(timeout=5) for _ in procs) == [(0, 2, 2, 2, True), (1, 2, 2, 2, True)]
+
+
+def _flip_tensor_byte(shard, key):
+    """Flip one bit inside the tensor values of sample `key` (the tar structure stays intact)."""
+    with tarfile.open(shard) as t:
+        m = t.getmember(f"{key}.tensors.safetensors")
+    data = bytearray(shard.read_bytes())
+    data[m.offset_data + m.size - 2] ^= 0x10
+    shard.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "flipped"])
+def test_corrupt_validation_shard_is_skipped_and_counted_or_named(tmp_path, damage):
+    write(tmp_path, [3, 3, 3])
+    val = list_shards(tmp_path)[-1]  # the held-out shard: k0006, k0007, k0008
+    _truncate(val) if damage == "truncated" else _flip_tensor_byte(val, "k0007")
+    named = f"{val.name}: truncated" if damage == "truncated" else f"{val.name}: sample k0007: checksum mismatch"
+    with pytest.raises(ShardError, match=named):
+        PairDataModule(cfg(tmp_path, val_samples=3)).val_dataloader()
+    dm = PairDataModule(cfg(tmp_path, val_samples=3, skip_corrupt=True))
+    keys = [k for b in dm.val_dataloader() for k in b["keys"]]
+    assert keys == ([] if damage == "truncated" else ["k0006", "k0008"]) and dm.skipped == 1
+    assert {k for ks in epoch_keys(dm) for k in ks} <= {f"k{i:04d}" for i in range(6)}  # training goes on
+
+
+def test_flipped_tensor_byte_in_training_is_skipped_and_counted(tmp_path):
+    write(tmp_path, [3, 3, 1])
+    _flip_tensor_byte(list_shards(tmp_path)[0], "k0001")
+    with pytest.raises(ShardError, match="pairs-r000-000000.tar: sample k0001: checksum mismatch"):
+        for _ in range(3):
+            epoch_keys(PairDataModule(cfg(tmp_path, samples_per_epoch=20, val_samples=0)))
+    dm = PairDataModule(cfg(tmp_path, samples_per_epoch=20, val_samples=0, skip_corrupt=True))
+    seen = {k for ks in epoch_keys(dm) for k in ks}
+    assert "k0001" not in seen and {"k0000", "k0002"} <= seen and dm.skipped == 1
+

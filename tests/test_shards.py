@@ -58,8 +58,45 @@ def test_corrupt_payload_names_the_shard_and_sample(tmp_path):
     good = sample(1)
     _tar_with(tmp_path / "bad.tar", {"k1.tensors.safetensors": good["tensors.safetensors"][:20],
                                      "k1.json": good["json"]})
-    with pytest.raises(ShardError, match=r"bad.tar: sample k1: cannot decode"):
+    with pytest.raises(ShardError, match=r"bad.tar: sample k1: checksum mismatch"):
         list(read_shards([tmp_path / "bad.tar"]))
+    old = {k: v for k, v in json.loads(good["json"]).items() if k != "sha256"}  # written before checksums
+    _tar_with(tmp_path / "old.tar", {"k1.tensors.safetensors": good["tensors.safetensors"][:20],
+                                     "k1.json": json.dumps(old).encode()})
+    with pytest.raises(ShardError, match=r"old.tar: sample k1: cannot decode"):
+        list(read_shards([tmp_path / "old.tar"]))
+
+
+def _entry(shard, name):
+    with tarfile.open(shard) as t:
+        return next(m for m in t.getmembers() if m.name == name)
+
+
+def test_flipped_tensor_byte_is_caught(tmp_path):
+    """One flipped bit in the tensor data decodes to a wrong value unless the checksum catches it."""
+    with ShardWriter(tmp_path, rank=0, max_count=4) as w:
+        for i in range(3):
+            w.write(sample(i))
+    shard = list_shards(tmp_path)[0]
+    m = _entry(shard, "k0001.tensors.safetensors")
+    data = bytearray(shard.read_bytes())
+    data[m.offset_data + m.size - 3] ^= 0x04  # inside the last tensor's values, not the safetensors header
+    shard.write_bytes(bytes(data))
+    with pytest.raises(ShardError, match=rf"{shard.name}: sample k0001: checksum mismatch in tensors.safetensors"):
+        list(read_shards([shard]))
+    assert len(shard_keys(shard)) == 3  # the tar structure is intact: only the checksum can tell
+
+
+def test_old_shards_without_checksum_or_text_length_still_read(tmp_path):
+    from safetensors.torch import save
+    text = torch.zeros(16, 8)
+    text[:3] = 1.0
+    tensors = {"preview": torch.ones(4, 1, 2, 2), "target": torch.ones(4, 1, 4, 4), "text": text}
+    meta = {"key": "k0", "schema": 1, "source": "generated", "preview_shape": [4, 1, 2, 2],
+            "target_shape": [4, 1, 4, 4]}  # what encode_sample wrote before: text padded, no sha256 / text_length
+    _tar_with(tmp_path / "old.tar", {"k0.tensors.safetensors": save(tensors), "k0.json": json.dumps(meta).encode()})
+    (s,) = read_shards([tmp_path / "old.tar"])
+    assert torch.equal(s["text"], text) and "sha256" not in s["meta"]
 
 
 def test_missing_fields_and_schema_version():
@@ -78,7 +115,7 @@ def test_truncated_tar_is_named(tmp_path):
             w.write(sample(i))
     shard = list_shards(tmp_path)[0]
     shard.write_bytes(shard.read_bytes()[:700])
-    with pytest.raises(ShardError, match=f"{shard.name}: not a readable tar shard"):
+    with pytest.raises(ShardError, match=f"{shard.name}: truncated \\(700 bytes"):
         shard_keys(shard)
     with pytest.raises(ShardError, match=f"{shard.name}: cannot read"):
         list(read_shards([shard]))
@@ -95,6 +132,24 @@ def test_cut_inside_an_entry_is_detected(tmp_path):
     for cut in (len(data) // 2, last.offset, last.offset_data + last.size // 2):  # mid-data and a clean boundary
         shard.write_bytes(data[:cut])
         with pytest.raises(ShardError, match=f"{shard.name}: (truncated|not a readable)"):
+            shard_keys(shard)
+
+
+def test_flipped_tar_header_byte_is_named_not_truncated(tmp_path):
+    with ShardWriter(tmp_path, rank=0, max_count=4) as w:
+        for i in range(4):
+            w.write(sample(i))
+    shard = list_shards(tmp_path)[0]
+    data = shard.read_bytes()
+    second = _entry(shard, "k0001.json")
+    later = f"invalid tar header at byte {second.offset} \\(bad checksum\\) after 2 entries"
+    # entries have an extended (pax) header before the plain one: a flipped byte in either is named
+    for at, msg in ((1, "not a readable tar shard \\(first tar header: bad checksum\\)"),
+                    (second.offset + 1, later), (second.offset_data - 512 + 1, later)):
+        bad = bytearray(data)
+        bad[at] ^= 0x10  # a byte of an entry's name
+        shard.write_bytes(bytes(bad))
+        with pytest.raises(ShardError, match=f"{shard.name}: {msg}"):
             shard_keys(shard)
 
 
