@@ -121,17 +121,24 @@ def split_shards(cfg: DataConfig) -> tuple[dict[str, list[Path]], dict[str, list
 
 
 def collate(samples: Sequence[dict]) -> dict:
-    """Samples of one shape -> {"preview": (B,C,F,h,w), "target": (B,C,F,H,W), ["text": (B,L,D)], "keys", "meta"}."""
-    batch = {name: torch.stack([s[name] for s in samples]).float() for name in ("preview", "target", "text")
-             if name in samples[0]}
+    """Samples of one shape -> {"preview": (B,C,F,h,w), "target": (B,C,F,H,W), ["text": (B,L,D)], "keys", "meta"}.
+
+    Text is stored at its real length: it is zero-padded to the longest in the batch (the Refiner masks
+    all-zero rows, so this is what the zero-padded text of older shards gave)."""
+    batch = {name: torch.stack([s[name] for s in samples]).float() for name in ("preview", "target")}
+    if "text" in samples[0]:
+        n = max(s["text"].shape[0] for s in samples)
+        batch["text"] = torch.stack([torch.nn.functional.pad(s["text"], (0, 0, 0, n - s["text"].shape[0]))
+                                     for s in samples]).float()  # (B, L, D)
     batch["keys"] = [s["key"] for s in samples]
     batch["meta"] = [s["meta"] for s in samples]
     return batch
 
 
 def shape_key(sample: dict) -> tuple:
-    """What a batch must share: the tensor shapes (text shape or None)."""
-    return tuple(tuple(sample[n].shape) if n in sample else None for n in ("preview", "target", "text"))
+    """What a batch must share: the latent shapes and the text width (None without text); text lengths differ."""
+    text = sample["text"].shape[1:] if "text" in sample else None
+    return tuple(sample["preview"].shape), tuple(sample["target"].shape), text
 
 
 def group_batches(samples: Iterable[dict], batch_size: int) -> Iterator[dict]:

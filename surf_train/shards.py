@@ -3,8 +3,9 @@
 A sample is two tar entries under one key:
   <key>.tensors.safetensors  preview (C, F, h, w), target (C, F, H, W), optional text (L, D)
   <key>.json                 metadata (prompt, seed, base model, shapes, schedule, reshift, version,
-                             sha256 of the safetensors bytes)
-Tensors are safetensors bytes (fp16/bf16/fp32), so reading never unpickles.
+                             sha256 of the safetensors bytes, text length)
+Tensors are safetensors bytes (fp16/bf16/fp32), so reading never unpickles. Text is stored at its real
+length L (trailing all-zero rows, the encoder's padding, are dropped); batches pad it again.
 Shards are written under a temporary name and renamed when complete, by the one process that holds
 the directory's lock for its rank (`OutDirLock`).
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import io
 import json
 import logging
 import os
@@ -39,10 +41,21 @@ REQUIRED_TENSORS = ("preview", "target")
 REQUIRED_META = ("key", "schema", "source", "preview_shape", "target_shape")
 TMP_SUFFIX = ".tmp"
 CHECKSUM = "sha256"  # metadata field: sha256 of the safetensors bytes (shards written before it have none)
+TEXT_LENGTH = "text_length"  # metadata field: rows of the stored text (L)
 
 
 class ShardError(RuntimeError):
     """A shard or sample that cannot be read; the message names it."""
+
+
+def trim_text(text: torch.Tensor) -> torch.Tensor:
+    """(L, D) text -> its first rows up to the last one that is not all zero (at least one row).
+
+    Encoders pad with zero rows and the Refiner masks all-zero rows (module.text_mask), so padding the
+    trimmed text with zeros again gives the same mask and the same attention.
+    """
+    rows = (text != 0).any(-1).nonzero()  # (n, 1): indices of the rows with a non-zero value
+    return text[:int(rows[-1]) + 1 if len(rows) else 1]
 
 
 def encode_sample(key: str, tensors: dict[str, torch.Tensor], meta: dict) -> dict:
@@ -50,9 +63,13 @@ def encode_sample(key: str, tensors: dict[str, torch.Tensor], meta: dict) -> dic
     missing = [k for k in REQUIRED_TENSORS if k not in tensors]
     if missing:
         raise ValueError(f"sample {key}: missing tensors {missing}")
-    blob = st_save({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
+    tensors = {k: v.detach().cpu() for k, v in tensors.items()}
+    if "text" in tensors:
+        tensors["text"] = trim_text(tensors["text"])
+    blob = st_save({k: v.contiguous() for k, v in tensors.items()})
     meta = {**meta, "key": key, "schema": SCHEMA_VERSION, CHECKSUM: hashlib.sha256(blob).hexdigest(),
-            "preview_shape": list(tensors["preview"].shape), "target_shape": list(tensors["target"].shape)}
+            "preview_shape": list(tensors["preview"].shape), "target_shape": list(tensors["target"].shape),
+            **({TEXT_LENGTH: tensors["text"].shape[0]} if "text" in tensors else {})}
     return {"__key__": key, TENSORS: blob, META: json.dumps(meta, sort_keys=True).encode()}
 
 
@@ -80,7 +97,26 @@ def decode_sample(raw: dict) -> dict:
         raise ShardError(f"{where}: missing fields {missing}")
     if meta["schema"] != SCHEMA_VERSION:
         raise ShardError(f"{where}: schema {meta['schema']} but this code reads schema {SCHEMA_VERSION}")
+    if "text" in tensors and meta.get(TEXT_LENGTH, tensors["text"].shape[0]) != tensors["text"].shape[0]:
+        raise ShardError(f"{where}: text has {tensors['text'].shape[0]} rows but {TEXT_LENGTH}={meta[TEXT_LENGTH]}")
     return {"key": meta["key"], "meta": meta, **tensors}
+
+
+def sample_bytes(preview: tuple[int, ...], target: tuple[int, ...], text: tuple[int, int] | None = None,
+                 dtype: torch.dtype = torch.float16, meta: dict | None = None) -> int:
+    """Bytes one sample of these tensor shapes takes in a shard (both tar entries, headers and padding included;
+    a shard adds 1024 end-of-archive bytes, rounded up to 10240). Computed by writing zeros (text: ones, so
+    that it keeps its length) with `meta` as the metadata through the shard writer's tar format."""
+    tensors = {"preview": torch.zeros(preview, dtype=dtype), "target": torch.zeros(target, dtype=dtype)}
+    if text is not None:
+        tensors["text"] = torch.ones(text, dtype=dtype)
+    buf = io.BytesIO()
+    writer = wds.TarWriter(buf)
+    writer.write(encode_sample("0" * 16, tensors, {"source": "generated", **(meta or {})}))
+    writer.tarstream.close()  # the end marker and padding; the BytesIO stays open
+    with tarfile.open(fileobj=io.BytesIO(buf.getvalue())) as tar:
+        last = tar.getmembers()[-1]
+    return last.offset_data + -(-last.size // 512) * 512
 
 
 def shard_name(prefix: str, rank: int, index: int) -> str:

@@ -236,3 +236,13 @@ def test_two_ranks_cover_every_sample_once(tmp_path):
     keys = [s["key"] for s in all_samples(tmp_path)]
     assert len(keys) == 7 == len(set(keys))
     assert "rank 1/2: 3 pairs assigned" in outs[1]
+
+
+def test_sample_bytes_matches_real_tiny_shards(pairs):
+    """shards.sample_bytes (the README's bytes-per-pair table) against the shards make_pairs wrote."""
+    from surf_train.shards import sample_bytes
+    for shard in list_shards(pairs):
+        got = list(read_shards([shard]))
+        entries = sum(sample_bytes(tuple(s["preview"].shape), tuple(s["target"].shape), tuple(s["text"].shape),
+                                   s["preview"].dtype, s["meta"]) for s in got)
+        assert shard.stat().st_size == -(-(entries + 1024) // 10240) * 10240  # + end marker, 10 KiB records

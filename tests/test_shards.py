@@ -8,7 +8,7 @@ import torch
 
 from surf_train.errors import ConfigError
 from surf_train.shards import (OutDirLock, ShardError, ShardWriter, decode_sample, encode_sample, list_shards,
-                               lock_path, next_index, read_shards, remove_partial, shard_keys)
+                               lock_path, next_index, read_shards, remove_partial, sample_bytes, shard_keys)
 
 
 def sample(i, dtype=torch.float16):
@@ -97,6 +97,37 @@ def test_old_shards_without_checksum_or_text_length_still_read(tmp_path):
     _tar_with(tmp_path / "old.tar", {"k0.tensors.safetensors": save(tensors), "k0.json": json.dumps(meta).encode()})
     (s,) = read_shards([tmp_path / "old.tar"])
     assert torch.equal(s["text"], text) and "sha256" not in s["meta"]
+
+
+def test_text_is_stored_at_its_real_length():
+    text = torch.zeros(16, 8)
+    text[:5] = 1.0
+    text[2] = 0.0  # a zero row inside the text stays: only the trailing padding goes
+    raw = encode_sample("k", {"preview": torch.ones(4, 1, 2, 2), "target": torch.ones(4, 1, 4, 4), "text": text},
+                        {"source": "generated"})
+    s = decode_sample(raw)
+    assert torch.equal(s["text"], text[:5]) and s["meta"]["text_length"] == 5
+    empty = decode_sample(encode_sample("k", {"preview": torch.ones(4, 1, 2, 2), "target": torch.ones(4, 1, 4, 4),
+                                              "text": torch.zeros(16, 8)}, {"source": "generated"}))
+    assert empty["text"].shape == (1, 8) and empty["meta"]["text_length"] == 1  # never an empty tensor
+    bad = json.loads(raw["json"])
+    with pytest.raises(ShardError, match="text has 5 rows but text_length=7"):
+        decode_sample({**raw, "json": json.dumps({**bad, "text_length": 7}).encode()})
+
+
+def test_sample_bytes_is_what_the_writer_writes(tmp_path):
+    text = torch.zeros(16, 64, dtype=torch.bfloat16)
+    text[:6] = 2.0
+    raw = encode_sample("k0000", {"preview": torch.ones(4, 3, 2, 2, dtype=torch.bfloat16),
+                                  "target": torch.ones(4, 3, 4, 4, dtype=torch.bfloat16), "text": text},
+                        {"source": "generated", "prompt": "a cat"})
+    with ShardWriter(tmp_path, rank=0, max_count=3) as w:
+        for _ in range(3):
+            w.write(raw)
+    want = sample_bytes((4, 3, 2, 2), (4, 3, 4, 4), (6, 64), torch.bfloat16, {"prompt": "a cat"})
+    shard = list_shards(tmp_path)[0]
+    assert _entry(shard, "k0000.json").offset == 0 and -(-(3 * want + 1024) // 10240) * 10240 == shard.stat().st_size
+    assert sample_bytes((4, 3, 2, 2), (4, 3, 4, 4), (16, 64), torch.bfloat16) > want  # padded text: more
 
 
 def test_missing_fields_and_schema_version():

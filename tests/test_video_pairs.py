@@ -182,7 +182,8 @@ def test_degrade_pairs_counts_shapes_metadata_and_skips(video_pairs, synthetic_v
         m = x["meta"]
         h, w = latent_hw[m["video"]["id"]]
         assert x["target"].shape == (16, 3, h, w) and x["preview"].shape == (16, 3, h // 2, w // 2)
-        assert x["text"].shape == (16, 32) and x["target"].dtype == torch.float16
+        assert x["text"].shape == (m["text_length"], 32) and m["text_length"] <= 16  # at its real length
+        assert x["target"].dtype == torch.float16
         assert m["source"] == "video" and m["preview_mode"] == "degrade" and m["fps"] == 16.0
         assert m["target_size"] == [9, 8 * h, 8 * w] and m["preview_size"] == [9, 4 * h, 4 * w]
         assert set(m["degradation"]) == {"blur_sigma", "down", "noise_std", "jpeg_quality", "latent_blur",
