@@ -277,7 +277,7 @@ def generate_pairs(model: BaseModel, cfg: PairsConfig, jobs: list[Job]) -> list[
     for i, job in enumerate(jobs):
         tensors = {"preview": previews[i].to(dt), "target": targets[i].to(dt)}
         if cfg.store_text:
-            tensors["text"] = cond.embeds[i].to(dt)  # (L, D) zero-padded; stored at its real length
+            tensors["text"] = cond.text(i).to(dt)  # (L, D) zero-padded; stored at its real length
         meta = {"source": "generated", "prompt": job.prompt, "seed": job.seed, "version": __version__,
                 "base": base_meta(cfg.base),
                 "target_size": [cfg.frames, cfg.height, cfg.width],

@@ -219,7 +219,7 @@ def clip_pair(model: BaseModel, cfg: VideoPairsConfig, clip: Clip, frames: np.nd
     dt = STORE_DTYPES[cfg.dtype]
     tensors = {"preview": preview[0].to(dt), "target": target[0].to(dt)}
     if cfg.store_text:
-        tensors["text"] = cond.embeds[0].to(dt)  # (L, D)
+        tensors["text"] = cond.text(0).to(dt)  # (L, D) zero-padded; stored at its real length
     i = clip.info
     meta = {"source": "video", "preview_mode": cfg.mode, "prompt": clip.video.caption or cfg.prompt,
             "caption": clip.video.caption, "seed": cfg.seed, "version": __version__, "base": base_meta(cfg.base),

@@ -222,3 +222,17 @@ def test_out_dir_lock_refuses_a_live_owner_and_takes_over_a_stale_one(tmp_path, 
     (tmp_path / "file").write_text("x")
     with pytest.raises(ConfigError, match=f"out_dir={tmp_path / 'file'} is an existing file, not a directory"):
         OutDirLock(tmp_path / "file", 0).acquire()
+
+
+def test_masked_text_padding_is_zeroed_and_not_stored():
+    """HunyuanVideo's encoder returns non-zero embeddings at padding positions with a mask: stored zeroed
+    and dropped, at the prompt's real length (else every pad token is stored and attended to)."""
+    from surf_train.base.adapter import Cond
+    embeds = torch.randn(2, 8, 4) + 3  # (B, L, D), no zero anywhere
+    cond = Cond(embeds=embeds, extra={"mask": torch.tensor([[1] * 3 + [0] * 5, [1] * 8])})
+    latents = {"preview": torch.ones(4, 1, 2, 2), "target": torch.ones(4, 1, 4, 4)}
+    stored = [decode_sample(encode_sample("k", {**latents, "text": cond.text(i)}, {"source": "generated"}))
+              for i in range(2)]
+    assert [s["meta"]["text_length"] for s in stored] == [3, 8]
+    assert torch.equal(stored[0]["text"], embeds[0, :3]) and torch.equal(stored[1]["text"], embeds[1])
+    assert torch.equal(Cond(embeds=embeds).text(0), embeds[0])  # no mask (Wan): zero-padded already
