@@ -302,7 +302,8 @@ class PairDataModule(pl.LightningDataModule):
 
     @property
     def skipped(self) -> int:
-        """Corrupt shards and samples skipped so far (all workers; with skip_corrupt)."""
+        """Skips of corrupt shards and samples so far (all workers; with skip_corrupt); a worker restarted for a
+        new epoch counts a corrupt sample it draws again."""
         return self._skipped.value
 
     def rank_world(self) -> tuple[int, int]:

@@ -25,7 +25,7 @@ def test_corrupt_validation_shard_is_skipped_and_counted(pairs, tmp_path, capsys
     s = train(_run(data, tmp_path / "skip", "data.skip_corrupt=true"))  # used to raise IndexError
     assert s["steps"] == 2 and s["data_skipped"] == 1 and s["val_mse_refiner"] is None
     assert json.loads((tmp_path / "skip" / "run" / "summary.json").read_text())["data_skipped"] == 1
-    assert "no validation, 1 corrupt shard(s)/sample(s) skipped; summary:" in capsys.readouterr().out
+    assert "no validation, 1 skip(s) of corrupt shards/samples; summary:" in capsys.readouterr().out
 
 
 def test_flipped_byte_in_a_validation_sample_is_skipped_and_counted(pairs, tmp_path):
