@@ -6,7 +6,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from surf_train.errors import ConfigError
-from surf_train.pairs import PairsConfig, make_pairs
+from surf_train.pairs import PairsConfig, make_pairs, out_dir_arg_error
 from surf_train.shards import ShardError
 
 log = logging.getLogger("make_pairs")
@@ -22,4 +22,7 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    if out_dir_arg_error(sys.argv[1:]):
+        print(f"make_pairs: error: {out_dir_arg_error(sys.argv[1:])}", file=sys.stderr)
+        sys.exit(2)
     main()

@@ -6,6 +6,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from surf_train.errors import ConfigError
+from surf_train.pairs import out_dir_arg_error
 from surf_train.shards import ShardError
 from surf_train.video_pairs import VideoPairsConfig, make_video_pairs
 
@@ -22,4 +23,7 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    if out_dir_arg_error(sys.argv[1:]):
+        print(f"make_video_pairs: error: {out_dir_arg_error(sys.argv[1:])}", file=sys.stderr)
+        sys.exit(2)
     main()

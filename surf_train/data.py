@@ -121,17 +121,24 @@ def split_shards(cfg: DataConfig) -> tuple[dict[str, list[Path]], dict[str, list
 
 
 def collate(samples: Sequence[dict]) -> dict:
-    """Samples of one shape -> {"preview": (B,C,F,h,w), "target": (B,C,F,H,W), ["text": (B,L,D)], "keys", "meta"}."""
-    batch = {name: torch.stack([s[name] for s in samples]).float() for name in ("preview", "target", "text")
-             if name in samples[0]}
+    """Samples of one shape -> {"preview": (B,C,F,h,w), "target": (B,C,F,H,W), ["text": (B,L,D)], "keys", "meta"}.
+
+    Text is stored at its real length: it is zero-padded to the longest in the batch (the Refiner masks
+    all-zero rows, so this is what the zero-padded text of older shards gave)."""
+    batch = {name: torch.stack([s[name] for s in samples]).float() for name in ("preview", "target")}
+    if "text" in samples[0]:
+        n = max(s["text"].shape[0] for s in samples)
+        batch["text"] = torch.stack([torch.nn.functional.pad(s["text"], (0, 0, 0, n - s["text"].shape[0]))
+                                     for s in samples]).float()  # (B, L, D)
     batch["keys"] = [s["key"] for s in samples]
     batch["meta"] = [s["meta"] for s in samples]
     return batch
 
 
 def shape_key(sample: dict) -> tuple:
-    """What a batch must share: the tensor shapes (text shape or None)."""
-    return tuple(tuple(sample[n].shape) if n in sample else None for n in ("preview", "target", "text"))
+    """What a batch must share: the latent shapes and the text width (None without text); text lengths differ."""
+    text = sample["text"].shape[1:] if "text" in sample else None
+    return tuple(sample["preview"].shape), tuple(sample["target"].shape), text
 
 
 def group_batches(samples: Iterable[dict], batch_size: int) -> Iterator[dict]:
@@ -295,7 +302,8 @@ class PairDataModule(pl.LightningDataModule):
 
     @property
     def skipped(self) -> int:
-        """Corrupt shards and samples skipped so far (all workers; with skip_corrupt)."""
+        """Skips of corrupt shards and samples so far (all workers; with skip_corrupt); a worker restarted for a
+        new epoch counts a corrupt sample it draws again."""
         return self._skipped.value
 
     def rank_world(self) -> tuple[int, int]:
@@ -395,6 +403,10 @@ class PairDataModule(pl.LightningDataModule):
         index = sorted((k, p) for p in self.val_shards for k in (self._keys(p) or []))[:cfg.val_samples]
         wanted = {k for k, _ in index}
         urls = sorted({str(p) for _, p in index})
+        if not urls:  # every validation shard was corrupt and skipped (else _keys raised, naming it)
+            log.warning("no readable validation sample in the %d validation shard(s): validation is skipped",
+                        len(self.val_shards))
+            return []
         # the training stream's error handling, without resampling: shards in order, each read once
         stream = _Stream(urls, cfg.seed, 0, self._skipped, cfg.skip_corrupt)
         raw = wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples(handler=stream.on_shard_error),

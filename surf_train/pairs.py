@@ -23,7 +23,7 @@ from surf_train.base import BaseModel, BaseSpec, load_base_model
 from surf_train.dist_env import rank_world
 from surf_train.errors import ConfigError, known_keys
 from surf_train.sampling import DOWN_MODES, RULES, PreviewPlan, pair_sample
-from surf_train.shards import (ShardWriter, encode_sample, list_shards, next_index, remove_partial,
+from surf_train.shards import (OutDirLock, ShardWriter, encode_sample, list_shards, next_index, remove_partial,
                                shard_keys)
 
 log = logging.getLogger(__name__)
@@ -277,7 +277,7 @@ def generate_pairs(model: BaseModel, cfg: PairsConfig, jobs: list[Job]) -> list[
     for i, job in enumerate(jobs):
         tensors = {"preview": previews[i].to(dt), "target": targets[i].to(dt)}
         if cfg.store_text:
-            tensors["text"] = cond.embeds[i].to(dt)  # (L, D), zero-padded to max_sequence_length
+            tensors["text"] = cond.text(i).to(dt)  # (L, D) zero-padded; stored at its real length
         meta = {"source": "generated", "prompt": job.prompt, "seed": job.seed, "version": __version__,
                 "base": base_meta(cfg.base),
                 "target_size": [cfg.frames, cfg.height, cfg.width],
@@ -289,8 +289,18 @@ def generate_pairs(model: BaseModel, cfg: PairsConfig, jobs: list[Job]) -> list[
     return out
 
 
+def out_dir_arg_error(argv: list[str]) -> str | None:
+    """One error line when an `out_dir=` override names an existing file, else None: the command line is
+    checked before Hydra starts, which would fail first (a traceback) making its log directory inside it."""
+    given = [a.split("=", 1)[1] for a in argv if a.lstrip("+").startswith("out_dir=")]
+    if given and os.path.exists(given[-1]) and not os.path.isdir(given[-1]):
+        return f"out_dir={given[-1]} is an existing file, not a directory"
+    return None
+
+
 def open_out_dir(out: Path, fp: dict, rank: int, prefix: str = "pairs") -> set[str]:
-    """Check the directory's configuration, drop this rank's partial shards; returns the keys already written."""
+    """Check the directory's configuration, drop this rank's partial shards; returns the keys already written.
+    Call it holding the rank's `OutDirLock`."""
     check_fingerprint(out, fp)
     removed = remove_partial(out, rank, prefix)
     if removed:
@@ -323,6 +333,11 @@ def make_pairs(cfg: PairsConfig) -> dict:
     """Write this rank's share of the pairs; returns the run summary."""
     cfg = cfg.resolved()
     rank, world = rank_world()
+    with OutDirLock(cfg.out_dir, rank):  # one process per (out_dir, rank): a double launch is refused
+        return _make_pairs(cfg, rank, world)
+
+
+def _make_pairs(cfg: PairsConfig, rank: int, world: int) -> dict:
     out = Path(cfg.out_dir)
     entries = read_prompts(cfg.prompts, cfg.base)
     done = open_out_dir(out, cfg.fingerprint(), rank)

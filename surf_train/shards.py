@@ -2,15 +2,26 @@
 
 A sample is two tar entries under one key:
   <key>.tensors.safetensors  preview (C, F, h, w), target (C, F, H, W), optional text (L, D)
-  <key>.json                 metadata (prompt, seed, base model, shapes, schedule, reshift, version)
-Tensors are safetensors bytes (fp16/bf16/fp32), so reading never unpickles.
-Shards are written under a temporary name and renamed when complete.
+  <key>.json                 metadata (prompt, seed, base model, shapes, schedule, reshift, version,
+                             sha256 of the safetensors bytes, text length)
+Tensors are safetensors bytes (fp16/bf16/fp32), so reading never unpickles. Text is stored at its real
+length L (trailing all-zero rows, the encoder's padding, are dropped); batches pad it again.
+Shards are written under a temporary name and renamed when complete, by the one process that holds
+the directory's lock for its rank (`OutDirLock`).
 """
 from __future__ import annotations
 
+import fcntl
+import hashlib
+import io
 import json
+import logging
 import os
+import socket
+import sys
 import tarfile
+import tempfile
+import uuid
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -19,16 +30,32 @@ import webdataset as wds
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from surf_train.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
 SCHEMA_VERSION = 1
 TENSORS = "tensors.safetensors"
 META = "json"
 REQUIRED_TENSORS = ("preview", "target")
 REQUIRED_META = ("key", "schema", "source", "preview_shape", "target_shape")
 TMP_SUFFIX = ".tmp"
+CHECKSUM = "sha256"  # metadata field: sha256 of the safetensors bytes (shards written before it have none)
+TEXT_LENGTH = "text_length"  # metadata field: rows of the stored text (L)
 
 
 class ShardError(RuntimeError):
     """A shard or sample that cannot be read; the message names it."""
+
+
+def trim_text(text: torch.Tensor) -> torch.Tensor:
+    """(L, D) text -> its first rows up to the last one that is not all zero (at least one row).
+
+    Encoders pad with zero rows and the Refiner masks all-zero rows (module.text_mask), so padding the
+    trimmed text with zeros again gives the same mask and the same attention.
+    """
+    rows = (text != 0).any(-1).nonzero()  # (n, 1): indices of the rows with a non-zero value
+    return text[:int(rows[-1]) + 1 if len(rows) else 1]
 
 
 def encode_sample(key: str, tensors: dict[str, torch.Tensor], meta: dict) -> dict:
@@ -36,9 +63,13 @@ def encode_sample(key: str, tensors: dict[str, torch.Tensor], meta: dict) -> dic
     missing = [k for k in REQUIRED_TENSORS if k not in tensors]
     if missing:
         raise ValueError(f"sample {key}: missing tensors {missing}")
-    meta = {**meta, "key": key, "schema": SCHEMA_VERSION,
-            "preview_shape": list(tensors["preview"].shape), "target_shape": list(tensors["target"].shape)}
-    blob = st_save({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
+    tensors = {k: v.detach().cpu() for k, v in tensors.items()}
+    if "text" in tensors:
+        tensors["text"] = trim_text(tensors["text"])
+    blob = st_save({k: v.contiguous() for k, v in tensors.items()})
+    meta = {**meta, "key": key, "schema": SCHEMA_VERSION, CHECKSUM: hashlib.sha256(blob).hexdigest(),
+            "preview_shape": list(tensors["preview"].shape), "target_shape": list(tensors["target"].shape),
+            **({TEXT_LENGTH: tensors["text"].shape[0]} if "text" in tensors else {})}
     return {"__key__": key, TENSORS: blob, META: json.dumps(meta, sort_keys=True).encode()}
 
 
@@ -50,7 +81,15 @@ def decode_sample(raw: dict) -> dict:
         raise ShardError(f"{where}: expected entries {TENSORS!r} and {META!r}, got {sorted(raw)}")
     try:
         meta = json.loads(raw[META])
+        # checked before parsing: a flipped byte in the tensor data would otherwise decode as a wrong value
+        digest = meta.get(CHECKSUM) if isinstance(meta, dict) else None
+        read = hashlib.sha256(raw[TENSORS]).hexdigest() if digest is not None else None
+        if read != digest:
+            raise ShardError(f"{where}: checksum mismatch in {TENSORS} (sha256 {digest[:12]}... recorded, "
+                             f"{read[:12]}... read): the bytes are corrupt")
         tensors = st_load(raw[TENSORS])
+    except ShardError:
+        raise
     except Exception as e:  # corrupt bytes: name the sample, keep the cause
         raise ShardError(f"{where}: cannot decode ({type(e).__name__}: {e})") from e
     missing = [k for k in REQUIRED_TENSORS if k not in tensors] + [k for k in REQUIRED_META if k not in meta]
@@ -58,7 +97,26 @@ def decode_sample(raw: dict) -> dict:
         raise ShardError(f"{where}: missing fields {missing}")
     if meta["schema"] != SCHEMA_VERSION:
         raise ShardError(f"{where}: schema {meta['schema']} but this code reads schema {SCHEMA_VERSION}")
+    if "text" in tensors and meta.get(TEXT_LENGTH, tensors["text"].shape[0]) != tensors["text"].shape[0]:
+        raise ShardError(f"{where}: text has {tensors['text'].shape[0]} rows but {TEXT_LENGTH}={meta[TEXT_LENGTH]}")
     return {"key": meta["key"], "meta": meta, **tensors}
+
+
+def sample_bytes(preview: tuple[int, ...], target: tuple[int, ...], text: tuple[int, int] | None = None,
+                 dtype: torch.dtype = torch.float16, meta: dict | None = None) -> int:
+    """Bytes one sample of these tensor shapes takes in a shard (both tar entries, headers and padding included;
+    a shard adds 1024 end-of-archive bytes, rounded up to 10240). Computed by writing zeros (text: ones, so
+    that it keeps its length) with `meta` as the metadata through the shard writer's tar format."""
+    tensors = {"preview": torch.zeros(preview, dtype=dtype), "target": torch.zeros(target, dtype=dtype)}
+    if text is not None:
+        tensors["text"] = torch.ones(text, dtype=dtype)
+    buf = io.BytesIO()
+    writer = wds.TarWriter(buf)
+    writer.write(encode_sample("0" * 16, tensors, {"source": "generated", **(meta or {})}))
+    writer.tarstream.close()  # the end marker and padding; the BytesIO stays open
+    with tarfile.open(fileobj=io.BytesIO(buf.getvalue())) as tar:
+        last = tar.getmembers()[-1]
+    return last.offset_data + -(-last.size // 512) * 512
 
 
 def shard_name(prefix: str, rank: int, index: int) -> str:
@@ -72,18 +130,43 @@ def list_shards(directory: str | os.PathLike) -> list[Path]:
 
 def shard_keys(path: Path) -> list[str]:
     """Sample keys in one complete shard, read from the tar index without decoding payloads."""
+    members: list[tarfile.TarInfo] = []
     try:
-        with open(path, "rb") as f, tarfile.open(fileobj=f) as tar:
-            members = tar.getmembers()
-            # tarfile stops quietly where a file was cut: a complete tar ends in two zero blocks
+        # "r:": shards are plain tar; the default mode would report a bad header as "not a gzip file" etc.
+        with open(path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
+            try:
+                members.extend(tar)
+            except tarfile.ReadError as e:  # a header after an extended (pax) header is cut or corrupt
+                cut = f.seek(0, os.SEEK_END) - tar.offset < 3 * 512  # pax header, its records, plain header
+                why = "truncated inside the entry" if cut else "invalid tar header"
+                raise ShardError(f"{path}: {why} at byte {tar.offset} ({e}) after {len(members)} entries") from e
+            # tarfile stops quietly where a file was cut or a header is corrupt: a complete tar ends in two
+            # zero blocks right after the last entry it read
             end = members[-1].offset_data + -(-members[-1].size // 512) * 512 if members else 0
             f.seek(end)
-            complete = f.read(1024) == bytes(1024)
+            tail = f.read(1024)
+    except tarfile.ReadError as e:  # the first header
+        if os.path.getsize(path) < 3 * 512:
+            raise ShardError(f"{path}: truncated ({os.path.getsize(path)} bytes: not even one tar entry)") from e
+        raise ShardError(f"{path}: not a readable tar shard (first tar header: {e})") from e
     except (tarfile.TarError, OSError) as e:
         raise ShardError(f"{path}: not a readable tar shard ({e})") from e
-    if not complete:
-        raise ShardError(f"{path}: truncated (no end-of-archive marker after {len(members)} entries)")
+    if tail != bytes(1024):
+        raise ShardError(f"{path}: {_cause(tail, end)} after {len(members)} entries")
     return sorted({os.path.basename(m.name).split(".", 1)[0] for m in members})
+
+
+def _cause(tail: bytes, offset: int) -> str:
+    """Why a tar stops before its end-of-archive marker, from the bytes where the next header should be."""
+    if len(tail) < 512 or (tail[:512] == bytes(512) and len(tail) < 1024):
+        return f"truncated (no end-of-archive marker at byte {offset})"
+    if tail[:512] == bytes(512):
+        return f"corrupt end-of-archive marker at byte {offset + 512}"
+    try:
+        tarfile.TarInfo.frombuf(tail[:512], tarfile.ENCODING, "surrogateescape")
+    except tarfile.HeaderError as e:  # e.g. "bad checksum": a flipped byte in the header
+        return f"invalid tar header at byte {offset} ({e})"
+    return f"unreadable tar entry at byte {offset}"
 
 
 def raise_named(exn: Exception) -> bool:
@@ -110,8 +193,9 @@ def read_shards(paths: Iterable[str | os.PathLike]) -> Iterator[dict]:
 class ShardWriter:
     """Writes samples into `<prefix>-r<rank>-<n>.tar` shards of at most `max_count` samples.
 
-    Each shard is written as `<name>.tmp` and renamed when it is closed, so a crash at any point
-    leaves only complete shards with `.tar` names; `start_index` continues numbering on resume.
+    Each shard is written as `<name>.<pid>.tmp` and renamed when it is closed, so a crash at any point
+    leaves only complete shards with `.tar` names, and a writer renames only its own file; `start_index`
+    continues numbering on resume.
     """
 
     def __init__(self, directory: str | os.PathLike, rank: int, max_count: int, prefix: str = "pairs",
@@ -123,7 +207,8 @@ class ShardWriter:
 
     def _open(self) -> None:
         self._path = self.dir / shard_name(self.prefix, self.rank, self.index)
-        self._file = open(str(self._path) + TMP_SUFFIX, "wb")
+        self._tmp = f"{self._path}.{os.getpid()}{TMP_SUFFIX}"
+        self._file = open(self._tmp, "xb")  # never truncates a file that another process is writing
         self._tar = wds.TarWriter(self._file)
 
     def close_shard(self) -> None:
@@ -133,7 +218,7 @@ class ShardWriter:
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
-        os.replace(str(self._path) + TMP_SUFFIX, self._path)
+        os.replace(self._tmp, self._path)
         self.bytes += self._path.stat().st_size
         self.shards += 1
         self.index += 1
@@ -156,8 +241,9 @@ class ShardWriter:
 
 
 def remove_partial(directory: str | os.PathLike, rank: int, prefix: str = "pairs") -> int:
-    """Delete this rank's leftover temporary shards (from a crash); returns how many."""
-    leftovers = list(Path(directory).glob(f"{prefix}-r{rank:03d}-*.tar{TMP_SUFFIX}"))
+    """Delete this rank's leftover temporary shards (from a crash); returns how many. Call it holding the
+    rank's `OutDirLock`: then no live process is writing them."""
+    leftovers = list(Path(directory).glob(f"{prefix}-r{rank:03d}-*.tar*{TMP_SUFFIX}"))
     for p in leftovers:
         p.unlink()
     return len(leftovers)
@@ -168,3 +254,103 @@ def next_index(directory: str | os.PathLike, rank: int, prefix: str = "pairs") -
     nums = [int(p.stem.rsplit("-", 1)[1]) for p in Path(directory).glob(f"{prefix}-r{rank:03d}-*.tar")]
     return max(nums, default=-1) + 1
 
+
+def lock_path(directory: str | os.PathLike, rank: int) -> Path:
+    return Path(directory) / f"r{rank:03d}.lock"
+
+
+def _start_time(pid: int) -> str | None:
+    """A process's start time in clock ticks since boot (Linux); tells a live process from a reused pid."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _alive(owner: dict) -> bool:
+    """Whether the process a lock names still runs; only answerable on its own host (else: assume it does)."""
+    if owner.get("host") != socket.gethostname():
+        return True
+    try:
+        os.kill(owner["pid"], 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        pass
+    started = owner.get("started")
+    return started is None or _start_time(owner["pid"]) in (None, started)
+
+
+class OutDirLock:
+    """One writing process per (out_dir, rank): `<out_dir>/r<rank>.lock` names its owner's host and pid.
+
+    The lock is made with os.link (atomic, also on NFS), so it is never seen without its content. A lock
+    whose owner is a dead process on this host is stale and taken over with one warning; a live owner, or
+    one on another host (which cannot be checked from here), is one ConfigError naming the lock and owner.
+    """
+
+    def __init__(self, directory: str | os.PathLike, rank: int):
+        self.dir, self.rank = Path(directory), rank
+        self.path = lock_path(directory, rank)
+        self.me = {"host": socket.gethostname(), "pid": os.getpid(), "started": _start_time(os.getpid()),
+                   "token": uuid.uuid4().hex, "argv": sys.argv}
+
+    def _owner(self) -> dict | None:
+        try:
+            owner = json.loads(self.path.read_text())
+            return owner if isinstance(owner, dict) and isinstance(owner.get("pid"), int) else {}
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            return {}
+
+    def acquire(self) -> "OutDirLock":
+        if self.dir.exists() and not self.dir.is_dir():
+            raise ConfigError(f"out_dir={self.dir} is an existing file, not a directory")
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"out_dir={self.dir}: cannot create the directory ({e.strerror})") from None
+        tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.{self.me['token'][:8]}{TMP_SUFFIX}")
+        tmp.write_text(json.dumps(self.me))
+        try:
+            # processes of one host decide about stale locks one at a time (a host-local flock): two of
+            # them must not both remove a stale lock and then one the other's new lock
+            digest = hashlib.sha1(str(self.path.resolve()).encode()).hexdigest()[:16]
+            with open(Path(tempfile.gettempdir()) / f"surf-lock-{digest}.guard", "a") as g:
+                fcntl.flock(g, fcntl.LOCK_EX)
+                for _ in range(3):
+                    try:
+                        os.link(tmp, self.path)
+                        return self
+                    except FileExistsError:
+                        pass
+                    owner = self._owner()
+                    if owner is None:  # released meanwhile
+                        continue
+                    if not owner:
+                        raise ConfigError(f"{self.path}: unreadable lock file in out_dir; if no other process writes "
+                                          f"rank {self.rank} there, delete it")
+                    if _alive(owner):
+                        raise ConfigError(f"{self.path}: rank {self.rank} of {self.dir} is being written by pid "
+                                          f"{owner['pid']} on {owner.get('host')}; wait for it to finish (or, if "
+                                          f"that process is gone, delete the lock file)")
+                    log.warning("%s: taking over the stale lock of pid %s on %s (no longer running)", self.path,
+                                owner["pid"], owner.get("host"))
+                    self.path.unlink(missing_ok=True)
+                raise ConfigError(f"{self.path}: could not take the lock (it keeps changing hands)")
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def release(self) -> None:
+        owner = self._owner()
+        if owner and owner.get("token") == self.me["token"]:
+            self.path.unlink()
+        else:
+            log.warning("%s: the lock is no longer this process's; left as it is", self.path)
+
+    def __enter__(self) -> "OutDirLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()

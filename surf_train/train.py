@@ -265,7 +265,8 @@ def train(cfg: DictConfig) -> dict:
         return {"steps": trainer.global_step, "requeued": str(requeue.saved)}
     if trainer.global_step % cfg.ckpt_every:
         _relink_last(trainer, ckpt_dir, trainer.global_step)
-    val = trainer.validate(module, datamodule=data, verbose=False) if data.cfg.val_samples else [{}]
+    # [] when every validation shard was corrupt and skipped
+    val = (trainer.validate(module, datamodule=data, verbose=False) if data.cfg.val_samples else None) or [{}]
     previous = _read_summary(run_dir)
     trained = module.loss_first is not None
     if not trained:
@@ -282,6 +283,8 @@ def train(cfg: DictConfig) -> dict:
         "val_mse_upsample": val[0].get("val/mse_upsample"),
         "world_size": trainer.world_size,
         "checkpoint": str((ckpt_dir / "last.ckpt").resolve()),
+        "data_skipped": data.skipped,  # skips of corrupt shards/samples on rank 0 (data.skip_corrupt); a sample
+        # drawn again in a later epoch by restarted DataLoader workers counts again
     }
     if trainer.is_global_zero:
         tmp = run_dir / "summary.json.tmp"
@@ -289,8 +292,10 @@ def train(cfg: DictConfig) -> dict:
         os.replace(tmp, run_dir / "summary.json")
         ref, up = summary["val_mse_refiner"], summary["val_mse_upsample"]
         val_txt = f"val mse refiner {_fmt(ref)} vs upsample {_fmt(up)}" if ref is not None else "no validation"
+        skip_txt = f", {data.skipped} skip(s) of corrupt shards/samples" if data.cfg.skip_corrupt else ""
         print(f"[surf_train] {summary['steps']} steps, train loss {_fmt(summary['train_loss_first'])} -> "
-              f"{_fmt(summary['train_loss_last'])}, {val_txt}; summary: {run_dir / 'summary.json'}", flush=True)
+              f"{_fmt(summary['train_loss_last'])}, {val_txt}{skip_txt}; summary: {run_dir / 'summary.json'}",
+              flush=True)
     return summary
 
 

@@ -29,6 +29,7 @@ from surf_train.errors import ConfigError, known_keys
 from surf_train.pairs import (STORE_DTYPES, base_fingerprint, base_meta, check_schedule, check_storage,
                               open_out_dir, settings, write_samples)
 from surf_train.sampling import PreviewPlan, finish_preview
+from surf_train.shards import OutDirLock
 from surf_train.video import (BACKENDS, CROPS, Video, VideoEntry, VideoError, VideoInfo, clip_indices, clip_span,
                               clip_starts, crop_box, list_videos, pick_bucket, to_clip, write_synthetic_video)
 
@@ -218,7 +219,7 @@ def clip_pair(model: BaseModel, cfg: VideoPairsConfig, clip: Clip, frames: np.nd
     dt = STORE_DTYPES[cfg.dtype]
     tensors = {"preview": preview[0].to(dt), "target": target[0].to(dt)}
     if cfg.store_text:
-        tensors["text"] = cond.embeds[0].to(dt)  # (L, D)
+        tensors["text"] = cond.text(0).to(dt)  # (L, D) zero-padded; stored at its real length
     i = clip.info
     meta = {"source": "video", "preview_mode": cfg.mode, "prompt": clip.video.caption or cfg.prompt,
             "caption": clip.video.caption, "seed": cfg.seed, "version": __version__, "base": base_meta(cfg.base),
@@ -275,6 +276,11 @@ def make_video_pairs(cfg: VideoPairsConfig) -> dict:
     """Write this rank's share of the video pairs; returns the run summary."""
     cfg = cfg.resolved()
     rank, world = rank_world()
+    with OutDirLock(cfg.out_dir, rank):  # one process per (out_dir, rank), demo videos included
+        return _make_video_pairs(cfg, rank, world)
+
+
+def _make_video_pairs(cfg: VideoPairsConfig, rank: int, world: int) -> dict:
     out = Path(cfg.out_dir)
     spec = cfg.videos if cfg.videos is not None else demo_videos(out / "demo_videos", cfg.demo_videos)
     videos = list_videos(spec, cfg.caption_column)

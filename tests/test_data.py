@@ -1,4 +1,5 @@
 import io
+import json
 import logging
 import os
 import pickle
@@ -7,10 +8,11 @@ import tarfile
 
 import pytest
 import torch
+from safetensors.torch import load, save
 
 from surf_train.data import DataConfig, PairDataModule, resolve_shards
 from surf_train.errors import ConfigError
-from surf_train.shards import ShardError, ShardWriter, encode_sample, list_shards
+from surf_train.shards import ShardError, ShardWriter, encode_sample, list_shards, read_shards
 
 C, TEXT = 2, (3, 8)
 
@@ -286,3 +288,95 @@ def test_two_gloo_ranks_run_equal_steps(tmp_path):
         p.join(timeout=120)
     assert [p.exitcode for p in procs] == [0, 0]
     assert sorted(out.get(timeout=5) for _ in procs) == [(0, 2, 2, 2, True), (1, 2, 2, 2, True)]
+
+
+def _flip_tensor_byte(shard, key):
+    """Flip one bit inside the tensor values of sample `key` (the tar structure stays intact)."""
+    with tarfile.open(shard) as t:
+        m = t.getmember(f"{key}.tensors.safetensors")
+    data = bytearray(shard.read_bytes())
+    data[m.offset_data + m.size - 2] ^= 0x10
+    shard.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "flipped"])
+def test_corrupt_validation_shard_is_skipped_and_counted_or_named(tmp_path, damage):
+    write(tmp_path, [3, 3, 3])
+    val = list_shards(tmp_path)[-1]  # the held-out shard: k0006, k0007, k0008
+    _truncate(val) if damage == "truncated" else _flip_tensor_byte(val, "k0007")
+    named = f"{val.name}: truncated" if damage == "truncated" else f"{val.name}: sample k0007: checksum mismatch"
+    with pytest.raises(ShardError, match=named):
+        PairDataModule(cfg(tmp_path, val_samples=3)).val_dataloader()
+    dm = PairDataModule(cfg(tmp_path, val_samples=3, skip_corrupt=True))
+    keys = [k for b in dm.val_dataloader() for k in b["keys"]]
+    assert keys == ([] if damage == "truncated" else ["k0006", "k0008"]) and dm.skipped == 1
+    assert {k for ks in epoch_keys(dm) for k in ks} <= {f"k{i:04d}" for i in range(6)}  # training goes on
+
+
+def test_flipped_tensor_byte_in_training_is_skipped_and_counted(tmp_path):
+    write(tmp_path, [3, 3, 1])
+    _flip_tensor_byte(list_shards(tmp_path)[0], "k0001")
+    with pytest.raises(ShardError, match="pairs-r000-000000.tar: sample k0001: checksum mismatch"):
+        for _ in range(3):
+            epoch_keys(PairDataModule(cfg(tmp_path, samples_per_epoch=20, val_samples=0)))
+    dm = PairDataModule(cfg(tmp_path, samples_per_epoch=20, val_samples=0, skip_corrupt=True))
+    seen = {k for ks in epoch_keys(dm) for k in ks}
+    assert "k0001" not in seen and {"k0000", "k0002"} <= seen and dm.skipped == 1
+
+
+def _text_sample(i, rows, padded_to=6, old=False):
+    """Sample i whose text has `rows` real rows (value i + 1) zero-padded to `padded_to`, as encoders give it;
+    old=True writes it the way shards were written before: padded text, no sha256 / text_length."""
+    text = torch.zeros(padded_to, TEXT[1])
+    text[:rows] = i + 1.0
+    raw = make_sample(i, text=False)
+    if not old:
+        return encode_sample(raw["__key__"], {**_tensors(raw), "text": text}, {"source": "generated"})
+    meta = {k: v for k, v in json.loads(raw["json"]).items() if k != "sha256"}
+    return {**raw, "tensors.safetensors": save({**_tensors(raw), "text": text}), "json": json.dumps(meta).encode()}
+
+
+def _tensors(raw):
+    return load(raw["tensors.safetensors"])
+
+
+def test_text_is_padded_per_batch_and_old_padded_shards_still_read(tmp_path):
+    rows = {i: 1 + i % 3 for i in range(9)}  # real text lengths 1, 2, 3, ...
+    for j in range(3):
+        with ShardWriter(tmp_path, rank=0, max_count=3, start_index=j) as w:
+            for i in range(3 * j, 3 * j + 3):
+                w.write(_text_sample(i, rows[i], old=(j == 1)))  # shard 1 is written the old way
+    stored = {s["key"]: s["text"].shape[0] for s in read_shards(list_shards(tmp_path))}
+    assert stored == {f"k{i:04d}": (6 if 3 <= i < 6 else rows[i]) for i in range(9)}
+    dm = PairDataModule(cfg(tmp_path, batch_size=2, samples_per_epoch=30, val_samples=3))
+    batches = [b for b in dm.train_dataloader()] + [b for b in dm.val_dataloader()]
+    old_seen = False
+    for b in batches:
+        ids = [int(k[1:]) for k in b["keys"]]
+        lengths = [6 if 3 <= i < 6 else rows[i] for i in ids]
+        assert b["text"].shape == (len(ids), max(lengths), TEXT[1])  # padded to the batch's longest
+        for j, i in enumerate(ids):  # the real rows, then zeros: what the zero-padded text was
+            assert (b["text"][j, :rows[i]] == i + 1).all() and not b["text"][j, rows[i]:].any()
+        old_seen |= any(3 <= i < 6 for i in ids)
+    assert old_seen and len({b["text"].shape[1] for b in batches}) > 1
+
+
+def test_refiner_output_does_not_depend_on_text_padding():
+    """Stored at its real length and padded per batch, text gives the Refiner the output the zero-padded
+    text gave: all-zero rows are masked (module.text_mask)."""
+    from surf_train.module import RefinerModule, text_mask
+
+    torch.manual_seed(0)
+    m = RefinerModule(model={"preset": "tiny"})
+    with torch.no_grad():
+        for p in m.net.parameters():  # the output layer starts at zero: give every weight a value
+            p.normal_(0, 0.2)
+    x, cond, t = torch.randn(2, 16, 3, 8, 8), torch.randn(2, 16, 3, 8, 8), torch.tensor([0.3, 0.8])
+    padded = torch.zeros(2, 16, 32)  # max_sequence_length 16, real lengths 5 and 9
+    padded[0, :5], padded[1, :9] = torch.randn(5, 32), torch.randn(9, 32)
+    trimmed = padded[:, :9]  # what collate gives for this batch
+    with torch.no_grad():
+        a = m.net(x, t, cond, padded, text_mask(padded))
+        b = m.net(x, t, cond, trimmed, text_mask(trimmed))
+        other = m.net(x, t, cond, torch.randn(2, 9, 32), None)
+    assert torch.allclose(a, b, atol=1e-5) and not torch.allclose(a, other, atol=1e-2)

@@ -12,7 +12,7 @@ import torch
 from surf_train.errors import ConfigError
 from surf_train.pairs import (BUILTIN_PROMPTS, PairsConfig, base_fingerprint, check_fingerprint, make_jobs, make_pairs,
                               read_prompts, weights_digest)
-from surf_train.shards import list_shards, read_shards, shard_keys
+from surf_train.shards import list_shards, lock_path, read_shards, shard_keys
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(height=64, width=64, frames=9, steps=4, switch=1, shard_size=2, progress=False)
@@ -154,6 +154,47 @@ def test_cli_default_error_message(tmp_path):
     assert "Traceback" not in r.stderr
 
 
+def test_out_dir_naming_a_file_is_one_clear_error(tmp_path):
+    f = tmp_path / "pairs.tar"
+    f.write_bytes(b"not a directory")
+    with pytest.raises(ConfigError, match=f"out_dir={f} is an existing file, not a directory"):
+        make_pairs(cfg(f, num_pairs=1))
+    r = cli(*cli_args(f, num_pairs=1))
+    out = (r.stderr + r.stdout).strip().splitlines()
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert [line for line in out if "out_dir=" in line and "existing file" in line] and len(out) == 1, out
+    assert f.read_bytes() == b"not a directory"
+
+
+@pytest.mark.slow
+def test_double_launch_is_refused_and_loses_nothing(tmp_path):
+    """A second make_pairs on the same out_dir and rank while the first runs: refused in one line; the first
+    finishes with every pair exactly once in complete shards (it used to lose its pairs and leave duplicates)."""
+    args = cli_args(tmp_path, num_pairs=96, steps=40, batch_size=1)
+    first = subprocess.Popen([sys.executable, str(ROOT / "data_prep/make_pairs.py"), *args], cwd=ROOT,
+                             env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    lock = lock_path(tmp_path, 0)
+    deadline = time.time() + 120  # launch the second once the first is writing a shard
+    while time.time() < deadline and not list(tmp_path.glob("pairs-r000-*")) and first.poll() is None:
+        time.sleep(0.05)
+    second = cli(*args, timeout=300)
+    running = first.poll() is None
+    out = first.communicate(timeout=300)[0]
+    assert first.returncode == 0, out
+    shards = list_shards(tmp_path)  # every shard complete, every pair exactly once
+    assert all(len(shard_keys(p)) == 2 for p in shards)
+    keys = [s["key"] for s in all_samples(tmp_path)]
+    assert sorted(keys) == sorted({j.key for j in make_jobs(read_prompts(None), 96, 0)}) and len(shards) == 48
+    assert running, "the first run ended before the second was refused: make it longer"
+    assert second.returncode == 2 and "Traceback" not in second.stderr, second.stderr
+    errors = [line for line in (second.stderr + second.stdout).splitlines() if "ERROR" in line]
+    assert len(errors) == 1 and f"{lock}: rank 0 of {tmp_path} is being written by pid {first.pid}" in errors[0]
+    assert not list(tmp_path.glob("*.tmp")) and not lock.exists()
+    again = cli(*args)
+    assert again.returncode == 0 and "96 already done, 0 to make" in again.stderr + again.stdout
+
+
 @pytest.mark.slow
 def test_crash_and_resume_loses_nothing_and_duplicates_nothing(tmp_path):
     """kill -9 mid-run (after at least one shard closed), then rerun: every pair exactly once."""
@@ -173,7 +214,8 @@ def test_crash_and_resume_loses_nothing_and_duplicates_nothing(tmp_path):
     (tmp_path / "pairs-r000-000099.tar.tmp").write_bytes(b"half a shard")  # a crash's leftover
     r = cli(*args)
     assert r.returncode == 0, r.stderr
-    assert not list(tmp_path.glob("*.tmp"))
+    assert f"{lock_path(tmp_path, 0)}: taking over the stale lock of pid {proc.pid}" in r.stderr + r.stdout
+    assert not list(tmp_path.glob("*.tmp")) and not lock_path(tmp_path, 0).exists()
     keys = [s["key"] for s in all_samples(tmp_path)]
     assert len(keys) == 16 == len(set(keys))
     want = {j.key for j in make_jobs(read_prompts(None), 16, 0)}
@@ -194,3 +236,13 @@ def test_two_ranks_cover_every_sample_once(tmp_path):
     keys = [s["key"] for s in all_samples(tmp_path)]
     assert len(keys) == 7 == len(set(keys))
     assert "rank 1/2: 3 pairs assigned" in outs[1]
+
+
+def test_sample_bytes_matches_real_tiny_shards(pairs):
+    """shards.sample_bytes (the README's bytes-per-pair table) against the shards make_pairs wrote."""
+    from surf_train.shards import sample_bytes
+    for shard in list_shards(pairs):
+        got = list(read_shards([shard]))
+        entries = sum(sample_bytes(tuple(s["preview"].shape), tuple(s["target"].shape), tuple(s["text"].shape),
+                                   s["preview"].dtype, s["meta"]) for s in got)
+        assert shard.stat().st_size == -(-(entries + 1024) // 10240) * 10240  # + end marker, 10 KiB records

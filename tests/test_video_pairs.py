@@ -13,7 +13,7 @@ from surf_train import video as video_mod
 from surf_train.degrade import DegradeConfig, degrade_pixels, sample_params
 from surf_train.errors import ConfigError
 from surf_train.sampling import flow_sigmas, resize_latent
-from surf_train.shards import list_shards, read_shards, shard_keys
+from surf_train.shards import OutDirLock, list_shards, lock_path, read_shards, shard_keys
 from surf_train.video import (Video, VideoError, clip_indices, clip_span, clip_starts, crop_box, list_videos,
                               pick_bucket, to_clip)
 from surf_train.video_pairs import Bucket, VideoPairsConfig, make_video_pairs, plan_video
@@ -182,7 +182,8 @@ def test_degrade_pairs_counts_shapes_metadata_and_skips(video_pairs, synthetic_v
         m = x["meta"]
         h, w = latent_hw[m["video"]["id"]]
         assert x["target"].shape == (16, 3, h, w) and x["preview"].shape == (16, 3, h // 2, w // 2)
-        assert x["text"].shape == (16, 32) and x["target"].dtype == torch.float16
+        assert x["text"].shape == (m["text_length"], 32) and m["text_length"] <= 16  # at its real length
+        assert x["target"].dtype == torch.float16
         assert m["source"] == "video" and m["preview_mode"] == "degrade" and m["fps"] == 16.0
         assert m["target_size"] == [9, 8 * h, 8 * w] and m["preview_size"] == [9, 4 * h, 4 * w]
         assert set(m["degradation"]) == {"blur_sigma", "down", "noise_std", "jpeg_quality", "latent_blur",
@@ -358,3 +359,19 @@ def test_cli_help_demo_and_error(tmp_path):
                        cwd=ROOT, env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert len(list((tmp_path / "demo_videos").glob("*.mp4"))) == 2 and len(samples(tmp_path)) == 2
+
+
+def test_out_dir_file_and_double_launch_are_one_clear_error(synthetic_videos, tmp_path):
+    f = tmp_path / "file"
+    f.write_text("x")
+    with pytest.raises(ConfigError, match=f"out_dir={f} is an existing file, not a directory"):
+        make_video_pairs(cfg(f, synthetic_videos))
+    r = subprocess.run([sys.executable, str(ROOT / "data_prep/make_video_pairs.py"), "base=tiny", f"out_dir={f}"],
+                       cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.strip() == f"make_video_pairs: error: out_dir={f} is an existing file, " \
+                                                     f"not a directory"
+    out = tmp_path / "out"
+    with OutDirLock(out, 0):  # another make_video_pairs of rank 0 is writing there
+        with pytest.raises(ConfigError, match=f"{lock_path(out, 0)}: rank 0 of {out} is being written by pid"):
+            make_video_pairs(VideoPairsConfig.from_dict({"base": "tiny", "out_dir": str(out), **VIDEO_SMALL}))
+    assert not list_shards(out) and not (out / "demo_videos").exists()
