@@ -1,4 +1,4 @@
-"""`python -m surf_train`: train a Refiner (Hydra + Lightning). See `python -m surf_train --help`."""
+"""`python -m surf_train` or `surf-train`: train a Refiner (Hydra + Lightning). See `python -m surf_train --help`."""
 import faulthandler
 import logging
 import sys
@@ -6,13 +6,14 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
+from surf_train import CONF_DIR
 from surf_train.errors import ConfigError
 from surf_train.shards import ShardError
 
 log = logging.getLogger("surf_train")
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
 def main(cfg: DictConfig) -> None:
     from surf_train.train import train
 
@@ -23,9 +24,13 @@ def main(cfg: DictConfig) -> None:
         sys.exit(2)
 
 
-if __name__ == "__main__":
+def cli() -> None:
     from surf_train.train import register_resolvers
 
     register_resolvers()
     faulthandler.enable()  # a rank killed by SIGSEGV/SIGABRT/SIGBUS prints its Python stack instead of vanishing
     main()
+
+
+if __name__ == "__main__":
+    cli()

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = ["surf-make-pairs", "surf-make-video-pairs", "surf-train", "surf-export", "surf-generate", "surf-evaluate",
+           "surf-flops"]
 NOT_SOURCE = {".git", ".venv", ".whl", "data", "outputs", "runs", "wandb", "build", "dist", ".pytest_cache"}
 
 
@@ -41,11 +43,43 @@ def wheel(tmp_path_factory):
     return Path(whl)
 
 
-def test_wheel_holds_configs_assets_and_marker(wheel):
+def test_wheel_holds_configs_assets_marker_and_scripts(wheel):
     z = zipfile.ZipFile(wheel)
     names = set(z.namelist())
     conf = {str(p.relative_to(ROOT)) for p in (ROOT / "conf").rglob("*.yaml")}
     assets = {str(p.relative_to(ROOT)) for p in (ROOT / "assets").rglob("*") if p.is_file()}
     assert conf and assets and {f"surf_train/_data/{n}" for n in conf | assets} <= names
     assert "surf_train/py.typed" in names
+    (ep,) = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
+    assert [line.split(" = ")[0] for line in z.read(ep).decode().splitlines() if " = " in line] == sorted(SCRIPTS)
 
+
+@pytest.mark.slow
+def test_installed_wheel_runs_the_pipeline_from_anywhere(wheel, tmp_path):
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    py, bin_ = venv / "bin" / "python", venv / "bin"
+    purelib = subprocess.run([py, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"], check=True,
+                             capture_output=True, text=True).stdout.strip()
+    # the dependencies (and pip) are this interpreter's: a path line is appended to the venv's sys.path after
+    # its own site-packages, and the .pth files there (an editable surf_train among them) are not run
+    host = [p for p in [*site.getsitepackages(), site.getusersitepackages()] if os.path.isdir(p)]
+    Path(purelib, "_host_site_packages.pth").write_text("".join(f"{p}\n" for p in host))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    _run([py, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--no-compile", "--ignore-installed",
+          str(wheel)], work, env)
+    r = _run([py, "-c", "import surf_train; print(surf_train.__file__); print(surf_train.CONF_DIR)"], work, env)
+    assert all(line.startswith(purelib) for line in r.stdout.split()), r.stdout  # the wheel's copy, not the checkout
+
+    _run([bin_ / "surf-make-pairs", "num_pairs=4", "steps=4", "switch=2", "progress=false"], work, env)  # toy base
+    assert glob.glob(str(work / "data/pairs/logs/*/make_pairs.log"))  # Hydra's job name is the command's
+    _run([bin_ / "surf-train", "trainer.max_steps=2", "ckpt_every=2", "data.val_samples=0", "logger=none",
+          "module.decode_base=null", "trainer.enable_progress_bar=false", "data.batch_size=2"], work, env)
+    _run([bin_ / "surf-export", "runs/tiny/checkpoints/last.ckpt", "runs/tiny/refiner"], work, env)
+    r = _run([bin_ / "surf-generate", "--steps", "4", "--switch", "2", "--no-progress"], work, env)
+    assert "surf: outputs/generate/surf_p000_s0.mp4" in r.stdout and (work / "outputs/generate/surf_p000_s0.mp4").is_file()
+    for script in ("surf-make-video-pairs", "surf-evaluate", "surf-flops"):
+        assert _run([bin_ / script, "--help"], work, env).stdout.strip()
