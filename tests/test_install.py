@@ -22,6 +22,27 @@ def _ignore(d, names):
     return [n for n in names if n == "__pycache__" or n.endswith(".egg-info") or (top and n in NOT_SOURCE)]
 
 
+def _copy_tree(tmp: Path) -> Path:
+    shutil.copytree(ROOT, tmp / "src", ignore=_ignore)
+    return tmp / "src"
+
+
+def _venv(tmp: Path) -> tuple[Path, str, dict]:
+    """A fresh venv using this interpreter's packages (pip and the dependencies): its bin/, site-packages, env.
+
+    A path line in a .pth goes after the venv's own site-packages, and the .pth files in that path (an editable
+    surf_train among them) are not run."""
+    venv = tmp / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    purelib = subprocess.run([venv / "bin" / "python", "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                             check=True, capture_output=True, text=True).stdout.strip()
+    host = [p for p in [*site.getsitepackages(), site.getusersitepackages()] if os.path.isdir(p)]
+    Path(purelib, "_host_site_packages.pth").write_text("".join(f"{p}\n" for p in host))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    return venv / "bin", purelib, env
+
+
 def _run(cmd, cwd, env, timeout=300):
     r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     assert r.returncode == 0, f"{cmd}: exit {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
@@ -32,8 +53,7 @@ def _run(cmd, cwd, env, timeout=300):
 def wheel(tmp_path_factory):
     """The wheel built from the sdist of a copy of this tree (the sdist must carry conf/ and assets/ too)."""
     tmp = tmp_path_factory.mktemp("build")
-    src = tmp / "src"
-    shutil.copytree(ROOT, src, ignore=_ignore)
+    src = _copy_tree(tmp)
     _run([sys.executable, "-c", f"from setuptools import build_meta; build_meta.build_sdist({str(tmp / 'sdist')!r})"],
          src, os.environ)
     (sdist,) = glob.glob(str(tmp / "sdist" / "*.tar.gz"))
@@ -56,23 +76,16 @@ def test_wheel_holds_configs_assets_marker_and_scripts(wheel):
 
 @pytest.mark.slow
 def test_installed_wheel_runs_the_pipeline_from_anywhere(wheel, tmp_path):
-    venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
-    py, bin_ = venv / "bin" / "python", venv / "bin"
-    purelib = subprocess.run([py, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"], check=True,
-                             capture_output=True, text=True).stdout.strip()
-    # the dependencies (and pip) are this interpreter's: a path line is appended to the venv's sys.path after
-    # its own site-packages, and the .pth files there (an editable surf_train among them) are not run
-    host = [p for p in [*site.getsitepackages(), site.getusersitepackages()] if os.path.isdir(p)]
-    Path(purelib, "_host_site_packages.pth").write_text("".join(f"{p}\n" for p in host))
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    bin_, purelib, env = _venv(tmp_path)
+    py = bin_ / "python"
     work = tmp_path / "elsewhere"
     work.mkdir()
     _run([py, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--no-compile", "--ignore-installed",
           str(wheel)], work, env)
-    r = _run([py, "-c", "import surf_train; print(surf_train.__file__); print(surf_train.CONF_DIR)"], work, env)
-    assert all(line.startswith(purelib) for line in r.stdout.split()), r.stdout  # the wheel's copy, not the checkout
+    r = _run([py, "-c", "import surf_train; from pathlib import Path; print(Path(surf_train.__file__).resolve()); "
+                        "print(surf_train.CONF_DIR, surf_train.ASSETS_DIR)"], work, env)
+    pkg = Path(purelib).resolve() / "surf_train"  # the wheel's copy, not the checkout
+    assert r.stdout.split() == [str(pkg / "__init__.py"), str(pkg / "_data/conf"), str(pkg / "_data/assets")]
 
     _run([bin_ / "surf-make-pairs", "num_pairs=4", "steps=4", "switch=2", "progress=false"], work, env)  # toy base
     assert glob.glob(str(work / "data/pairs/logs/*/make_pairs.log"))  # Hydra's job name is the command's
@@ -80,6 +93,20 @@ def test_installed_wheel_runs_the_pipeline_from_anywhere(wheel, tmp_path):
           "module.decode_base=null", "trainer.enable_progress_bar=false", "data.batch_size=2"], work, env)
     _run([bin_ / "surf-export", "runs/tiny/checkpoints/last.ckpt", "runs/tiny/refiner"], work, env)
     r = _run([bin_ / "surf-generate", "--steps", "4", "--switch", "2", "--no-progress"], work, env)
-    assert "surf: outputs/generate/surf_p000_s0.mp4" in r.stdout and (work / "outputs/generate/surf_p000_s0.mp4").is_file()
+    assert "surf: outputs/generate/surf_p000_s0.mp4" in r.stdout
+    assert (work / "outputs/generate/surf_p000_s0.mp4").is_file()
     for script in ("surf-make-video-pairs", "surf-evaluate", "surf-flops"):
         assert _run([bin_ / script, "--help"], work, env).stdout.strip()
+
+
+def test_editable_install_reads_the_checkout(tmp_path):
+    """`pip install -e` (make venv): conf/ and assets/ are read where they are, and the console scripts work."""
+    src = _copy_tree(tmp_path)
+    bin_, _, env = _venv(tmp_path)
+    _run([bin_ / "python", "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--no-build-isolation",
+          "--ignore-installed", "-e", str(src)], tmp_path, env)
+    r = _run([bin_ / "python", "-c", "import surf_train; print(surf_train.CONF_DIR, surf_train.ASSETS_DIR)"], tmp_path,
+             env)
+    assert r.stdout.split() == [str(src.resolve() / "conf"), str(src.resolve() / "assets")]
+    assert not (src / "surf_train/_data").exists()  # nothing copied into the checkout
+    assert "make_pairs: write (preview, target)" in _run([bin_ / "surf-make-pairs", "--help"], tmp_path, env).stdout
