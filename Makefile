@@ -7,7 +7,7 @@ PIP := $(BIN)/pip install -c constraints-cpu.txt
 
 .PHONY: venv demo test test-fast bench toy-base clean gpu-wheels gpu-check
 
-$(BIN)/.installed: pyproject.toml constraints-cpu.txt
+$(BIN)/.installed: pyproject.toml setup.py constraints-cpu.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(PIP) -q torch==2.13.0 setuptools wheel ninja
