@@ -1,5 +1,6 @@
 """Only the build hook: everything else is in pyproject.toml."""
 import os
+import shutil
 
 from setuptools import setup
 from setuptools.command.build_py import build_py
@@ -16,8 +17,10 @@ class BuildPyWithData(build_py):
         if getattr(self, "editable_mode", False):
             return
         for name in ("conf", "assets"):
+            dst = os.path.join(self.build_lib, "surf_train", "_data", name)
+            shutil.rmtree(dst, ignore_errors=True)  # an earlier build's copy in build/ may hold files since removed
             if os.path.isdir(name):
-                self.copy_tree(name, os.path.join(self.build_lib, "surf_train", "_data", name))
+                self.copy_tree(name, dst)
 
 
 setup(cmdclass={"build_py": BuildPyWithData})

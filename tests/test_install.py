@@ -74,6 +74,19 @@ def test_wheel_holds_configs_assets_marker_and_scripts(wheel):
     assert [line.split(" = ")[0] for line in z.read(ep).decode().splitlines() if " = " in line] == sorted(SCRIPTS)
 
 
+def test_rebuild_in_the_tree_drops_removed_configs(tmp_path):
+    """`pip wheel .` builds in the tree's build/: a config removed since an earlier build is not shipped."""
+    src = _copy_tree(tmp_path)
+    (src / "conf/experiment/gone.yaml").write_text("{}\n")
+    cmd = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-index", "--no-build-isolation", "-w"]
+    _run([*cmd, str(tmp_path / "w1"), "."], src, os.environ)
+    (src / "conf/experiment/gone.yaml").unlink()
+    _run([*cmd, str(tmp_path / "w2"), "."], src, os.environ)
+    ((w1,), (w2,)) = (glob.glob(str(tmp_path / w / "*.whl")) for w in ("w1", "w2"))
+    gone = "surf_train/_data/conf/experiment/gone.yaml"
+    assert gone in zipfile.ZipFile(w1).namelist() and gone not in zipfile.ZipFile(w2).namelist()
+
+
 @pytest.mark.slow
 def test_installed_wheel_runs_the_pipeline_from_anywhere(wheel, tmp_path):
     bin_, purelib, env = _venv(tmp_path)
