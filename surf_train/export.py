@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from surf_train.errors import ConfigError
-from surf_train.refiner import Refiner, RefinerConfig
+from surf_train.refiner import Refiner, RefinerConfig, refiner_config
 
 FORMAT, VERSION = "surf-refiner", 1
 WEIGHTS, CONFIG = "refiner.safetensors", "config.json"
@@ -59,8 +59,6 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
 def export(ckpt: str | os.PathLike, out_dir: str | os.PathLike, weights: str = "auto",
            dtype: str = "float32") -> Path:
     """Write refiner.safetensors + config.json to out_dir (atomically); returns out_dir."""
-    from surf_train.module import refiner_config
-
     if dtype not in DTYPES:
         raise ConfigError(f"--dtype {dtype!r}: choose from {list(DTYPES)}")
     state, hp, step = read_checkpoint(ckpt)
@@ -140,7 +138,7 @@ def check_weights(want: dict[str, tuple[int, ...]], tensors: dict[str, torch.Ten
 
 def _shapes(cfg: RefinerConfig) -> dict[str, tuple[int, ...]]:
     with torch.device("meta"):
-        return {k: tuple(v.shape) for k, v in Refiner(cfg).state_dict().items()}
+        return {k: tuple(v.shape) for k, v in Refiner.from_cfg(cfg).state_dict().items()}
 
 
 def load_refiner(directory: str | os.PathLike, device: str | torch.device = "cpu",
@@ -156,7 +154,7 @@ def load_refiner(directory: str | os.PathLike, device: str | torch.device = "cpu
     cfg = RefinerConfig.from_dict(meta["refiner"])
     tensors = load_file(str(d / WEIGHTS))
     with torch.device("meta"):
-        net = Refiner(cfg)
+        net = Refiner.from_cfg(cfg)
     check_weights({k: tuple(v.shape) for k, v in net.state_dict().items()}, tensors, str(d / WEIGHTS))
     net.load_state_dict(tensors, assign=True)
     net = net.to(device=device, dtype=dtype or DTYPES[meta.get("dtype", "float32")]).eval().requires_grad_(False)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from surf_train.errors import ConfigError
 from surf_train.objective import BridgeConfig, bridge_loss, refine, upsample
-from surf_train.refiner import Refiner, RefinerConfig
+from surf_train.refiner import Refiner, refiner_config
 
 log = logging.getLogger(__name__)
 LOSS_WINDOW = 10
@@ -43,16 +43,6 @@ class OptimConfig:
             return 1.0
         p = min(1.0, (step - self.warmup_steps) / (total - self.warmup_steps))
         return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * p))
-
-
-def refiner_config(model: dict) -> RefinerConfig:
-    """{"preset": name, **overrides} -> RefinerConfig."""
-    model = dict(model)
-    unset = [k for k in ("in_channels", "text_dim") if k in model and model[k] is None]
-    if unset:
-        raise ConfigError(f"model.{' and model.'.join(unset)} unset (null): `python -m surf_train` reads them from "
-                          f"the shards; elsewhere give them explicitly")
-    return RefinerConfig.preset(model.pop("preset", "tiny"), **model)
 
 
 def text_mask(text: torch.Tensor | None) -> torch.Tensor | None:
@@ -110,7 +100,7 @@ class RefinerModule(pl.LightningModule):
             log.info("initialised from %s: %d tensors copied, %d skipped", init_from_wan, len(report.copied),
                      len(report.skipped))
         else:
-            self.net = Refiner(self.model_cfg)
+            self.net = Refiner.from_cfg(self.model_cfg)
         # a plain attribute, not a submodule: see EMA
         object.__setattr__(self, "ema", EMA(self.net, ema_decay) if ema_decay else None)
         self._decoder = None

@@ -21,7 +21,7 @@ SMALL = dict(base="tiny", height=64, width=64, frames=9, prefix_height=64, prefi
 def refiner_dir(tmp_path_factory):
     """An exported tiny Refiner with random (non-zero) output weights."""
     torch.manual_seed(0)
-    net = Refiner(RefinerConfig(dim=32, depth=2, heads=2, text_dim=32))
+    net = Refiner.from_cfg(RefinerConfig(dim=32, depth=2, heads=2, text_dim=32))
     torch.nn.init.normal_(net.proj_out.weight, std=0.02)
     return save_refiner(net.state_dict(), net.cfg, tmp_path_factory.mktemp("ref") / "refiner",
                         bridge={"steps": 3, "sigma_aug_eval": 0.05})
