@@ -110,19 +110,15 @@ class RefinerModule(pl.LightningModule):
     def init_weights(self, path: str) -> str:
         """Load another run's Refiner weights into this fresh module (progressive stage 2); returns "ema",
         "raw" or "exported". Reads a .ckpt, a ZeRO-2 directory or an exported Refiner, never unpickling."""
-        from safetensors.torch import load_file
-
-        from surf_train.export import WEIGHTS, check_weights, read_checkpoint
+        from surf_train.checkpoint import check_weights, read_checkpoint, refiner_weights, shapes
+        from surf_train.export import load_refiner
 
         p = Path(path)
-        if p.is_dir() and (p / WEIGHTS).is_file():
-            tensors, used = load_file(str(p / WEIGHTS)), "exported"
+        if p.is_dir() and not (p / "checkpoint").is_dir():  # not a ZeRO directory: an export (either format)
+            tensors, used = load_refiner(path)[0].state_dict(), "exported"
         else:
-            state, _, _ = read_checkpoint(p)
-            used = "ema" if any(k.startswith("ema.module.") for k in state) else "raw"
-            prefix = "ema.module." if used == "ema" else "net."
-            tensors = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-        check_weights({k: tuple(v.shape) for k, v in self.net.state_dict().items()}, tensors, str(path))
+            tensors, used = refiner_weights(read_checkpoint(path)[0], "auto", str(path))
+        check_weights(shapes(self.net.state_dict()), shapes(tensors), str(path))
         self.net.load_state_dict(tensors)  # copies into the existing parameters, converting the dtype
         if self.ema is not None:
             self.ema.module.load_state_dict(tensors)
