@@ -173,3 +173,32 @@ def test_first_format_still_loads_and_converts(plain_ckpt, tmp_path):
         assert torch.equal(conv(*args), net(*args))
     assert export(plain_ckpt, tmp_path / "old").joinpath("surf.json").is_file()  # a v1 export is replaced too
     assert not (tmp_path / "old" / "refiner.safetensors").exists()
+
+
+def test_export_and_checkpoint_reading_do_not_import_the_training_module():
+    """export.py <-> module.py was an import circle: checkpoint reading lives in checkpoint.py now."""
+    import ast
+
+    for name in ("export", "checkpoint", "refiner"):
+        tree = ast.parse((ROOT / "surf_train" / f"{name}.py").read_text())
+        mods = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)} | \
+            {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        assert not mods & {"surf_train.module", "surf_train.train"}, name
+
+
+def test_sharded_export_loads(tmp_path):
+    from surf_train.export import is_export, save_refiner
+    from surf_train.refiner import Refiner, RefinerConfig
+
+    torch.manual_seed(0)
+    net = Refiner.from_cfg(RefinerConfig(dim=32, depth=2, heads=2))
+    torch.nn.init.normal_(net.proj_out.weight, std=0.02)
+    out = save_refiner(net.state_dict(), net.cfg, tmp_path / "one", bridge={"steps": 2})
+    net.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")  # as diffusers writes a large model
+    (tmp_path / "sharded" / "surf.json").write_text((out / "surf.json").read_text())
+    assert len(list((tmp_path / "sharded").glob("diffusion_pytorch_model-*.safetensors"))) > 1
+    assert is_export(tmp_path / "sharded")
+    back, meta = load_refiner(tmp_path / "sharded")
+    args = inputs(net)
+    with torch.no_grad():
+        assert torch.equal(back(*args), net.eval()(*args)) and meta["bridge"] == {"steps": 2}
