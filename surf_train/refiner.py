@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -352,6 +353,16 @@ class Refiner(ModelMixin, ConfigMixin):
         self.gradient_checkpointing = False  # per-block activation checkpointing, set by diffusers' switch
         if grad_checkpointing:
             self.enable_gradient_checkpointing()
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs) -> "Refiner":
+        """diffusers' from_pretrained; a directory of the first export format gets a clear error instead."""
+        d = Path(pretrained_model_name_or_path) / (kwargs.get("subfolder") or "")
+        if (d / "refiner.safetensors").is_file() and not any(d.glob("diffusion_pytorch_model*.safetensors")):
+            raise ConfigError(f"{d}: an export of the first SURF format (refiner.safetensors); load it with "
+                              f"surf_train.export.load_refiner or convert it: python -m surf_train.export --convert "
+                              f"{d} NEW_DIR")
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
     @classmethod
     def from_cfg(cls, cfg: RefinerConfig) -> "Refiner":

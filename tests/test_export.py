@@ -161,6 +161,10 @@ def test_first_format_still_loads_and_converts(plain_ckpt, tmp_path):
     with torch.no_grad():
         assert torch.equal(old(*args), net(*args))
     assert old_meta["version"] == 1 and old_meta["refiner"] == meta["refiner"]
+    from surf_train.refiner import Refiner
+
+    with pytest.raises(ConfigError, match="first SURF format.*--convert"):
+        Refiner.from_pretrained(tmp_path, subfolder="old")
     half, _ = load_refiner(tmp_path / "old", dtype=torch.bfloat16)  # the float32 modules stay float32
     assert half.proj_out.weight.dtype == torch.bfloat16 and half.scale_shift_table.dtype == torch.float32
     r = subprocess.run([sys.executable, "-m", "surf_train.export", "--convert", str(tmp_path / "old"),
