@@ -89,14 +89,9 @@ def _check_out_dir(out: Path) -> None:
                           f"refusing to replace it (choose a new directory)")
 
 
-def _keep_fp32(name: str) -> bool:
-    return any(m in name.split(".") for m in Refiner._keep_in_fp32_modules)
-
-
 def _cast(tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Tensors in dtype, except the modules the Refiner keeps in float32 (as from_pretrained(torch_dtype=))."""
-    return {k: v.to(torch.float32 if _keep_fp32(k) and dtype != torch.float32 else dtype).contiguous()
-            for k, v in tensors.items()}
+    return {k: v.to(Refiner.keeps_fp32(k, dtype)).contiguous() for k, v in tensors.items()}
 
 
 def _shapes(cfg: RefinerConfig) -> dict[str, tuple[int, ...]]:

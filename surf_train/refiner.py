@@ -369,6 +369,19 @@ class Refiner(ModelMixin, ConfigMixin):
         """The one conversion RefinerConfig -> Refiner (its inverse is `.cfg`)."""
         return cls(**cfg.to_dict())
 
+    @classmethod
+    def keeps_fp32(cls, name: str, dtype: torch.dtype) -> torch.dtype:
+        """The dtype parameter `name` gets when the model is cast to dtype (float32 for the kept modules)."""
+        return torch.float32 if any(m in name.split(".") for m in cls._keep_in_fp32_modules) else dtype
+
+    @torch.no_grad()
+    def to_dtype(self, dtype: torch.dtype) -> "Refiner":
+        """Cast as from_pretrained(torch_dtype=dtype) would load: the kept modules stay float32. (`.to(dtype)`
+        casts everything, and diffusers warns about it.)"""
+        for name, p in self.named_parameters():
+            p.data = p.data.to(self.keeps_fp32(name, dtype))
+        return self
+
     @property
     def cfg(self) -> RefinerConfig:
         """This model's RefinerConfig, grad_checkpointing as currently switched."""

@@ -315,3 +315,26 @@ def test_enable_gradient_checkpointing_is_the_config_switch(tmp_path):
     on.save_pretrained(tmp_path / "m")  # a training switch, not part of the model
     assert "grad_checkpointing" not in json.loads((tmp_path / "m" / "config.json").read_text())
     assert not Refiner.from_pretrained(tmp_path / "m").is_gradient_checkpointing
+
+
+def test_to_dtype_casts_as_from_pretrained_loads(tiny, tmp_path):
+    import logging
+
+    from diffusers.utils import logging as diffusers_logging
+
+    tiny.save_pretrained(tmp_path / "m")
+    loaded = Refiner.from_pretrained(tmp_path / "m", torch_dtype=torch.bfloat16)
+    cast = Refiner.from_cfg(tiny.cfg)
+    cast.load_state_dict(tiny.state_dict())
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    diffusers_logging.get_logger("diffusers").addHandler(handler)
+    try:
+        cast.to_dtype(torch.bfloat16)
+        Refiner.from_cfg(tiny.cfg).to(torch.float16)  # what diffusers warns about
+    finally:
+        diffusers_logging.get_logger("diffusers").removeHandler(handler)
+    assert [r.getMessage()[:40] for r in records] == ["There are modules in Refiner that should"]
+    assert {n: p.dtype for n, p in cast.named_parameters()} == {n: p.dtype for n, p in loaded.named_parameters()}
+    assert all(torch.equal(p, loaded.state_dict()[n]) for n, p in cast.state_dict().items())
