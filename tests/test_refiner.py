@@ -281,7 +281,8 @@ def test_from_pretrained_subfolder_and_bf16_keeps_fp32_modules(tiny, tmp_path):
     kept = {n for n, p in m.named_parameters() if p.dtype == torch.float32}
     assert kept and all(p.dtype == torch.bfloat16 for n, p in m.named_parameters() if n not in kept)
     for n in ["scale_shift_table", "blocks.0.scale_shift_table", "blocks.0.attn1.norm_q.weight",
-              "blocks.1.attn2.norm_k.weight", "blocks.0.norm2.weight", "condition_embedder.time_embedder.linear_1.weight"]:
+              "blocks.1.attn2.norm_k.weight", "blocks.0.norm2.weight",
+              "condition_embedder.time_embedder.linear_1.weight"]:
         assert n in kept, n
     assert "blocks.0.attn1.to_q.weight" not in kept and m.dtype == torch.bfloat16
     x, t, cond, text = _inputs((1, 16, 3, 8, 8))
