@@ -62,7 +62,7 @@ def slope(xs: list[float], ys: list[float]) -> float | None:
 
 
 def build(cfg_kw: dict, window, impl: str, state: dict | None, lr: float):
-    model = Refiner(RefinerConfig(window=window, attn_impl=impl, **cfg_kw)).train()
+    model = Refiner.from_cfg(RefinerConfig(window=window, attn_impl=impl, **cfg_kw)).train()
     if state is not None:
         model.load_state_dict(state)
     return model, torch.optim.AdamW(model.parameters(), lr=lr)
@@ -107,7 +107,7 @@ def main():
 
     grids = [parse_triple(s) for s in a.grids.split(",")]
     cfg_kw = dict(in_channels=C, patch_size=PATCH, dim=a.dim, depth=a.depth, heads=a.heads, text_dim=0)
-    ref = Refiner(RefinerConfig(**cfg_kw))
+    ref = Refiner.from_cfg(RefinerConfig(**cfg_kw))
     with torch.no_grad():  # undo the zero init of adaLN gates and output so attention shapes the loss
         for p in ref.parameters():
             zero = p == 0

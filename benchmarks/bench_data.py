@@ -36,7 +36,7 @@ def step_fn(batch):
     try:
         from surf_train.objective import BridgeConfig, bridge_loss
         from surf_train.refiner import Refiner, RefinerConfig, num_params
-        net = Refiner(RefinerConfig.preset("tiny", in_channels=batch["target"].shape[1],
+        net = Refiner.from_cfg(RefinerConfig.preset("tiny", in_channels=batch["target"].shape[1],
                                            text_dim=text.shape[-1] if text is not None else 0))
         bridge = BridgeConfig()
 

@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> None:
     text_dim = model.pipe.transformer.config.text_dim
     rcfg = RefinerConfig(in_channels=spec.channels, dim=a.refiner_dim, depth=a.refiner_depth, heads=a.refiner_heads,
                          mlp_ratio=a.refiner_mlp_ratio, window=a.window, text_dim=text_dim)
-    net = Refiner(rcfg)  # random weights (DiT zero-init of gates and output: same compute)
+    net = Refiner.from_cfg(rcfg)  # random weights (DiT zero-init of gates and output: same compute)
     ref_dir = save_refiner(net.state_dict(), rcfg, work / "refiner", bridge={"steps": a.refiner_steps})
     base_params = num_params(model.pipe.transformer)
 

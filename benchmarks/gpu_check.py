@@ -387,7 +387,7 @@ def sdpa_signatures(plan: Plan) -> list[dict]:
     for impl in ("grouped", "mask"):
         cfg = RefinerConfig.preset("paper", **{**plan.refiner, "depth": 2, "attn_impl": impl})
         with torch.device("meta"):
-            net = Refiner(cfg)
+            net = Refiner.from_cfg(cfg)
             x, t = torch.empty(1, *lat), torch.empty(1)
             text, mask = torch.empty(1, plan.text_len, cfg.text_dim), torch.ones(1, plan.text_len, dtype=torch.bool)
         label = {"model": "refiner", "form": impl, "block": None}
@@ -565,7 +565,7 @@ def part_refiner_train(plan: Plan, dev: torch.device, deadline: float, r: dict, 
     def train_case(rec: dict, cfg, flop: float) -> None:
         torch.manual_seed(0)
         with torch.device(dev):
-            net = Refiner(cfg).train()
+            net = Refiner.from_cfg(cfg).train()
             target, preview = torch.randn(1, *lat), torch.randn(1, *prev)  # (1, C, F, H, W), (1, C, F, h, w)
             text = torch.randn(1, plan.text_len, cfg.text_dim)  # (1, L, D) umT5-like, all tokens real
         r["params"] = num_params(net)
@@ -609,7 +609,7 @@ def part_refiner_sample(plan: Plan, dev: torch.device, deadline: float, r: dict,
     r["config"] = cfg.to_dict()
     torch.manual_seed(0)
     with torch.device(dev):
-        net = Refiner(cfg).to(torch.bfloat16).eval().requires_grad_(False)
+        net = Refiner.from_cfg(cfg).to(torch.bfloat16).eval().requires_grad_(False)
         text = torch.randn(1, plan.text_len, cfg.text_dim, dtype=torch.bfloat16)  # (1, L, D)
     mask = text_mask(text)
     k = plan.sample_steps

@@ -157,7 +157,7 @@ def generate(cfg: GenerateConfig) -> list[dict]:
             log.warning("%s", warning)
     model = load_base_model(spec, cfg.device)
     if net is not None:
-        net = net.to(model.device, model.dtype)
+        net = net.to(model.device).to_dtype(model.dtype)  # norms and adaLN tables stay float32
     s = spec.stride_s
     lat = {k: (v[0] // s, v[1] // s) for k, v in sizes.items()}
     f_lat = (frames - 1) // spec.stride_t + 1

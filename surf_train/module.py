@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from surf_train.errors import ConfigError
 from surf_train.objective import BridgeConfig, bridge_loss, refine, upsample
-from surf_train.refiner import Refiner, RefinerConfig
+from surf_train.refiner import Refiner, refiner_config
 
 log = logging.getLogger(__name__)
 LOSS_WINDOW = 10
@@ -43,16 +43,6 @@ class OptimConfig:
             return 1.0
         p = min(1.0, (step - self.warmup_steps) / (total - self.warmup_steps))
         return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * p))
-
-
-def refiner_config(model: dict) -> RefinerConfig:
-    """{"preset": name, **overrides} -> RefinerConfig."""
-    model = dict(model)
-    unset = [k for k in ("in_channels", "text_dim") if k in model and model[k] is None]
-    if unset:
-        raise ConfigError(f"model.{' and model.'.join(unset)} unset (null): `python -m surf_train` reads them from "
-                          f"the shards; elsewhere give them explicitly")
-    return RefinerConfig.preset(model.pop("preset", "tiny"), **model)
 
 
 def text_mask(text: torch.Tensor | None) -> torch.Tensor | None:
@@ -110,7 +100,7 @@ class RefinerModule(pl.LightningModule):
             log.info("initialised from %s: %d tensors copied, %d skipped", init_from_wan, len(report.copied),
                      len(report.skipped))
         else:
-            self.net = Refiner(self.model_cfg)
+            self.net = Refiner.from_cfg(self.model_cfg)
         # a plain attribute, not a submodule: see EMA
         object.__setattr__(self, "ema", EMA(self.net, ema_decay) if ema_decay else None)
         self._decoder = None
@@ -120,19 +110,15 @@ class RefinerModule(pl.LightningModule):
     def init_weights(self, path: str) -> str:
         """Load another run's Refiner weights into this fresh module (progressive stage 2); returns "ema",
         "raw" or "exported". Reads a .ckpt, a ZeRO-2 directory or an exported Refiner, never unpickling."""
-        from safetensors.torch import load_file
-
-        from surf_train.export import WEIGHTS, check_weights, read_checkpoint
+        from surf_train.checkpoint import check_weights, read_checkpoint, refiner_weights, shapes
+        from surf_train.export import load_refiner
 
         p = Path(path)
-        if p.is_dir() and (p / WEIGHTS).is_file():
-            tensors, used = load_file(str(p / WEIGHTS)), "exported"
+        if p.is_dir() and not (p / "checkpoint").is_dir():  # not a ZeRO directory: an export (either format)
+            tensors, used = load_refiner(path)[0].state_dict(), "exported"
         else:
-            state, _, _ = read_checkpoint(p)
-            used = "ema" if any(k.startswith("ema.module.") for k in state) else "raw"
-            prefix = "ema.module." if used == "ema" else "net."
-            tensors = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-        check_weights({k: tuple(v.shape) for k, v in self.net.state_dict().items()}, tensors, str(path))
+            tensors, used = refiner_weights(read_checkpoint(path)[0], "auto", str(path))
+        check_weights(shapes(self.net.state_dict()), shapes(tensors), str(path))
         self.net.load_state_dict(tensors)  # copies into the existing parameters, converting the dtype
         if self.ema is not None:
             self.ema.module.load_state_dict(tensors)

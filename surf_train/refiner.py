@@ -11,12 +11,14 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
+from diffusers import ConfigMixin, ModelMixin
+from diffusers.configuration_utils import register_to_config
 
 from surf_train.errors import ConfigError
 from surf_train.windows import IMPLS, Size3, window_attention
@@ -93,6 +95,16 @@ class RefinerConfig:
         return cls(**{**PRESETS[name], **overrides})
 
 
+def refiner_config(model: dict) -> RefinerConfig:
+    """The training config's `model` group {"preset": name, **overrides} -> RefinerConfig."""
+    model = dict(model)
+    unset = [k for k in ("in_channels", "text_dim") if k in model and model[k] is None]
+    if unset:
+        raise ConfigError(f"model.{' and model.'.join(unset)} unset (null): `python -m surf_train` reads them from "
+                          f"the shards; elsewhere give them explicitly")
+    return RefinerConfig.preset(model.pop("preset", "tiny"), **model)
+
+
 PRESETS: dict[str, dict[str, Any]] = {
     # CPU tests and demos: ~0.26M parameters.
     "tiny": {},
@@ -154,9 +166,26 @@ def num_params(module: nn.Module) -> int:
 
 # --- modules -----------------------------------------------------------------------------------
 
+class FP32RMSNorm(nn.RMSNorm):
+    """RMSNorm computed in float32, output in the input's dtype (its weight may be float32 beside bf16 layers)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = None if self.weight is None else self.weight.float()
+        return F.rms_norm(x.float(), self.normalized_shape, w, self.eps).type_as(x)
+
+
+class FP32LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in float32, output in the input's dtype (as diffusers' FP32LayerNorm)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = None if self.weight is None else self.weight.float()
+        b = None if self.bias is None else self.bias.float()
+        return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).type_as(x)
+
+
 def _qk_norm(cfg: RefinerConfig) -> nn.Module:
     # Wan's "rms_norm_across_heads": one RMSNorm over all heads together.
-    return nn.RMSNorm(cfg.dim, eps=EPS) if cfg.qk_norm else nn.Identity()
+    return FP32RMSNorm(cfg.dim, eps=EPS) if cfg.qk_norm else nn.Identity()
 
 
 class SelfAttention(nn.Module):
@@ -220,7 +249,7 @@ class RefinerBlock(nn.Module):
         self.attn1 = SelfAttention(cfg, shift=index % 2 == 1)
         self.has_text = bool(cfg.text_dim)
         if self.has_text:
-            self.norm2 = nn.LayerNorm(cfg.dim, eps=EPS)
+            self.norm2 = FP32LayerNorm(cfg.dim, eps=EPS)
             self.attn2 = CrossAttention(cfg)
         self.norm3 = nn.LayerNorm(cfg.dim, eps=EPS, elementwise_affine=False)
         self.ffn = FeedForward(cfg.dim, cfg.ffn_dim)
@@ -236,12 +265,16 @@ class RefinerBlock(nn.Module):
         text: torch.Tensor | None,  # (B, L, D) projected
         text_mask: torch.Tensor | None,  # (B, L) bool
     ) -> torch.Tensor:
+        # The modulation runs in the table's dtype (float32 when loaded with torch_dtype=bf16, see
+        # Refiner._keep_in_fp32_modules); the residual stream stays in x's dtype. All no-ops in one dtype.
         mod = (self.scale_shift_table + mod).unsqueeze(2)  # (B, 6, 1, D)
         shift1, scale1, gate1, shift2, scale2, gate2 = mod.unbind(1)  # (B, 1, D) each
-        x = x + gate1 * self.attn1(self.norm1(x) * (1 + scale1) + shift1, grid, rope)
+        h = (self.norm1(x) * (1 + scale1) + shift1).to(x.dtype)
+        x = x + (gate1 * self.attn1(h, grid, rope)).to(x.dtype)
         if text is not None and self.has_text:
             x = x + self.attn2(self.norm2(x), text, text_mask)
-        return x + gate2 * self.ffn(self.norm3(x) * (1 + scale2) + shift2)
+        h = (self.norm3(x) * (1 + scale2) + shift2).to(x.dtype)
+        return x + (gate2 * self.ffn(h)).to(x.dtype)
 
 
 class _TimeMLP(nn.Module):
@@ -266,18 +299,49 @@ class ConditionEmbedder(nn.Module):
 
     def forward(self, t: torch.Tensor, text: torch.Tensor | None):
         """t (B,) in [0, 1] -> temb (B, D), mod (B, 6, D), text (B, L, D) | None."""
-        dtype = self.time_proj.weight.dtype
-        temb = self.time_embedder(timestep_embedding(t * T_SCALE, self.freq_dim).to(dtype))
-        mod = self.time_proj(F.silu(temb)).unflatten(1, (6, -1))
+        # time_embedder may be float32 beside a bf16 time_proj (Refiner._keep_in_fp32_modules)
+        temb = self.time_embedder(timestep_embedding(t * T_SCALE, self.freq_dim).to(
+            self.time_embedder.linear_1.weight.dtype))
+        mod = self.time_proj(F.silu(temb).to(self.time_proj.weight.dtype)).unflatten(1, (6, -1))
         return temb, mod, (self.text_embedder(text) if text is not None else None)
 
 
-class Refiner(nn.Module):
-    """Shifted-window DiT: (x_t, t, cond, text) -> velocity, all latents (B, C, F, H, W)."""
+class Refiner(ModelMixin, ConfigMixin):
+    """Shifted-window DiT: (x_t, t, cond, text) -> velocity, all latents (B, C, F, H, W).
 
-    def __init__(self, cfg: RefinerConfig):
+    A diffusers model (save_pretrained / from_pretrained); its config is RefinerConfig's fields, built from
+    one with `Refiner.from_cfg`. `grad_checkpointing` is a training switch (enable_gradient_checkpointing),
+    not part of the saved config.
+    """
+
+    _supports_gradient_checkpointing = True
+    _no_split_modules = ["RefinerBlock"]
+    # kept float32 by from_pretrained(torch_dtype=bf16): adaLN tables, norm weights, the timestep MLP (as Wan)
+    _keep_in_fp32_modules = ["scale_shift_table", "norm_q", "norm_k", "norm2", "time_embedder"]
+    ignore_for_config = ["grad_checkpointing"]
+
+    @register_to_config
+    def __init__(
+        self,
+        in_channels: int = 16,  # defaults: RefinerConfig's (a test checks they agree)
+        patch_size: Size3 = (1, 2, 2),
+        dim: int = 64,
+        depth: int = 4,
+        heads: int = 4,
+        mlp_ratio: float = 2.0,
+        window: Size3 = (2, 4, 4),
+        text_dim: int = 32,
+        freq_dim: int = 256,
+        rope_theta: float = 10000.0,
+        qk_norm: bool = True,
+        attn_impl: str = "auto",
+        grad_checkpointing: bool = False,
+    ):
         super().__init__()
-        self.cfg = cfg
+        self._cfg = cfg = RefinerConfig(
+            in_channels=in_channels, patch_size=patch_size, dim=dim, depth=depth, heads=heads, mlp_ratio=mlp_ratio,
+            window=window, text_dim=text_dim, freq_dim=freq_dim, rope_theta=rope_theta, qk_norm=qk_norm,
+            attn_impl=attn_impl)  # validates
         c, d = cfg.in_channels, cfg.dim
         self.patch_embedding = nn.Conv3d(2 * c, d, kernel_size=cfg.patch_size, stride=cfg.patch_size)
         self.condition_embedder = ConditionEmbedder(cfg)
@@ -286,11 +350,47 @@ class Refiner(nn.Module):
         self.proj_out = nn.Linear(d, c * math.prod(cfg.patch_size))
         self.scale_shift_table = nn.Parameter(torch.randn(1, 2, d) / d**0.5)  # final (shift, scale)
         self.zero_init()
+        self.gradient_checkpointing = False  # per-block activation checkpointing, set by diffusers' switch
+        if grad_checkpointing:
+            self.enable_gradient_checkpointing()
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs) -> "Refiner":
+        """diffusers' from_pretrained; a directory of the first export format gets a clear error instead."""
+        d = Path(pretrained_model_name_or_path) / (kwargs.get("subfolder") or "")
+        if (d / "refiner.safetensors").is_file() and not any(d.glob("diffusion_pytorch_model*.safetensors")):
+            raise ConfigError(f"{d}: an export of the first SURF format (refiner.safetensors); load it with "
+                              f"surf_train.export.load_refiner or convert it: python -m surf_train.export --convert "
+                              f"{d} NEW_DIR")
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+
+    @classmethod
+    def from_cfg(cls, cfg: RefinerConfig) -> "Refiner":
+        """The one conversion RefinerConfig -> Refiner (its inverse is `.cfg`)."""
+        return cls(**cfg.to_dict())
+
+    @classmethod
+    def keeps_fp32(cls, name: str, dtype: torch.dtype) -> torch.dtype:
+        """The dtype parameter `name` gets when the model is cast to dtype (float32 for the kept modules)."""
+        return torch.float32 if any(m in name.split(".") for m in cls._keep_in_fp32_modules) else dtype
+
+    @torch.no_grad()
+    def to_dtype(self, dtype: torch.dtype) -> "Refiner":
+        """Cast as from_pretrained(torch_dtype=dtype) would load: the kept modules stay float32. (`.to(dtype)`
+        casts everything, and diffusers warns about it.)"""
+        for name, p in self.named_parameters():
+            p.data = p.data.to(self.keeps_fp32(name, dtype))
+        return self
+
+    @property
+    def cfg(self) -> RefinerConfig:
+        """This model's RefinerConfig, grad_checkpointing as currently switched."""
+        return dataclasses.replace(self._cfg, grad_checkpointing=self.gradient_checkpointing)
 
     @torch.no_grad()
     def zero_init(self) -> None:
         """Zero the output projection and every adaLN gate: the untrained model outputs 0 (DiT)."""
-        d = self.cfg.dim
+        d = self._cfg.dim
         nn.init.zeros_(self.proj_out.weight)
         nn.init.zeros_(self.proj_out.bias)
         tp = self.condition_embedder.time_proj
@@ -301,7 +401,8 @@ class Refiner(nn.Module):
                 blk.scale_shift_table[:, row].zero_()
 
     def _check(self, x_t, t, cond, text, text_mask) -> None:
-        c, p = self.cfg.in_channels, self.cfg.patch_size
+        cfg = self._cfg
+        c, p = cfg.in_channels, cfg.patch_size
         if x_t.ndim != 5 or x_t.shape[1] != c:
             raise ValueError(f"x_t must be (B, {c}, F, H, W), got {tuple(x_t.shape)}")
         if cond.shape != x_t.shape:
@@ -311,10 +412,10 @@ class Refiner(nn.Module):
         if t.shape != (x_t.shape[0],):
             raise ValueError(f"t must be (B,) = ({x_t.shape[0]},), got {tuple(t.shape)}")
         if text is not None:
-            if not self.cfg.text_dim:
+            if not cfg.text_dim:
                 raise ValueError("text given but the refiner has text_dim=0 (no cross-attention)")
-            if text.ndim != 3 or text.shape[0] != x_t.shape[0] or text.shape[2] != self.cfg.text_dim:
-                raise ValueError(f"text must be (B, L, {self.cfg.text_dim}), got {tuple(text.shape)}")
+            if text.ndim != 3 or text.shape[0] != x_t.shape[0] or text.shape[2] != cfg.text_dim:
+                raise ValueError(f"text must be (B, L, {cfg.text_dim}), got {tuple(text.shape)}")
             if text_mask is not None and text_mask.shape != text.shape[:2]:
                 raise ValueError(f"text_mask must be (B, L) = {tuple(text.shape[:2])}, got {tuple(text_mask.shape)}")
 
@@ -327,7 +428,7 @@ class Refiner(nn.Module):
         text_mask: torch.Tensor | None = None,  # (B, L) bool, True = real token
     ) -> torch.Tensor:
         self._check(x_t, t, cond, text, text_mask)
-        cfg = self.cfg
+        cfg = self._cfg
         grid = patch_grid(x_t.shape, cfg.patch_size)
         x = self.patch_embedding(torch.cat([x_t, cond], dim=1))  # (B, D, F', H', W')
         x = x.flatten(2).transpose(1, 2)  # (B, N, D)
@@ -336,12 +437,12 @@ class Refiner(nn.Module):
         if text_mask is not None:
             text_mask = text_mask.bool()
         for blk in self.blocks:
-            if cfg.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(blk, x, mod, grid, rope, text, text_mask, use_reentrant=False)
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                x = self._gradient_checkpointing_func(blk, x, mod, grid, rope, text, text_mask)
             else:
                 x = blk(x, mod, grid, rope, text, text_mask)
         shift, scale = (self.scale_shift_table + temb[:, None]).unsqueeze(2).unbind(1)  # (B, 1, D)
-        x = self.proj_out(self.norm_out(x) * (1 + scale) + shift)  # (B, N, pt*ph*pw*C)
+        x = self.proj_out((self.norm_out(x) * (1 + scale) + shift).to(x.dtype))  # (B, N, pt*ph*pw*C)
         return unpatchify(x, grid, cfg.patch_size)
 
     @classmethod
@@ -351,7 +452,7 @@ class Refiner(nn.Module):
             from diffusers import WanTransformer3DModel
 
             wan = WanTransformer3DModel.from_pretrained(wan)
-        model = cls(config_from_wan(dict(wan.config), **overrides))
+        model = cls.from_cfg(config_from_wan(dict(wan.config), **overrides))
         return model, init_from_wan(model, wan.state_dict())
 
 

@@ -79,7 +79,7 @@ def test_small_run_writes_table_plot_and_consistent_numbers(tmp_path, monkeypatc
     monkeypatch.chdir(CONF_DIR.parent)
     cfg = RefinerConfig(in_channels=12, dim=32, depth=2, heads=2, text_dim=64, window=(1, 4, 4))
     torch.manual_seed(0)
-    save_refiner(Refiner(cfg).state_dict(), cfg, tmp_path / "refiner", bridge={"steps": 2})
+    save_refiner(Refiner.from_cfg(cfg).state_dict(), cfg, tmp_path / "refiner", bridge={"steps": 2})
     out = tmp_path / "eval"
     main(["--n", "4", "--batch", "2", "--switches", "3", "--steps", "6", "--surf-switch", "3",
           "--refiner", str(tmp_path / "refiner"), "--out-dir", str(out), "--no-progress", "--bootstrap", "200"])

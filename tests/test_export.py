@@ -50,7 +50,15 @@ def test_export_dtype_and_cli(plain_ckpt, tmp_path):
                         "--dtype", "bfloat16"], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0 and "exported ema weights of step 3 (bfloat16)" in r.stdout
     net, _ = load_refiner(tmp_path / "bf")
-    assert next(net.parameters()).dtype == torch.bfloat16
+    assert net.dtype == net.patch_embedding.weight.dtype == torch.bfloat16
+    # stored and loaded in float32: the modules diffusers keeps in float32 (Refiner._keep_in_fp32_modules)
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "bf" / "diffusion_pytorch_model.safetensors"), "pt") as f:
+        stored = {k: f.get_slice(k).get_dtype() for k in f.keys()}
+    assert stored["scale_shift_table"] == stored["blocks.0.attn1.norm_q.weight"] == "F32"
+    assert stored["blocks.0.attn1.to_q.weight"] == "BF16"
+    assert net.scale_shift_table.dtype == net.blocks[0].attn1.norm_q.weight.dtype == torch.float32
     assert "lightning" not in subprocess.run(  # loading an export needs none of the training stack
         [sys.executable, "-c", f"import sys; from surf_train.export import load_refiner; load_refiner({str(tmp_path / 'bf')!r}); "
                                "print([m for m in ('lightning', 'deepspeed', 'hydra', 'wandb') if m in sys.modules])"],
@@ -67,9 +75,9 @@ def test_clear_errors(plain_ckpt, tmp_path):
     with pytest.raises(ConfigError, match="not an exported Refiner"):
         load_refiner(tmp_path)
     out = export(plain_ckpt, tmp_path / "exp")
-    meta = json.loads((out / "config.json").read_text())
-    meta["refiner"]["dim"] = 48
-    (out / "config.json").write_text(json.dumps(meta))
+    config = json.loads((out / "config.json").read_text())
+    config["dim"] = 48
+    (out / "config.json").write_text(json.dumps(config))
     with pytest.raises(ConfigError, match=r"do not match the Refiner config .*weights \(32"):
         load_refiner(out)
     r = subprocess.run([sys.executable, "-m", "surf_train.export", str(foreign), str(tmp_path / "o")], cwd=ROOT,
@@ -106,3 +114,95 @@ def test_zero2_checkpoint_exports_deepspeeds_fp32_weights(pairs, tmp_path):
     state, _, _ = read_checkpoint(ckpt)
     ema, _ = load_refiner(export(ckpt, tmp_path / "ema", weights="ema"))
     assert all(torch.equal(v, state[f"ema.module.{k}"]) for k, v in ema.state_dict().items())
+
+
+def test_export_is_a_diffusers_model_directory_with_a_card(plain_ckpt, tmp_path):
+    from surf_train.refiner import Refiner
+
+    out = export(plain_ckpt, tmp_path / "repo" / "refiner")
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "diffusion_pytorch_model.safetensors",
+                                                     "surf.json"]
+    config = json.loads((out / "config.json").read_text())
+    assert config["_class_name"] == "Refiner" and config["dim"] == 32 and "trained_on" not in config
+    meta = json.loads((out / "surf.json").read_text())
+    assert meta["format"] == "surf-refiner" and meta["version"] == 2 and meta["step"] == 3
+    assert meta["trained_on"]["base"]["name"] == "tiny" and "steps" in meta["bridge"]
+    # from_pretrained (subfolder, as in a hub repository holding several components) is the checkpoint's module
+    net = Refiner.from_pretrained(tmp_path / "repo", subfolder="refiner")
+    same, meta2 = load_refiner(tmp_path / "repo", subfolder="refiner")
+    ema = RefinerModule.load_from_checkpoint(plain_ckpt, weights_only=True).ema.module.eval()
+    args = inputs(net)
+    with torch.no_grad():
+        assert torch.equal(net(*args), ema(*args)) and torch.equal(same(*args), ema(*args))
+    assert meta2["refiner"]["dim"] == 32 and meta2["trained_on"] == meta["trained_on"]
+    card = (out / "README.md").read_text()
+    summary = json.loads((plain_ckpt.parents[1] / "summary.json").read_text())
+    assert card.startswith("---\nlibrary_name: diffusers\n") and "| base model | tiny (" in card
+    assert "| steps | 3 (ema weights" in card and f"{summary['train_loss_last']:.4g}" in card
+    assert "summary.json at step 3" in card and "preview latent [3, 4, 4] -> target latent [3, 8, 8]" in card
+
+
+def _write_v1(net, out: Path, **meta):
+    """An export as the first format wrote it: refiner.safetensors + config.json with everything."""
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(out / "refiner.safetensors"),
+              metadata={"format": "surf-refiner"})
+    (out / "config.json").write_text(json.dumps({"format": "surf-refiner", "version": 1, "refiner": net.cfg.to_dict(),
+                                                 "bridge": {"steps": 3}, "dtype": "float32", **meta}))
+
+
+def test_first_format_still_loads_and_converts(plain_ckpt, tmp_path):
+    net, meta = load_refiner(export(plain_ckpt, tmp_path / "new"))
+    _write_v1(net, tmp_path / "old", step=3, weights="ema", trained_on=meta["trained_on"])
+    old, old_meta = load_refiner(tmp_path / "old")
+    args = inputs(net)
+    with torch.no_grad():
+        assert torch.equal(old(*args), net(*args))
+    assert old_meta["version"] == 1 and old_meta["refiner"] == meta["refiner"]
+    from surf_train.refiner import Refiner
+
+    with pytest.raises(ConfigError, match="first SURF format.*--convert"):
+        Refiner.from_pretrained(tmp_path, subfolder="old")
+    half, _ = load_refiner(tmp_path / "old", dtype=torch.bfloat16)  # the float32 modules stay float32
+    assert half.proj_out.weight.dtype == torch.bfloat16 and half.scale_shift_table.dtype == torch.float32
+    r = subprocess.run([sys.executable, "-m", "surf_train.export", "--convert", str(tmp_path / "old"),
+                        str(tmp_path / "conv")], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0 and "exported ema weights of step 3" in r.stdout, r.stderr
+    conv, conv_meta = load_refiner(tmp_path / "conv")
+    assert (tmp_path / "conv" / "diffusion_pytorch_model.safetensors").is_file()
+    assert conv_meta["trained_on"] == meta["trained_on"] and conv_meta["bridge"] == {"steps": 3}
+    with torch.no_grad():
+        assert torch.equal(conv(*args), net(*args))
+    assert export(plain_ckpt, tmp_path / "old").joinpath("surf.json").is_file()  # a v1 export is replaced too
+    assert not (tmp_path / "old" / "refiner.safetensors").exists()
+
+
+def test_export_and_checkpoint_reading_do_not_import_the_training_module():
+    """export.py <-> module.py was an import circle: checkpoint reading lives in checkpoint.py now."""
+    import ast
+
+    for name in ("export", "checkpoint", "refiner"):
+        tree = ast.parse((ROOT / "surf_train" / f"{name}.py").read_text())
+        mods = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)} | \
+            {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        assert not mods & {"surf_train.module", "surf_train.train"}, name
+
+
+def test_sharded_export_loads(tmp_path):
+    from surf_train.export import is_export, save_refiner
+    from surf_train.refiner import Refiner, RefinerConfig
+
+    torch.manual_seed(0)
+    net = Refiner.from_cfg(RefinerConfig(dim=32, depth=2, heads=2))
+    torch.nn.init.normal_(net.proj_out.weight, std=0.02)
+    out = save_refiner(net.state_dict(), net.cfg, tmp_path / "one", bridge={"steps": 2})
+    net.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")  # as diffusers writes a large model
+    (tmp_path / "sharded" / "surf.json").write_text((out / "surf.json").read_text())
+    assert len(list((tmp_path / "sharded").glob("diffusion_pytorch_model-*.safetensors"))) > 1
+    assert is_export(tmp_path / "sharded")
+    back, meta = load_refiner(tmp_path / "sharded")
+    args = inputs(net)
+    with torch.no_grad():
+        assert torch.equal(back(*args), net.eval()(*args)) and meta["bridge"] == {"steps": 2}

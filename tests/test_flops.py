@@ -111,7 +111,7 @@ REFINER_CASES = [  # (latent, window, text tokens, batch)
 def test_refiner_matches_flop_counter(latent, window, text_len, batch, impl):
     torch.manual_seed(0)
     cfg = RefinerConfig.preset("tiny", window=window, attn_impl=impl)
-    net = Refiner(cfg).eval()
+    net = Refiner.from_cfg(cfg).eval()
     x = torch.randn(batch, *latent)
     t = torch.rand(batch)
     text = torch.randn(batch, text_len, cfg.text_dim) if text_len else None

@@ -21,7 +21,7 @@ SMALL = dict(base="tiny", height=64, width=64, frames=9, prefix_height=64, prefi
 def refiner_dir(tmp_path_factory):
     """An exported tiny Refiner with random (non-zero) output weights."""
     torch.manual_seed(0)
-    net = Refiner(RefinerConfig(dim=32, depth=2, heads=2, text_dim=32))
+    net = Refiner.from_cfg(RefinerConfig(dim=32, depth=2, heads=2, text_dim=32))
     torch.nn.init.normal_(net.proj_out.weight, std=0.02)
     return save_refiner(net.state_dict(), net.cfg, tmp_path_factory.mktemp("ref") / "refiner",
                         bridge={"steps": 3, "sigma_aug_eval": 0.05})
@@ -95,3 +95,20 @@ def test_cli_errors_are_one_line(tmp_path):
     r = subprocess.run([sys.executable, "-m", "surf_train.generate", "--refiner", str(tmp_path / "x"), "--base", "tiny"],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and r.stderr.startswith("error: ") and "Traceback" not in r.stderr
+
+
+def test_loading_the_refiner_prints_no_dtype_warning(refiner_dir, tmp_path):
+    import logging
+
+    from diffusers.utils import logging as diffusers_logging
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    diffusers_logging.get_logger("diffusers").addHandler(handler)
+    try:
+        generate(GenerateConfig(**SMALL, mode="surf", refiner=str(refiner_dir), out_dir=str(tmp_path),
+                                prompts=["a cat"], seeds=[0]))
+    finally:
+        diffusers_logging.get_logger("diffusers").removeHandler(handler)
+    assert not [r for r in records if "kept in float32" in r.getMessage()]  # diffusers' warning on Refiner.to(dtype)

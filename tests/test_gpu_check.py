@@ -165,7 +165,7 @@ def test_real_training_overrides_compose_to_the_wan_experiment(tmp_path):
     from hydra import compose, initialize_config_dir
 
     from surf_train import CONF_DIR
-    from surf_train.module import refiner_config
+    from surf_train.refiner import refiner_config
     from surf_train.refiner import Refiner, num_params
     from surf_train.train import register_resolvers
 
@@ -179,7 +179,7 @@ def test_real_training_overrides_compose_to_the_wan_experiment(tmp_path):
     rc = refiner_config(cfg.model)
     assert (rc.dim, rc.depth, rc.head_dim, rc.text_dim, rc.window) == (1024, 8, 128, 4096, (4, 16, 16))
     with torch.device("meta"):
-        assert 100e6 < num_params(Refiner(rc)) < 200e6
+        assert 100e6 < num_params(Refiner.from_cfg(rc)) < 200e6
 
 
 def test_wan_14b_builds_like_from_pretrained_on_meta():

@@ -35,7 +35,7 @@ def _inputs(shape=(2, 16, 3, 8, 8), text_len=5, text_dim=32, seed=0):
 @pytest.fixture(scope="module")
 def tiny():
     torch.manual_seed(0)
-    return _perturb(Refiner(RefinerConfig.preset("tiny")))
+    return _perturb(Refiner.from_cfg(RefinerConfig.preset("tiny")))
 
 
 @pytest.mark.parametrize("shape", [(1, 16, 5, 16, 16), (2, 16, 5, 14, 18), (1, 16, 1, 2, 2)])
@@ -47,26 +47,26 @@ def test_output_shape(tiny, shape):
 
 
 def test_patch_with_time_extent():
-    m = _perturb(Refiner(RefinerConfig(patch_size=(2, 2, 2), window=(2, 3, 3), depth=2)))
+    m = _perturb(Refiner.from_cfg(RefinerConfig(patch_size=(2, 2, 2), window=(2, 3, 3), depth=2)))
     x, t, cond, _ = _inputs((1, 16, 6, 10, 14))
     with torch.no_grad():
         assert m(x, t, cond).shape == x.shape
 
 
 def test_untrained_output_is_zero():
-    m = Refiner(RefinerConfig.preset("tiny"))
+    m = Refiner.from_cfg(RefinerConfig.preset("tiny"))
     x, t, cond, text = _inputs()
     with torch.no_grad():
         assert torch.equal(m(x, t, cond, text), torch.zeros_like(x))
 
 
 def test_blocks_alternate_plain_and_shifted():
-    m = Refiner(RefinerConfig(depth=4))
+    m = Refiner.from_cfg(RefinerConfig(depth=4))
     assert [b.attn1.shift for b in m.blocks] == [False, True, False, True]
 
 
 def test_gradients_reach_every_parameter():
-    m = _perturb(Refiner(RefinerConfig.preset("tiny")))
+    m = _perturb(Refiner.from_cfg(RefinerConfig.preset("tiny")))
     x, t, cond, text = _inputs((1, 16, 3, 10, 10))
     (m(x, t, cond, text) ** 2).mean().backward()
     missing = [n for n, p in m.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
@@ -75,8 +75,8 @@ def test_gradients_reach_every_parameter():
 
 def test_grad_checkpointing_matches():
     torch.manual_seed(1)
-    base = _perturb(Refiner(RefinerConfig(depth=2)))
-    ckpt = Refiner(RefinerConfig(depth=2, grad_checkpointing=True))
+    base = _perturb(Refiner.from_cfg(RefinerConfig(depth=2)))
+    ckpt = Refiner.from_cfg(RefinerConfig(depth=2, grad_checkpointing=True))
     ckpt.load_state_dict(base.state_dict())
     x, t, cond, text = _inputs((1, 16, 3, 10, 10))
     outs, grads = [], []
@@ -93,8 +93,8 @@ def test_grad_checkpointing_matches():
 
 def test_attn_impls_agree(tiny):
     x, t, cond, text = _inputs((1, 16, 5, 14, 18))
-    grouped = Refiner(RefinerConfig.preset("tiny", attn_impl="grouped"))
-    mask = Refiner(RefinerConfig.preset("tiny", attn_impl="mask"))
+    grouped = Refiner.from_cfg(RefinerConfig.preset("tiny", attn_impl="grouped"))
+    mask = Refiner.from_cfg(RefinerConfig.preset("tiny", attn_impl="mask"))
     grouped.load_state_dict(tiny.state_dict())
     mask.load_state_dict(tiny.state_dict())
     with torch.no_grad():
@@ -125,7 +125,7 @@ def test_cond_and_time_matter(tiny):
 
 def test_one_plain_block_is_local():
     """Depth 1 (plain windows): a change in one latent pixel moves the output only inside its window."""
-    m = _perturb(Refiner(RefinerConfig(depth=1, window=(1, 2, 2), text_dim=0)))
+    m = _perturb(Refiner.from_cfg(RefinerConfig(depth=1, window=(1, 2, 2), text_dim=0)))
     x, t, cond, _ = _inputs((1, 16, 2, 8, 8))
     x2 = x.clone()
     x2[0, :, 1, 5, 2] += 1.0  # token (1, 2, 1) -> window rows 4..7, cols 0..3 of frame 1
@@ -137,7 +137,7 @@ def test_one_plain_block_is_local():
 
 
 def test_tiny_preset_is_small_and_fast():
-    m = Refiner(RefinerConfig.preset("tiny"))
+    m = Refiner.from_cfg(RefinerConfig.preset("tiny"))
     assert num_params(m) < 500_000
     x, t, cond, text = _inputs((1, 16, 5, 16, 16))
     with torch.no_grad():
@@ -152,7 +152,7 @@ def test_tiny_preset_is_small_and_fast():
 
 def test_paper_preset_size():
     with torch.device("meta"):
-        m = Refiner(RefinerConfig.preset("paper"))
+        m = Refiner.from_cfg(RefinerConfig.preset("paper"))
     assert 0.8e9 < num_params(m) < 1.3e9
     assert m.cfg.text_dim == 4096
 
@@ -184,7 +184,7 @@ def test_bad_shapes_raise(tiny):
     with pytest.raises(ValueError, match="text must be"):
         tiny(x, t, cond, text[..., :8])
     with pytest.raises(ValueError, match="text_dim=0"):
-        Refiner(RefinerConfig(text_dim=0))(x, t, cond, text)
+        Refiner.from_cfg(RefinerConfig(text_dim=0))(x, t, cond, text)
 
 
 # --- initialisation from Wan -------------------------------------------------------------------
@@ -219,7 +219,7 @@ def test_init_from_wan_block_subset(wan_tiny):
     ref, report = Refiner.from_wan_transformer(wan, depth=1)
     assert len(report.copied) == 42 and len(report.skipped) == 27
     assert all(k.startswith("blocks.1.") and why == "block not used" for k, why in report.skipped.items())
-    ref2 = Refiner(ref.cfg)
+    ref2 = Refiner.from_cfg(ref.cfg)
     report2 = init_from_wan(ref2, wan.state_dict(), wan_blocks=[1])
     assert len(report2.copied) == 42
     assert torch.equal(ref2.blocks[0].attn1.to_q.weight, wan.blocks[1].attn1.to_q.weight)
@@ -227,7 +227,7 @@ def test_init_from_wan_block_subset(wan_tiny):
 
 def test_init_from_wan_reports_shape_mismatch(wan_tiny):
     wan, _ = wan_tiny
-    ref = Refiner(RefinerConfig(dim=24, heads=2, depth=2, mlp_ratio=2.0, text_dim=32))  # ffn 48 != 32
+    ref = Refiner.from_cfg(RefinerConfig(dim=24, heads=2, depth=2, mlp_ratio=2.0, text_dim=32))  # ffn 48 != 32
     report = init_from_wan(ref, wan.state_dict())
     assert "blocks.0.ffn.net.0.proj.weight" in report.skipped
     assert "blocks.0.ffn.fc1.weight" in report.not_initialised
@@ -249,3 +249,93 @@ def test_wan_initialised_refiner_with_global_window_equals_wan(wan_tiny, head_di
         torch.testing.assert_close(ref(x, t, cond, text), expected, atol=1e-5, rtol=1e-5)
         windowed, _ = Refiner.from_wan_transformer(wan, window=(1, 2, 2))
         assert not torch.allclose(windowed(x, t, cond, text), expected, atol=1e-3)
+
+
+# --- the Refiner as a diffusers model ----------------------------------------------------------
+
+def test_init_defaults_are_refiner_config_defaults():
+    import dataclasses
+    import inspect
+
+    params = inspect.signature(Refiner.__init__).parameters
+    fields = {f.name: f.default for f in dataclasses.fields(RefinerConfig)}
+    assert set(params) - {"self"} == set(fields)
+    assert {k: params[k].default for k in fields} == fields
+    assert Refiner().cfg == RefinerConfig()
+
+
+def test_from_pretrained_round_trips_bit_for_bit(tiny, tmp_path):
+    tiny.save_pretrained(tmp_path / "m")
+    assert {p.name for p in (tmp_path / "m").iterdir()} == {"config.json", "diffusion_pytorch_model.safetensors"}
+    back = Refiner.from_pretrained(tmp_path / "m")
+    assert back.cfg == tiny.cfg and not back.training
+    x, t, cond, text = _inputs((2, 16, 3, 10, 10))
+    with torch.no_grad():
+        assert torch.equal(back(x, t, cond, text), tiny(x, t, cond, text))
+    assert all(torch.equal(v, tiny.state_dict()[k]) for k, v in back.state_dict().items())
+
+
+def test_from_pretrained_subfolder_and_bf16_keeps_fp32_modules(tiny, tmp_path):
+    tiny.save_pretrained(tmp_path / "repo" / "refiner")
+    m = Refiner.from_pretrained(tmp_path / "repo", subfolder="refiner", torch_dtype=torch.bfloat16)
+    kept = {n for n, p in m.named_parameters() if p.dtype == torch.float32}
+    assert kept and all(p.dtype == torch.bfloat16 for n, p in m.named_parameters() if n not in kept)
+    for n in ["scale_shift_table", "blocks.0.scale_shift_table", "blocks.0.attn1.norm_q.weight",
+              "blocks.1.attn2.norm_k.weight", "blocks.0.norm2.weight",
+              "condition_embedder.time_embedder.linear_1.weight"]:
+        assert n in kept, n
+    assert "blocks.0.attn1.to_q.weight" not in kept and m.dtype == torch.bfloat16
+    x, t, cond, text = _inputs((1, 16, 3, 8, 8))
+    with torch.no_grad():  # mixed float32 / bf16 layers run, close to the float32 model
+        out = m(x.bfloat16(), t.bfloat16(), cond.bfloat16(), text.bfloat16())
+        ref = tiny(x, t, cond, text)
+    assert out.dtype == torch.bfloat16
+    assert (out.float() - ref).norm() < 0.05 * ref.norm()
+
+
+def test_enable_gradient_checkpointing_is_the_config_switch(tmp_path):
+    torch.manual_seed(2)
+    base = _perturb(Refiner.from_cfg(RefinerConfig(depth=2)))
+    on = Refiner.from_cfg(RefinerConfig(depth=2))
+    on.load_state_dict(base.state_dict())
+    on.enable_gradient_checkpointing()
+    assert on.is_gradient_checkpointing and on.cfg.grad_checkpointing and not base.cfg.grad_checkpointing
+    assert Refiner.from_cfg(RefinerConfig(depth=2, grad_checkpointing=True)).is_gradient_checkpointing
+    calls = []
+    orig = on._gradient_checkpointing_func
+    on._gradient_checkpointing_func = lambda blk, *a: calls.append(blk) or orig(blk, *a)
+    x, t, cond, text = _inputs((1, 16, 3, 10, 10))
+    grads = []
+    for m in (base, on):
+        m.zero_grad()
+        (m(x, t, cond, text) ** 2).mean().backward()
+        grads.append([p.grad for p in m.parameters()])
+    assert len(calls) == 2  # one checkpointed call per block
+    for a, b in zip(*grads):
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-5)
+    on.save_pretrained(tmp_path / "m")  # a training switch, not part of the model
+    assert "grad_checkpointing" not in json.loads((tmp_path / "m" / "config.json").read_text())
+    assert not Refiner.from_pretrained(tmp_path / "m").is_gradient_checkpointing
+
+
+def test_to_dtype_casts_as_from_pretrained_loads(tiny, tmp_path):
+    import logging
+
+    from diffusers.utils import logging as diffusers_logging
+
+    tiny.save_pretrained(tmp_path / "m")
+    loaded = Refiner.from_pretrained(tmp_path / "m", torch_dtype=torch.bfloat16)
+    cast = Refiner.from_cfg(tiny.cfg)
+    cast.load_state_dict(tiny.state_dict())
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    diffusers_logging.get_logger("diffusers").addHandler(handler)
+    try:
+        cast.to_dtype(torch.bfloat16)
+        Refiner.from_cfg(tiny.cfg).to(torch.float16)  # what diffusers warns about
+    finally:
+        diffusers_logging.get_logger("diffusers").removeHandler(handler)
+    assert [r.getMessage()[:40] for r in records] == ["There are modules in Refiner that should"]
+    assert {n: p.dtype for n, p in cast.named_parameters()} == {n: p.dtype for n, p in loaded.named_parameters()}
+    assert all(torch.equal(p, loaded.state_dict()[n]) for n, p in cast.state_dict().items())

@@ -169,9 +169,9 @@ def test_export_refuses_a_directory_it_did_not_write(run_ckpt, tmp_path):
         export(ckpt, f)
     assert f.read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["file"]  # no .tmp left
     out = export(ckpt, tmp_path / "ref")  # new directory
-    first = (out / "refiner.safetensors").read_bytes()
+    first = (out / "diffusion_pytorch_model.safetensors").read_bytes()
     export(ckpt, out)  # an earlier export is replaced
-    assert (out / "refiner.safetensors").read_bytes() == first
+    assert (out / "diffusion_pytorch_model.safetensors").read_bytes() == first
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "ref"]
     (out / "notes.txt").write_text("user file")  # no longer only our files: refused
     with pytest.raises(ConfigError, match="refusing"):
@@ -184,7 +184,7 @@ def test_export_records_the_base_model_and_generate_refuses_another(run_ckpt, tm
     from surf_train.generate import GenerateConfig, generate
 
     out = export(run_ckpt / "checkpoints" / "last.ckpt", tmp_path / "ref")
-    meta = json.loads((out / "config.json").read_text())
+    meta = json.loads((out / "surf.json").read_text())
     rec = meta["trained_on"]
     assert rec["base"]["name"] == "tiny" and rec["base"]["family"] == "wan" and rec["latent_channels"] == 16
     assert rec["target_latent"] == [3, 8, 8] and rec["preview_latent"] == [3, 4, 4]
