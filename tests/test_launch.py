@@ -112,7 +112,8 @@ class Stubs:
     def env(self, **slurm) -> dict:
         """A clean environment (no SLURM or launcher variables of the caller) plus `slurm`, stubs first on PATH."""
         drop = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "RUN_DIR",
-                "SURF_SWEEP_DIR", "SURF_SWEEP_EXTRA", "PAIRS_ARRAY_SIZE", "WANDB_RUN_ID", "WANDB_SWEEP_ID", "SWEEP_ID")
+                "SURF_SWEEP_DIR", "SURF_SWEEP_EXTRA", "PAIRS_ARRAY_SIZE", "WANDB_RUN_ID", "WANDB_SWEEP_ID", "SWEEP_ID",
+                "OMP_NUM_THREADS")
         env = {k: v for k, v in os.environ.items()
                if not k.startswith(("SLURM_", "SRUN_", "SBATCH_")) and k not in drop}
         env.update(PATH=f"{self.bin}{os.pathsep}{env['PATH']}", STUB_LOG=str(self.log), SLURM_SUBMIT_DIR=str(ROOT),
