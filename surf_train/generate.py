@@ -25,7 +25,7 @@ from surf_train.base import BaseModel, BaseSpec, load_base_model
 from surf_train.errors import ConfigError
 from surf_train.export import load_refiner
 from surf_train.objective import refine, upsample
-from surf_train.sampling import DOWN_MODES, RULES, PreviewPlan, euler_sample, preview_sample
+from surf_train.sampling import DOWN_MODES, RULES, SCHEDULERS, PreviewPlan, preview_sample, sample
 
 DEFAULT_BASE = "toy"  # the trained toy-world model (assets/toy_base); `tiny` is random, for tests
 DEFAULT_REFINER = "runs/tiny/refiner"
@@ -49,7 +49,8 @@ class GenerateConfig:
     preview_width: int | None = None
     steps: int = 20
     switch: int = 5
-    shift: float | None = None
+    shift: float | None = None  # None: the base model's (its pipeline scheduler's, unless its yaml overrides it)
+    scheduler: str | None = None  # None: the pipeline's own scheduler class; else one of sampling.SCHEDULERS
     guidance: float | None = None
     rule: str = "pool"  # the make_pairs default the Refiner was trained on
     down: str = "area"
@@ -120,6 +121,8 @@ def generate(cfg: GenerateConfig) -> list[dict]:
         raise ConfigError(f"--switch {cfg.switch} must be in [0, --steps {cfg.steps}]")
     spec = BaseSpec.from_name(cfg.base)
     spec.dtype = cfg.dtype
+    if cfg.scheduler is not None:
+        spec.scheduler = cfg.scheduler
     frames = cfg.frames or spec.native_frames
     sizes = _sizes(cfg, spec)
     spec.geometry.check(frames, *sizes["target"], "target")
@@ -138,7 +141,7 @@ def generate(cfg: GenerateConfig) -> list[dict]:
     f_lat = (frames - 1) // spec.stride_t + 1
     for k in ("target", "prefix", "preview"):
         model.check_grid(lat[k], f_lat)
-    shift = spec.shift if cfg.shift is None else cfg.shift
+    schedule = model.schedule(cfg.steps, cfg.shift)  # the pipeline's own scheduler (cfg.shift: an override)
     k_ref = cfg.refiner_steps or bridge.get("steps", 10)
     Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
 
@@ -159,10 +162,9 @@ def generate(cfg: GenerateConfig) -> list[dict]:
         c = spec.channels
         if cfg.mode == "baseline":
             noise = torch.randn((1, c, f_lat, *lat["target"]), generator=gen).to(model.device)
-            latent = euler_sample(vel, noise, PreviewPlan(cfg.steps, cfg.steps, shift, lat["target"]).sigmas)
+            latent = sample(vel, noise, schedule)  # the pipeline's own output (tests/test_pipeline_equality.py)
         else:
-            plan = PreviewPlan(steps=cfg.steps, switch=cfg.switch, shift=shift, preview_size=lat["preview"],
-                               rule=cfg.rule, down=cfg.down)
+            plan = PreviewPlan(schedule, switch=cfg.switch, preview_size=lat["preview"], rule=cfg.rule, down=cfg.down)
             noise = torch.randn((1, c, f_lat, *lat["prefix"]), generator=gen).to(model.device)
             fresh = torch.randn((1, c, f_lat, *lat["preview"]), generator=gen).to(model.device)
             preview = preview_sample(vel, noise, plan, fresh)
@@ -235,7 +237,9 @@ def parse_args(argv: list[str] | None = None) -> GenerateConfig:
                         f"{'frames' if name == 'frames' else 'pixels'} (default: from the base model)")
     ap.add_argument("--steps", type=int, default=d.steps, help="base-model steps in total")
     ap.add_argument("--switch", type=int, default=d.switch, help="steps at the prefix size before the switch")
-    ap.add_argument("--shift", type=float, help="timestep shift (default: the base model's)")
+    ap.add_argument("--shift", type=float, help="timestep shift (default: the base model's scheduler's)")
+    ap.add_argument("--scheduler", choices=sorted(SCHEDULERS),
+                    help="replace the pipeline's scheduler class, same shift (default: the pipeline's own)")
     ap.add_argument("--guidance", type=float, help="guidance scale (default: the base model's)")
     ap.add_argument("--rule", default=d.rule, choices=RULES, help="re-noise rule at the switch")
     ap.add_argument("--down", default=d.down, choices=DOWN_MODES, help="latent downsampling kernel")

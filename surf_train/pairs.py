@@ -82,7 +82,7 @@ class PairsConfig:
     preview_width: int | None = None
     steps: int = 20
     switch: int = 5
-    shift: float | None = None  # None: the base model's default
+    shift: float | None = None  # None: the base model's (its pipeline scheduler's, unless its yaml overrides it)
     guidance: float | None = None
     rule: str = "paper"
     down: str = "area"
@@ -107,7 +107,7 @@ class PairsConfig:
         c.frames = c.frames or b.native_frames
         c.preview_height = c.preview_height or c.height // 2
         c.preview_width = c.preview_width or c.width // 2
-        c.shift = b.shift if c.shift is None else c.shift
+        c.shift = b.shift if c.shift is None else c.shift  # None: the scheduler's own, recorded as such
         c.guidance = b.guidance if c.guidance is None else c.guidance
         c.validate()
         return c
@@ -126,10 +126,11 @@ class PairsConfig:
         if self.batch_size < 1:
             raise ConfigError(f"batch_size={self.batch_size} must be >= 1")
 
-    def plan(self) -> PreviewPlan:
+    def plan(self, model: BaseModel) -> PreviewPlan:
+        """The run's noise-reshifting plan on the base model's own scheduler."""
         s = self.base.stride_s
-        return PreviewPlan(steps=self.steps, switch=self.switch, shift=self.shift, rule=self.rule, down=self.down,
-                           preview_size=(self.preview_height // s, self.preview_width // s))
+        return PreviewPlan(model.schedule(self.steps, self.shift), switch=self.switch, rule=self.rule,
+                           down=self.down, preview_size=(self.preview_height // s, self.preview_width // s))
 
     def fingerprint(self) -> dict:
         """Everything that changes the content of a pair; a rerun must match it to append."""
@@ -143,7 +144,7 @@ def base_fingerprint(b: BaseSpec) -> dict:
     """The base model's part of a pairs directory's fingerprint (a local directory's weights included, so
     pairs of a retrained base are never appended to those of the old one)."""
     return {"base": b.model_id, "revision": b.revision, "negative_prompt": b.negative_prompt,
-            "max_sequence_length": b.max_sequence_length, "model_dtype": b.dtype,
+            "max_sequence_length": b.max_sequence_length, "model_dtype": b.dtype, "scheduler": b.scheduler,
             "weights": weights_digest(b.source)}
 
 
@@ -261,7 +262,7 @@ def generate_pairs(model: BaseModel, cfg: PairsConfig, jobs: list[Job]) -> list[
     Each job's noise comes from its own generator seeded by its seed, so a pair does not depend on the
     batch it was made in (up to float rounding of batched matmuls).
     """
-    plan = cfg.plan()
+    plan = cfg.plan(model)
     shape = model.geometry.latent_shape(cfg.frames, cfg.height, cfg.width)  # (C, F, H, W)
     noise, fresh = [], []
     for job in jobs:
@@ -282,7 +283,8 @@ def generate_pairs(model: BaseModel, cfg: PairsConfig, jobs: list[Job]) -> list[
                 "base": base_meta(cfg.base),
                 "target_size": [cfg.frames, cfg.height, cfg.width],
                 "preview_size": [cfg.frames, cfg.preview_height, cfg.preview_width],
-                "schedule": {"steps": cfg.steps, "shift": cfg.shift, "guidance": cfg.guidance},
+                "schedule": {"steps": cfg.steps, "shift": plan.schedule.shift, "guidance": cfg.guidance,
+                             "scheduler": type(plan.schedule.scheduler).__name__},
                 "reshift": {"switch": cfg.switch, "sigma_switch": s_k, "rule": cfg.rule, "down": cfg.down},
                 "dtype": cfg.dtype}
         out.append((tensors, meta))

@@ -1,8 +1,11 @@
 """The base-model interface shared by pair generation, validation and generation.
 
 A `BaseModel` wraps a diffusers pipeline (WanPipeline, HunyuanVideoPipeline): it encodes prompts,
-gives the guided velocity v(x, s) of DESIGN 3.1, and VAE-encodes/decodes with the family's latent
-normalisation. Constants (geometry, shift, native size) come from `conf/base/<name>.yaml`.
+gives the guided velocity of DESIGN 3.1 exactly as its pipeline computes it (same timestep, same CFG, same
+cache contexts), hands out the pipeline's own scheduler as a `Schedule`, and VAE-encodes/decodes with the
+family's latent normalisation. Constants (geometry, native size) come from `conf/base/<name>.yaml`; the
+scheduler and its shift come from the pipeline (`scheduler/` of a diffusers repository), which the yaml may
+override (`shift`, `scheduler`).
 """
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ import torch
 
 from surf_train.dist_env import local_rank
 from surf_train.errors import ConfigError
-from surf_train.sampling import Velocity
+from surf_train.sampling import SCHEDULERS, Schedule, Step, convert_scheduler, scheduler_shift, with_shift
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -62,8 +65,9 @@ class BaseSpec:
     native_size: tuple[int, int]  # (height, width) in pixels
     native_frames: int
     fps: int
-    shift: float
     guidance: float
+    shift: float | None = None  # None: the pipeline scheduler's own (its config); else an override, e.g. per size
+    scheduler: str | None = None  # None: the pipeline's scheduler class; else a class in sampling.SCHEDULERS
     revision: str | None = None
     negative_prompt: str = ""
     max_sequence_length: int = 512
@@ -85,6 +89,9 @@ class BaseSpec:
             raise ConfigError(f"base model {d.get('name')!r}: unknown family {d['family']!r} (wan or hunyuan)")
         if d.get("prompts") not in (None, "toyworld"):
             raise ConfigError(f"base model {d.get('name')!r}: prompts={d['prompts']!r} not in [None, 'toyworld']")
+        if d.get("scheduler") not in (None, *SCHEDULERS):
+            raise ConfigError(f"base model {d.get('name')!r}: scheduler={d['scheduler']!r} not in "
+                              f"[None, {', '.join(map(repr, SCHEDULERS))}]")
         if d.get("vae_class") not in (None, "pixel_shuffle"):
             raise ConfigError(f"base model {d.get('name')!r}: vae_class={d['vae_class']!r} not in [None, 'pixel_shuffle']")
         for key in ("dtype", "vae_dtype"):
@@ -134,10 +141,17 @@ class Cond:
 class BaseModel(ABC):
     """A frozen flow-matching video DiT; subclasses implement one family each."""
 
+    # how the family's pipeline sets its scheduler: set_timesteps(N), or custom sigmas linspace(1, 0, N + 1)[:-1]
+    custom_sigmas = False
+
     def __init__(self, spec: BaseSpec, pipe, device: torch.device):
         self.spec, self.pipe, self.device = spec, pipe, device
         self.dtype = pipe.transformer.dtype
         self.geometry = spec.geometry
+        try:  # the pipeline keeps the scheduler the samplers step, so pipe(...) and they agree
+            pipe.scheduler = with_shift(convert_scheduler(pipe.scheduler, spec.scheduler), spec.shift)
+        except ConfigError as e:
+            raise ConfigError(f"base model {spec.model_id}: {e}") from None
         pipe.set_progress_bar_config(disable=True)
         for m in (pipe.transformer, pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):
             if m is not None:
@@ -168,8 +182,8 @@ class BaseModel(ABC):
         """Text conditioning for a batch of prompts (with the negative prompt where CFG needs it)."""
 
     @abstractmethod
-    def _forward(self, x: torch.Tensor, s: float, cond: Cond, guidance: float) -> torch.Tensor:
-        """Guided transformer output for x in the model's dtype."""
+    def _forward(self, x: torch.Tensor, step: Step, cond: Cond, guidance: float) -> torch.Tensor:
+        """Guided transformer output for x in the model's dtype, computed as the family's pipeline does."""
 
     @abstractmethod
     def _normalise(self, z: torch.Tensor) -> torch.Tensor:
@@ -183,15 +197,45 @@ class BaseModel(ABC):
     def check_grid(self, latent_hw: tuple[int, int], frames: int) -> None:
         """Family limits on the token grid beyond divisibility (none by default)."""
 
-    @torch.no_grad()
-    def velocity(self, x: torch.Tensor, s: float, cond: Cond, guidance: float | None = None) -> torch.Tensor:
-        """Guided velocity v = eps - x0 at noise level s for x (B, C, F, H, W); returned in float32."""
-        g = self.spec.guidance if guidance is None else guidance
-        return self._forward(x.to(self.device, self.dtype), s, cond, g).float()
+    @property
+    def scheduler(self):
+        """The pipeline's scheduler (a template: the samplers step fresh copies)."""
+        return self.pipe.scheduler
 
-    def velocity_fn(self, cond: Cond, guidance: float | None = None) -> Velocity:
-        """The callable that the samplers in surf_train.sampling take."""
-        return lambda x, s: self.velocity(x, s, cond, guidance)
+    @property
+    def shift(self) -> float:
+        return scheduler_shift(self.pipe.scheduler)
+
+    def schedule(self, steps: int, shift: float | None = None) -> Schedule:
+        """The pipeline's `steps`-step schedule (shift: None = the scheduler's own)."""
+        return Schedule(with_shift(self.pipe.scheduler, shift), steps, self.custom_sigmas)
+
+    def _call(self, name: str, step: Step, **kw) -> torch.Tensor:
+        """One transformer forward, inside the cache context the pipeline opens for it when a cache is enabled."""
+        net = self.pipe.transformer
+        if not getattr(net, "is_cache_enabled", False):
+            return net(**kw, return_dict=False)[0]
+        if step.start:  # a new sampler run: nothing cached from another run or resolution may be reused
+            net._reset_stateful_cache()
+        ctx = {"step_index": step.index, "num_inference_steps": step.steps, "sigma": step.sigma,
+               "timestep": step.timestep}
+        with net.cache_context(f"{name}:{step.stage}", **ctx):  # one state per branch and latent size
+            return net(**kw, return_dict=False)[0]
+
+    @torch.no_grad()
+    def velocity(self, x: torch.Tensor, s: float | Step, cond: Cond, guidance: float | None = None) -> torch.Tensor:
+        """Guided velocity v = eps - x0 for x (B, C, F, H, W); returned in float32.
+
+        s: a sampler's `Step` (its timestep goes to the transformer as the pipeline passes it), or a bare noise
+        level (timestep s * 1000, the schedulers' scale).
+        """
+        g = self.spec.guidance if guidance is None else guidance
+        step = s if isinstance(s, Step) else Step(float(s), torch.tensor(float(s) * 1000.0), 0, 1)
+        return self._forward(x.to(self.device, self.dtype), step, cond, g).float()
+
+    def velocity_fn(self, cond: Cond, guidance: float | None = None):
+        """The callable `velocity(x, step)` that the samplers in surf_train.sampling take."""
+        return lambda x, step: self.velocity(x, step, cond, guidance)
 
     @torch.no_grad()
     def vae_encode(self, video: torch.Tensor, sample: bool = False,
