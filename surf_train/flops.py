@@ -179,6 +179,43 @@ def hunyuan_flops(config: Mapping[str, Any], latent: Sequence[int], text_len: in
     return {k: b * v for k, v in parts.items()}
 
 
+def block_flops(family: str, config: Mapping[str, Any], latent: Sequence[int], text_len: int) -> dict[str, int]:
+    """FLOPs of one transformer block of each block list, per forward: the work a block cache skips.
+
+    Keys are the transformer's block lists (Wan `blocks`; HunyuanVideo `transformer_blocks` (double) and
+    `single_transformer_blocks`); a forward costs its total minus the blocks it did not run.
+    """
+    if family == "wan":
+        c, p = {**WAN_DEFAULTS, **dict(config)}, wan_flops(config, latent, text_len)
+        inner = ("self_attn_proj", "self_attn_sdpa", "cross_attn_proj", "cross_attn_sdpa", "ffn")
+        return {"blocks": sum(p[k] for k in inner) // c["num_layers"]}
+    c, p = {**HUNYUAN_DEFAULTS, **dict(config)}, hunyuan_flops(config, latent, text_len)
+    d = c["num_attention_heads"] * c["attention_head_dim"]
+    nd, ns = c["num_layers"], c["num_single_layers"]
+    # each block holds its own adaLN linears (two 6D in a double block, one 3D in a single block)
+    return {"transformer_blocks": (p["double_proj"] + p["double_sdpa"] + p["double_ffn"]) // nd + 2 * _lin(1, d, 6 * d),
+            "single_transformer_blocks": (p["single_proj"] + p["single_sdpa"]) // ns + _lin(1, d, 3 * d)}
+
+
+def metered_flops(family: str, config: Mapping[str, Any], latents: Mapping[tuple[int, int], Sequence[int]],
+                  forwards: Mapping[tuple[int, int], int], blocks: Mapping[tuple[tuple[int, int], str], int],
+                  text_len: int) -> dict[tuple[int, int], int]:
+    """FLOPs of the transformer work actually done, by latent (h, w): full forwards minus the blocks not run.
+
+    latents: (h, w) -> (C, F, H, W); forwards / blocks: a base model's Meter (forwards, blocks run per list).
+    """
+    fn = wan_flops if family == "wan" else hunyuan_flops
+    c = {**(WAN_DEFAULTS if family == "wan" else HUNYUAN_DEFAULTS), **dict(config)}
+    n_of = {"blocks": c["num_layers"], "transformer_blocks": c["num_layers"],
+            "single_transformer_blocks": c.get("num_single_layers", 0)}
+    out = {}
+    for hw, n in forwards.items():
+        per_call, per_block = total(fn(config, latents[hw], text_len)), block_flops(family, config, latents[hw], text_len)
+        skipped = sum((n * n_of[k] - blocks.get((hw, k), 0)) * f for k, f in per_block.items())
+        out[hw] = n * per_call - skipped
+    return out
+
+
 def window_pairs(grid: Size3, window: Size3, shift: bool = False, impl: str = "grouped") -> int:
     """Query-key pairs (per sample and head) that one window-attention call computes.
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from surf_train.base import BaseModel, BaseSpec, load_base_model
+from surf_train.base import Acceleration, BaseModel, BaseSpec, load_base_model
 from surf_train.errors import ConfigError
 from surf_train.export import load_refiner
 from surf_train.objective import refine, upsample
@@ -55,6 +55,9 @@ class GenerateConfig:
     rule: str = "pool"  # the make_pairs default the Refiner was trained on
     down: str = "area"
     refiner_steps: int | None = None  # None: the K the Refiner was trained with
+    cache_threshold: float | None = None  # diffusers' FirstBlockCache on the base model; None: off
+    cfg_stop: int | None = None  # no CFG from this base-model step on; None: CFG at every step
+    cfg_low: bool = True  # False: no CFG in the low-resolution steps
     dtype: str = "float32"
     device: str = "auto"
     out_dir: str = "outputs/generate"
@@ -134,6 +137,11 @@ def generate(cfg: GenerateConfig) -> list[dict]:
             raise ConfigError(f"Refiner {cfg.refiner} works on {net.cfg.in_channels}-channel latents but base "
                               f"model {cfg.base} has {spec.channels}")
     model = load_base_model(spec, cfg.device)
+    acc = Acceleration(cfg.cache_threshold, cfg.cfg_stop, cfg.cfg_low)
+    try:
+        model.accelerate(acc)
+    except ConfigError as e:
+        raise ConfigError(f"--cache-threshold/--cfg-stop/--no-cfg-low: {e}") from None
     if net is not None:
         net = net.to(model.device, model.dtype)
     s = spec.stride_s
@@ -157,7 +165,8 @@ def generate(cfg: GenerateConfig) -> list[dict]:
         # stage of each base-model call, by the latent size it runs at (the prefix wins if sizes coincide)
         names = ({lat["target"]: "full_res"} if cfg.mode == "baseline"
                  else {lat["preview"]: "low_res", lat["prefix"]: "prefix"})
-        vel = clock.wrap(model.velocity_fn(cond, cfg.guidance), lambda x: names[tuple(x.shape[-2:])])
+        model.meter.reset()
+        vel = clock.wrap(model.velocity_fn(cond, cfg.guidance, acc), lambda x: names[tuple(x.shape[-2:])])
         gen = torch.Generator().manual_seed(seed)
         c = spec.channels
         if cfg.mode == "baseline":
@@ -184,8 +193,12 @@ def generate(cfg: GenerateConfig) -> list[dict]:
         tmp = path.with_name(f".{path.stem}.tmp.mp4")
         export_to_video(list(frames_np), str(tmp), fps=spec.fps)
         os.replace(tmp, path)
-        flops = stage_flops(model, net if cfg.mode == "surf" else None, cfg.guidance, lat, f_lat, clock.calls, k_ref)
+        flops = stage_flops(model, net if cfg.mode == "surf" else None, names, lat, f_lat, k_ref)
         report = _report(cfg, spec, sizes, frames, prompt, seed, k_ref, clock, path, flops)
+        report["scheduler"] = {"class": type(model.scheduler).__name__, "shift": schedule.shift}
+        report["forwards"] = {names[hw]: n for hw, n in model.meter.forwards.items()}  # transformer calls
+        report["blocks_run"] = {names[hw]: round(model.meter.block_fraction(hw, model.block_lists), 4)
+                                for hw in model.meter.forwards}  # fraction of a full forward's blocks
         report_path = path.with_suffix(".json")
         report_path.write_text(json.dumps(report, indent=1))
         reports.append(report)
@@ -202,19 +215,18 @@ def _report(cfg, spec, sizes, frames, prompt, seed, k_ref, clock: StageClock, pa
             "total_seconds": round(sum(clock.seconds.values()), 4), "flops": flops}
 
 
-def stage_flops(model: BaseModel, net, guidance: float | None, lat: dict, f_lat: int, calls: dict,
-                k_ref: int) -> dict:
-    """Analytic forward FLOPs per stage (surf_train.flops) for the calls actually made; decode not counted."""
-    from surf_train.flops import hunyuan_flops, refiner_flops, total, wan_flops
+def stage_flops(model: BaseModel, net, names: dict, lat: dict, f_lat: int, k_ref: int) -> dict:
+    """Analytic forward FLOPs per stage (surf_train.flops) of the transformer work actually done: the forwards
+    made (CFG branches included, so CFG truncation counts) less the blocks a cache skipped; decode not counted."""
+    from surf_train.flops import metered_flops, refiner_flops, total
 
-    spec = model.spec
-    fn = wan_flops if spec.family == "wan" else hunyuan_flops
-    g = spec.guidance if guidance is None else guidance
-    branches = 2 if spec.family == "wan" and g != 1.0 else 1  # Wan's CFG runs both branches
-    size_of = {"full_res": lat["target"], "prefix": lat["prefix"], "low_res": lat["preview"]}
-    out = {stage: n * branches * total(fn(model.pipe.transformer.config, (spec.channels, f_lat, *size_of[stage]),
-                                          spec.max_sequence_length))
-           for stage, n in calls.items()}
+    spec, m = model.spec, model.meter
+    latents = {hw: (spec.channels, f_lat, *hw) for hw in m.forwards}
+    done = metered_flops(spec.family, model.pipe.transformer.config, latents, m.forwards, m.blocks,
+                         spec.max_sequence_length)
+    out = {}
+    for hw, f in done.items():  # names: latent (h, w) -> report stage
+        out[names[hw]] = out.get(names[hw], 0) + f
     if net is not None:
         text_len = spec.max_sequence_length if net.cfg.text_dim else 0
         out["refine"] = k_ref * total(refiner_flops(net.cfg, (spec.channels, f_lat, *lat["target"]), text_len))
@@ -244,6 +256,10 @@ def parse_args(argv: list[str] | None = None) -> GenerateConfig:
     ap.add_argument("--rule", default=d.rule, choices=RULES, help="re-noise rule at the switch")
     ap.add_argument("--down", default=d.down, choices=DOWN_MODES, help="latent downsampling kernel")
     ap.add_argument("--refiner-steps", type=int, dest="refiner_steps", help="Refiner Euler steps (default: trained K)")
+    ap.add_argument("--cache-threshold", type=float, dest="cache_threshold",
+                    help="diffusers FirstBlockCache on the base model with this threshold (e.g. 0.05; default off)")
+    ap.add_argument("--cfg-stop", type=int, dest="cfg_stop", help="no CFG from this base-model step on")
+    ap.add_argument("--no-cfg-low", dest="cfg_low", action="store_false", help="no CFG in the low-resolution steps")
     ap.add_argument("--dtype", default=d.dtype, choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:1, ...")
     ap.add_argument("--out", dest="out_dir", default=d.out_dir, help="output directory")

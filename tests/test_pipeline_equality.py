@@ -66,3 +66,27 @@ def test_unipc_is_configured_like_the_wan_repositories(tiny_wan):
                 solver_type="bh2", predict_x0=True, lower_order_final=True, final_sigmas_type="zero",
                 timestep_spacing="linspace", num_train_timesteps=1000, use_karras_sigmas=False)
     assert {k: u[k] for k in want} == want
+
+
+@pytest.mark.parametrize("base", ["tiny", "tiny_hunyuan"])
+def test_baseline_with_first_block_cache_equals_the_pipeline_with_it(base):
+    """The cache plug-in: our loop opens the cache contexts the pipeline opens, so with diffusers' FirstBlockCache
+    on the transformer both give the same latents, and it really skips (the output differs from no cache)."""
+    from diffusers.hooks import FirstBlockCacheConfig
+
+    from surf_train.sampling import sample
+
+    size, steps = CASES[base], 8
+    model = load_base_model(BaseSpec.from_name(base), "cpu")
+    c, f, h, w = model.geometry.latent_shape(size["frames"], size["height"], size["width"])
+    noise = torch.randn((1, c, f, h, w), generator=torch.Generator().manual_seed(0))
+    plain = pipeline_latent(model, noise, steps, size)
+    model.enable_cache(0.2)
+    ours = sample(model.velocity_fn(model.encode_prompt([PROMPT])), noise, model.schedule(steps))
+    skipped = 1 - model.meter.block_fraction(None, model.block_lists)
+    model.disable_cache()
+    model.pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=0.2))
+    ref = pipeline_latent(model, noise, steps, size)
+    model.pipe.transformer.disable_cache()
+    assert float((ours - ref).norm() / ref.norm()) <= TOL
+    assert skipped > 0.1 and float((ref - plain).norm() / plain.norm()) > 1e-4

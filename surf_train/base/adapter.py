@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from abc import ABC, abstractmethod
+from collections import Counter
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -138,8 +139,51 @@ class Cond:
     extra: dict[str, torch.Tensor] = field(default_factory=dict)  # family-specific (masks, pooled)
 
 
+@dataclass
+class Acceleration:
+    """Acceleration plug-ins on the base model, all off by default (DESIGN 3.2's reshift composes with each)."""
+    cache_threshold: float | None = None  # diffusers' FirstBlockCache (enable_cache) with this threshold; None: off
+    cfg_stop: int | None = None  # no CFG from this step of the schedule on (0: none); None: CFG at every step
+    cfg_low: bool = True  # False: no CFG in the low-resolution steps after the switch
+
+    def check(self, cfg_branch: bool = True, where: str = "") -> None:
+        if self.cache_threshold is not None and not self.cache_threshold > 0:
+            raise ConfigError(f"{where}cache_threshold={self.cache_threshold} must be > 0 (or null: no cache)")
+        if self.cfg_stop is not None and self.cfg_stop < 0:
+            raise ConfigError(f"{where}cfg_stop={self.cfg_stop} must be >= 0 (or null: CFG at every step)")
+        if not cfg_branch and (self.cfg_stop is not None or not self.cfg_low):
+            raise ConfigError(f"{where}CFG truncation needs a CFG branch; this base model embeds its guidance")
+
+    def cfg_at(self, step: Step) -> bool:
+        """Whether the guided (two-branch) velocity is computed at this step."""
+        return (self.cfg_stop is None or step.index < self.cfg_stop) and (self.cfg_low or step.stage != "low")
+
+
+@dataclass
+class Meter:
+    """The work the transformer actually did, by latent (h, w): forwards, and blocks run per block list."""
+    forwards: Counter = field(default_factory=Counter)  # (h, w) -> transformer forwards (CFG branches count)
+    blocks: Counter = field(default_factory=Counter)  # ((h, w), block list name) -> blocks run
+
+    def reset(self) -> None:
+        self.forwards.clear()
+        self.blocks.clear()
+
+    def block_fraction(self, hw: tuple[int, int] | None = None, sizes: dict[str, int] | None = None) -> float:
+        """Blocks run / blocks a full forward runs, over the forwards at `hw` (None: all)."""
+        keys = [k for k in self.forwards if hw is None or k == hw]
+        run = sum(n for (k, _), n in self.blocks.items() if k in keys)
+        full = sum(self.forwards[k] for k in keys) * sum((sizes or {}).values())
+        return run / full if full else 1.0
+
+
+BLOCK_LISTS = ("blocks", "transformer_blocks", "single_transformer_blocks")  # Wan; HunyuanVideo double, single
+
+
 class BaseModel(ABC):
     """A frozen flow-matching video DiT; subclasses implement one family each."""
+
+    cfg_branch = True  # guidance by a second (negative) transformer call; False: embedded in one call
 
     # how the family's pipeline sets its scheduler: set_timesteps(N), or custom sigmas linspace(1, 0, N + 1)[:-1]
     custom_sigmas = False
@@ -153,6 +197,11 @@ class BaseModel(ABC):
         except ConfigError as e:
             raise ConfigError(f"base model {spec.model_id}: {e}") from None
         pipe.set_progress_bar_config(disable=True)
+        self.meter, self._hw, self._counting = Meter(), None, False
+        net = pipe.transformer
+        # transformer blocks per list (FirstBlockCache skips all but the first; FLOPs of each list: flops.block_flops)
+        self.block_lists = {n: len(m) for n, m in net.named_children()
+                            if n in BLOCK_LISTS and isinstance(m, torch.nn.ModuleList)}
         for m in (pipe.transformer, pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):
             if m is not None:
                 m.requires_grad_(False).eval()
@@ -210,13 +259,47 @@ class BaseModel(ABC):
         """The pipeline's `steps`-step schedule (shift: None = the scheduler's own)."""
         return Schedule(with_shift(self.pipe.scheduler, shift), steps, self.custom_sigmas)
 
+    def enable_cache(self, threshold: float) -> None:
+        """diffusers' FirstBlockCache on the transformer; from now on the Meter counts the blocks that really run."""
+        from diffusers.hooks import FirstBlockCacheConfig
+
+        net = self.pipe.transformer
+        if getattr(net, "is_cache_enabled", False):
+            raise ConfigError(f"base model {self.spec.model_id}: a cache is already enabled")
+        if not self._counting:  # under the hooks, so a block the cache skips is never counted
+            for name in self.block_lists:
+                for block in getattr(net, name):
+                    block.forward = self._counted(block.forward, name)
+            self._counting = True
+        net.enable_cache(FirstBlockCacheConfig(threshold=threshold))
+
+    def disable_cache(self) -> None:
+        if getattr(self.pipe.transformer, "is_cache_enabled", False):
+            self.pipe.transformer.disable_cache()
+
+    def accelerate(self, acc: Acceleration) -> None:
+        """Install the model-side plug-ins of `acc` (the cache); CFG truncation is applied by velocity_fn."""
+        acc.check(self.cfg_branch)
+        self.disable_cache()
+        if acc.cache_threshold is not None:
+            self.enable_cache(acc.cache_threshold)
+
+    def _counted(self, forward, name: str):
+        def run(*a, **k):
+            self.meter.blocks[(self._hw, name)] += 1
+            return forward(*a, **k)
+        return run
+
     def _call(self, name: str, step: Step, **kw) -> torch.Tensor:
         """One transformer forward, inside the cache context the pipeline opens for it when a cache is enabled."""
         net = self.pipe.transformer
+        self._hw = tuple(kw["hidden_states"].shape[-2:])
+        self.meter.forwards[self._hw] += 1
+        if not self._counting:  # no hooks: every block runs
+            for list_name, n in self.block_lists.items():
+                self.meter.blocks[(self._hw, list_name)] += n
         if not getattr(net, "is_cache_enabled", False):
             return net(**kw, return_dict=False)[0]
-        if step.start:  # a new sampler run: nothing cached from another run or resolution may be reused
-            net._reset_stateful_cache()
         ctx = {"step_index": step.index, "num_inference_steps": step.steps, "sigma": step.sigma,
                "timestep": step.timestep}
         with net.cache_context(f"{name}:{step.stage}", **ctx):  # one state per branch and latent size
@@ -231,11 +314,19 @@ class BaseModel(ABC):
         """
         g = self.spec.guidance if guidance is None else guidance
         step = s if isinstance(s, Step) else Step(float(s), torch.tensor(float(s) * 1000.0), 0, 1)
+        if step.start and getattr(self.pipe.transformer, "is_cache_enabled", False):
+            self.pipe.transformer._reset_stateful_cache()  # a new sampler run: nothing cached may carry over
         return self._forward(x.to(self.device, self.dtype), step, cond, g).float()
 
-    def velocity_fn(self, cond: Cond, guidance: float | None = None):
-        """The callable `velocity(x, step)` that the samplers in surf_train.sampling take."""
-        return lambda x, step: self.velocity(x, step, cond, guidance)
+    def velocity_fn(self, cond: Cond, guidance: float | None = None, acc: Acceleration | None = None):
+        """The callable `velocity(x, step)` that the samplers in surf_train.sampling take.
+
+        acc: CFG truncation (the conditional branch alone where `acc.cfg_at(step)` is false).
+        """
+        if acc is None or (acc.cfg_stop is None and acc.cfg_low):
+            return lambda x, step: self.velocity(x, step, cond, guidance)
+        acc.check(self.cfg_branch)
+        return lambda x, step: self.velocity(x, step, cond, guidance if acc.cfg_at(step) else 1.0)
 
     @torch.no_grad()
     def vae_encode(self, video: torch.Tensor, sample: bool = False,

@@ -11,6 +11,7 @@ class HunyuanBase(BaseModel):
     """HunyuanVideo: Llama + CLIP text, guidance as a transformer input, scaled latents."""
 
     custom_sigmas = True  # HunyuanVideoPipeline passes sigmas=linspace(1, 0, N + 1)[:-1] to set_timesteps
+    cfg_branch = False  # guidance is a transformer input: nothing to truncate
 
     @classmethod
     def load(cls, spec: BaseSpec, device: torch.device) -> "HunyuanBase":
