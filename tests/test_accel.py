@@ -14,9 +14,9 @@ from surf_train.sampling import PreviewPlan, pair_sample, sample
 PROMPT = "a red ball rolling across a wooden floor"
 
 
-def latent(model, hw, seed=0):
+def latent(model, hw, seed=0, b=1):
     c, f, h, w = model.geometry.latent_shape(model.spec.native_frames, *model.spec.native_size)
-    return torch.randn((1, c, f, *hw), generator=torch.Generator().manual_seed(seed))
+    return torch.randn((b, c, f, *hw), generator=torch.Generator().manual_seed(seed))
 
 
 def metered(model):
@@ -28,17 +28,17 @@ def metered(model):
 
 @pytest.mark.parametrize("base", ["tiny", "tiny_hunyuan"])
 def test_metered_flops_equal_the_flop_counter_with_a_cache(base):
-    """With FirstBlockCache skipping blocks in a shared-prefix pair (two resolutions), the FLOPs from the
-    Meter equal what torch's FlopCounterMode counts on the calls actually run."""
+    """With FirstBlockCache skipping blocks in a shared-prefix pair (two resolutions, batch of 2), the FLOPs from
+    the Meter equal what torch's FlopCounterMode counts on the calls actually run."""
     model = load_base_model(BaseSpec.from_name(base), "cpu")
-    cond = model.encode_prompt([PROMPT])
+    cond = model.encode_prompt([PROMPT, "waves at sunset"])
     hw = tuple(s // model.spec.stride_s for s in model.spec.native_size)
     plan = PreviewPlan(model.schedule(10), switch=3, preview_size=(hw[0] // 2, hw[1] // 2), rule="pool")
     model.enable_cache(0.3)
     model.meter.reset()
     # on CPU the fused SDPA kernel is not in the counter's registry: the MATH backend (as tests/test_flops.py)
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-        pair_sample(model.velocity_fn(cond), latent(model, hw), plan)
+        pair_sample(model.velocity_fn(cond), latent(model, hw, b=2), plan)
     model.disable_cache()
     assert 0.2 < model.meter.block_fraction(None, model.block_lists) < 0.95  # it skipped, not everything
     assert metered(model) == counter.get_total_flops()

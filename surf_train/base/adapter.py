@@ -161,9 +161,9 @@ class Acceleration:
 
 @dataclass
 class Meter:
-    """The work the transformer actually did, by latent (h, w): forwards, and blocks run per block list."""
-    forwards: Counter = field(default_factory=Counter)  # (h, w) -> transformer forwards (CFG branches count)
-    blocks: Counter = field(default_factory=Counter)  # ((h, w), block list name) -> blocks run
+    """The work the transformer actually did, by latent (h, w), per sample (a forward of a batch of B counts B)."""
+    forwards: Counter = field(default_factory=Counter)  # (h, w) -> sample forwards (CFG branches count)
+    blocks: Counter = field(default_factory=Counter)  # ((h, w), block list name) -> sample blocks run
 
     def reset(self) -> None:
         self.forwards.clear()
@@ -197,7 +197,7 @@ class BaseModel(ABC):
         except ConfigError as e:
             raise ConfigError(f"base model {spec.model_id}: {e}") from None
         pipe.set_progress_bar_config(disable=True)
-        self.meter, self._hw, self._counting = Meter(), None, False
+        self.meter, self._hw, self._batch, self._counting = Meter(), None, 1, False
         net = pipe.transformer
         # transformer blocks per list (FirstBlockCache skips all but the first; FLOPs of each list: flops.block_flops)
         self.block_lists = {n: len(m) for n, m in net.named_children()
@@ -286,18 +286,18 @@ class BaseModel(ABC):
 
     def _counted(self, forward, name: str):
         def run(*a, **k):
-            self.meter.blocks[(self._hw, name)] += 1
+            self.meter.blocks[(self._hw, name)] += self._batch
             return forward(*a, **k)
         return run
 
     def _call(self, name: str, step: Step, **kw) -> torch.Tensor:
         """One transformer forward, inside the cache context the pipeline opens for it when a cache is enabled."""
         net = self.pipe.transformer
-        self._hw = tuple(kw["hidden_states"].shape[-2:])
-        self.meter.forwards[self._hw] += 1
+        self._hw, self._batch = tuple(kw["hidden_states"].shape[-2:]), kw["hidden_states"].shape[0]
+        self.meter.forwards[self._hw] += self._batch
         if not self._counting:  # no hooks: every block runs
             for list_name, n in self.block_lists.items():
-                self.meter.blocks[(self._hw, list_name)] += n
+                self.meter.blocks[(self._hw, list_name)] += n * self._batch
         if not getattr(net, "is_cache_enabled", False):
             return net(**kw, return_dict=False)[0]
         ctx = {"step_index": step.index, "num_inference_steps": step.steps, "sigma": step.sigma,
