@@ -194,3 +194,15 @@ def test_two_ranks_cover_every_sample_once(tmp_path):
     keys = [s["key"] for s in all_samples(tmp_path)]
     assert len(keys) == 7 == len(set(keys))
     assert "rank 1/2: 3 pairs assigned" in outs[1]
+
+
+def test_acceleration_plug_ins_skip_work_and_change_the_fingerprint(tmp_path, monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    plain = make_pairs(cfg(tmp_path / "plain", num_pairs=2, batch_size=2, steps=6, switch=2))
+    fast = make_pairs(cfg(tmp_path / "fast", num_pairs=2, batch_size=2, steps=6, switch=2, cache_threshold=0.5,
+                          cfg_low=False))
+    # 2 pairs x (2 shared + 4 high + 4 low steps) x 2 CFG branches; without CFG in the 4 low steps, 8 fewer
+    assert plain["forwards"] == 2 * 10 * 2 and fast["forwards"] == plain["forwards"] - 2 * 4
+    assert plain["blocks_run"] == 1.0 and fast["blocks_run"] < 0.9
+    with pytest.raises(ConfigError, match="acceleration|fingerprint|different"):
+        make_pairs(cfg(tmp_path / "fast", num_pairs=4, batch_size=2, steps=6, switch=2))
