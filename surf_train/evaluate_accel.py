@@ -197,16 +197,29 @@ def format_table(result: dict) -> str:
              f"`{cfg['rule']}@{cfg['switch']}`; cache = FirstBlockCache threshold {cfg['cache_threshold']}. "
              f"Reference: the plain native run. Wall time measured in this one run (batches of {cfg['batch']}, "
              f"methods in rotated order); intervals are 95% bootstrap (clips; batches for the time ratio).", "",
-             "| method | all 3 match | vs surf | position err | vs surf | PSNR@preview dB | blocks run | GFLOPs/clip "
-             "| ms/clip | speedup vs surf | meets bar |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| method | all 3 match | vs surf | shape | direction | position err | vs surf | PSNR@preview dB | blocks run "
+             "| GFLOPs/clip | ms/clip | speedup vs surf | meets bar |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in result["methods"].items():
+        clips = result["per_clip"][name]
+        attr = lambda k: sum(c[k] for c in clips) / len(clips)  # which part of the caption match moves
         ci = lambda k: f"{r[k + '_minus_surf']:+.3f} [{r[k + '_minus_surf_ci95'][0]:+.3f}, {r[k + '_minus_surf_ci95'][1]:+.3f}]"
         psnr = "ref" if name == "baseline" else f"{r['psnr_lo']:.2f}"
-        lines.append(f"| {name} | {r['all3']:.3f} | {ci('all3')} | {r['pos_err']:.4f} | {ci('pos_err')} | {psnr} | "
+        lines.append(f"| {name} | {r['all3']:.3f} | {ci('all3')} | {attr('shape'):.3f} | {attr('direction'):.3f} | "
+                     f"{r['pos_err']:.4f} | {ci('pos_err')} | {psnr} | "
                      f"{r['blocks_run']:.2f} | {r['gflops']:.2f} | {r['ms_per_clip']:.0f} | {r['speedup_vs_surf']:.2f}x "
                      f"[{r['speedup_vs_surf_ci95'][0]:.2f}, {r['speedup_vs_surf_ci95'][1]:.2f}] | "
                      f"{'yes' if r['meets_bar'] else 'no'} |")
+    rows = {k: r for k, r in result["methods"].items() if k.startswith(("surf+", "surf@"))}
+    met = [k for k, r in rows.items() if r["meets_bar"]]
+    fast = [f"{k} (caption {r['all3_minus_surf']:+.3f}, position {r['pos_err_minus_surf']:+.4f})"
+            for k, r in rows.items() if r["speedup_vs_surf"] >= 1.5]
+    faithful = [f"{k} ({r['speedup_vs_surf']:.2f}x)" for k, r in rows.items()
+                if abs(r["all3_minus_surf"]) <= 0.05 and r["pos_err_minus_surf"] <= 0.01]
+    lines += ["", "Bar (>= 1.5x less wall time than surf, caption match within 0.05 and position error within 0.01 of "
+              "it): " + (f"met by {', '.join(met)}." if met else
+                         f"not met. At >= 1.5x: {', '.join(fast) or 'none'}. Within both fidelity limits: "
+                         f"{', '.join(faithful) or 'none'}.")]
     return "\n".join(lines) + "\n"
 
 
@@ -219,13 +232,16 @@ def plot(result: dict, path: Path) -> None:
     for ax, k, label in ((axes[0], "pos_err", "object position error vs reference"),
                          (axes[1], "all3", "caption match (colour, shape, direction)")):
         for name, r in result["methods"].items():
-            ax.plot(r["ms_per_clip"], r[k], "o", color="r" if name.startswith("surf") else "k")
+            d, (lo, hi) = r[f"{k}_minus_surf"], r[f"{k}_minus_surf_ci95"]  # bars: paired interval vs surf
+            ax.errorbar(r["ms_per_clip"], r[k], yerr=[[d - lo], [hi - d]], fmt="o", capsize=3,
+                        color="r" if name.startswith("surf") else "k")
             ax.annotate(name, (r["ms_per_clip"], r[k]), fontsize=7, textcoords="offset points", xytext=(3, 3))
         ax.set_xlabel("measured ms per clip (this run)")
         ax.set_ylabel(label)
         ax.set_xscale("log")
         ax.grid(alpha=0.3)
-    fig.suptitle(f"Toy world: SURF with acceleration plug-ins (N={result['n']})")
+    fig.suptitle(f"Toy world: SURF with acceleration plug-ins (N={result['n']}; bars: 95% bootstrap interval of "
+                 f"the paired difference to surf)", fontsize=10)
     fig.tight_layout()
     tmp = path.with_name(f".{path.stem}.tmp.png")
     fig.savefig(tmp, dpi=110)
