@@ -588,7 +588,8 @@ def format_composed(rows: list[dict[str, Any]], measured: Mapping[str, Any]) -> 
     lines = ["## Wan 2.1 14B, 81 frames: SURF composed with acceleration plug-ins (FLOPs)", "", src,
              "What transfers: CFG truncation and fewer steps are counted exactly (calls skipped do not depend on the "
              "model). What does not: the cache hit rates belong to the toy's 4-block network, its threshold and "
-             "its noise levels; a real model's hits, and whether quality survives them, must be measured there. "
+             "its noise levels; a real model's hits, and whether quality survives them, must be measured there (on the "
+             "toy every plug-in costs caption match: benchmarks/results/accel/accel.md). "
              "A hit is counted as running only the first block. 1080p is 1920x1072 (WanPipeline floors the "
              "height to a multiple of 16).", "",
              "| target | method | cache hits | PFLOPs | vs baseline (50 steps) | vs SURF |", "|---|---|---|---|---|---|"]
