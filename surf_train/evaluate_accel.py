@@ -77,7 +77,8 @@ def methods(cfg: AccelEvalConfig) -> list[Method]:
     cache, low = Acceleration(cache_threshold=cfg.cache_threshold), Acceleration(cfg_low=False)
     both = Acceleration(cache_threshold=cfg.cache_threshold, cfg_low=False)
     stop, cache_stop = Acceleration(cfg_stop=cfg.cfg_stop), Acceleration(cfg.cache_threshold, cfg.cfg_stop)
-    k_few = max(1, round(cfg.switch * cfg.fewer_steps / cfg.steps))  # the same share of steps before the switch
+    # about the same share of steps before the switch, halves rounded up (round() would give 5 * 10 / 20 -> 2)
+    k_few = max(1, int(cfg.switch * cfg.fewer_steps / cfg.steps + 0.5))
     out = [Method("baseline", False, cfg.steps, cfg.steps, Acceleration()),
            Method("baseline+cache", False, cfg.steps, cfg.steps, cache),
            Method("surf", True, cfg.steps, cfg.switch, Acceleration()),

@@ -538,7 +538,8 @@ def measured_accel(path: str | None = None) -> dict[str, Any]:
     hits = {k: round((1 - r["blocks_run"]) / (1 - 1 / TOY_BLOCKS), 4) for k, r in res["methods"].items()}
     c = res["config"]
     return {"hits": hits, "steps": c["steps"], "switch": c["switch"], "cfg_stop": c.get("cfg_stop"),
-            "fewer_steps": c["fewer_steps"], "n": res["n"]}
+            "fewer_steps": c["fewer_steps"], "n": res["n"],
+            **{"few_switch": r["settings"]["switch"] for k, r in res["methods"].items() if k.startswith("surf@")}}
 
 
 def composed_speedups(measured: Mapping[str, Any], targets=((1280, 720), (1920, 1072)),
@@ -554,7 +555,8 @@ def composed_speedups(measured: Mapping[str, Any], targets=((1280, 720), (1920, 
     scale = lambda k: round(k * 40 / toy_steps)
     stop = scale(measured.get("cfg_stop") or 8)
     few = scale(measured.get("fewer_steps", 10))
-    few_switch = max(1, round(10 * few / 40))
+    few_switch = max(1, int(10 * few / 40 + 0.5) if "few_switch" not in measured
+                     else int(measured["few_switch"] * few / measured["fewer_steps"] + 0.5))  # the toy's share
     out = []
     for target in targets:
         base = RunSettings(model=model, target=target, steps=50, surf_steps=40, switch=10)
