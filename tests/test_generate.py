@@ -95,3 +95,17 @@ def test_cli_errors_are_one_line(tmp_path):
     r = subprocess.run([sys.executable, "-m", "surf_train.generate", "--refiner", str(tmp_path / "x"), "--base", "tiny"],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and r.stderr.startswith("error: ") and "Traceback" not in r.stderr
+
+
+def test_acceleration_flags_reach_the_report(tmp_path):
+    """--cfg-stop 2 --cache-threshold: the report counts the forwards made and the blocks the cache skipped."""
+    cfg = parse_args(["--base", "tiny", "--mode", "preview", "--height", "64", "--width", "64", "--frames", "9",
+                      "--prefix-height", "64", "--prefix-width", "64", "--steps", "4", "--switch", "1",
+                      "--cfg-stop", "2", "--cache-threshold", "0.5", "--out", str(tmp_path), "--no-progress"])
+    plain, fast = (generate(GenerateConfig(**{**SMALL, "mode": "preview", "out_dir": str(tmp_path / n), **kw}))[0]
+                   for n, kw in (("plain", {}), ("fast", {"cfg_stop": cfg.cfg_stop,
+                                                           "cache_threshold": cfg.cache_threshold})))
+    # prefix: step 0 (CFG: 2 forwards); preview: step 1 with CFG, steps 2 and 3 without
+    assert plain["forwards"] == {"prefix": 2, "low_res": 6} and fast["forwards"] == {"prefix": 2, "low_res": 4}
+    assert plain["blocks_run"]["low_res"] == 1.0 and fast["blocks_run"]["low_res"] < 1.0
+    assert sum(fast["flops"].values()) < sum(plain["flops"].values())
