@@ -12,7 +12,7 @@ reference, PSNR on the preview grid); paired differences against `surf` get 95% 
 the wall-time ratio `surf / method` one over batches. GFLOPs are those of the work actually done (the Meter:
 forwards made, blocks the cache skipped left out). Writes accel.json, accel.md and accel.png to --out-dir.
 
-    python -m surf_train.evaluate_accel --n 64 --refiner runs/tiny/refiner
+    python -m surf_train.evaluate_accel --n 128 --out-dir benchmarks/results/accel   # the shipped table
 """
 from __future__ import annotations
 
