@@ -79,7 +79,7 @@ def patch(timers: Timers) -> None:
     G.load_base_model = timers.wrap("load", G.load_base_model, cache=True)
     G.load_refiner = timers.wrap("load", G.load_refiner, cache=True)
     G.preview_sample = timers.wrap("sampler", G.preview_sample)
-    G.euler_sample = timers.wrap("sampler", G.euler_sample)
+    G.sample = timers.wrap("sampler", G.sample)
     G.upsample = timers.wrap("upsample", G.upsample)
     diffusers.utils.export_to_video = timers.wrap("mp4", diffusers.utils.export_to_video)
 
@@ -97,7 +97,7 @@ def one_run(cfg: G.GenerateConfig, timers: Timers) -> dict:
     row = {
         "mode": cfg.mode, "wall_s": wall, "generation_s": gen, "load_s": ts.get("load", 0.0),
         "mp4_s": ts.get("mp4", 0.0), "stages_s": st, "calls": rep["calls"], "flops": rep["flops"],
-        # time inside the sampler that is not a network call: reshift resampling, noise gain, Euler updates
+        # time inside the sampler that is not a network call: reshift resampling, noise gain, scheduler steps
         "sampler_glue_s": ts.get("sampler", 0.0) - net, "upsample_s": ts.get("upsample", 0.0),
         "loadavg_1m": load,
     }

@@ -17,7 +17,7 @@ import torch
 
 from surf_train.base import BaseSpec, load_base_model
 from surf_train.pairs import PairsConfig, make_pairs
-from surf_train.sampling import PreviewPlan, count_calls, euler_sample, pair_sample, preview_sample
+from surf_train.sampling import PreviewPlan, count_calls, pair_sample, preview_sample, sample
 
 
 def timed(fn, repeats):
@@ -41,7 +41,7 @@ def main():
     spec = BaseSpec.from_name("tiny")
     model = load_base_model(spec, "cpu")
     c, f, h, w = model.geometry.latent_shape(spec.native_frames, *spec.native_size)
-    plan = PreviewPlan(steps=a.steps, switch=a.switch, shift=spec.shift, preview_size=(h // 2, w // 2), rule=a.rule)
+    plan = PreviewPlan(model.schedule(a.steps), switch=a.switch, preview_size=(h // 2, w // 2), rule=a.rule)
     cond = model.encode_prompt(["a red ball rolling across a wooden floor"])
     vel = model.velocity_fn(cond)
     noise, fresh = torch.randn(1, c, f, h, w), torch.randn(1, c, f, h // 2, w // 2)
@@ -51,7 +51,7 @@ def main():
     for _ in range(a.repeats):
         rounds.append((timed(lambda: vel(noise, 0.5), 5), timed(lambda: vel(fresh, 0.5), 5),
                        timed(lambda: pair_sample(vel, noise, plan, fresh), 1),
-                       timed(lambda: (euler_sample(vel, noise, plan.sigmas), preview_sample(vel, noise, plan, fresh)),
+                       timed(lambda: (sample(vel, noise, plan.schedule), preview_sample(vel, noise, plan, fresh)),
                              1)))
     call_high, call_low, shared, separate = (statistics.median(col) for col in zip(*rounds))
     n = count_calls(plan)

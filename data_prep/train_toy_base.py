@@ -129,7 +129,7 @@ def evaluate(pipe_dir: Path, n: int = 128, steps: int = 20, guidance: float | No
     import dataclasses
 
     from surf_train.base import BaseSpec, load_base_model
-    from surf_train.sampling import euler_sample, flow_sigmas
+    from surf_train.sampling import sample
     from surf_train.toyworld import Caption, all_captions, detect
 
     spec = dataclasses.replace(BaseSpec.from_name("toy"), pretrained=str(Path(pipe_dir).resolve()))
@@ -142,7 +142,7 @@ def evaluate(pipe_dir: Path, n: int = 128, steps: int = 20, guidance: float | No
         ps = prompts[i:i + batch]
         gen = torch.Generator().manual_seed(seed0 + i)
         noise = torch.randn(len(ps), spec.channels, FRAMES, NATIVE // 2, NATIVE // 2, generator=gen)
-        x = euler_sample(model.velocity_fn(model.encode_prompt(ps), guidance), noise, flow_sigmas(steps, spec.shift))
+        x = sample(model.velocity_fn(model.encode_prompt(ps), guidance), noise, model.schedule(steps))
         for p, v in zip(ps, model.vae_decode(x)):
             d = detect(v)
             m = d.matches(p)

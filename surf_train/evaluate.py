@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from surf_train.base import BaseModel, BaseSpec, load_base_model
 from surf_train.errors import ConfigError
-from surf_train.sampling import RULES, PreviewPlan, euler_sample, finish_preview, flow_sigmas
+from surf_train.sampling import RULES, PreviewPlan, finish_preview, scheduler_steps
 
 DEFAULT_REFINER = "runs/tiny/refiner"  # where `make demo` exports the Refiner
 MISSING = 0.5  # position error of a frame where only one of the two clips shows the object
@@ -75,9 +75,9 @@ class Recorder:
     def __init__(self, fn):
         self.fn, self.calls = fn, []
 
-    def __call__(self, x, s):
+    def __call__(self, x, step):
         t0 = time.perf_counter()
-        out = self.fn(x, s)
+        out = self.fn(x, step)
         self.calls.append((tuple(x.shape[-2:]), time.perf_counter() - t0))
         return out
 
@@ -158,7 +158,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     preview_px = (h // 2, w // 2)
     spec.geometry.check(frames, *preview_px, "preview")
     k_ref = cfg.refiner_steps or bridge.get("steps", 10)
-    sig = flow_sigmas(cfg.steps, spec.shift)
+    schedule = model.schedule(cfg.steps)  # the base model's own scheduler, as its pipeline sets it
     flops_hi, flops_lo = (_call_flops(model, (c, f_lat, *s), cfg.guidance) for s in (hi, lo))
     caps = all_captions()
     prompts = [caps[(7 * i) % len(caps)] for i in range(cfg.n)]  # 7 is coprime to 72: no early repeats
@@ -175,10 +175,11 @@ def evaluate(cfg: EvalConfig) -> dict:
         # reference: the full native run, keeping the latent at every switch step used below
         rec, x, kept = Recorder(vel), noise, {}
         wanted = set(cfg.switches) | {cfg.surf_switch}
+        sched = schedule.start()
         for k in range(cfg.steps):
             if k in wanted:
                 kept[k] = x
-            x = x + float(sig[k + 1] - sig[k]) * rec(x, float(sig[k]))
+            x = scheduler_steps(rec, x, sched, 1, cfg.steps, start=k == 0)
         latents = {"reference": x}
         cost = {"reference": (rec.seconds(), cfg.steps * flops_hi)}
         # direct low-resolution generation = `pool` at switch 0: downsampled noise, resolution-shifted schedule
@@ -186,7 +187,7 @@ def evaluate(cfg: EvalConfig) -> dict:
                 [(f"{cfg.surf_rule}@{cfg.surf_switch}", cfg.surf_switch, cfg.surf_rule)]:
             if name in latents:
                 continue
-            plan = PreviewPlan(steps=cfg.steps, switch=k, shift=spec.shift, preview_size=lo, rule=rule)
+            plan = PreviewPlan(schedule, switch=k, preview_size=lo, rule=rule)
             r2 = Recorder(vel)
             latents[name] = finish_preview(r2, noise if k == 0 else kept[k], plan, fresh)
             n_lo = sum(1 for s, _ in r2.calls if s == lo)

@@ -21,7 +21,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from surf_train.errors import ConfigError
@@ -177,6 +178,44 @@ def hunyuan_flops(config: Mapping[str, Any], latent: Sequence[int], text_len: in
         "proj_out": _lin(n, d, c_out * math.prod(patch)),
     }
     return {k: b * v for k, v in parts.items()}
+
+
+def block_flops(family: str, config: Mapping[str, Any], latent: Sequence[int], text_len: int) -> dict[str, int]:
+    """FLOPs of one transformer block of each block list, per forward: the work a block cache skips.
+
+    Keys are the transformer's block lists (Wan `blocks`; HunyuanVideo `transformer_blocks` (double) and
+    `single_transformer_blocks`); a forward costs its total minus the blocks it did not run.
+    """
+    if family == "wan":
+        c, p = {**WAN_DEFAULTS, **dict(config)}, wan_flops(config, latent, text_len)
+        inner = ("self_attn_proj", "self_attn_sdpa", "cross_attn_proj", "cross_attn_sdpa", "ffn")
+        return {"blocks": sum(p[k] for k in inner) // c["num_layers"]}
+    c, p = {**HUNYUAN_DEFAULTS, **dict(config)}, hunyuan_flops(config, latent, text_len)
+    d = c["num_attention_heads"] * c["attention_head_dim"]
+    nd, ns = c["num_layers"], c["num_single_layers"]
+    # each block holds its own adaLN linears (two 6D in a double block, one 3D in a single block)
+    return {"transformer_blocks": (p["double_proj"] + p["double_sdpa"] + p["double_ffn"]) // nd + 2 * _lin(1, d, 6 * d),
+            "single_transformer_blocks": (p["single_proj"] + p["single_sdpa"]) // ns + _lin(1, d, 3 * d)}
+
+
+def metered_flops(family: str, config: Mapping[str, Any], latents: Mapping[tuple[int, int], Sequence[int]],
+                  forwards: Mapping[tuple[int, int], int], blocks: Mapping[tuple[tuple[int, int], str], int],
+                  text_len: int) -> dict[tuple[int, int], int]:
+    """FLOPs of the transformer work actually done, by latent (h, w): full forwards minus the blocks not run.
+
+    latents: (h, w) -> (C, F, H, W); forwards / blocks: a base model's Meter (sample forwards, blocks run per
+    list), so the result covers every sample of every batch.
+    """
+    fn = wan_flops if family == "wan" else hunyuan_flops
+    c = {**(WAN_DEFAULTS if family == "wan" else HUNYUAN_DEFAULTS), **dict(config)}
+    n_of = {"blocks": c["num_layers"], "transformer_blocks": c["num_layers"],
+            "single_transformer_blocks": c.get("num_single_layers", 0)}
+    out = {}
+    for hw, n in forwards.items():
+        per_call, per_block = total(fn(config, latents[hw], text_len)), block_flops(family, config, latents[hw], text_len)
+        skipped = sum((n * n_of[k] - blocks.get((hw, k), 0)) * f for k, f in per_block.items())
+        out[hw] = n * per_call - skipped
+    return out
 
 
 def window_pairs(grid: Size3, window: Size3, shift: bool = False, impl: str = "grouped") -> int:
@@ -371,6 +410,9 @@ class RunSettings:
     attn_impl: str = "grouped"
     rule: str = "pool"  # re-noise rule; paper and snr evaluate the velocity once more at the switch
     cfg: bool | None = None  # None: the family's default (Wan yes, HunyuanVideo no)
+    cfg_low: bool = True  # False: no CFG in SURF's preview steps (CFG truncation)
+    cfg_stop: int | None = None  # no CFG from this step of each run's schedule on (CFG truncation); None: never
+    cache_hits: float = 0.0  # fraction of base-model forwards where FirstBlockCache skips all blocks but the first
     vae: bool = False  # add the VAE decode of the target to both runs
     label: str = ""
 
@@ -389,6 +431,11 @@ def run_costs(s: RunSettings) -> dict[str, Any]:
         raise ConfigError(f"switch must be in [0, {surf_steps}], got {s.switch}")
     if s.rule not in ("paper", "snr", "pool"):
         raise ConfigError(f"unknown re-noise rule {s.rule!r}; choose from ('paper', 'snr', 'pool')")
+    if not 0 <= s.cache_hits <= 1:
+        raise ConfigError(f"cache_hits={s.cache_hits} must be a fraction in [0, 1]")
+    if s.cfg_stop is not None and s.cfg_stop < 0:
+        raise ConfigError(f"cfg_stop={s.cfg_stop} must be >= 0")
+    stop = math.inf if s.cfg_stop is None else s.cfg_stop
     prefix = s.prefix or PREFIX[arch.family]
     cfg_x = (2 if s.cfg else 1) if s.cfg is not None else arch.cfg_factor
     target_lat = arch.latent(s.frames, s.target)
@@ -396,19 +443,29 @@ def run_costs(s: RunSettings) -> dict[str, Any]:
     preview_lat = arch.latent(s.frames, s.preview)
     patch = (arch.patch_t, arch.patch_s, arch.patch_s)
 
-    def base_stage(run: str, stage: str, size, lat, steps: int) -> Stage:
+    def base_stage(run: str, stage: str, size, lat, steps: int, cfg_steps: int) -> Stage:
+        """`steps` velocities at `lat`, `cfg_steps` of them with both CFG branches."""
         parts = arch.flops(lat)
+        if s.cache_hits:  # a cache hit runs the first block only (DESIGN: first-block cache); mean over calls
+            per_block = block_flops(arch.family, arch.config, lat, arch.text_len)
+            first = next(iter(per_block))
+            n = {"blocks": arch.config["num_layers"], "transformer_blocks": arch.config["num_layers"],
+                 "single_transformer_blocks": arch.config.get("num_single_layers", 0)}
+            skipped = sum((n[k] - (k == first)) * f for k, f in per_block.items())
+            parts = {**parts, "cache_skipped": -round(s.cache_hits * skipped)}
         return Stage(run, stage, s.model, _fmt_size(size), list(lat), math.prod(_grid(lat, patch)),
-                     steps * cfg_x, total(parts), parts)
+                     steps + cfg_steps * (cfg_x - 1), total(parts), parts)
 
     rcfg = RefinerConfig.preset(s.refiner, **({"window": tuple(s.window)} if s.window else {}))
     rparts = refiner_flops(rcfg, target_lat, arch.text_len if s.refiner_text else 0, impl=s.attn_impl)
     # paper/snr evaluate v once more at the switch (sampling._switch), unless the prefix already reached s = 0.
     extra = int(s.rule != "pool" and s.switch < surf_steps)
-    baseline = [base_stage("baseline", "base", s.target, target_lat, s.steps)]
+    # CFG steps: the prefix runs steps 0..switch-1 (and the extra call at the switch), the preview switch..end
+    baseline = [base_stage("baseline", "base", s.target, target_lat, s.steps, min(s.steps, stop))]
     surf = [
-        base_stage("surf", "prefix", prefix, prefix_lat, s.switch + extra),
-        base_stage("surf", "preview", s.preview, preview_lat, surf_steps - s.switch),
+        base_stage("surf", "prefix", prefix, prefix_lat, s.switch + extra, min(s.switch + extra, stop)),
+        base_stage("surf", "preview", s.preview, preview_lat, surf_steps - s.switch,
+                   max(0, min(surf_steps, stop) - s.switch) if s.cfg_low else 0),
         Stage("surf", "refine", f"refiner:{s.refiner} window={list(rcfg.window)}", _fmt_size(s.target),
               list(target_lat), math.prod(_grid(target_lat, rcfg.patch_size)), s.refiner_steps, total(rparts), rparts),
     ]
@@ -458,6 +515,90 @@ def paper_comparison(runs: list[dict[str, Any]]) -> dict[str, Any]:
             row["surf_ratio_paper_over_ours"] = p["surf_pflops"] / r["surf_pflops"]
         out[r["model"]] = row
     return out
+
+
+# --- SURF composed with acceleration plug-ins ------------------------------------------------------
+
+MEASURED = "benchmarks/results/accel/accel.json"  # python -m surf_train.evaluate_accel on the toy base
+TOY_BLOCKS = 4  # transformer blocks of the toy base (assets/toy_base/transformer/config.json)
+
+
+def measured_accel(path: str | None = None) -> dict[str, Any]:
+    """What the toy run measured: FirstBlockCache hit rates per method, and its step settings.
+
+    The toy evaluation reports blocks run / blocks of full forwards, f; a hit runs 1 of the toy's 4 blocks,
+    a miss all 4, so hits = (1 - f) / (1 - 1/4). Empty when the file is absent.
+    """
+    from surf_train import CONF_DIR
+
+    p = Path(path) if path else CONF_DIR.parent / MEASURED
+    if not p.is_file():
+        return {}
+    res = json.loads(p.read_text())
+    hits = {k: round((1 - r["blocks_run"]) / (1 - 1 / TOY_BLOCKS), 4) for k, r in res["methods"].items()}
+    c = res["config"]
+    return {"hits": hits, "steps": c["steps"], "switch": c["switch"], "cfg_stop": c.get("cfg_stop"),
+            "fewer_steps": c["fewer_steps"], "n": res["n"],
+            **{"few_switch": r["settings"]["switch"] for k, r in res["methods"].items() if k.startswith("surf@")}}
+
+
+def composed_speedups(measured: Mapping[str, Any], targets=((1280, 720), (1920, 1072)),
+                      model: str = "wan2.1_t2v_14b") -> list[dict[str, Any]]:
+    """Baseline and SURF (10 + 30 steps, 10 Refiner steps) with and without the plug-ins, per target size.
+
+    The toy's settings are carried over as fractions of the schedule: its cache hit rates per method (0 where
+    not measured), its CFG stop step and its fewer steps (both scaled from the toy's steps to SURF's 40).
+    Each row: PFLOPs, the speedup against the plain 50-step baseline at that size and against plain SURF.
+    """
+    hits = measured.get("hits", {})
+    toy_steps = measured.get("steps", 20)
+    scale = lambda k: round(k * 40 / toy_steps)
+    stop = scale(measured.get("cfg_stop") or 8)
+    few = scale(measured.get("fewer_steps", 10))
+    few_switch = max(1, int(10 * few / 40 + 0.5) if "few_switch" not in measured
+                     else int(measured["few_switch"] * few / measured["fewer_steps"] + 0.5))  # the toy's share
+    out = []
+    for target in targets:
+        base = RunSettings(model=model, target=target, steps=50, surf_steps=40, switch=10)
+        h = lambda k: hits.get(k, 0.0)
+        variants = [("baseline", "baseline", base),
+                    ("baseline+cache", "baseline", replace(base, cache_hits=h("baseline+cache"))),
+                    ("surf", "surf", base),
+                    ("surf+cache", "surf", replace(base, cache_hits=h("surf+cache"))),
+                    ("surf+cfg-low", "surf", replace(base, cfg_low=False)),
+                    ("surf+cache+cfg-low", "surf", replace(base, cfg_low=False, cache_hits=h("surf+cache+cfg-low"))),
+                    (f"surf+cfg-stop ({stop})", "surf", replace(base, cfg_stop=stop)),
+                    (f"surf+cache+cfg-stop ({stop})", "surf",
+                     replace(base, cfg_stop=stop, cache_hits=h("surf+cache+cfg-stop"))),
+                    (f"surf@{few} ({few_switch} + {few - few_switch} steps)", "surf",
+                     replace(base, surf_steps=few, switch=few_switch))]
+        costs = {name: run_costs(st)[f"{run}_pflops"] for name, run, st in variants}
+        for name, _, st in variants:
+            out.append({"target": _fmt_size(target), "method": name, "cache_hits": st.cache_hits,
+                        "pflops": costs[name], "speedup": costs["baseline"] / costs[name],
+                        "vs_surf": costs["surf"] / costs[name]})
+    return out
+
+
+def format_composed(rows: list[dict[str, Any]], measured: Mapping[str, Any]) -> str:
+    if measured:
+        src = (f"Cache hit rates measured on the toy base (N={measured['n']}, {MEASURED}; its CFG stop step "
+               f"{measured['cfg_stop']} and fewer steps {measured['fewer_steps']} of {measured['steps']} scaled to "
+               "SURF's 40).")
+    else:
+        src = f"No toy measurement ({MEASURED} absent): cache hit rates 0."
+    lines = ["## Wan 2.1 14B, 81 frames: SURF composed with acceleration plug-ins (FLOPs)", "", src,
+             "What transfers: CFG truncation and fewer steps are counted exactly (calls skipped do not depend on the "
+             "model). What does not: the cache hit rates belong to the toy's 4-block network, its threshold and "
+             "its noise levels; a real model's hits, and whether quality survives them, must be measured there (on the "
+             "toy every plug-in costs caption match: benchmarks/results/accel/accel.md). "
+             "A hit is counted as running only the first block. 1080p is 1920x1072 (WanPipeline floors the "
+             "height to a multiple of 16).", "",
+             "| target | method | cache hits | PFLOPs | vs baseline (50 steps) | vs SURF |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['target']} | {r['method']} | {r['cache_hits']:.2f} | {r['pflops']:.2f} | "
+                     f"{r['speedup']:.1f}x | {r['vs_surf']:.2f}x |")
+    return "\n".join(lines) + "\n"
 
 
 # --- command line --------------------------------------------------------------------------------
@@ -522,6 +663,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--cfg", choices=("auto", "on", "off"), default="auto",
                     help="CFG batch: auto = the family's (Wan on, HunyuanVideo off)")
     ap.add_argument("--vae", action="store_true", help="add the VAE decode (counted on the meta device, seconds)")
+    ap.add_argument("--no-low-cfg", action="store_true", help="no CFG in the preview steps (CFG truncation)")
+    ap.add_argument("--cfg-stop", type=int, help="no CFG from this step of each run on (CFG truncation)")
+    ap.add_argument("--cache-hits", type=float, default=0.0,
+                    help="fraction of base-model calls a first-block cache reduces to their first block")
+    ap.add_argument("--measured", help=f"toy accel results for the composed table (default {MEASURED})")
     ap.add_argument("--json", action="store_true", help="print JSON instead of the table")
     return ap
 
@@ -541,15 +687,21 @@ def main(argv: list[str] | None = None) -> None:
                 switch=args.switch, prefix=parse_size(args.prefix) if args.prefix else None,
                 preview=parse_size(args.preview), refiner=args.refiner, window=args.window,
                 refiner_steps=args.refiner_steps, refiner_text=not args.no_refiner_text, attn_impl=args.impl,
-                rule=args.rule, cfg=None if args.cfg == "auto" else args.cfg == "on", vae=args.vae)]
+                rule=args.rule, cfg=None if args.cfg == "auto" else args.cfg == "on", vae=args.vae,
+                cfg_low=not args.no_low_cfg, cfg_stop=args.cfg_stop, cache_hits=args.cache_hits)]
         runs = [run_costs(st) for st in settings]
+        measured = measured_accel(args.measured)
+        composed = composed_speedups(measured) if args.model is None else None
     except ConfigError as e:
         raise SystemExit(f"error: {e}") from None
     if args.json:
         print(json.dumps({"convention": "1 multiply-add = 2 FLOPs; matmul/conv/attention only; forward only",
-                          "runs": runs, "paper": paper_comparison(runs)}, indent=2))
+                          "runs": runs, "paper": paper_comparison(runs), "composed": composed,
+                          "measured": measured}, indent=2))
     else:
         print(format_table(runs))
+        if composed is not None:
+            print(format_composed(composed, measured))
 
 
 if __name__ == "__main__":

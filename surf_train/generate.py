@@ -22,11 +22,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from surf_train.base import BaseModel, BaseSpec, load_base_model
+from surf_train.base import Acceleration, BaseModel, BaseSpec, load_base_model
 from surf_train.errors import ConfigError
 from surf_train.export import check_base, load_refiner
 from surf_train.objective import refine, upsample
-from surf_train.sampling import DOWN_MODES, RULES, PreviewPlan, euler_sample, preview_sample
+from surf_train.sampling import DOWN_MODES, RULES, SCHEDULERS, PreviewPlan, preview_sample, sample
 
 DEFAULT_BASE = "toy"  # the trained toy-world model (assets/toy_base); `tiny` is random, for tests
 DEFAULT_REFINER = "runs/tiny/refiner"
@@ -51,11 +51,15 @@ class GenerateConfig:
     preview_width: int | None = None
     steps: int = 20
     switch: int = 5
-    shift: float | None = None
+    shift: float | None = None  # None: the base model's (its pipeline scheduler's, unless its yaml overrides it)
+    scheduler: str | None = None  # None: the pipeline's own scheduler class; else one of sampling.SCHEDULERS
     guidance: float | None = None
     rule: str = "pool"  # the make_pairs default the Refiner was trained on
     down: str = "area"
     refiner_steps: int | None = None  # None: the K the Refiner was trained with
+    cache_threshold: float | None = None  # diffusers' FirstBlockCache on the base model; None: off
+    cfg_stop: int | None = None  # no CFG from this base-model step on; None: CFG at every step
+    cfg_low: bool = True  # False: no CFG in the low-resolution steps
     dtype: str = "float32"
     device: str = "auto"
     out_dir: str = "outputs/generate"
@@ -145,6 +149,8 @@ def generate(cfg: GenerateConfig) -> list[dict]:
         raise ConfigError(f"--switch {cfg.switch} must be in [0, --steps {cfg.steps}]")
     spec = BaseSpec.from_name(cfg.base)
     spec.dtype = cfg.dtype
+    if cfg.scheduler is not None:
+        spec.scheduler = cfg.scheduler
     frames = cfg.frames or spec.native_frames
     sizes = _sizes(cfg, spec)
     spec.geometry.check(frames, *sizes["target"], "target")
@@ -156,6 +162,11 @@ def generate(cfg: GenerateConfig) -> list[dict]:
         if warning:
             log.warning("%s", warning)
     model = load_base_model(spec, cfg.device)
+    acc = Acceleration(cfg.cache_threshold, cfg.cfg_stop, cfg.cfg_low)
+    try:
+        model.accelerate(acc)
+    except ConfigError as e:
+        raise ConfigError(f"--cache-threshold/--cfg-stop/--no-cfg-low: {e}") from None
     if net is not None:
         net = net.to(model.device).to_dtype(model.dtype)  # norms and adaLN tables stay float32
     s = spec.stride_s
@@ -163,7 +174,7 @@ def generate(cfg: GenerateConfig) -> list[dict]:
     f_lat = (frames - 1) // spec.stride_t + 1
     for k in ("target", "prefix", "preview"):
         model.check_grid(lat[k], f_lat)
-    shift = spec.shift if cfg.shift is None else cfg.shift
+    schedule = model.schedule(cfg.steps, cfg.shift)  # the pipeline's own scheduler (cfg.shift: an override)
     k_ref = bridge.get("steps", 10) if cfg.refiner_steps is None else cfg.refiner_steps
     Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
 
@@ -179,15 +190,15 @@ def generate(cfg: GenerateConfig) -> list[dict]:
         # stage of each base-model call, by the latent size it runs at (the prefix wins if sizes coincide)
         names = ({lat["target"]: "full_res"} if cfg.mode == "baseline"
                  else {lat["preview"]: "low_res", lat["prefix"]: "prefix"})
-        vel = clock.wrap(model.velocity_fn(cond, cfg.guidance), lambda x: names[tuple(x.shape[-2:])])
+        model.meter.reset()
+        vel = clock.wrap(model.velocity_fn(cond, cfg.guidance, acc), lambda x: names[tuple(x.shape[-2:])])
         gen = torch.Generator().manual_seed(seed)
         c = spec.channels
         if cfg.mode == "baseline":
             noise = torch.randn((1, c, f_lat, *lat["target"]), generator=gen).to(model.device)
-            latent = euler_sample(vel, noise, PreviewPlan(cfg.steps, cfg.steps, shift, lat["target"]).sigmas)
+            latent = sample(vel, noise, schedule)  # the pipeline's own output (tests/test_pipeline_equality.py)
         else:
-            plan = PreviewPlan(steps=cfg.steps, switch=cfg.switch, shift=shift, preview_size=lat["preview"],
-                               rule=cfg.rule, down=cfg.down)
+            plan = PreviewPlan(schedule, switch=cfg.switch, preview_size=lat["preview"], rule=cfg.rule, down=cfg.down)
             noise = torch.randn((1, c, f_lat, *lat["prefix"]), generator=gen).to(model.device)
             fresh = torch.randn((1, c, f_lat, *lat["preview"]), generator=gen).to(model.device)
             preview = preview_sample(vel, noise, plan, fresh)
@@ -207,8 +218,12 @@ def generate(cfg: GenerateConfig) -> list[dict]:
         tmp = path.with_name(f".{path.stem}.tmp.mp4")
         export_to_video(list(frames_np), str(tmp), fps=spec.fps)
         os.replace(tmp, path)
-        flops = stage_flops(model, net if cfg.mode == "surf" else None, cfg.guidance, lat, f_lat, clock.calls, k_ref)
+        flops = stage_flops(model, net if cfg.mode == "surf" else None, names, lat, f_lat, k_ref)
         report = _report(cfg, spec, sizes, frames, prompt, seed, k_ref, clock, path, flops)
+        report["scheduler"] = {"class": type(model.scheduler).__name__, "shift": schedule.shift}
+        report["forwards"] = {names[hw]: n for hw, n in model.meter.forwards.items()}  # transformer calls
+        report["blocks_run"] = {names[hw]: round(model.meter.block_fraction(hw, model.block_lists), 4)
+                                for hw in model.meter.forwards}  # fraction of a full forward's blocks
         report_path = path.with_suffix(".json")
         report_path.write_text(json.dumps(report, indent=1))
         reports.append(report)
@@ -225,19 +240,18 @@ def _report(cfg, spec, sizes, frames, prompt, seed, k_ref, clock: StageClock, pa
             "total_seconds": round(sum(clock.seconds.values()), 4), "flops": flops}
 
 
-def stage_flops(model: BaseModel, net, guidance: float | None, lat: dict, f_lat: int, calls: dict,
-                k_ref: int) -> dict:
-    """Analytic forward FLOPs per stage (surf_train.flops) for the calls actually made; decode not counted."""
-    from surf_train.flops import hunyuan_flops, refiner_flops, total, wan_flops
+def stage_flops(model: BaseModel, net, names: dict, lat: dict, f_lat: int, k_ref: int) -> dict:
+    """Analytic forward FLOPs per stage (surf_train.flops) of the transformer work actually done: the forwards
+    made (CFG branches included, so CFG truncation counts) less the blocks a cache skipped; decode not counted."""
+    from surf_train.flops import metered_flops, refiner_flops, total
 
-    spec = model.spec
-    fn = wan_flops if spec.family == "wan" else hunyuan_flops
-    g = spec.guidance if guidance is None else guidance
-    branches = 2 if spec.family == "wan" and g != 1.0 else 1  # Wan's CFG runs both branches
-    size_of = {"full_res": lat["target"], "prefix": lat["prefix"], "low_res": lat["preview"]}
-    out = {stage: n * branches * total(fn(model.pipe.transformer.config, (spec.channels, f_lat, *size_of[stage]),
-                                          spec.max_sequence_length))
-           for stage, n in calls.items()}
+    spec, m = model.spec, model.meter
+    latents = {hw: (spec.channels, f_lat, *hw) for hw in m.forwards}
+    done = metered_flops(spec.family, model.pipe.transformer.config, latents, m.forwards, m.blocks,
+                         spec.max_sequence_length)
+    out = {}
+    for hw, f in done.items():  # names: latent (h, w) -> report stage
+        out[names[hw]] = out.get(names[hw], 0) + f
     if net is not None:
         text_len = spec.max_sequence_length if net.cfg.text_dim else 0
         out["refine"] = k_ref * total(refiner_flops(net.cfg, (spec.channels, f_lat, *lat["target"]), text_len))
@@ -260,11 +274,17 @@ def parse_args(argv: list[str] | None = None) -> GenerateConfig:
                         f"{'frames' if name == 'frames' else 'pixels'} (default: from the base model)")
     ap.add_argument("--steps", type=int, default=d.steps, help="base-model steps in total")
     ap.add_argument("--switch", type=int, default=d.switch, help="steps at the prefix size before the switch")
-    ap.add_argument("--shift", type=float, help="timestep shift (default: the base model's)")
+    ap.add_argument("--shift", type=float, help="timestep shift (default: the base model's scheduler's)")
+    ap.add_argument("--scheduler", choices=sorted(SCHEDULERS),
+                    help="replace the pipeline's scheduler class, same shift (default: the pipeline's own)")
     ap.add_argument("--guidance", type=float, help="guidance scale (default: the base model's)")
     ap.add_argument("--rule", default=d.rule, choices=RULES, help="re-noise rule at the switch")
     ap.add_argument("--down", default=d.down, choices=DOWN_MODES, help="latent downsampling kernel")
     ap.add_argument("--refiner-steps", type=int, dest="refiner_steps", help="Refiner Euler steps (default: trained K)")
+    ap.add_argument("--cache-threshold", type=float, dest="cache_threshold",
+                    help="diffusers FirstBlockCache on the base model with this threshold (e.g. 0.05; default off)")
+    ap.add_argument("--cfg-stop", type=int, dest="cfg_stop", help="no CFG from this base-model step on")
+    ap.add_argument("--no-cfg-low", dest="cfg_low", action="store_false", help="no CFG in the low-resolution steps")
     ap.add_argument("--dtype", default=d.dtype, choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:1, ...")
     ap.add_argument("--out", dest="out_dir", default=d.out_dir, help="output directory")

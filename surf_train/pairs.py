@@ -19,7 +19,7 @@ import torch
 from tqdm import tqdm
 
 from surf_train import __version__
-from surf_train.base import BaseModel, BaseSpec, load_base_model
+from surf_train.base import Acceleration, BaseModel, BaseSpec, load_base_model
 from surf_train.dist_env import rank_world
 from surf_train.errors import ConfigError, known_keys
 from surf_train.sampling import DOWN_MODES, RULES, PreviewPlan, pair_sample
@@ -82,10 +82,13 @@ class PairsConfig:
     preview_width: int | None = None
     steps: int = 20
     switch: int = 5
-    shift: float | None = None  # None: the base model's default
+    shift: float | None = None  # None: the base model's (its pipeline scheduler's, unless its yaml overrides it)
     guidance: float | None = None
     rule: str = "paper"
     down: str = "area"
+    cache_threshold: float | None = None  # acceleration plug-ins on the base model (base.Acceleration)
+    cfg_stop: int | None = None
+    cfg_low: bool = True
     seed: int = 0
     dtype: str = "float16"  # storage dtype of the latents
     store_text: bool = True
@@ -107,7 +110,7 @@ class PairsConfig:
         c.frames = c.frames or b.native_frames
         c.preview_height = c.preview_height or c.height // 2
         c.preview_width = c.preview_width or c.width // 2
-        c.shift = b.shift if c.shift is None else c.shift
+        c.shift = b.shift if c.shift is None else c.shift  # None: the scheduler's own, recorded as such
         c.guidance = b.guidance if c.guidance is None else c.guidance
         c.validate()
         return c
@@ -121,29 +124,35 @@ class PairsConfig:
                               f"{self.height}x{self.width}")
         check_schedule(self.steps, self.switch, self.rule, self.down)
         check_storage(self.dtype, self.shard_size)
+        self.acceleration().check(self.base.family == "wan")
         if self.num_pairs is not None and self.num_pairs < 1:
             raise ConfigError(f"num_pairs={self.num_pairs} must be >= 1 (or null: one per prompt)")
         if self.batch_size < 1:
             raise ConfigError(f"batch_size={self.batch_size} must be >= 1")
 
-    def plan(self) -> PreviewPlan:
+    def plan(self, model: BaseModel) -> PreviewPlan:
+        """The run's noise-reshifting plan on the base model's own scheduler."""
         s = self.base.stride_s
-        return PreviewPlan(steps=self.steps, switch=self.switch, shift=self.shift, rule=self.rule, down=self.down,
-                           preview_size=(self.preview_height // s, self.preview_width // s))
+        return PreviewPlan(model.schedule(self.steps, self.shift), switch=self.switch, rule=self.rule,
+                           down=self.down, preview_size=(self.preview_height // s, self.preview_width // s))
+
+    def acceleration(self) -> Acceleration:
+        return Acceleration(self.cache_threshold, self.cfg_stop, self.cfg_low)
 
     def fingerprint(self) -> dict:
         """Everything that changes the content of a pair; a rerun must match it to append."""
         return {**base_fingerprint(self.base),
                 **{k: getattr(self, k) for k in ("height", "width", "frames", "preview_height", "preview_width",
                                                  "steps", "switch", "shift", "guidance", "rule", "down",
-                                                 "dtype", "store_text")}}
+                                                 "dtype", "store_text")},
+                **({"acceleration": asdict(self.acceleration())} if self.acceleration() != Acceleration() else {})}
 
 
 def base_fingerprint(b: BaseSpec) -> dict:
     """The base model's part of a pairs directory's fingerprint (a local directory's weights included, so
     pairs of a retrained base are never appended to those of the old one)."""
     return {"base": b.model_id, "revision": b.revision, "negative_prompt": b.negative_prompt,
-            "max_sequence_length": b.max_sequence_length, "model_dtype": b.dtype,
+            "max_sequence_length": b.max_sequence_length, "model_dtype": b.dtype, "scheduler": b.scheduler,
             "weights": weights_digest(b.source)}
 
 
@@ -261,7 +270,7 @@ def generate_pairs(model: BaseModel, cfg: PairsConfig, jobs: list[Job]) -> list[
     Each job's noise comes from its own generator seeded by its seed, so a pair does not depend on the
     batch it was made in (up to float rounding of batched matmuls).
     """
-    plan = cfg.plan()
+    plan = cfg.plan(model)
     shape = model.geometry.latent_shape(cfg.frames, cfg.height, cfg.width)  # (C, F, H, W)
     noise, fresh = [], []
     for job in jobs:
@@ -269,7 +278,8 @@ def generate_pairs(model: BaseModel, cfg: PairsConfig, jobs: list[Job]) -> list[
         noise.append(torch.randn((1, *shape), generator=gen))  # (1, C, F, H, W)
         fresh.append(torch.randn((1, *shape[:2], *plan.preview_size), generator=gen))  # (1, C, F, h, w)
     cond = model.encode_prompt([job.prompt for job in jobs])
-    previews, targets = pair_sample(model.velocity_fn(cond, cfg.guidance), torch.cat(noise).to(model.device), plan,
+    vel = model.velocity_fn(cond, cfg.guidance, cfg.acceleration())
+    previews, targets = pair_sample(vel, torch.cat(noise).to(model.device), plan,
                                     torch.cat(fresh).to(model.device))
     dt = STORE_DTYPES[cfg.dtype]
     s_k = float(plan.sigmas[plan.switch])
@@ -282,7 +292,8 @@ def generate_pairs(model: BaseModel, cfg: PairsConfig, jobs: list[Job]) -> list[
                 "base": base_meta(cfg.base),
                 "target_size": [cfg.frames, cfg.height, cfg.width],
                 "preview_size": [cfg.frames, cfg.preview_height, cfg.preview_width],
-                "schedule": {"steps": cfg.steps, "shift": cfg.shift, "guidance": cfg.guidance},
+                "schedule": {"steps": cfg.steps, "shift": plan.schedule.shift, "guidance": cfg.guidance,
+                             "scheduler": type(plan.schedule.scheduler).__name__},
                 "reshift": {"switch": cfg.switch, "sigma_switch": s_k, "rule": cfg.rule, "down": cfg.down},
                 "dtype": cfg.dtype}
         out.append((tensors, meta))
@@ -351,7 +362,12 @@ def _make_pairs(cfg: PairsConfig, rank: int, world: int) -> dict:
     if model is not None:
         s = cfg.base.stride_s
         model.check_grid((cfg.height // s, cfg.width // s), (cfg.frames - 1) // cfg.base.stride_t + 1)
+        model.accelerate(cfg.acceleration())
     batches = (todo[i:i + cfg.batch_size] for i in range(0, len(todo), cfg.batch_size))
     samples = ((job.key, *pair) for jobs in batches for job, pair in zip(jobs, generate_pairs(model, cfg, jobs)))
-    return write_samples(out, rank, world, samples, len(todo), len(mine) - len(todo), cfg.shard_size,
-                         progress=cfg.progress)
+    summary = write_samples(out, rank, world, samples, len(todo), len(mine) - len(todo), cfg.shard_size,
+                            progress=cfg.progress)
+    if model is not None:  # the work the base model actually did (acceleration plug-ins skip some of it)
+        summary["forwards"] = sum(model.meter.forwards.values())
+        summary["blocks_run"] = round(model.meter.block_fraction(None, model.block_lists), 4)
+    return summary

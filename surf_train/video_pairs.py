@@ -207,14 +207,15 @@ def clip_pair(model: BaseModel, cfg: VideoPairsConfig, clip: Clip, frames: np.nd
         detail = {"degradation": p}
     else:
         r = cfg.repreview
-        plan = PreviewPlan(steps=r.steps, switch=r.switch, shift=r.shift, rule=r.rule, down=r.down,
+        plan = PreviewPlan(model.schedule(r.steps, r.shift), switch=r.switch, rule=r.rule, down=r.down,
                            preview_size=(b.preview_height // s, b.preview_width // s))
         s_k = float(plan.sigmas[plan.switch])
         eps = torch.randn(target.shape, generator=gen).to(target)
         fresh = torch.randn((*target.shape[:3], *plan.preview_size), generator=gen).to(target)
         x = (1 - s_k) * target + s_k * eps  # the real latent at the switch level
         preview = finish_preview(model.velocity_fn(cond, r.guidance), x, plan, fresh)
-        detail = {"schedule": {"steps": r.steps, "shift": r.shift, "guidance": r.guidance},
+        detail = {"schedule": {"steps": r.steps, "shift": plan.schedule.shift, "guidance": r.guidance,
+                               "scheduler": type(plan.schedule.scheduler).__name__},
                   "reshift": {"switch": r.switch, "sigma_switch": s_k, "rule": r.rule, "down": r.down}}
     dt = STORE_DTYPES[cfg.dtype]
     tensors = {"preview": preview[0].to(dt), "target": target[0].to(dt)}

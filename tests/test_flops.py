@@ -242,3 +242,46 @@ def test_cli_bad_window(capsys):
     with pytest.raises(SystemExit) as e:
         F.main(["--model", "wan2.1_t2v_14b", "--window", "4,16"])
     assert e.value.code == 2 and "3 comma-separated ints" in capsys.readouterr().err
+
+
+def test_cfg_truncation_counts_single_branch_calls():
+    r = F.run_costs(F.RunSettings(cfg_stop=15))  # Wan 14B: baseline 50 steps, SURF 10 + 30, CFG x2
+    calls = {s["stage"]: s["calls"] for s in r["stages"]}
+    assert calls == {"base": 15 * 2 + 35, "prefix": 10 * 2, "preview": 5 * 2 + 25, "refine": 10}
+    low = F.run_costs(F.RunSettings(cfg_low=False))
+    at_switch = F.run_costs(F.RunSettings(cfg_stop=10))
+    assert low["surf_pflops"] == pytest.approx(at_switch["surf_pflops"])
+    assert low["surf_pflops"] < F.run_costs(F.RunSettings())["surf_pflops"]
+    assert F.run_costs(F.RunSettings(cfg_stop=0))["stages"][0]["calls"] == 50
+
+
+def test_cache_hits_leave_only_the_first_block():
+    plain, hit = (F.run_costs(F.RunSettings(cache_hits=h))["stages"][0] for h in (0.0, 1.0))
+    block = F.block_flops("wan", F.BaseArch.from_name("wan2.1_t2v_14b").config, plain["latent"], 512)
+    assert len(block) == 1  # Wan: one list of 40 blocks, counted per block
+    per_block = next(iter(block.values()))
+    assert plain["tflops_per_call"] - hit["tflops_per_call"] == pytest.approx(39 * per_block / 1e12, rel=1e-9)
+    with pytest.raises(ConfigError, match="cache_hits"):
+        F.run_costs(F.RunSettings(cache_hits=1.5))
+
+
+def test_composed_speedups_from_a_toy_measurement(tmp_path, capsys):
+    toy = {"n": 8, "config": {"steps": 20, "switch": 5, "cfg_stop": 8, "fewer_steps": 10},
+           "methods": {"baseline+cache": {"blocks_run": 0.625}, "surf+cache": {"blocks_run": 0.4},
+                       "surf+cache+cfg-stop": {"blocks_run": 0.55}, "surf@10": {"blocks_run": 1.0, "settings": {"switch": 3}}}}
+    (tmp_path / "accel.json").write_text(json.dumps(toy))
+    m = F.measured_accel(str(tmp_path / "accel.json"))
+    assert m["hits"]["baseline+cache"] == 0.5 and m["hits"]["surf+cache"] == 0.8 and m["cfg_stop"] == 8
+    assert F.measured_accel(str(tmp_path / "none.json")) == {}
+    rows = F.composed_speedups(m)
+    assert [r["target"] for r in rows] == ["1280x720"] * 9 + ["1920x1072"] * 9
+    by = {(r["target"], r["method"]): r for r in rows}
+    for t in ("1280x720", "1920x1072"):
+        assert by[(t, "baseline")]["speedup"] == 1 and by[(t, "surf")]["vs_surf"] == 1
+        assert by[(t, "surf+cache")]["vs_surf"] > by[(t, "surf+cache+cfg-stop (16)")]["vs_surf"] > 1  # 0.8 vs 0.6
+        assert by[(t, "surf+cfg-stop (16)")]["vs_surf"] > 1 and by[(t, "surf+cache+cfg-low")]["cache_hits"] == 0
+    few = F.run_costs(F.RunSettings(target=(1920, 1072), surf_steps=20, switch=6))["surf_pflops"]
+    assert by[("1920x1072", "surf@20 (6 + 14 steps)")]["pflops"] == pytest.approx(few)  # the toy's 3 of 10
+    F.main(["--measured", str(tmp_path / "accel.json")])
+    out = capsys.readouterr().out
+    assert "SURF composed with acceleration plug-ins" in out and "| 1920x1072 | surf+cache | 0.80 |" in out

@@ -112,3 +112,17 @@ def test_loading_the_refiner_prints_no_dtype_warning(refiner_dir, tmp_path):
     finally:
         diffusers_logging.get_logger("diffusers").removeHandler(handler)
     assert not [r for r in records if "kept in float32" in r.getMessage()]  # diffusers' warning on Refiner.to(dtype)
+
+
+def test_acceleration_flags_reach_the_report(tmp_path):
+    """--cfg-stop 2 --cache-threshold: the report counts the forwards made and the blocks the cache skipped."""
+    cfg = parse_args(["--base", "tiny", "--mode", "preview", "--height", "64", "--width", "64", "--frames", "9",
+                      "--prefix-height", "64", "--prefix-width", "64", "--steps", "4", "--switch", "1",
+                      "--cfg-stop", "2", "--cache-threshold", "0.5", "--out", str(tmp_path), "--no-progress"])
+    plain, fast = (generate(GenerateConfig(**{**SMALL, "mode": "preview", "out_dir": str(tmp_path / n), **kw}))[0]
+                   for n, kw in (("plain", {}), ("fast", {"cfg_stop": cfg.cfg_stop,
+                                                           "cache_threshold": cfg.cache_threshold})))
+    # prefix: step 0 (CFG: 2 forwards); preview: step 1 with CFG, steps 2 and 3 without
+    assert plain["forwards"] == {"prefix": 2, "low_res": 6} and fast["forwards"] == {"prefix": 2, "low_res": 4}
+    assert plain["blocks_run"]["low_res"] == 1.0 and fast["blocks_run"]["low_res"] < 1.0
+    assert sum(fast["flops"].values()) < sum(plain["flops"].values())

@@ -246,3 +246,15 @@ def test_sample_bytes_matches_real_tiny_shards(pairs):
         entries = sum(sample_bytes(tuple(s["preview"].shape), tuple(s["target"].shape), tuple(s["text"].shape),
                                    s["preview"].dtype, s["meta"]) for s in got)
         assert shard.stat().st_size == -(-(entries + 1024) // 10240) * 10240  # + end marker, 10 KiB records
+
+
+def test_acceleration_plug_ins_skip_work_and_change_the_fingerprint(tmp_path, monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    plain = make_pairs(cfg(tmp_path / "plain", num_pairs=2, batch_size=2, steps=6, switch=2))
+    fast = make_pairs(cfg(tmp_path / "fast", num_pairs=2, batch_size=2, steps=6, switch=2, cache_threshold=0.5,
+                          cfg_low=False))
+    # 2 pairs x (2 shared + 4 high + 4 low steps) x 2 CFG branches; without CFG in the 4 low steps, 8 fewer
+    assert plain["forwards"] == 2 * 10 * 2 and fast["forwards"] == plain["forwards"] - 2 * 4
+    assert plain["blocks_run"] == 1.0 and fast["blocks_run"] < 0.9
+    with pytest.raises(ConfigError, match="acceleration|fingerprint|different"):
+        make_pairs(cfg(tmp_path / "fast", num_pairs=4, batch_size=2, steps=6, switch=2))

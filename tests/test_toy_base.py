@@ -9,7 +9,7 @@ import torch
 from surf_train import CONF_DIR
 from surf_train.base import BaseSpec, load_base_model
 from surf_train.base.toy_vae import PixelShuffleVAE
-from surf_train.sampling import PreviewPlan, euler_sample, flow_sigmas, pair_sample
+from surf_train.sampling import PreviewPlan, pair_sample, sample
 from surf_train.toyworld import all_captions, detect, render_batch
 
 ROOT = CONF_DIR.parent
@@ -56,7 +56,7 @@ def test_generations_match_the_caption(toy):
     all three on 128 pairs; these 16 measured 1.00 / 1.00 / 0.94 / 1.00)."""
     prompts = [CAPS[(7 * i) % len(CAPS)] for i in range(16)]
     noise = torch.randn(16, 12, 5, 16, 16, generator=torch.Generator().manual_seed(123))
-    x = euler_sample(toy.velocity_fn(toy.encode_prompt(prompts)), noise, flow_sigmas(20, toy.spec.shift))
+    x = sample(toy.velocity_fn(toy.encode_prompt(prompts)), noise, toy.schedule(20))
     found = [detect(v) for v in toy.vae_decode(x)]
     assert all(d.found for d in found)
     match = [d.matches(p) for p, d in zip(prompts, found)]
@@ -71,7 +71,7 @@ def test_pool_preview_keeps_the_target_layout(toy):
     prompts = CAPS[:8:2]
     g = torch.Generator().manual_seed(7)
     noise, fresh = torch.randn(4, 12, 5, 16, 16, generator=g), torch.randn(4, 12, 5, 8, 8, generator=g)
-    plan = PreviewPlan(steps=12, switch=4, shift=toy.spec.shift, preview_size=(8, 8), rule="pool")
+    plan = PreviewPlan(toy.schedule(12), switch=4, preview_size=(8, 8), rule="pool")
     preview, target = pair_sample(toy.velocity_fn(toy.encode_prompt(prompts)), noise, plan, fresh)
     errs = []
     for p, t in zip(toy.vae_decode(preview), toy.vae_decode(target)):

@@ -12,7 +12,7 @@ from conftest import VIDEO_SMALL, VIDEOS
 from surf_train import video as video_mod
 from surf_train.degrade import DegradeConfig, degrade_pixels, sample_params
 from surf_train.errors import ConfigError
-from surf_train.sampling import flow_sigmas, resize_latent
+from surf_train.sampling import euler_schedule, resize_latent
 from surf_train.shards import OutDirLock, list_shards, lock_path, read_shards, shard_keys
 from surf_train.video import (Video, VideoError, clip_indices, clip_span, clip_starts, crop_box, list_videos,
                               pick_bucket, to_clip)
@@ -274,9 +274,10 @@ def test_repreview_pairs(synthetic_videos, tmp_path):
     for x in (sq, wide):
         m = x["meta"]
         assert m["preview_mode"] == "repreview" and "degradation" not in m
-        assert m["schedule"] == {"steps": 4, "shift": 3.0, "guidance": 5.0}
+        assert m["schedule"] == {"steps": 4, "shift": 3.0, "guidance": 5.0,
+                                 "scheduler": "FlowMatchEulerDiscreteScheduler"}
         assert m["reshift"]["rule"] == "snr" and m["reshift"]["switch"] == 1
-        assert m["reshift"]["sigma_switch"] == pytest.approx(float(flow_sigmas(4, 3.0)[1]))
+        assert m["reshift"]["sigma_switch"] == pytest.approx(float(euler_schedule(4, 3.0).sigmas[1]))
         assert torch.isfinite(x["preview"].float()).all() and x["preview"].shape[2:] == (
             x["target"].shape[2] // 2, x["target"].shape[3] // 2)
     assert sq["meta"]["prompt"] == sq["meta"]["caption"] == "a red ball rolling"

@@ -1,4 +1,5 @@
 """Frozen flow-matching video DiTs behind one small interface (see `BaseModel`)."""
-from surf_train.base.adapter import BaseModel, BaseSpec, Cond, LatentGeometry, load_base_model
+from surf_train.base.adapter import (Acceleration, BaseModel, BaseSpec, Cond, LatentGeometry, Meter,
+                                     load_base_model)
 
-__all__ = ["BaseModel", "BaseSpec", "Cond", "LatentGeometry", "load_base_model"]
+__all__ = ["Acceleration", "BaseModel", "BaseSpec", "Cond", "LatentGeometry", "Meter", "load_base_model"]

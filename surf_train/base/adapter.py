@@ -1,13 +1,17 @@
 """The base-model interface shared by pair generation, validation and generation.
 
 A `BaseModel` wraps a diffusers pipeline (WanPipeline, HunyuanVideoPipeline): it encodes prompts,
-gives the guided velocity v(x, s) of DESIGN 3.1, and VAE-encodes/decodes with the family's latent
-normalisation. Constants (geometry, shift, native size) come from `conf/base/<name>.yaml`.
+gives the guided velocity of DESIGN 3.1 exactly as its pipeline computes it (same timestep, same CFG, same
+cache contexts), hands out the pipeline's own scheduler as a `Schedule`, and VAE-encodes/decodes with the
+family's latent normalisation. Constants (geometry, native size) come from `conf/base/<name>.yaml`; the
+scheduler and its shift come from the pipeline (`scheduler/` of a diffusers repository), which the yaml may
+override (`shift`, `scheduler`).
 """
 from __future__ import annotations
 
 import os
 from abc import ABC, abstractmethod
+from collections import Counter
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -16,7 +20,7 @@ import torch
 from surf_train.base import vae as vae_io
 from surf_train.dist_env import local_rank
 from surf_train.errors import ConfigError
-from surf_train.sampling import Velocity
+from surf_train.sampling import SCHEDULERS, Schedule, Step, convert_scheduler, scheduler_shift, with_shift
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -63,8 +67,9 @@ class BaseSpec:
     native_size: tuple[int, int]  # (height, width) in pixels
     native_frames: int
     fps: int
-    shift: float
     guidance: float
+    shift: float | None = None  # None: the pipeline scheduler's own (its config); else an override, e.g. per size
+    scheduler: str | None = None  # None: the pipeline's scheduler class; else a class in sampling.SCHEDULERS
     revision: str | None = None
     negative_prompt: str = ""
     max_sequence_length: int = 512
@@ -86,6 +91,9 @@ class BaseSpec:
             raise ConfigError(f"base model {d.get('name')!r}: unknown family {d['family']!r} (wan or hunyuan)")
         if d.get("prompts") not in (None, "toyworld"):
             raise ConfigError(f"base model {d.get('name')!r}: prompts={d['prompts']!r} not in [None, 'toyworld']")
+        if d.get("scheduler") not in (None, *SCHEDULERS):
+            raise ConfigError(f"base model {d.get('name')!r}: scheduler={d['scheduler']!r} not in "
+                              f"[None, {', '.join(map(repr, SCHEDULERS))}]")
         if d.get("vae_class") not in (None, "pixel_shuffle"):
             raise ConfigError(f"base model {d.get('name')!r}: vae_class={d['vae_class']!r} not in [None, 'pixel_shuffle']")
         for key in ("dtype", "vae_dtype"):
@@ -138,14 +146,69 @@ class Cond:
         return self.embeds[i] if mask is None else self.embeds[i] * mask[i, :, None].to(self.embeds.dtype)
 
 
+@dataclass
+class Acceleration:
+    """Acceleration plug-ins on the base model, all off by default (DESIGN 3.2's reshift composes with each)."""
+    cache_threshold: float | None = None  # diffusers' FirstBlockCache (enable_cache) with this threshold; None: off
+    cfg_stop: int | None = None  # no CFG from this step of the schedule on (0: none); None: CFG at every step
+    cfg_low: bool = True  # False: no CFG in the low-resolution steps after the switch
+
+    def check(self, cfg_branch: bool = True, where: str = "") -> None:
+        if self.cache_threshold is not None and not self.cache_threshold > 0:
+            raise ConfigError(f"{where}cache_threshold={self.cache_threshold} must be > 0 (or null: no cache)")
+        if self.cfg_stop is not None and self.cfg_stop < 0:
+            raise ConfigError(f"{where}cfg_stop={self.cfg_stop} must be >= 0 (or null: CFG at every step)")
+        if not cfg_branch and (self.cfg_stop is not None or not self.cfg_low):
+            raise ConfigError(f"{where}CFG truncation needs a CFG branch; this base model embeds its guidance")
+
+    def cfg_at(self, step: Step) -> bool:
+        """Whether the guided (two-branch) velocity is computed at this step."""
+        return (self.cfg_stop is None or step.index < self.cfg_stop) and (self.cfg_low or step.stage != "low")
+
+
+@dataclass
+class Meter:
+    """The work the transformer actually did, by latent (h, w), per sample (a forward of a batch of B counts B)."""
+    forwards: Counter = field(default_factory=Counter)  # (h, w) -> sample forwards (CFG branches count)
+    blocks: Counter = field(default_factory=Counter)  # ((h, w), block list name) -> sample blocks run
+
+    def reset(self) -> None:
+        self.forwards.clear()
+        self.blocks.clear()
+
+    def block_fraction(self, hw: tuple[int, int] | None = None, sizes: dict[str, int] | None = None) -> float:
+        """Blocks run / blocks a full forward runs, over the forwards at `hw` (None: all)."""
+        keys = [k for k in self.forwards if hw is None or k == hw]
+        run = sum(n for (k, _), n in self.blocks.items() if k in keys)
+        full = sum(self.forwards[k] for k in keys) * sum((sizes or {}).values())
+        return run / full if full else 1.0
+
+
+BLOCK_LISTS = ("blocks", "transformer_blocks", "single_transformer_blocks")  # Wan; HunyuanVideo double, single
+
+
 class BaseModel(ABC):
     """A frozen flow-matching video DiT; subclasses implement one family each."""
+
+    cfg_branch = True  # guidance by a second (negative) transformer call; False: embedded in one call
+
+    # how the family's pipeline sets its scheduler: set_timesteps(N), or custom sigmas linspace(1, 0, N + 1)[:-1]
+    custom_sigmas = False
 
     def __init__(self, spec: BaseSpec, pipe, device: torch.device):
         self.spec, self.pipe, self.device = spec, pipe, device
         self.dtype = pipe.transformer.dtype
         self.geometry = spec.geometry
+        try:  # the pipeline keeps the scheduler the samplers step, so pipe(...) and they agree
+            pipe.scheduler = with_shift(convert_scheduler(pipe.scheduler, spec.scheduler), spec.shift)
+        except ConfigError as e:
+            raise ConfigError(f"base model {spec.model_id}: {e}") from None
         pipe.set_progress_bar_config(disable=True)
+        self.meter, self._hw, self._batch, self._counting = Meter(), None, 1, False
+        net = pipe.transformer
+        # transformer blocks per list (FirstBlockCache skips all but the first; FLOPs of each list: flops.block_flops)
+        self.block_lists = {n: len(m) for n, m in net.named_children()
+                            if n in BLOCK_LISTS and isinstance(m, torch.nn.ModuleList)}
         for m in (pipe.transformer, pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):
             if m is not None:
                 m.requires_grad_(False).eval()
@@ -175,22 +238,94 @@ class BaseModel(ABC):
         """Text conditioning for a batch of prompts (with the negative prompt where CFG needs it)."""
 
     @abstractmethod
-    def _forward(self, x: torch.Tensor, s: float, cond: Cond, guidance: float) -> torch.Tensor:
-        """Guided transformer output for x in the model's dtype."""
+    def _forward(self, x: torch.Tensor, step: Step, cond: Cond, guidance: float) -> torch.Tensor:
+        """Guided transformer output for x in the model's dtype, computed as the family's pipeline does."""
 
     # --- shared ----------------------------------------------------------------------------
     def check_grid(self, latent_hw: tuple[int, int], frames: int) -> None:
         """Family limits on the token grid beyond divisibility (none by default)."""
 
-    @torch.no_grad()
-    def velocity(self, x: torch.Tensor, s: float, cond: Cond, guidance: float | None = None) -> torch.Tensor:
-        """Guided velocity v = eps - x0 at noise level s for x (B, C, F, H, W); returned in float32."""
-        g = self.spec.guidance if guidance is None else guidance
-        return self._forward(x.to(self.device, self.dtype), s, cond, g).float()
+    @property
+    def scheduler(self):
+        """The pipeline's scheduler (a template: the samplers step fresh copies)."""
+        return self.pipe.scheduler
 
-    def velocity_fn(self, cond: Cond, guidance: float | None = None) -> Velocity:
-        """The callable that the samplers in surf_train.sampling take."""
-        return lambda x, s: self.velocity(x, s, cond, guidance)
+    @property
+    def shift(self) -> float:
+        return scheduler_shift(self.pipe.scheduler)
+
+    def schedule(self, steps: int, shift: float | None = None) -> Schedule:
+        """The pipeline's `steps`-step schedule (shift: None = the scheduler's own)."""
+        return Schedule(with_shift(self.pipe.scheduler, shift), steps, self.custom_sigmas)
+
+    def enable_cache(self, threshold: float) -> None:
+        """diffusers' FirstBlockCache on the transformer; from now on the Meter counts the blocks that really run."""
+        from diffusers.hooks import FirstBlockCacheConfig
+
+        net = self.pipe.transformer
+        if getattr(net, "is_cache_enabled", False):
+            raise ConfigError(f"base model {self.spec.model_id}: a cache is already enabled")
+        if not self._counting:  # under the hooks, so a block the cache skips is never counted
+            for name in self.block_lists:
+                for block in getattr(net, name):
+                    block.forward = self._counted(block.forward, name)
+            self._counting = True
+        net.enable_cache(FirstBlockCacheConfig(threshold=threshold))
+
+    def disable_cache(self) -> None:
+        if getattr(self.pipe.transformer, "is_cache_enabled", False):
+            self.pipe.transformer.disable_cache()
+
+    def accelerate(self, acc: Acceleration) -> None:
+        """Install the model-side plug-ins of `acc` (the cache); CFG truncation is applied by velocity_fn."""
+        acc.check(self.cfg_branch)
+        self.disable_cache()
+        if acc.cache_threshold is not None:
+            self.enable_cache(acc.cache_threshold)
+
+    def _counted(self, forward, name: str):
+        def run(*a, **k):
+            self.meter.blocks[(self._hw, name)] += self._batch
+            return forward(*a, **k)
+        return run
+
+    def _call(self, name: str, step: Step, **kw) -> torch.Tensor:
+        """One transformer forward, inside the cache context the pipeline opens for it when a cache is enabled."""
+        net = self.pipe.transformer
+        self._hw, self._batch = tuple(kw["hidden_states"].shape[-2:]), kw["hidden_states"].shape[0]
+        self.meter.forwards[self._hw] += self._batch
+        if not self._counting:  # no hooks: every block runs
+            for list_name, n in self.block_lists.items():
+                self.meter.blocks[(self._hw, list_name)] += n * self._batch
+        if not getattr(net, "is_cache_enabled", False):
+            return net(**kw, return_dict=False)[0]
+        ctx = {"step_index": step.index, "num_inference_steps": step.steps, "sigma": step.sigma,
+               "timestep": step.timestep}
+        with net.cache_context(f"{name}:{step.stage}", **ctx):  # one state per branch and latent size
+            return net(**kw, return_dict=False)[0]
+
+    @torch.no_grad()
+    def velocity(self, x: torch.Tensor, s: float | Step, cond: Cond, guidance: float | None = None) -> torch.Tensor:
+        """Guided velocity v = eps - x0 for x (B, C, F, H, W); returned in float32.
+
+        s: a sampler's `Step` (its timestep goes to the transformer as the pipeline passes it), or a bare noise
+        level (timestep s * 1000, the schedulers' scale).
+        """
+        g = self.spec.guidance if guidance is None else guidance
+        step = s if isinstance(s, Step) else Step(float(s), torch.tensor(float(s) * 1000.0), 0, 1)
+        if step.start and getattr(self.pipe.transformer, "is_cache_enabled", False):
+            self.pipe.transformer._reset_stateful_cache()  # a new sampler run: nothing cached may carry over
+        return self._forward(x.to(self.device, self.dtype), step, cond, g).float()
+
+    def velocity_fn(self, cond: Cond, guidance: float | None = None, acc: Acceleration | None = None):
+        """The callable `velocity(x, step)` that the samplers in surf_train.sampling take.
+
+        acc: CFG truncation (the conditional branch alone where `acc.cfg_at(step)` is false).
+        """
+        if acc is None or (acc.cfg_stop is None and acc.cfg_low):
+            return lambda x, step: self.velocity(x, step, cond, guidance)
+        acc.check(self.cfg_branch)
+        return lambda x, step: self.velocity(x, step, cond, guidance if acc.cfg_at(step) else 1.0)
 
     @torch.no_grad()
     def vae_encode(self, video: torch.Tensor, sample: bool = False,

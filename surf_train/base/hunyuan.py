@@ -5,10 +5,14 @@ import torch
 
 from surf_train.base.adapter import DTYPES, BaseModel, BaseSpec, Cond
 from surf_train.base.vae import load_vae_module
+from surf_train.sampling import Step
 
 
 class HunyuanBase(BaseModel):
     """HunyuanVideo: Llama + CLIP text, guidance as a transformer input, scaled latents."""
+
+    custom_sigmas = True  # HunyuanVideoPipeline passes sigmas=linspace(1, 0, N + 1)[:-1] to set_timesteps
+    cfg_branch = False  # guidance is a transformer input: nothing to truncate
 
     @classmethod
     def load(cls, spec: BaseSpec, device: torch.device) -> "HunyuanBase":
@@ -33,12 +37,14 @@ class HunyuanBase(BaseModel):
         embeds, pooled, mask = self.pipe.encode_prompt(prompts, prompt_2=prompts, device=self.device,
                                                        dtype=self.dtype,
                                                        max_sequence_length=self.spec.max_sequence_length, **kw)
-        return Cond(embeds=embeds, extra={"pooled": pooled, "mask": mask})
+        # the pipeline casts all three to the transformer's dtype before its loop
+        return Cond(embeds=embeds.to(self.dtype), extra={"pooled": pooled.to(self.dtype), "mask": mask.to(self.dtype)})
 
-    def _forward(self, x: torch.Tensor, s: float, cond: Cond, guidance: float) -> torch.Tensor:
+    def _forward(self, x: torch.Tensor, step: Step, cond: Cond, guidance: float) -> torch.Tensor:
+        # as HunyuanVideoPipeline: timestep in float32, embedded guidance * 1000 in the transformer's dtype
         b = x.shape[0]
-        t = torch.full((b,), s * 1000.0, device=x.device, dtype=x.dtype)
-        g = torch.full((b,), guidance * 1000.0, device=x.device, dtype=x.dtype)  # diffusers' convention
-        return self.pipe.transformer(hidden_states=x, timestep=t, encoder_hidden_states=cond.embeds,
-                                     encoder_attention_mask=cond.extra["mask"],
-                                     pooled_projections=cond.extra["pooled"], guidance=g, return_dict=False)[0]
+        t = step.timestep.to(x.device).expand(b).to(torch.float32)
+        g = torch.tensor([guidance] * b, dtype=self.dtype, device=x.device) * 1000.0
+        return self._call("cond", step, hidden_states=x, timestep=t, encoder_hidden_states=cond.embeds,
+                          encoder_attention_mask=cond.extra["mask"], pooled_projections=cond.extra["pooled"],
+                          guidance=g)

@@ -6,6 +6,7 @@ import torch
 from surf_train.base.adapter import DTYPES, BaseModel, BaseSpec, Cond
 from surf_train.base.vae import load_vae_module
 from surf_train.errors import ConfigError
+from surf_train.sampling import Step
 
 
 class WanBase(BaseModel):
@@ -48,14 +49,12 @@ class WanBase(BaseModel):
                                            device=self.device, dtype=self.dtype)
         return Cond(embeds=pos, negative=neg)  # (B, L, D) each, zero-padded to L
 
-    def _forward(self, x: torch.Tensor, s: float, cond: Cond, guidance: float) -> torch.Tensor:
-        net, b = self.pipe.transformer, x.shape[0]
-        cfg = guidance != 1.0 and cond.negative is not None
-        xs = torch.cat([x, x]) if cfg else x
-        text = torch.cat([cond.embeds, cond.negative]) if cfg else cond.embeds
-        t = torch.full((xs.shape[0],), s * 1000.0, device=x.device, dtype=x.dtype)  # diffusers timestep scale
-        out = net(hidden_states=xs, timestep=t, encoder_hidden_states=text, return_dict=False)[0]
-        if not cfg:
+    def _forward(self, x: torch.Tensor, step: Step, cond: Cond, guidance: float) -> torch.Tensor:
+        # as WanPipeline: the scheduler's timestep expanded to the batch, the conditional and the negative branch
+        # as two calls (each in its own cache context), combined in the transformer's dtype
+        t = step.timestep.to(x.device).expand(x.shape[0])
+        out = self._call("cond", step, hidden_states=x, timestep=t, encoder_hidden_states=cond.embeds)
+        if guidance <= 1.0 or cond.negative is None:  # the pipeline's do_classifier_free_guidance
             return out
-        v_pos, v_neg = out[:b], out[b:]
-        return v_neg + guidance * (v_pos - v_neg)
+        neg = self._call("uncond", step, hidden_states=x, timestep=t, encoder_hidden_states=cond.negative)
+        return neg + guidance * (out - neg)
