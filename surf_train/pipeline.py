@@ -146,6 +146,21 @@ def _spec_dict(spec: BaseSpec) -> dict:
     return d
 
 
+ALIGN = 64  # bytes: PyTorch's CPU allocator's alignment
+
+
+@torch.no_grad()
+def realign(module: torch.nn.Module) -> None:
+    """Copy parameters and buffers that do not start on an ALIGN-byte boundary into fresh memory.
+
+    Tensors loaded from safetensors can sit at any 8-byte offset of the file's mapping, and CPU matmul kernels
+    round differently on misaligned inputs (about 1e-6 on the tiny Wan), so a loaded pipeline would not reproduce
+    the saved one bit for bit. Fresh copies sit where the allocator puts every tensor."""
+    for t in (*module.parameters(), *module.buffers()):
+        if t.device.type == "cpu" and t.numel() and t.data_ptr() % ALIGN:
+            t.data = t.data.clone()
+
+
 class SurfPipeline(DiffusionPipeline):
     """SURF generation: base-model prefix, noise-reshifted preview, Refiner to the target size, VAE decode."""
 
@@ -168,6 +183,9 @@ class SurfPipeline(DiffusionPipeline):
         self.register_modules(**{**names, "scheduler": self.base.pipe.scheduler}, refiner=refiner,
                               **({} if spec.family == "hunyuan" else {"text_encoder_2": None, "tokenizer_2": None}))
         self.register_to_config(base_spec=_spec_dict(spec), bridge=dict(bridge or {}))
+        for m in (transformer, vae, text_encoder, text_encoder_2, refiner):
+            if isinstance(m, torch.nn.Module):  # loaded or built, the same numerics (see realign)
+                realign(m)
         if refiner is not None:
             refiner.eval().requires_grad_(False)
             if refiner.cfg.in_channels != spec.channels:
