@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/bench_generate.py [--repeats 5] [--threads 1]
 
-Runs `surf_train.generate.generate` (the public API, unchanged) for both modes on the `toy` base model
+Runs `surf_train.generate.generate_one` (surf-generate's per-video code over a SurfPipeline loaded once) for both modes on the `toy` base model
 (a ~1M-parameter Wan 2.1-architecture transformer with CFG) at a target where its transformer
 dominates the baseline: 96x96x5 by default (token grid 5x24x24 = 2880 tokens; at the toy's native
 32x32 a call is only 320 tokens). Sizes keep the paper's ratios: the prefix at 2/3 of the target
@@ -11,8 +11,8 @@ switch 10), 10 Refiner steps. The Refiner has random weights (timing does not de
 about 1/12 of the base transformer's parameters (paper: ~1B for the 14B base) with a window smaller
 than the grid.
 
-Measured per run: the reports' per-stage seconds and analytic FLOPs, plus wall time around generate()
-with model loading (cached after the first run) and the mp4 write timed apart. "Generation" time is
+Measured per run: the reports' per-stage seconds and analytic FLOPs, plus wall time around generate_one()
+with the mp4 write and the sampler and upsampling spans read from its StageClock (model loading timed once). "Generation" time is
 text encoding to decoded frames: the report stages plus the glue between them (noise, reshift
 resampling, upsampling). Modes alternate order in each repeat; medians over repeats.
 
@@ -37,7 +37,8 @@ from pathlib import Path
 import torch
 
 import surf_train.generate as G
-from surf_train.export import save_refiner
+from surf_train.base import load_base_model
+from surf_train.export import load_refiner, save_refiner
 from surf_train.flops import total, wan_flops
 from surf_train.refiner import Refiner, RefinerConfig, num_params
 
@@ -45,57 +46,17 @@ ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "a red ball rolling across a wooden floor"
 
 
-class Timers:
-    """Wall time of functions that generate() calls between its clocked stages (patched in its module)."""
-
-    def __init__(self):
-        self.seconds: dict[str, float] = {}
-        self.cache: dict = {}
-
-    def reset(self):
-        self.seconds = {}
-
-    def add(self, name, dt):
-        self.seconds[name] = self.seconds.get(name, 0.0) + dt
-
-    def wrap(self, name, fn, cache=False):
-        def timed(*a, **k):
-            key = (name, repr(a))
-            if cache and key in self.cache:
-                return self.cache[key]
-            t = time.perf_counter()
-            out = fn(*a, **k)
-            self.add(name, time.perf_counter() - t)
-            if cache:
-                self.cache[key] = out
-            return out
-        return timed
-
-
-def patch(timers: Timers) -> None:
-    """Time the untimed parts of generate(); load the base model and the Refiner once."""
-    import diffusers.utils
-
-    G.load_base_model = timers.wrap("load", G.load_base_model, cache=True)
-    G.load_refiner = timers.wrap("load", G.load_refiner, cache=True)
-    G.preview_sample = timers.wrap("sampler", G.preview_sample)
-    G.sample = timers.wrap("sampler", G.sample)
-    G.upsample = timers.wrap("upsample", G.upsample)
-    diffusers.utils.export_to_video = timers.wrap("mp4", diffusers.utils.export_to_video)
-
-
-def one_run(cfg: G.GenerateConfig, timers: Timers) -> dict:
-    timers.reset()
+def one_run(cfg: G.GenerateConfig, pipe) -> dict:
+    """One video through surf-generate's own code (generate_one) with the pipeline loaded once."""
     load = os.getloadavg()[0]
     t = time.perf_counter()
-    (rep,) = G.generate(cfg)
+    rep, clock = G.generate_one(cfg, pipe, 0, cfg.prompts[0], cfg.seeds[0])
     wall = time.perf_counter() - t
-    ts = dict(timers.seconds)
-    st = rep["seconds"]
+    ts, st = clock.spans, rep["seconds"]
     net = sum(st.get(k, 0.0) for k in ("full_res", "prefix", "low_res"))
-    gen = wall - ts.get("load", 0.0) - ts.get("mp4", 0.0)
+    gen = wall - ts.get("mp4", 0.0)
     row = {
-        "mode": cfg.mode, "wall_s": wall, "generation_s": gen, "load_s": ts.get("load", 0.0),
+        "mode": cfg.mode, "wall_s": wall, "generation_s": gen, "load_s": 0.0,
         "mp4_s": ts.get("mp4", 0.0), "stages_s": st, "calls": rep["calls"], "flops": rep["flops"],
         # time inside the sampler that is not a network call: reshift resampling, noise gain, scheduler steps
         "sampler_glue_s": ts.get("sampler", 0.0) - net, "upsample_s": ts.get("upsample", 0.0),
@@ -198,18 +159,20 @@ def main(argv: list[str] | None = None) -> None:
     t_start = time.perf_counter()
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
-    timers = Timers()
-    patch(timers)
     spec = G.BaseSpec.from_name(a.base)
     work = Path(tempfile.mkdtemp(prefix="bench_generate_"))
 
-    model = G.load_base_model(spec, "cpu")  # cached: generate() reuses it
-    load_once = timers.seconds.get("load", 0.0)
+    t = time.perf_counter()
+    model = load_base_model(spec, "cpu")  # once: every run reuses it
+    load_once = time.perf_counter() - t
     text_dim = model.pipe.transformer.config.text_dim
     rcfg = RefinerConfig(in_channels=spec.channels, dim=a.refiner_dim, depth=a.refiner_depth, heads=a.refiner_heads,
                          mlp_ratio=a.refiner_mlp_ratio, window=a.window, text_dim=text_dim)
     net = Refiner.from_cfg(rcfg)  # random weights (DiT zero-init of gates and output: same compute)
     ref_dir = save_refiner(net.state_dict(), rcfg, work / "refiner", bridge={"steps": a.refiner_steps})
+    loaded, meta = load_refiner(ref_dir)  # as surf-generate loads it
+    pipe = G.SurfPipeline.from_base(model, loaded, meta["bridge"])
+    (work / "out").mkdir()
     base_params = num_params(model.pipe.transformer)
 
     def cfg(mode, **kw):
@@ -229,12 +192,12 @@ def main(argv: list[str] | None = None) -> None:
 
     # warm-up at the benchmark's shapes (few steps), then interleaved repeats
     for mode in ("baseline", "surf"):
-        one_run(cfg(mode, steps=2, switch=1, refiner_steps=1), timers)
+        one_run(cfg(mode, steps=2, switch=1, refiner_steps=1), pipe)
     runs = {"baseline": [], "surf": []}
     for r in range(a.repeats):
         order = ("baseline", "surf") if r % 2 == 0 else ("surf", "baseline")
         for mode in order:
-            row = one_run(cfg(mode), timers)
+            row = one_run(cfg(mode), pipe)
             row["repeat"] = r
             runs[mode].append(row)
             print(f"repeat {r} {mode:8s} generation {row['generation_s']:.2f}s stages "
@@ -420,7 +383,7 @@ def markdown(r: dict) -> str:
           f"and window partitioning dominate); it is {ms['refine'] / ms['generation']:.0%} of SURF's time. "
           f"Reshift resampling and "
           f"Euler updates {ms['sampler_glue']:.3f}s, upsampling {ms['upsample']:.3f}s, text encoding "
-          f"{ms['text']:.3f}s, the rest of generate() (noise, frames to numpy, FLOPs, report) {ms['other']:.3f}s.", ""]
+          f"{ms['text']:.3f}s, the rest of generate_one() (noise, frames to numpy, FLOPs, report) {ms['other']:.3f}s.", ""]
     if r["thread_check_s_per_call_preview"]:
         L.append("Threads check, seconds per guided call at the preview size: " + ", ".join(
             f"{k} thread(s) {v * 1000:.0f} ms" for k, v in r["thread_check_s_per_call_preview"].items()) + ".")

@@ -15,22 +15,19 @@ import json
 import logging
 import os
 import sys
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from surf_train.base import Acceleration, BaseModel, BaseSpec, load_base_model
+from surf_train.base import Acceleration, BaseModel, BaseSpec
 from surf_train.errors import ConfigError
-from surf_train.export import check_base, load_refiner
-from surf_train.objective import refine, upsample
-from surf_train.sampling import DOWN_MODES, RULES, SCHEDULERS, PreviewPlan, preview_sample, sample
+from surf_train.pipeline import MODES, StageClock, SurfPipeline, default_prefix, plan_sizes  # noqa: F401
+from surf_train.sampling import DOWN_MODES, RULES, SCHEDULERS
 
 DEFAULT_BASE = "toy"  # the trained toy-world model (assets/toy_base); `tiny` is random, for tests
 DEFAULT_REFINER = "runs/tiny/refiner"
-MODES = ("surf", "baseline", "preview")
 log = logging.getLogger("surf_train")
 
 
@@ -67,167 +64,70 @@ class GenerateConfig:
     force: bool = False  # use a Refiner trained on another base model
 
 
-class StageClock:
-    """Wall time of network calls, split by the latent size they run at (synchronises CUDA)."""
-
-    def __init__(self, device: torch.device):
-        self.device, self.seconds, self.calls = device, {}, {}
-
-    def _sync(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-    def wrap(self, fn, name_of):
-        def timed(x, *a):
-            self._sync()
-            t = time.perf_counter()
-            out = fn(x, *a)
-            self._sync()
-            k = name_of(x)
-            self.seconds[k] = self.seconds.get(k, 0.0) + time.perf_counter() - t
-            self.calls[k] = self.calls.get(k, 0) + 1
-            return out
-        return timed
-
-    def time(self, name, fn, *a):
-        self._sync()
-        t = time.perf_counter()
-        out = fn(*a)
-        self._sync()
-        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t
-        return out
-
-
-def _on_grid(x: float, multiple: int) -> int:
-    return max(multiple, round(x / multiple) * multiple)
-
-
-def default_prefix(target: tuple[int, int], native: tuple[int, int], multiple: int) -> tuple[int, int]:
-    """The target's aspect ratio at the base model's native pixel count, on the size grid (`multiple`)."""
-    if target[0] * native[1] == target[1] * native[0]:
-        return tuple(native)
-    area, aspect = native[0] * native[1], target[1] / target[0]
-    return _on_grid((area / aspect) ** 0.5, multiple), _on_grid((area * aspect) ** 0.5, multiple)
-
-
 def _sizes(cfg: GenerateConfig, spec: BaseSpec) -> dict[str, tuple[int, int]]:
-    h, w = cfg.height or spec.native_size[0], cfg.width or spec.native_size[1]
-    g = spec.geometry
-    m = g.stride_s * g.patch_s
-    prefix = default_prefix((h, w), spec.native_size, m)
-    # default preview: half the target on the size grid (HunyuanVideo 720p: 352x640, as 360 is off the grid)
-    sizes = {"target": (h, w), "prefix": (cfg.prefix_height or prefix[0], cfg.prefix_width or prefix[1]),
-             "preview": (cfg.preview_height or _on_grid(h / 2, m), cfg.preview_width or _on_grid(w / 2, m))}
-    for name, (sh, sw) in sizes.items():
-        g.check(None, sh, sw, name)
-    if sizes["preview"][0] > h or sizes["preview"][1] > w:
-        raise ConfigError(f"preview {sizes['preview']} is larger than target {(h, w)}")
-    if cfg.mode != "baseline" and cfg.switch and (sizes["prefix"][0] < sizes["preview"][0]
-                                                  or sizes["prefix"][1] < sizes["preview"][1]):
-        log.warning("prefix %s is smaller than the preview %s: the switch resamples upward (set --prefix-height/"
-                    "--prefix-width)", sizes["prefix"], sizes["preview"])
-    return sizes
+    return plan_sizes(spec, cfg.height, cfg.width, (cfg.prefix_height, cfg.prefix_width),
+                      (cfg.preview_height, cfg.preview_width), cfg.mode, cfg.switch)
 
 
 def _video_path(cfg: GenerateConfig, i: int, seed: int) -> Path:
     return Path(cfg.out_dir) / f"{cfg.mode}_p{i:03d}_s{seed}.mp4"
 
 
-def generate(cfg: GenerateConfig) -> list[dict]:
-    """Run every (prompt, seed); returns the reports (also written next to each mp4)."""
-    from diffusers.utils import export_to_video
-
+def load_pipeline(cfg: GenerateConfig) -> SurfPipeline:
+    """The SurfPipeline of cfg's base model, with its Refiner in mode surf; settings checked before loading."""
     if cfg.mode not in MODES:
         raise ConfigError(f"--mode {cfg.mode!r}: choose from {MODES}")
-    if cfg.rule not in RULES or cfg.down not in DOWN_MODES:
-        raise ConfigError(f"--rule must be one of {RULES} and --down one of {DOWN_MODES}")
+    spec = BaseSpec.from_name(cfg.base)
+    spec.dtype = cfg.dtype
+    if cfg.scheduler is not None:
+        spec.scheduler = cfg.scheduler
     if cfg.steps < 1:
         raise ConfigError(f"--steps {cfg.steps}: needs at least 1 base-model step")
     if cfg.refiner_steps is not None and cfg.refiner_steps < 1:
         raise ConfigError(f"--refiner-steps {cfg.refiner_steps}: needs at least 1 Refiner step")
     if not 0 <= cfg.switch <= cfg.steps:
         raise ConfigError(f"--switch {cfg.switch} must be in [0, --steps {cfg.steps}]")
-    spec = BaseSpec.from_name(cfg.base)
-    spec.dtype = cfg.dtype
-    if cfg.scheduler is not None:
-        spec.scheduler = cfg.scheduler
-    frames = cfg.frames or spec.native_frames
-    sizes = _sizes(cfg, spec)
-    spec.geometry.check(frames, *sizes["target"], "target")
-    net, bridge = None, {}  # bridge: the training-time sampler settings stored with the export
-    if cfg.mode == "surf":
-        net, rmeta = load_refiner(cfg.refiner)
-        bridge = rmeta.get("bridge", {})
-        warning = check_base(rmeta, spec, f"Refiner {cfg.refiner}", cfg.force)
-        if warning:
-            log.warning("%s", warning)
-    model = load_base_model(spec, cfg.device)
-    acc = Acceleration(cfg.cache_threshold, cfg.cfg_stop, cfg.cfg_low)
-    try:
-        model.accelerate(acc)
-    except ConfigError as e:
-        raise ConfigError(f"--cache-threshold/--cfg-stop/--no-cfg-low: {e}") from None
-    if net is not None:
-        net = net.to(model.device).to_dtype(model.dtype)  # norms and adaLN tables stay float32
-    s = spec.stride_s
-    lat = {k: (v[0] // s, v[1] // s) for k, v in sizes.items()}
-    f_lat = (frames - 1) // spec.stride_t + 1
-    for k in ("target", "prefix", "preview"):
-        model.check_grid(lat[k], f_lat)
-    schedule = model.schedule(cfg.steps, cfg.shift)  # the pipeline's own scheduler (cfg.shift: an override)
-    k_ref = bridge.get("steps", 10) if cfg.refiner_steps is None else cfg.refiner_steps
+    spec.geometry.check(cfg.frames or spec.native_frames, *_sizes(cfg, spec)["target"], "target")
+    return SurfPipeline.from_surf(spec, cfg.refiner if cfg.mode == "surf" else None, cfg.device, force=cfg.force)
+
+
+def generate_one(cfg: GenerateConfig, pipe: SurfPipeline, i: int, prompt: str, seed: int) -> tuple[dict, StageClock]:
+    """One video of cfg (prompt i, seed) with a loaded pipeline: mp4 + JSON report; returns (report, clock)."""
+    from diffusers.utils import export_to_video
+
+    clock = StageClock(pipe.base.device)
+    out = pipe(prompt, height=cfg.height, width=cfg.width, num_frames=cfg.frames, num_inference_steps=cfg.steps,
+               switch=cfg.switch, preview_height=cfg.preview_height, preview_width=cfg.preview_width,
+               prefix_height=cfg.prefix_height, prefix_width=cfg.prefix_width, refiner_steps=cfg.refiner_steps,
+               guidance_scale=cfg.guidance, generator=torch.Generator().manual_seed(seed), mode=cfg.mode,
+               rule=cfg.rule, down=cfg.down, shift=cfg.shift, clock=clock,
+               acceleration=Acceleration(cfg.cache_threshold, cfg.cfg_stop, cfg.cfg_low))
+    plan, model = out.plan, pipe.base
+    path = _video_path(cfg, i, seed)
+    tmp = path.with_name(f".{path.stem}.tmp.mp4")
+    clock.span("mp4", export_to_video, list(out.frames[0]), str(tmp), pipe.spec.fps)  # (F, H, W, 3) in [0, 1]
+    os.replace(tmp, path)
+    net = pipe.refiner if cfg.mode == "surf" else None
+    flops = stage_flops(model, net, plan.names, plan.lat, plan.f_lat, plan.refiner_steps)
+    report = _report(cfg, pipe.spec, plan.sizes, plan.frames, prompt, seed, plan.refiner_steps, clock, path, flops)
+    report["scheduler"] = {"class": type(model.scheduler).__name__, "shift": plan.schedule.shift}
+    names = plan.names
+    report["forwards"] = {names[hw]: n for hw, n in model.meter.forwards.items()}  # transformer calls
+    report["blocks_run"] = {names[hw]: round(model.meter.block_fraction(hw, model.block_lists), 4)
+                            for hw in model.meter.forwards}  # fraction of a full forward's blocks
+    path.with_suffix(".json").write_text(json.dumps(report, indent=1))
+    return report, clock
+
+
+def generate(cfg: GenerateConfig, pipe: SurfPipeline | None = None) -> list[dict]:
+    """Run every (prompt, seed); returns the reports (also written next to each mp4). pipe: already loaded."""
+    if cfg.rule not in RULES or cfg.down not in DOWN_MODES:
+        raise ConfigError(f"--rule must be one of {RULES} and --down one of {DOWN_MODES}")
+    pipe = pipe or load_pipeline(cfg)
     Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
-
-    reports = []
     jobs = [(i, p, seed) for i, p in enumerate(cfg.prompts) for seed in cfg.seeds]
-    for i, prompt, seed in tqdm(jobs, desc=cfg.mode, disable=not cfg.progress, unit="video"):
-        clock = StageClock(model.device)
-        cond = clock.time("text", model.encode_prompt, [prompt])
-        text = cond.embeds.float() if net is not None and net.cfg.text_dim else None
-        if text is not None and text.shape[-1] != net.cfg.text_dim:
-            raise ConfigError(f"Refiner expects {net.cfg.text_dim}-wide text embeddings, {cfg.base} gives "
-                              f"{text.shape[-1]}")
-        # stage of each base-model call, by the latent size it runs at (the prefix wins if sizes coincide)
-        names = ({lat["target"]: "full_res"} if cfg.mode == "baseline"
-                 else {lat["preview"]: "low_res", lat["prefix"]: "prefix"})
-        model.meter.reset()
-        vel = clock.wrap(model.velocity_fn(cond, cfg.guidance, acc), lambda x: names[tuple(x.shape[-2:])])
-        gen = torch.Generator().manual_seed(seed)
-        c = spec.channels
-        if cfg.mode == "baseline":
-            noise = torch.randn((1, c, f_lat, *lat["target"]), generator=gen).to(model.device)
-            latent = sample(vel, noise, schedule)  # the pipeline's own output (tests/test_pipeline_equality.py)
-        else:
-            plan = PreviewPlan(schedule, switch=cfg.switch, preview_size=lat["preview"], rule=cfg.rule, down=cfg.down)
-            noise = torch.randn((1, c, f_lat, *lat["prefix"]), generator=gen).to(model.device)
-            fresh = torch.randn((1, c, f_lat, *lat["preview"]), generator=gen).to(model.device)
-            preview = preview_sample(vel, noise, plan, fresh)
-            x_up = upsample(preview, lat["target"], bridge.get("up_mode", "bilinear"))
-            if cfg.mode == "preview":
-                latent = x_up
-            else:
-                def ref_fn(x, t, cnd, txt):
-                    return net(x.to(model.dtype), t.to(model.dtype), cnd.to(model.dtype),
-                               None if txt is None else txt.to(model.dtype)).float()
-
-                sigma = float(bridge.get("sigma_aug_eval", 0.0))
-                latent = clock.time("refine", refine, ref_fn, x_up, k_ref, sigma, text, gen)
-        video = clock.time("decode", model.vae_decode, latent)  # (1, 3, frames, H, W) in [-1, 1]
-        path = _video_path(cfg, i, seed)
-        frames_np = ((video[0].permute(1, 2, 3, 0) + 1) / 2).clamp(0, 1).cpu().numpy()
-        tmp = path.with_name(f".{path.stem}.tmp.mp4")
-        export_to_video(list(frames_np), str(tmp), fps=spec.fps)
-        os.replace(tmp, path)
-        flops = stage_flops(model, net if cfg.mode == "surf" else None, names, lat, f_lat, k_ref)
-        report = _report(cfg, spec, sizes, frames, prompt, seed, k_ref, clock, path, flops)
-        report["scheduler"] = {"class": type(model.scheduler).__name__, "shift": schedule.shift}
-        report["forwards"] = {names[hw]: n for hw, n in model.meter.forwards.items()}  # transformer calls
-        report["blocks_run"] = {names[hw]: round(model.meter.block_fraction(hw, model.block_lists), 4)
-                                for hw in model.meter.forwards}  # fraction of a full forward's blocks
-        report_path = path.with_suffix(".json")
-        report_path.write_text(json.dumps(report, indent=1))
-        reports.append(report)
-    return reports
+    return [generate_one(cfg, pipe, i, prompt, seed)[0]
+            for i, prompt, seed in tqdm(jobs, desc=cfg.mode, disable=not cfg.progress, unit="video")]
 
 
 def _report(cfg, spec, sizes, frames, prompt, seed, k_ref, clock: StageClock, path: Path, flops: dict) -> dict:

@@ -42,8 +42,10 @@ class WanBase(BaseModel):
             raise ConfigError(f"{self.spec.model_id}: token grid {grid} exceeds rope_max_seq_len={limit}")
 
     @torch.no_grad()
-    def encode_prompt(self, prompts: list[str]) -> Cond:
-        pos, neg = self.pipe.encode_prompt(prompts, negative_prompt=[self.spec.negative_prompt] * len(prompts),
+    def encode_prompt(self, prompts: list[str], negative_prompt: str | None = None) -> Cond:
+        """negative_prompt None: the base model's (conf/base)."""
+        neg = self.spec.negative_prompt if negative_prompt is None else negative_prompt
+        pos, neg = self.pipe.encode_prompt(prompts, negative_prompt=[neg] * len(prompts),
                                            do_classifier_free_guidance=True,
                                            max_sequence_length=self.spec.max_sequence_length,
                                            device=self.device, dtype=self.dtype)
