@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from surf_train.dtypes import DTYPES
+
 
 def vae_class(spec):
     """The diffusers VAE class of a base model (the toy world's exact latent when spec.vae_class says so)."""
@@ -26,8 +28,6 @@ def load_vae_module(spec):
     if spec.pretrained is None:
         from surf_train.base.tiny import tiny_hunyuan_vae, tiny_wan_vae
         return tiny_wan_vae() if spec.family == "wan" else tiny_hunyuan_vae()
-    from surf_train.base.adapter import DTYPES
-
     return vae_class(spec).from_pretrained(spec.source, subfolder="vae", revision=spec.revision,
                                            dtype=DTYPES[spec.vae_dtype])
 
