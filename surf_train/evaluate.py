@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from surf_train.base import BaseModel, BaseSpec, load_base_model
+from surf_train.base import BaseModel, BaseSpec, latent_frames, load_base_model
 from surf_train.errors import ConfigError
 from surf_train.sampling import RULES, PreviewPlan, finish_preview, scheduler_steps
 
@@ -153,7 +153,7 @@ def evaluate(cfg: EvalConfig) -> dict:
             print(f"warning: {warning}", file=sys.stderr)
     model = load_base_model(spec, "cpu")
     frames, (h, w) = spec.native_frames, spec.native_size
-    c, f_lat = spec.channels, (frames - 1) // spec.stride_t + 1
+    c, f_lat = spec.channels, latent_frames(frames, spec.stride_t)
     hi, lo = (h // spec.stride_s, w // spec.stride_s), (h // spec.stride_s // 2, w // spec.stride_s // 2)
     preview_px = (h // 2, w // 2)
     spec.geometry.check(frames, *preview_px, "preview")

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from surf_train.base import Acceleration, BaseSpec, load_base_model
+from surf_train.base import Acceleration, BaseSpec, latent_frames, load_base_model
 from surf_train.errors import ConfigError
 from surf_train.evaluate import _clip_metrics, bootstrap_ci
 
@@ -110,7 +110,7 @@ def evaluate_accel(cfg: AccelEvalConfig) -> dict:
     bridge = meta.get("bridge", {})
     model = load_base_model(spec, "cpu")
     frames, (h, w) = spec.native_frames, spec.native_size
-    c, f_lat = spec.channels, (frames - 1) // spec.stride_t + 1
+    c, f_lat = spec.channels, latent_frames(frames, spec.stride_t)
     hi, lo = (h // spec.stride_s, w // spec.stride_s), (h // spec.stride_s // 2, w // spec.stride_s // 2)
     k_ref = bridge.get("steps", 10)
     text_len = spec.max_sequence_length if net.cfg.text_dim else 0

@@ -27,7 +27,8 @@ from typing import Any, Mapping, Sequence
 
 from surf_train.errors import ConfigError
 from surf_train.refiner import RefinerConfig
-from surf_train.windows import Size3, _runs, clamp_window, shift_size
+from surf_train.sampling import RULES
+from surf_train.windows import IMPLS, Size3, _runs, clamp_window, shift_size
 
 PFLOP = 1e15
 
@@ -226,8 +227,8 @@ def window_pairs(grid: Size3, window: Size3, shift: bool = False, impl: str = "g
     partial border windows), sum of size^2 over windows = prod over axes of sum of piece lengths^2.
     A window covering the whole grid gives N^2 either way.
     """
-    if impl not in ("mask", "grouped", "auto"):
-        raise ConfigError(f"unknown window attention impl {impl!r}; choose from ('mask', 'grouped', 'auto')")
+    if impl not in IMPLS:
+        raise ConfigError(f"unknown window attention impl {impl!r}; choose from {IMPLS}")
     win = clamp_window(grid, window)
     if impl == "mask":
         return math.prod(math.ceil(g / w) * w * w for g, w in zip(grid, win))
@@ -429,8 +430,8 @@ def run_costs(s: RunSettings) -> dict[str, Any]:
         raise ConfigError(f"steps must be >= 1 (got {s.steps}, surf {surf_steps}), refiner steps >= 0")
     if not 0 <= s.switch <= surf_steps:
         raise ConfigError(f"switch must be in [0, {surf_steps}], got {s.switch}")
-    if s.rule not in ("paper", "snr", "pool"):
-        raise ConfigError(f"unknown re-noise rule {s.rule!r}; choose from ('paper', 'snr', 'pool')")
+    if s.rule not in RULES:
+        raise ConfigError(f"unknown re-noise rule {s.rule!r}; choose from {RULES}")
     if not 0 <= s.cache_hits <= 1:
         raise ConfigError(f"cache_hits={s.cache_hits} must be a fraction in [0, 1]")
     if s.cfg_stop is not None and s.cfg_stop < 0:
@@ -656,9 +657,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--window", type=_window, help="Refiner window wt,wh,ww in tokens (default: the preset's)")
     ap.add_argument("--refiner-steps", type=int, default=10, help="Refiner steps (default 10)")
     ap.add_argument("--no-refiner-text", action="store_true", help="Refiner without text cross-attention")
-    ap.add_argument("--impl", default="grouped", choices=("grouped", "mask"),
+    ap.add_argument("--impl", default="grouped", choices=[i for i in IMPLS if i != "auto"],
                     help="window attention form counted: exact partition or padded windows (default grouped)")
-    ap.add_argument("--rule", default="pool", choices=("pool", "paper", "snr"),
+    ap.add_argument("--rule", default="pool", choices=RULES,
                     help="re-noise rule; paper/snr cost one more prefix call (default pool)")
     ap.add_argument("--cfg", choices=("auto", "on", "off"), default="auto",
                     help="CFG batch: auto = the family's (Wan on, HunyuanVideo off)")

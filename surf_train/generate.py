@@ -23,6 +23,7 @@ import torch
 from tqdm import tqdm
 
 from surf_train.base import Acceleration, BaseModel, BaseSpec, load_base_model
+from surf_train.dtypes import DTYPES
 from surf_train.errors import ConfigError
 from surf_train.export import check_base, load_refiner
 from surf_train.objective import refine, upsample
@@ -285,7 +286,7 @@ def parse_args(argv: list[str] | None = None) -> GenerateConfig:
                     help="diffusers FirstBlockCache on the base model with this threshold (e.g. 0.05; default off)")
     ap.add_argument("--cfg-stop", type=int, dest="cfg_stop", help="no CFG from this base-model step on")
     ap.add_argument("--no-cfg-low", dest="cfg_low", action="store_false", help="no CFG in the low-resolution steps")
-    ap.add_argument("--dtype", default=d.dtype, choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--dtype", default=d.dtype, choices=list(DTYPES))
     ap.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:1, ...")
     ap.add_argument("--out", dest="out_dir", default=d.out_dir, help="output directory")
     ap.add_argument("--no-progress", dest="progress", action="store_false")
