@@ -22,11 +22,11 @@ LOSS_WINDOW = 10
 
 @dataclass
 class OptimConfig:
-    """AdamW with linear warmup then cosine (or constant) decay; paper lr 5e-5."""
-    lr: float = 5e-5
+    """AdamW with linear warmup then cosine (or constant) decay; defaults are the tiny run's (paper: lr 5e-5)."""
+    lr: float = 1e-3
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.0
-    warmup_steps: int = 100
+    warmup_steps: int = 20
     decay: str = "cosine"  # cosine | constant
     min_lr_ratio: float = 0.1
 

@@ -73,7 +73,7 @@ class PairsConfig:
     """Settings of one make_pairs run (the Hydra config, minus Hydra)."""
     base: BaseSpec
     out_dir: str = "data/pairs"
-    num_pairs: int | None = 32  # None: one pair per prompt entry
+    num_pairs: int | None = 128  # None: one pair per prompt entry
     prompts: str | None = None  # .txt (one per line) or .jsonl ({"prompt": ..., "seed": ...}); None: built-in
     height: int | None = None  # target size in pixels; None: the base model's native size
     width: int | None = None
@@ -84,7 +84,7 @@ class PairsConfig:
     switch: int = 5
     shift: float | None = None  # None: the base model's (its pipeline scheduler's, unless its yaml overrides it)
     guidance: float | None = None
-    rule: str = "paper"
+    rule: str = "pool"  # closest previews, measured (README)
     down: str = "area"
     cache_threshold: float | None = None  # acceleration plug-ins on the base model (base.Acceleration)
     cfg_stop: int | None = None
