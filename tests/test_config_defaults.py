@@ -1,6 +1,7 @@
 """Every dataclass default that has a YAML twin in conf/ says what the YAML says (the YAML is what users run)."""
 import dataclasses
 import inspect
+import re
 
 import pytest
 from omegaconf import OmegaConf
@@ -11,6 +12,7 @@ from surf_train.degrade import DegradeConfig
 from surf_train.module import OptimConfig, RefinerModule
 from surf_train.objective import BridgeConfig
 from surf_train.pairs import PairsConfig
+from surf_train.refiner import Refiner, RefinerConfig, num_params, presets
 from surf_train.video_pairs import RepreviewConfig, VideoPairsConfig
 
 
@@ -41,6 +43,8 @@ TWINS = [  # (the code's defaults, the YAML file and key path, keys that are not
     (RepreviewConfig, ("make_video_pairs.yaml", "repreview"), set()),
     (DataConfig, ("data/pairs.yaml",), set()),
     (OptimConfig, ("train.yaml", "module", "optim"), set()),
+    # the tiny preset's sizes left null are read from the shards in training
+    (RefinerConfig, ("model/tiny.yaml",), {"preset", "in_channels", "text_dim"}),
     (BridgeConfig, ("train.yaml", "module", "bridge"), set()),
     # decode_base: auto is resolved by train.py from the shards before the module is built (None: no videos)
     (RefinerModule, ("train.yaml", "module"), {"_target_", "model", "bridge", "optim", "decode_base"}),
@@ -60,3 +64,26 @@ def test_defaults_match_yaml(code, where, extra):
 def test_make_pairs_help_names_the_default_pair_count():
     help_text = OmegaConf.load(CONF_DIR / "make_pairs.yaml").hydra.help.template
     assert f"# {yaml('make_pairs.yaml')['num_pairs']} toy pairs into data/pairs" in help_text
+
+
+@pytest.mark.parametrize("name", ["tiny", "paper"])
+def test_preset_parameter_count_in_its_yaml(name):
+    """The count the preset's yaml states is the built Refiner's (the tiny one with its 32-wide test text)."""
+    import torch
+
+    text = (CONF_DIR / "model" / f"{name}.yaml").read_text()
+    value, unit = re.search(r"([\d.]+)([MB]) parameters", text).groups()
+    with torch.device("meta"):
+        n = num_params(Refiner.from_cfg(RefinerConfig.preset(name)))
+    assert f"{n / {'M': 1e6, 'B': 1e9}[unit]:.{len(value.partition('.')[2])}f}" == value
+
+
+def test_experiments_do_not_restate_their_preset():
+    for path in sorted((CONF_DIR / "experiment").glob("*.yaml")):
+        node = OmegaConf.to_container(OmegaConf.load(path))
+        preset = next((d["override /model"] for d in node.get("defaults", []) if isinstance(d, dict)
+                       and "override /model" in d), None)
+        if preset is None:
+            continue
+        same = {k: v for k, v in node.get("model", {}).items() if plain(presets()[preset].get(k)) == v}
+        assert not same, f"{path.name} restates preset {preset}: {same}"
