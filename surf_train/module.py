@@ -4,7 +4,6 @@ from __future__ import annotations
 import collections
 import copy
 import logging
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,14 +34,14 @@ class OptimConfig:
         if self.decay not in ("cosine", "constant"):
             raise ConfigError(f"optim.decay={self.decay!r}: choose cosine or constant")
 
-    def factor(self, step: int, total: int) -> float:
-        """Learning-rate multiplier at `step` of `total`."""
-        if step < self.warmup_steps:
-            return (step + 1) / self.warmup_steps
-        if self.decay == "constant" or total <= self.warmup_steps:
-            return 1.0
-        p = min(1.0, (step - self.warmup_steps) / (total - self.warmup_steps))
-        return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * p))
+
+def lr_schedule(opt: torch.optim.Optimizer, o: OptimConfig, total: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """transformers' linear warmup (from 0 at step 0) then cosine down to min_lr_ratio * lr at `total`, or constant."""
+    from transformers import get_constant_schedule_with_warmup, get_cosine_with_min_lr_schedule_with_warmup
+
+    if o.decay == "constant":
+        return get_constant_schedule_with_warmup(opt, o.warmup_steps)
+    return get_cosine_with_min_lr_schedule_with_warmup(opt, o.warmup_steps, total, min_lr_rate=o.min_lr_ratio)
 
 
 def text_mask(text: torch.Tensor | None) -> torch.Tensor | None:
@@ -190,7 +189,7 @@ class RefinerModule(pl.LightningModule):
         o = self.optim
         opt = torch.optim.AdamW(self.net.parameters(), lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
         total = max(1, int(self.trainer.max_steps)) if self.trainer.max_steps > 0 else 10**9
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: o.factor(step, total))
+        sched = lr_schedule(opt, o, total)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # --- validation -----------------------------------------------------------------------------

@@ -87,3 +87,32 @@ def test_experiments_do_not_restate_their_preset():
             continue
         same = {k: v for k, v in node.get("model", {}).items() if plain(presets()[preset].get(k)) == v}
         assert not same, f"{path.name} restates preset {preset}: {same}"
+
+
+def test_lr_schedule_is_transformers_warmup_cosine():
+    """Changed as intended: warmup now starts from 0 at step 0 (transformers'; was 1/warmup), reaches lr at the
+    end of the warmup, and from there is the same cosine down to min_lr_ratio * lr at max_steps."""
+    import math
+
+    import torch
+
+    from surf_train.module import lr_schedule
+
+    o = OptimConfig(lr=1.0, warmup_steps=4, min_lr_ratio=0.1)
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=o.lr)
+    sched, lrs = lr_schedule(opt, o, 20), []
+    for _ in range(21):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[:5] == [0.0, 0.25, 0.5, 0.75, 1.0]
+    old = [0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (s - 4) / 16)) for s in range(4, 21)]  # the former formula
+    assert all(abs(a - b) < 1e-12 for a, b in zip(lrs[4:], old)) and abs(lrs[20] - 0.1) < 1e-12
+    const = OptimConfig(lr=1.0, warmup_steps=2, decay="constant")
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched, lrs = lr_schedule(opt, const, 20), []
+    for _ in range(4):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs == [0.0, 0.5, 1.0, 1.0]
