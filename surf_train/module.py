@@ -223,7 +223,7 @@ class RefinerModule(pl.LightningModule):
         from diffusers.utils import export_to_video
 
         from surf_train.base import BaseSpec
-        from surf_train.base.vae import LatentDecoder
+        from surf_train.base.vae import LatentDecoder, to_frames
 
         if self._decoder is None:  # the VAE alone: never the base model's transformer or text encoders
             self._decoder = LatentDecoder(BaseSpec.from_name(self.hparams.decode_base), self.device)
@@ -233,7 +233,7 @@ class RefinerModule(pl.LightningModule):
         paths = []
         for i in range(x_up.shape[0]):
             row = torch.cat([self._decoder.decode(x[i:i + 1]) for x in (x_up, refined, target)], dim=-1)
-            frames = ((row[0].permute(1, 2, 3, 0) + 1) / 2).clamp(0, 1).cpu().numpy()  # (frames, H, 3W, 3)
+            frames = to_frames(row)[0]  # (frames, H, 3W, 3)
             path = out_dir / f"step{self.global_step:07d}_{i}.mp4"
             export_to_video(list(frames), str(path), fps=spec.fps)
             paths.append(str(path))

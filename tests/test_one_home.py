@@ -50,3 +50,17 @@ def _line_of(path: str, text: str) -> int:
 def test_two_latent_degradations_have_two_names():
     assert hasattr(degrade, "degrade_latent") and hasattr(objective, "augment_cond")
     assert not hasattr(objective, "degrade_latent")
+
+
+def test_frames_come_from_diffusers_video_processor():
+    """Decoded videos become frames as the diffusers pipelines make them: (x / 2 + 0.5) clamped, (B, F, H, W, 3)."""
+    import torch
+
+    from surf_train.base.vae import to_frames
+
+    video = torch.linspace(-1.2, 1.2, 2 * 3 * 5 * 4 * 6).reshape(2, 3, 5, 4, 6)
+    frames = to_frames(video)
+    assert frames.shape == (2, 5, 4, 6, 3)
+    assert torch.equal(torch.from_numpy(frames), (video / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 4, 1))
+    assert "VideoProcessor" in (ROOT / "base" / "vae.py").read_text()
+    assert "permute(1, 2, 3, 0) + 1) / 2" not in (ROOT / "module.py").read_text()

@@ -72,6 +72,14 @@ def decode(family: str, vae, latent: torch.Tensor, device) -> torch.Tensor:
     return vae.decode(z.to(vae.dtype), return_dict=False)[0].float().clamp(-1, 1)
 
 
+def to_frames(video: torch.Tensor, output_type: str = "np"):
+    """Decoded video (B, 3, frames, H, W) in [-1, 1] -> frames for export, by diffusers' VideoProcessor (as the
+    pipelines do): "np" (B, frames, H, W, 3) float32 in [0, 1], "pil" a list per video of PIL images."""
+    from diffusers.video_processor import VideoProcessor
+
+    return VideoProcessor(do_resize=False).postprocess_video(video.float().cpu(), output_type=output_type)
+
+
 class LatentDecoder:
     """Decodes a base model's normalised latents with its VAE alone; tiled where the VAE supports it.
 
