@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from surf_train.base import BaseModel, BaseSpec, load_base_model
+from surf_train.base import BaseModel, BaseSpec, latent_frames, load_base_model
+from surf_train.cli_args import add_fields, from_args
 from surf_train.errors import ConfigError
 from surf_train.sampling import RULES, PreviewPlan, finish_preview, scheduler_steps
 
@@ -42,20 +43,20 @@ PSNR_CAP = 99.0  # identical clips (infinite PSNR) score this, so results stay p
 
 @dataclass
 class EvalConfig:
-    base: str = "toy"
-    refiner: str = DEFAULT_REFINER  # exported Refiner for `surf`; "none" leaves SURF out
-    n: int = 32  # (caption, seed) pairs
-    seed: int = 0  # first noise seed; captions cycle through the grammar
-    steps: int = 20
-    switches: list[int] = field(default_factory=lambda: [2, 5, 8, 12])
-    rules: list[str] = field(default_factory=lambda: list(RULES))
-    surf_rule: str = "pool"  # the preview the Refiner refines (match the pairs it was trained on)
-    surf_switch: int = 5
-    guidance: float | None = None
-    refiner_steps: int | None = None  # None: the K stored with the export
-    batch: int = 16
-    bootstrap: int = 2000
-    out_dir: str = "outputs/evaluate"
+    base: str = "toy"  # base model in conf/base with a toy-world caption grammar
+    refiner: str = DEFAULT_REFINER  # exported Refiner directory for `surf`, or 'none' (SURF left out)
+    n: int = 32  # (caption, seed) pairs; captions cycle through the grammar
+    seed: int = 0  # noise seed of the first clip
+    steps: int = 20  # base-model sampling steps
+    switches: list[int] = field(default_factory=lambda: [2, 5, 8, 12])  # switch steps k to compare
+    rules: list[str] = field(default_factory=lambda: list(RULES))  # re-noise rules to compare
+    surf_rule: str = "pool"  # preview rule SURF refines (match the pairs it was trained on)
+    surf_switch: int = 5  # switch step of SURF's preview
+    guidance: float | None = None  # CFG scale; None: the base model's
+    refiner_steps: int | None = None  # Refiner steps; None: the K stored with the export
+    batch: int = 16  # clips per batch
+    bootstrap: int = 2000  # bootstrap resamples for the intervals
+    out_dir: str = "outputs/evaluate"  # where results.json, table.md and the plot go
     progress: bool = True
 
     def check(self) -> None:
@@ -153,7 +154,7 @@ def evaluate(cfg: EvalConfig) -> dict:
             print(f"warning: {warning}", file=sys.stderr)
     model = load_base_model(spec, "cpu")
     frames, (h, w) = spec.native_frames, spec.native_size
-    c, f_lat = spec.channels, (frames - 1) // spec.stride_t + 1
+    c, f_lat = spec.channels, latent_frames(frames, spec.stride_t)
     hi, lo = (h // spec.stride_s, w // spec.stride_s), (h // spec.stride_s // 2, w // spec.stride_s // 2)
     preview_px = (h // 2, w // 2)
     spec.geometry.check(frames, *preview_px, "preview")
@@ -319,29 +320,10 @@ def write_outputs(cfg: EvalConfig, result: dict) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> EvalConfig:
-    d = EvalConfig()
     ap = argparse.ArgumentParser(prog="python -m surf_train.evaluate", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--base", default=d.base, help="base model in conf/base with a toy-world caption grammar")
-    ap.add_argument("--refiner", default=d.refiner, help=f"exported Refiner directory, or 'none' (default {d.refiner})")
-    ap.add_argument("--n", type=int, default=d.n, help=f"(caption, seed) pairs (default {d.n})")
-    ap.add_argument("--seed", type=int, default=d.seed, help="noise seed of the first clip")
-    ap.add_argument("--steps", type=int, default=d.steps, help="base-model sampling steps")
-    ap.add_argument("--switches", type=int, nargs="+", default=d.switches, help="switch steps k to compare")
-    ap.add_argument("--rules", nargs="+", default=d.rules, help=f"re-noise rules, from {list(RULES)}")
-    ap.add_argument("--surf-rule", default=d.surf_rule, help="preview rule SURF refines")
-    ap.add_argument("--surf-switch", type=int, default=d.surf_switch, help="switch step of SURF's preview")
-    ap.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the base model's)")
-    ap.add_argument("--refiner-steps", type=int, default=None, help="Refiner steps (default: the export's K)")
-    ap.add_argument("--batch", type=int, default=d.batch, help="clips per batch")
-    ap.add_argument("--bootstrap", type=int, default=d.bootstrap, help="bootstrap resamples for the intervals")
-    ap.add_argument("--out-dir", default=d.out_dir, help="where results.json, table.md and the plot go")
-    ap.add_argument("--no-progress", action="store_true")
-    a = ap.parse_args(argv)
-    return EvalConfig(base=a.base, refiner=a.refiner, n=a.n, seed=a.seed, steps=a.steps, switches=a.switches,
-                      rules=a.rules, surf_rule=a.surf_rule, surf_switch=a.surf_switch, guidance=a.guidance,
-                      refiner_steps=a.refiner_steps, batch=a.batch, bootstrap=a.bootstrap, out_dir=a.out_dir,
-                      progress=not a.no_progress)
+    add_fields(ap, EvalConfig, rules={"help": f"re-noise rules to compare, from {list(RULES)}"})
+    return from_args(EvalConfig, ap.parse_args(argv))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -27,7 +27,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from surf_train.base import Acceleration, BaseSpec, load_base_model
+from surf_train.base import Acceleration, BaseSpec, latent_frames, load_base_model
+from surf_train.cli_args import add_fields, from_args
 from surf_train.errors import ConfigError
 from surf_train.evaluate import _clip_metrics, bootstrap_ci
 
@@ -36,21 +37,21 @@ METRICS = ("all3", "pos_err", "psnr_lo")
 
 @dataclass
 class AccelEvalConfig:
-    base: str = "toy"
-    refiner: str = "runs/tiny/refiner"
-    n: int = 64
-    seed: int = 0
-    steps: int = 20
-    switch: int = 5
-    rule: str = "pool"
+    base: str = "toy"  # base model in conf/base with a toy-world caption grammar
+    refiner: str = "runs/tiny/refiner"  # exported Refiner directory
+    n: int = 64  # (caption, seed) pairs
+    seed: int = 0  # noise seed of the first clip
+    steps: int = 20  # base-model sampling steps
+    switch: int = 5  # switch step of SURF's preview
+    rule: str = "pool"  # re-noise rule of SURF's preview
     cache_threshold: float = 0.2  # from 16- and 32-clip trials: 0.1 skips 19% of blocks, 0.3 moves the object
     cfg_stop: int = 8  # CFG truncation by step: no CFG from this step on (16-clip trials of 8 and 12)
-    fewer_steps: int = 10
-    batch: int = 8
-    bootstrap: int = 2000
-    out_dir: str = "outputs/evaluate_accel"
+    fewer_steps: int = 10  # steps of the fewer-steps baseline
+    batch: int = 8  # clips per batch
+    bootstrap: int = 2000  # bootstrap resamples for the intervals
+    out_dir: str = "outputs/evaluate_accel"  # where accel.json, accel.md and the plot go
     progress: bool = True
-    methods: list[str] = field(default_factory=list)  # empty: all
+    methods: list[str] = field(default_factory=list)  # a subset (baseline and surf always run); empty: all
 
     def check(self) -> None:
         if self.n < 2 or self.batch < 1:
@@ -110,7 +111,7 @@ def evaluate_accel(cfg: AccelEvalConfig) -> dict:
     bridge = meta.get("bridge", {})
     model = load_base_model(spec, "cpu")
     frames, (h, w) = spec.native_frames, spec.native_size
-    c, f_lat = spec.channels, (frames - 1) // spec.stride_t + 1
+    c, f_lat = spec.channels, latent_frames(frames, spec.stride_t)
     hi, lo = (h // spec.stride_s, w // spec.stride_s), (h // spec.stride_s // 2, w // spec.stride_s // 2)
     k_ref = bridge.get("steps", 10)
     text_len = spec.max_sequence_length if net.cfg.text_dim else 0
@@ -261,20 +262,10 @@ def write_outputs(cfg: AccelEvalConfig, result: dict) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> AccelEvalConfig:
-    d = AccelEvalConfig()
     ap = argparse.ArgumentParser(prog="python -m surf_train.evaluate_accel", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    for key in ("base", "refiner", "out_dir"):
-        ap.add_argument(f"--{key.replace('_', '-')}", default=getattr(d, key))
-    for key in ("n", "seed", "steps", "switch", "cfg_stop", "fewer_steps", "batch", "bootstrap"):
-        ap.add_argument(f"--{key.replace('_', '-')}", type=int, default=getattr(d, key))
-    ap.add_argument("--rule", default=d.rule)
-    ap.add_argument("--cache-threshold", type=float, default=d.cache_threshold)
-    ap.add_argument("--methods", nargs="*", default=[], help="a subset (baseline and surf always run)")
-    ap.add_argument("--no-progress", action="store_true")
-    a = vars(ap.parse_args(argv))
-    a["progress"] = not a.pop("no_progress")
-    return AccelEvalConfig(**a)
+    add_fields(ap, AccelEvalConfig, methods={"nargs": "*"})
+    return from_args(AccelEvalConfig, ap.parse_args(argv))
 
 
 def main(argv: list[str] | None = None) -> None:

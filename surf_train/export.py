@@ -24,6 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from surf_train.checkpoint import check_weights, read_checkpoint, refiner_weights, shapes
+from surf_train.dtypes import DTYPES
 from surf_train.errors import ConfigError
 from surf_train.refiner import Refiner, RefinerConfig, num_params, refiner_config
 
@@ -33,7 +34,6 @@ FORMAT, VERSION = "surf-refiner", 2
 CONFIG, META, CARD = "config.json", "surf.json", "README.md"
 WEIGHTS_PREFIX = "diffusion_pytorch_model"  # save_pretrained's file (or shards + index)
 V1_WEIGHTS = "refiner.safetensors"  # version 1: refiner.safetensors + config.json holding all metadata
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def export(ckpt: str | os.PathLike, out_dir: str | os.PathLike, weights: str = "auto",

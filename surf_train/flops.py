@@ -25,9 +25,11 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from surf_train.cli_args import add_fields, from_args
 from surf_train.errors import ConfigError
 from surf_train.refiner import RefinerConfig
-from surf_train.windows import Size3, _runs, clamp_window, shift_size
+from surf_train.sampling import RULES
+from surf_train.windows import IMPLS, Size3, _runs, clamp_window, shift_size
 
 PFLOP = 1e15
 
@@ -226,8 +228,8 @@ def window_pairs(grid: Size3, window: Size3, shift: bool = False, impl: str = "g
     partial border windows), sum of size^2 over windows = prod over axes of sum of piece lengths^2.
     A window covering the whole grid gives N^2 either way.
     """
-    if impl not in ("mask", "grouped", "auto"):
-        raise ConfigError(f"unknown window attention impl {impl!r}; choose from ('mask', 'grouped', 'auto')")
+    if impl not in IMPLS:
+        raise ConfigError(f"unknown window attention impl {impl!r}; choose from {IMPLS}")
     win = clamp_window(grid, window)
     if impl == "mask":
         return math.prod(math.ceil(g / w) * w * w for g, w in zip(grid, win))
@@ -399,21 +401,21 @@ class RunSettings:
     target: tuple[int, int] = (1280, 720)
     frames: int = 81
     steps: int = 50  # baseline steps
-    surf_steps: int | None = 40  # SURF base-model steps, prefix + preview (the paper's 10 + 30); None = steps
+    surf_steps: int | None = 40  # SURF base-model steps, prefix + preview (the paper's 10 + 30); None: steps
     switch: int = 10  # steps at the prefix size before the switch
     prefix: tuple[int, int] | None = None  # None: 480p of the family (PREFIX)
     preview: tuple[int, int] = (416, 240)
-    refiner: str = "paper"  # RefinerConfig preset
+    refiner: str = "paper"  # RefinerConfig preset (conf/model)
     window: Size3 | None = None  # None: the preset's
-    refiner_steps: int = 10
+    refiner_steps: int = 10  # Refiner steps
     refiner_text: bool = True  # the Refiner cross-attends to the base model's text tokens
     attn_impl: str = "grouped"
-    rule: str = "pool"  # re-noise rule; paper and snr evaluate the velocity once more at the switch
-    cfg: bool | None = None  # None: the family's default (Wan yes, HunyuanVideo no)
-    cfg_low: bool = True  # False: no CFG in SURF's preview steps (CFG truncation)
+    rule: str = "pool"  # re-noise rule; paper and snr cost one more prefix call (the velocity at the switch)
+    cfg: bool | None = None  # CFG batch; None (auto): the family's (Wan on, HunyuanVideo off)
+    cfg_low: bool = True  # CFG in SURF's preview steps (off: CFG truncation)
     cfg_stop: int | None = None  # no CFG from this step of each run's schedule on (CFG truncation); None: never
     cache_hits: float = 0.0  # fraction of base-model forwards where FirstBlockCache skips all blocks but the first
-    vae: bool = False  # add the VAE decode of the target to both runs
+    vae: bool = False  # add the VAE decode of the target to both runs (counted on the meta device, seconds)
     label: str = ""
 
 
@@ -429,8 +431,8 @@ def run_costs(s: RunSettings) -> dict[str, Any]:
         raise ConfigError(f"steps must be >= 1 (got {s.steps}, surf {surf_steps}), refiner steps >= 0")
     if not 0 <= s.switch <= surf_steps:
         raise ConfigError(f"switch must be in [0, {surf_steps}], got {s.switch}")
-    if s.rule not in ("paper", "snr", "pool"):
-        raise ConfigError(f"unknown re-noise rule {s.rule!r}; choose from ('paper', 'snr', 'pool')")
+    if s.rule not in RULES:
+        raise ConfigError(f"unknown re-noise rule {s.rule!r}; choose from {RULES}")
     if not 0 <= s.cache_hits <= 1:
         raise ConfigError(f"cache_hits={s.cache_hits} must be a fraction in [0, 1]")
     if s.cfg_stop is not None and s.cfg_stop < 0:
@@ -643,30 +645,18 @@ def build_parser() -> argparse.ArgumentParser:
                     "With no --model, prints the default table (Wan 2.1 14B and HunyuanVideo at 1280x720, "
                     "baselines of 50 and 40 steps, SURF 10 + 30 steps); the run options apply with --model.",
         epilog="Sizes are WIDTHxHEIGHT in pixels. Text encoders are excluded; the VAE decode only with --vae.")
-    ap.add_argument("--model", choices=sorted(ARCH), help="base model (conf/base name); default: the table")
-    ap.add_argument("--target", default="1280x720", help="target size (default 1280x720)")
-    ap.add_argument("--frames", type=int, help="frames (default: 81 Wan, 129 HunyuanVideo)")
-    ap.add_argument("--steps", type=int, default=50, help="baseline steps (default 50)")
-    ap.add_argument("--surf-steps", type=int, default=40,
-                    help="SURF base-model steps, prefix + preview (default 40: the paper's 10 + 30 split)")
-    ap.add_argument("--switch", type=int, default=10, help="steps at the prefix size before the switch (default 10)")
-    ap.add_argument("--prefix", help="prefix size (default 832x480 Wan, 848x480 HunyuanVideo)")
-    ap.add_argument("--preview", default="416x240", help="preview size (default 416x240)")
-    ap.add_argument("--refiner", default="paper", help="RefinerConfig preset (default paper)")
-    ap.add_argument("--window", type=_window, help="Refiner window wt,wh,ww in tokens (default: the preset's)")
-    ap.add_argument("--refiner-steps", type=int, default=10, help="Refiner steps (default 10)")
-    ap.add_argument("--no-refiner-text", action="store_true", help="Refiner without text cross-attention")
-    ap.add_argument("--impl", default="grouped", choices=("grouped", "mask"),
-                    help="window attention form counted: exact partition or padded windows (default grouped)")
-    ap.add_argument("--rule", default="pool", choices=("pool", "paper", "snr"),
-                    help="re-noise rule; paper/snr cost one more prefix call (default pool)")
-    ap.add_argument("--cfg", choices=("auto", "on", "off"), default="auto",
-                    help="CFG batch: auto = the family's (Wan on, HunyuanVideo off)")
-    ap.add_argument("--vae", action="store_true", help="add the VAE decode (counted on the meta device, seconds)")
-    ap.add_argument("--no-low-cfg", action="store_true", help="no CFG in the preview steps (CFG truncation)")
-    ap.add_argument("--cfg-stop", type=int, help="no CFG from this step of each run on (CFG truncation)")
-    ap.add_argument("--cache-hits", type=float, default=0.0,
-                    help="fraction of base-model calls a first-block cache reduces to their first block")
+    add_fields(ap, RunSettings, skip=("label",),
+               model={"choices": sorted(ARCH), "default": None,
+                      "help": "base model (conf/base name); default: the table"},
+               target={"default": "1280x720", "help": "target size (default 1280x720)"},
+               frames={"default": None, "help": "frames (default: 81 Wan, 129 HunyuanVideo)"},
+               prefix={"help": "prefix size (default 832x480 Wan, 848x480 HunyuanVideo)"},
+               preview={"default": "416x240", "help": "preview size (default 416x240)"},
+               window={"type": _window, "help": "Refiner window wt,wh,ww in tokens (default: the preset's)"},
+               attn_impl={"flag": "--impl", "choices": [i for i in IMPLS if i != "auto"],
+                          "help": "window attention form counted: exact partition or padded windows"},
+               rule={"choices": RULES}, cfg={"type": str, "choices": ("auto", "on", "off"), "default": "auto"},
+               cfg_low={"flag": "--no-low-cfg"})
     ap.add_argument("--measured", help=f"toy accel results for the composed table (default {MEASURED})")
     ap.add_argument("--json", action="store_true", help="print JSON instead of the table")
     return ap
@@ -681,14 +671,10 @@ def main(argv: list[str] | None = None) -> None:
                 st.vae = args.vae
         else:
             fam = BaseArch.from_name(args.model).family
-            settings = [RunSettings(
-                model=args.model, target=parse_size(args.target),
-                frames=args.frames or (81 if fam == "wan" else 129), steps=args.steps, surf_steps=args.surf_steps,
-                switch=args.switch, prefix=parse_size(args.prefix) if args.prefix else None,
-                preview=parse_size(args.preview), refiner=args.refiner, window=args.window,
-                refiner_steps=args.refiner_steps, refiner_text=not args.no_refiner_text, attn_impl=args.impl,
-                rule=args.rule, cfg=None if args.cfg == "auto" else args.cfg == "on", vae=args.vae,
-                cfg_low=not args.no_low_cfg, cfg_stop=args.cfg_stop, cache_hits=args.cache_hits)]
+            settings = [from_args(RunSettings, args, frames=args.frames or (81 if fam == "wan" else 129),
+                                  cfg=None if args.cfg == "auto" else args.cfg == "on", target=parse_size(args.target),
+                                  prefix=parse_size(args.prefix) if args.prefix else None,
+                                  preview=parse_size(args.preview))]
         runs = [run_costs(st) for st in settings]
         measured = measured_accel(args.measured)
         composed = composed_speedups(measured) if args.model is None else None

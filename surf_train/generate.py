@@ -22,6 +22,8 @@ import torch
 from tqdm import tqdm
 
 from surf_train.base import Acceleration, BaseModel, BaseSpec
+from surf_train.cli_args import add_fields, from_args
+from surf_train.dtypes import DTYPES
 from surf_train.errors import ConfigError
 from surf_train.pipeline import MODES, StageClock, SurfPipeline, default_prefix, plan_sizes  # noqa: F401
 from surf_train.sampling import DOWN_MODES, RULES, SCHEDULERS
@@ -34,32 +36,32 @@ log = logging.getLogger("surf_train")
 @dataclass
 class GenerateConfig:
     """Settings of one generation run (all sizes in pixels; None = the base model's default)."""
-    base: str = DEFAULT_BASE
-    refiner: str = DEFAULT_REFINER
+    base: str = DEFAULT_BASE  # base model config in conf/base
+    refiner: str = DEFAULT_REFINER  # exported Refiner directory (python -m surf_train.export)
     mode: str = "surf"
     prompts: list[str] = field(default_factory=lambda: ["a red circle moving right on a gray background"])
     seeds: list[int] = field(default_factory=lambda: [0])
-    height: int | None = None  # target
-    width: int | None = None
-    frames: int | None = None
-    prefix_height: int | None = None  # first `switch` steps; None: the base model's native size
-    prefix_width: int | None = None
-    preview_height: int | None = None  # None: half the target (on the size grid)
-    preview_width: int | None = None
-    steps: int = 20
-    switch: int = 5
-    shift: float | None = None  # None: the base model's (its pipeline scheduler's, unless its yaml overrides it)
-    scheduler: str | None = None  # None: the pipeline's own scheduler class; else one of sampling.SCHEDULERS
-    guidance: float | None = None
-    rule: str = "pool"  # the make_pairs default the Refiner was trained on
-    down: str = "area"
-    refiner_steps: int | None = None  # None: the K the Refiner was trained with
-    cache_threshold: float | None = None  # diffusers' FirstBlockCache on the base model; None: off
+    height: int | None = None  # target height in pixels; None: the base model's
+    width: int | None = None  # target width in pixels; None: the base model's
+    frames: int | None = None  # frames; None: the base model's
+    prefix_height: int | None = None  # size of the first `switch` steps, pixels; None: the base model's native size
+    prefix_width: int | None = None  # None: the base model's native size
+    preview_height: int | None = None  # preview size, pixels; None: half the target (on the size grid)
+    preview_width: int | None = None  # None: half the target (on the size grid)
+    steps: int = 20  # base-model steps in total
+    switch: int = 5  # steps at the prefix size before the switch
+    shift: float | None = None  # timestep shift; None: the base model's (its scheduler's, unless its yaml overrides it)
+    scheduler: str | None = None  # replace the pipeline's scheduler class, same shift; None: the pipeline's own
+    guidance: float | None = None  # guidance scale; None: the base model's
+    rule: str = "pool"  # re-noise rule at the switch: the make_pairs default the Refiner was trained on
+    down: str = "area"  # latent downsampling kernel
+    refiner_steps: int | None = None  # Refiner Euler steps; None: the K the Refiner was trained with
+    cache_threshold: float | None = None  # FirstBlockCache threshold on the base model (e.g. 0.05); None: off
     cfg_stop: int | None = None  # no CFG from this base-model step on; None: CFG at every step
-    cfg_low: bool = True  # False: no CFG in the low-resolution steps
+    cfg_low: bool = True  # CFG in the low-resolution steps
     dtype: str = "float32"
-    device: str = "auto"
-    out_dir: str = "outputs/generate"
+    device: str = "auto"  # auto, cpu, cuda, cuda:1, ...
+    out_dir: str = "outputs/generate"  # output directory
     progress: bool = True
     force: bool = False  # use a Refiner trained on another base model
 
@@ -160,36 +162,14 @@ def stage_flops(model: BaseModel, net, names: dict, lat: dict, f_lat: int, k_ref
 
 
 def parse_args(argv: list[str] | None = None) -> GenerateConfig:
-    d = GenerateConfig()
     ap = argparse.ArgumentParser(prog="surf-generate", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--base", default=d.base, help=f"base model config in conf/base (default {d.base})")
-    ap.add_argument("--refiner", default=d.refiner, help="exported Refiner directory (python -m surf_train.export)")
-    ap.add_argument("--mode", default=d.mode, choices=MODES)
     ap.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     ap.add_argument("--prompts", help="file with one prompt per line")
     ap.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2")
-    for name in ("height", "width", "frames", "prefix_height", "prefix_width", "preview_height", "preview_width"):
-        ap.add_argument(f"--{name.replace('_', '-')}", type=int, dest=name, help=f"{name.replace('_', ' ')} in "
-                        f"{'frames' if name == 'frames' else 'pixels'} (default: from the base model)")
-    ap.add_argument("--steps", type=int, default=d.steps, help="base-model steps in total")
-    ap.add_argument("--switch", type=int, default=d.switch, help="steps at the prefix size before the switch")
-    ap.add_argument("--shift", type=float, help="timestep shift (default: the base model's scheduler's)")
-    ap.add_argument("--scheduler", choices=sorted(SCHEDULERS),
-                    help="replace the pipeline's scheduler class, same shift (default: the pipeline's own)")
-    ap.add_argument("--guidance", type=float, help="guidance scale (default: the base model's)")
-    ap.add_argument("--rule", default=d.rule, choices=RULES, help="re-noise rule at the switch")
-    ap.add_argument("--down", default=d.down, choices=DOWN_MODES, help="latent downsampling kernel")
-    ap.add_argument("--refiner-steps", type=int, dest="refiner_steps", help="Refiner Euler steps (default: trained K)")
-    ap.add_argument("--cache-threshold", type=float, dest="cache_threshold",
-                    help="diffusers FirstBlockCache on the base model with this threshold (e.g. 0.05; default off)")
-    ap.add_argument("--cfg-stop", type=int, dest="cfg_stop", help="no CFG from this base-model step on")
-    ap.add_argument("--no-cfg-low", dest="cfg_low", action="store_false", help="no CFG in the low-resolution steps")
-    ap.add_argument("--dtype", default=d.dtype, choices=["float32", "bfloat16", "float16"])
-    ap.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:1, ...")
-    ap.add_argument("--out", dest="out_dir", default=d.out_dir, help="output directory")
-    ap.add_argument("--no-progress", dest="progress", action="store_false")
-    ap.add_argument("--force", action="store_true", help="use a Refiner trained on another base model")
+    add_fields(ap, GenerateConfig, skip=("prompts", "seeds"), mode={"choices": MODES},
+               scheduler={"choices": sorted(SCHEDULERS)}, rule={"choices": RULES}, down={"choices": DOWN_MODES},
+               dtype={"choices": list(DTYPES)}, out_dir={"flag": "--out"})
     a = vars(ap.parse_args(argv))
     prompts = list(a.pop("prompt") or [])
     pfile = a.pop("prompts")
@@ -202,7 +182,7 @@ def parse_args(argv: list[str] | None = None) -> GenerateConfig:
         a["seeds"] = [int(x) for x in a["seeds"].split(",") if x.strip()]
     except ValueError:
         raise ConfigError(f"--seeds {a['seeds']!r}: expected comma-separated integers") from None
-    return GenerateConfig(**{k: v for k, v in a.items() if v is not None}, **({"prompts": prompts} if prompts else {}))
+    return from_args(GenerateConfig, a, **({"prompts": prompts} if prompts else {}))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 import collections
 import copy
 import logging
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,11 +21,11 @@ LOSS_WINDOW = 10
 
 @dataclass
 class OptimConfig:
-    """AdamW with linear warmup then cosine (or constant) decay; paper lr 5e-5."""
-    lr: float = 5e-5
+    """AdamW with linear warmup then cosine (or constant) decay; defaults are the tiny run's (paper: lr 5e-5)."""
+    lr: float = 1e-3
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.0
-    warmup_steps: int = 100
+    warmup_steps: int = 20
     decay: str = "cosine"  # cosine | constant
     min_lr_ratio: float = 0.1
 
@@ -35,14 +34,14 @@ class OptimConfig:
         if self.decay not in ("cosine", "constant"):
             raise ConfigError(f"optim.decay={self.decay!r}: choose cosine or constant")
 
-    def factor(self, step: int, total: int) -> float:
-        """Learning-rate multiplier at `step` of `total`."""
-        if step < self.warmup_steps:
-            return (step + 1) / self.warmup_steps
-        if self.decay == "constant" or total <= self.warmup_steps:
-            return 1.0
-        p = min(1.0, (step - self.warmup_steps) / (total - self.warmup_steps))
-        return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * p))
+
+def lr_schedule(opt: torch.optim.Optimizer, o: OptimConfig, total: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """transformers' linear warmup (from 0 at step 0) then cosine down to min_lr_ratio * lr at `total`, or constant."""
+    from transformers import get_constant_schedule_with_warmup, get_cosine_with_min_lr_schedule_with_warmup
+
+    if o.decay == "constant":
+        return get_constant_schedule_with_warmup(opt, o.warmup_steps)
+    return get_cosine_with_min_lr_schedule_with_warmup(opt, o.warmup_steps, total, min_lr_rate=o.min_lr_ratio)
 
 
 def text_mask(text: torch.Tensor | None) -> torch.Tensor | None:
@@ -190,7 +189,7 @@ class RefinerModule(pl.LightningModule):
         o = self.optim
         opt = torch.optim.AdamW(self.net.parameters(), lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
         total = max(1, int(self.trainer.max_steps)) if self.trainer.max_steps > 0 else 10**9
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: o.factor(step, total))
+        sched = lr_schedule(opt, o, total)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # --- validation -----------------------------------------------------------------------------
@@ -224,7 +223,7 @@ class RefinerModule(pl.LightningModule):
         from diffusers.utils import export_to_video
 
         from surf_train.base import BaseSpec
-        from surf_train.base.vae import LatentDecoder
+        from surf_train.base.vae import LatentDecoder, to_frames
 
         if self._decoder is None:  # the VAE alone: never the base model's transformer or text encoders
             self._decoder = LatentDecoder(BaseSpec.from_name(self.hparams.decode_base), self.device)
@@ -234,7 +233,7 @@ class RefinerModule(pl.LightningModule):
         paths = []
         for i in range(x_up.shape[0]):
             row = torch.cat([self._decoder.decode(x[i:i + 1]) for x in (x_up, refined, target)], dim=-1)
-            frames = ((row[0].permute(1, 2, 3, 0) + 1) / 2).clamp(0, 1).cpu().numpy()  # (frames, H, 3W, 3)
+            frames = to_frames(row)[0]  # (frames, H, 3W, 3)
             path = out_dir / f"step{self.global_step:07d}_{i}.mp4"
             export_to_video(list(frames), str(path), fps=spec.fps)
             paths.append(str(path))

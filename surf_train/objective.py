@@ -70,7 +70,7 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     return y.reshape(b, f, c, h, w).permute(0, 2, 1, 3, 4)
 
 
-def degrade_latent(x: torch.Tensor, cfg: BridgeConfig, generator: torch.Generator | None = None) -> torch.Tensor:
+def augment_cond(x: torch.Tensor, cfg: BridgeConfig, generator: torch.Generator | None = None) -> torch.Tensor:
     """Latent-level degradations of the upsampled preview (blur, noise), per sample, under a seed."""
     b = x.shape[0]
     if cfg.latent_blur_max <= 0 and cfg.latent_noise_max <= 0:
@@ -95,7 +95,7 @@ def bridge_batch(preview: torch.Tensor, target: torch.Tensor, cfg: BridgeConfig,
                  generator: torch.Generator | None = None) -> BridgeBatch:
     """Training inputs and target for one batch of pairs."""
     b, dev = target.shape[0], target.device
-    x_up = degrade_latent(upsample(preview, tuple(target.shape[-2:]), cfg.up_mode), cfg, generator)
+    x_up = augment_cond(upsample(preview, tuple(target.shape[-2:]), cfg.up_mode), cfg, generator)
     sig = cfg.sigma_aug_max * torch.rand(b, generator=generator).to(target).view(b, 1, 1, 1, 1)
     x_start = x_up + sig * torch.randn(target.shape, generator=generator).to(target)
     t = sample_t(b, cfg, generator, dev).to(target.dtype)

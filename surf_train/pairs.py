@@ -19,8 +19,9 @@ import torch
 from tqdm import tqdm
 
 from surf_train import __version__
-from surf_train.base import Acceleration, BaseModel, BaseSpec, load_base_model
+from surf_train.base import Acceleration, BaseModel, BaseSpec, latent_frames, load_base_model
 from surf_train.dist_env import rank_world
+from surf_train.dtypes import DTYPES
 from surf_train.errors import ConfigError, known_keys
 from surf_train.sampling import DOWN_MODES, RULES, PreviewPlan, pair_sample
 from surf_train.shards import (OutDirLock, ShardWriter, encode_sample, list_shards, next_index, remove_partial,
@@ -28,7 +29,6 @@ from surf_train.shards import (OutDirLock, ShardWriter, encode_sample, list_shar
 
 log = logging.getLogger(__name__)
 
-STORE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 FINGERPRINT = "pairs_config.json"
 BUILTIN_PROMPTS = [
     "a cat playing piano in a sunny room", "a video of waves on the beach at sunset",
@@ -62,8 +62,8 @@ def check_schedule(steps: int, switch: int, rule: str, down: str, where: str = "
 
 
 def check_storage(dtype: str, shard_size: int) -> None:
-    if dtype not in STORE_DTYPES:
-        raise ConfigError(f"dtype={dtype!r} must be one of {list(STORE_DTYPES)}")
+    if dtype not in DTYPES:
+        raise ConfigError(f"dtype={dtype!r} must be one of {list(DTYPES)}")
     if shard_size < 1:
         raise ConfigError(f"shard_size={shard_size} must be >= 1")
 
@@ -73,7 +73,7 @@ class PairsConfig:
     """Settings of one make_pairs run (the Hydra config, minus Hydra)."""
     base: BaseSpec
     out_dir: str = "data/pairs"
-    num_pairs: int | None = 32  # None: one pair per prompt entry
+    num_pairs: int | None = 128  # None: one pair per prompt entry
     prompts: str | None = None  # .txt (one per line) or .jsonl ({"prompt": ..., "seed": ...}); None: built-in
     height: int | None = None  # target size in pixels; None: the base model's native size
     width: int | None = None
@@ -84,7 +84,7 @@ class PairsConfig:
     switch: int = 5
     shift: float | None = None  # None: the base model's (its pipeline scheduler's, unless its yaml overrides it)
     guidance: float | None = None
-    rule: str = "paper"
+    rule: str = "pool"  # closest previews, measured (README)
     down: str = "area"
     cache_threshold: float | None = None  # acceleration plug-ins on the base model (base.Acceleration)
     cfg_stop: int | None = None
@@ -281,7 +281,7 @@ def generate_pairs(model: BaseModel, cfg: PairsConfig, jobs: list[Job]) -> list[
     vel = model.velocity_fn(cond, cfg.guidance, cfg.acceleration())
     previews, targets = pair_sample(vel, torch.cat(noise).to(model.device), plan,
                                     torch.cat(fresh).to(model.device))
-    dt = STORE_DTYPES[cfg.dtype]
+    dt = DTYPES[cfg.dtype]
     s_k = float(plan.sigmas[plan.switch])
     out = []
     for i, job in enumerate(jobs):
@@ -361,7 +361,7 @@ def _make_pairs(cfg: PairsConfig, rank: int, world: int) -> dict:
     model = load_base_model(cfg.base, cfg.device) if todo else None
     if model is not None:
         s = cfg.base.stride_s
-        model.check_grid((cfg.height // s, cfg.width // s), (cfg.frames - 1) // cfg.base.stride_t + 1)
+        model.check_grid((cfg.height // s, cfg.width // s), latent_frames(cfg.frames, cfg.base.stride_t))
         model.accelerate(cfg.acceleration())
     batches = (todo[i:i + cfg.batch_size] for i in range(0, len(todo), cfg.batch_size))
     samples = ((job.key, *pair) for jobs in batches for job, pair in zip(jobs, generate_pairs(model, cfg, jobs)))

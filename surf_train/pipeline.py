@@ -22,7 +22,7 @@ import torch
 from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
 
-from surf_train.base import Acceleration, BaseModel, BaseSpec
+from surf_train.base import Acceleration, BaseModel, BaseSpec, adapter_class, latent_frames
 from surf_train.errors import ConfigError
 from surf_train.objective import refine, upsample
 from surf_train.sampling import DOWN_MODES, RULES, PreviewPlan, Schedule, preview_sample, sample
@@ -126,14 +126,6 @@ class SurfPipelineOutput(BaseOutput):
     plan: SurfPlan | None = None
 
 
-def _adapter_class(family: str) -> type[BaseModel]:
-    if family == "wan":
-        from surf_train.base.wan import WanBase
-        return WanBase
-    from surf_train.base.hunyuan import HunyuanBase
-    return HunyuanBase
-
-
 def _base_pipeline_class(family: str):
     from diffusers import HunyuanVideoPipeline, WanPipeline
 
@@ -179,7 +171,7 @@ class SurfPipeline(DiffusionPipeline):
         if spec.family == "hunyuan":
             names.update(text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2)
         # the family's own pipeline around the same modules: the adapter computes the velocity exactly as it does
-        self.base = _adapter_class(spec.family)(spec, _base_pipeline_class(spec.family)(**names), transformer.device)
+        self.base = adapter_class(spec.family)(spec, _base_pipeline_class(spec.family)(**names), transformer.device)
         self.register_modules(**{**names, "scheduler": self.base.pipe.scheduler}, refiner=refiner,
                               **({} if spec.family == "hunyuan" else {"text_encoder_2": None, "tokenizer_2": None}))
         self.register_to_config(base_spec=_spec_dict(spec), bridge=dict(bridge or {}))
@@ -244,7 +236,7 @@ class SurfPipeline(DiffusionPipeline):
         spec.geometry.check(frames, *sizes["target"], "target")
         s = spec.stride_s
         lat = {k: (v[0] // s, v[1] // s) for k, v in sizes.items()}
-        f_lat = (frames - 1) // spec.stride_t + 1
+        f_lat = latent_frames(frames, spec.stride_t)
         for k in ("target", "prefix", "preview"):
             self.base.check_grid(lat[k], f_lat)
         schedule = self.base.schedule(num_inference_steps, shift)  # the pipeline's own scheduler (shift: override)

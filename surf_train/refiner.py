@@ -9,6 +9,7 @@ attend in plain windows, odd blocks in windows shifted by half a window.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,10 +90,10 @@ class RefinerConfig:
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> "RefinerConfig":
-        """A named preset (see PRESETS) with field overrides."""
-        if name not in PRESETS:
-            raise ConfigError(f"unknown refiner preset {name!r}; choose from {sorted(PRESETS)}")
-        return cls(**{**PRESETS[name], **overrides})
+        """A named preset (conf/model/<name>.yaml) with field overrides."""
+        if name not in presets():
+            raise ConfigError(f"unknown refiner preset {name!r}; choose from {sorted(presets())}")
+        return cls(**{**presets()[name], **overrides})
 
 
 def refiner_config(model: dict) -> RefinerConfig:
@@ -105,14 +106,20 @@ def refiner_config(model: dict) -> RefinerConfig:
     return RefinerConfig.preset(model.pop("preset", "tiny"), **model)
 
 
-PRESETS: dict[str, dict[str, Any]] = {
-    # CPU tests and demos: ~0.26M parameters.
-    "tiny": {},
-    # ~1.04B parameters (paper: "about 1B"). Width, heads and FFN match Wan 2.1 T2V-1.3B (dim 1536,
-    # 12 heads of 128, ffn 8960, umT5 text 4096) so init_from_wan can copy its first 22 of 30 blocks.
-    # The window is a starting point for the sweep, not a paper value.
-    "paper": dict(dim=1536, depth=22, heads=12, mlp_ratio=8960 / 1536, window=(4, 16, 16), text_dim=4096),
-}
+@functools.cache
+def presets() -> dict[str, dict[str, Any]]:
+    """The named Refiner presets: conf/model/<name>.yaml (their one home), less `preset` and the sizes left null
+    there (read from the shards in training; the dataclass defaults elsewhere)."""
+    import yaml
+
+    from surf_train import CONF_DIR
+
+    out = {}
+    for path in sorted((CONF_DIR / "model").glob("*.yaml")):
+        d = yaml.safe_load(path.read_text())
+        name = d.pop("preset")
+        out[name] = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if v is not None}
+    return out
 
 
 # --- pure functions ----------------------------------------------------------------------------

@@ -22,11 +22,12 @@ import numpy as np
 import torch
 
 from surf_train import __version__
-from surf_train.base import BaseModel, BaseSpec, load_base_model
+from surf_train.base import BaseModel, BaseSpec, latent_frames, load_base_model
 from surf_train.degrade import DegradeConfig, degrade_latent, degrade_pixels, sample_params
 from surf_train.dist_env import rank_world
+from surf_train.dtypes import DTYPES
 from surf_train.errors import ConfigError, known_keys
-from surf_train.pairs import (STORE_DTYPES, base_fingerprint, base_meta, check_schedule, check_storage,
+from surf_train.pairs import (base_fingerprint, base_meta, check_schedule, check_storage,
                               open_out_dir, settings, write_samples)
 from surf_train.sampling import PreviewPlan, finish_preview
 from surf_train.shards import OutDirLock
@@ -217,7 +218,7 @@ def clip_pair(model: BaseModel, cfg: VideoPairsConfig, clip: Clip, frames: np.nd
         detail = {"schedule": {"steps": r.steps, "shift": plan.schedule.shift, "guidance": r.guidance,
                                "scheduler": type(plan.schedule.scheduler).__name__},
                   "reshift": {"switch": r.switch, "sigma_switch": s_k, "rule": r.rule, "down": r.down}}
-    dt = STORE_DTYPES[cfg.dtype]
+    dt = DTYPES[cfg.dtype]
     tensors = {"preview": preview[0].to(dt), "target": target[0].to(dt)}
     if cfg.store_text:
         tensors["text"] = cond.text(0).to(dt)  # (L, D) zero-padded; stored at its real length
@@ -309,7 +310,7 @@ def _make_video_pairs(cfg: VideoPairsConfig, rank: int, world: int) -> dict:
 
     model = load_base_model(cfg.base, cfg.device) if todo else None
     if model is not None and cfg.mode == "repreview":  # the transformer runs at the preview sizes
-        s, lat_f = cfg.base.stride_s, (cfg.frames - 1) // cfg.base.stride_t + 1
+        s, lat_f = cfg.base.stride_s, latent_frames(cfg.frames, cfg.base.stride_t)
         for b in {c.bucket for c in todo}:
             model.check_grid((b.preview_height // s, b.preview_width // s), lat_f)
             if cfg.repreview.rule != "pool" and cfg.repreview.switch < cfg.repreview.steps:

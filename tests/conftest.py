@@ -30,7 +30,7 @@ def pairs(tmp_path_factory):
     out = tmp_path_factory.mktemp("pairs")
     env = {k: os.environ.pop(k) for k in ("RANK", "WORLD_SIZE") if k in os.environ}
     make_pairs(PairsConfig.from_dict({"base": "tiny", "out_dir": str(out), "height": 64, "width": 64, "frames": 9,
-                                      "steps": 6, "switch": 2, "num_pairs": 24, "shard_size": 4,
+                                      "steps": 6, "switch": 2, "num_pairs": 24, "shard_size": 4, "rule": "paper",
                                       "progress": False}))
     os.environ.update(env)
     return out

@@ -5,7 +5,7 @@ import time
 import pytest
 import torch
 
-from surf_train.refiner import PRESETS, Refiner, RefinerConfig, init_from_wan, num_params
+from surf_train.refiner import Refiner, RefinerConfig, init_from_wan, num_params, presets
 
 WAN_TINY = dict(
     patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16, out_channels=16,
@@ -158,7 +158,7 @@ def test_paper_preset_size():
 
 
 def test_config_round_trip():
-    for name in PRESETS:
+    for name in presets():
         cfg = RefinerConfig.preset(name, grad_checkpointing=True)
         back = RefinerConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
         assert back == cfg and isinstance(back.window, tuple)

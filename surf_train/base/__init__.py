@@ -1,5 +1,24 @@
-"""Frozen flow-matching video DiTs behind one small interface (see `BaseModel`)."""
-from surf_train.base.adapter import (Acceleration, BaseModel, BaseSpec, Cond, LatentGeometry, Meter,
-                                     load_base_model)
+"""Frozen flow-matching video DiTs behind one small interface (see `BaseModel`), and the factory that builds one."""
+import torch
 
-__all__ = ["Acceleration", "BaseModel", "BaseSpec", "Cond", "LatentGeometry", "Meter", "load_base_model"]
+from surf_train.base.adapter import Acceleration, BaseModel, BaseSpec, Cond, LatentGeometry, Meter, latent_frames
+from surf_train.dist_env import local_rank
+
+__all__ = ["Acceleration", "BaseModel", "BaseSpec", "Cond", "LatentGeometry", "Meter", "adapter_class",
+           "latent_frames", "load_base_model"]
+
+
+def load_base_model(spec: BaseSpec, device: str | torch.device = "auto") -> BaseModel:
+    """Build the adapter for `spec`: tiny from configs, otherwise diffusers `from_pretrained`."""
+    if device == "auto":  # one GPU per process: torchrun's LOCAL_RANK or SLURM_LOCALID picks it
+        device = f"cuda:{local_rank()}" if torch.cuda.is_available() else "cpu"
+    return adapter_class(spec.family).load(spec, torch.device(device))
+
+
+def adapter_class(family: str) -> type[BaseModel]:
+    """The BaseModel subclass of a family (wan | hunyuan)."""
+    if family == "wan":
+        from surf_train.base.wan import WanBase
+        return WanBase
+    from surf_train.base.hunyuan import HunyuanBase
+    return HunyuanBase

@@ -18,11 +18,15 @@ from typing import Any
 import torch
 
 from surf_train.base import vae as vae_io
-from surf_train.dist_env import local_rank
+from surf_train.dtypes import DTYPES
 from surf_train.errors import ConfigError
 from surf_train.sampling import SCHEDULERS, Schedule, Step, convert_scheduler, scheduler_shift, with_shift
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def latent_frames(frames: int, stride_t: int) -> int:
+    """Latent frames of a `frames`-long video: the VAE keeps the first frame and compresses the rest by stride_t."""
+    return (frames - 1) // stride_t + 1
 
 
 @dataclass(frozen=True)
@@ -37,7 +41,7 @@ class LatentGeometry:
     def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
         """(C, F, H, W) of the latent of a (frames, height, width) video; validates first."""
         self.check(frames, height, width)
-        return (self.channels, (frames - 1) // self.stride_t + 1, height // self.stride_s, width // self.stride_s)
+        return (self.channels, latent_frames(frames, self.stride_t), height // self.stride_s, width // self.stride_s)
 
     def check(self, frames: int | None, height: int, width: int, what: str = "size") -> None:
         """Raise ConfigError unless the sizes are ones the VAE and the patchifier accept exactly."""
@@ -49,7 +53,7 @@ class LatentGeometry:
         if frames is not None:
             if not isinstance(frames, int) or frames < 1 or (frames - 1) % self.stride_t:
                 raise ConfigError(f"{what} frames={frames} must be {self.stride_t}*n+1 (VAE temporal stride)")
-            if ((frames - 1) // self.stride_t + 1) % self.patch_t:
+            if latent_frames(frames, self.stride_t) % self.patch_t:
                 raise ConfigError(f"{what} frames={frames}: latent frames not divisible by patch {self.patch_t}")
 
 
@@ -338,15 +342,3 @@ class BaseModel(ABC):
     def vae_decode(self, latent: torch.Tensor) -> torch.Tensor:
         """Normalised latent (B, C, F, H, W) -> video (B, 3, frames, H*s, W*s) in [-1, 1] float32."""
         return vae_io.decode(self.spec.family, self.pipe.vae, latent, self.device)
-
-
-def load_base_model(spec: BaseSpec, device: str | torch.device = "auto") -> BaseModel:
-    """Build the adapter for `spec`: tiny from configs, otherwise diffusers `from_pretrained`."""
-    if device == "auto":  # one GPU per process: torchrun's LOCAL_RANK or SLURM_LOCALID picks it
-        device = f"cuda:{local_rank()}" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
-    if spec.family == "wan":
-        from surf_train.base.wan import WanBase as cls
-    else:
-        from surf_train.base.hunyuan import HunyuanBase as cls
-    return cls.load(spec, device)

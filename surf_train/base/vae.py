@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from surf_train.dtypes import DTYPES
+
 
 def vae_class(spec):
     """The diffusers VAE class of a base model (the toy world's exact latent when spec.vae_class says so)."""
@@ -26,8 +28,6 @@ def load_vae_module(spec):
     if spec.pretrained is None:
         from surf_train.base.tiny import tiny_hunyuan_vae, tiny_wan_vae
         return tiny_wan_vae() if spec.family == "wan" else tiny_hunyuan_vae()
-    from surf_train.base.adapter import DTYPES
-
     return vae_class(spec).from_pretrained(spec.source, subfolder="vae", revision=spec.revision,
                                            dtype=DTYPES[spec.vae_dtype])
 
@@ -70,6 +70,14 @@ def decode(family: str, vae, latent: torch.Tensor, device) -> torch.Tensor:
     """Normalised latent (B, C, F, H, W) -> video (B, 3, frames, H*s, W*s) in [-1, 1] float32."""
     z = denormalise(family, vae, latent.float().to(device))
     return vae.decode(z.to(vae.dtype), return_dict=False)[0].float().clamp(-1, 1)
+
+
+def to_frames(video: torch.Tensor, output_type: str = "np"):
+    """Decoded video (B, 3, frames, H, W) in [-1, 1] -> frames for export, by diffusers' VideoProcessor (as the
+    pipelines do): "np" (B, frames, H, W, 3) float32 in [0, 1], "pil" a list per video of PIL images."""
+    from diffusers.video_processor import VideoProcessor
+
+    return VideoProcessor(do_resize=False).postprocess_video(video.float().cpu(), output_type=output_type)
 
 
 class LatentDecoder:

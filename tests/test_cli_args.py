@@ -1,0 +1,40 @@
+"""surf_train.cli_args: flags from a settings dataclass, help from the fields' comments."""
+import argparse
+from dataclasses import dataclass, field
+
+from surf_train.cli_args import add_fields, field_comments, from_args
+
+
+@dataclass
+class Demo:
+    out_dir: str = "out"  # where results go (100% of them)
+    n: int = 3
+    scale: float | None = None  # None: the model's
+    ids: list[int] = field(default_factory=lambda: [1, 2])
+    progress: bool = True  # a progress bar
+    force: bool = False
+
+
+def parser(**custom):
+    ap = argparse.ArgumentParser()
+    add_fields(ap, Demo, **custom)
+    return ap
+
+
+def test_field_comments():
+    assert field_comments(Demo) == {"out_dir": "where results go (100% of them)", "scale": "None: the model's",
+                                    "progress": "a progress bar"}
+
+
+def test_flags_types_defaults_and_round_trip():
+    assert from_args(Demo, parser().parse_args([])) == Demo()
+    c = from_args(Demo, parser().parse_args(["--out-dir", "x", "--n", "5", "--scale", "0.5", "--ids", "7", "8",
+                                              "--no-progress", "--force"]))
+    assert c == Demo(out_dir="x", n=5, scale=0.5, ids=[7, 8], progress=False, force=True)
+    assert from_args(Demo, parser(out_dir={"flag": "--out"}).parse_args(["--out", "y"]), n=9) == Demo("y", 9)
+
+
+def test_help_from_comments():
+    text = parser().format_help()
+    assert "where results go (100% of them) (default out)" in " ".join(text.split())
+    assert "--no-progress" in text and "off: a progress bar" in text and "(default 1 2)" in text
