@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/pip install -c constraints-cpu.txt
 
-.PHONY: venv demo test test-fast bench toy-base clean gpu-wheels gpu-check
+.PHONY: venv demo test test-fast lint format bench toy-base clean gpu-wheels gpu-check
 
 $(BIN)/.installed: pyproject.toml setup.py constraints-cpu.txt
 	$(PY) -m venv $(VENV)
@@ -33,8 +33,17 @@ toy-base: venv
 	$(BIN)/python data_prep/train_toy_base.py --init runs/toy_stage1 --steps 8000 --stop-at 1688 \
 		--work runs/toy_stage2_state
 
-test: venv
+test: venv lint
 	$(BIN)/python -m pytest -q
+
+# ruff (pyproject.toml [tool.ruff]); `make format` rewrites, .pre-commit-config.yaml runs both per commit
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: venv
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
 
 test-fast: venv
 	$(BIN)/python -m pytest -q -m "not slow"

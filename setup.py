@@ -1,4 +1,5 @@
 """Only the build hook: everything else is in pyproject.toml."""
+
 import os
 import shutil
 

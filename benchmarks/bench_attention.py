@@ -23,6 +23,7 @@ jobs) a 32768-token step (`--grids ...,16x32x64`) leaves the cache: memory-bound
 that have nothing to do with attention (gelu, copy_, add, fill_) then cost 2.5-5x for 2x tokens in a
 profile, which would be measured as "attention scaling" although full attention pays it too.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -75,27 +76,43 @@ def make_step(model, opt, x, t, cond, target):
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+
     return step
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--grids", default=DEFAULT_GRIDS,
-                    help="comma-separated token grids F'xH'xW' (latent = grid * patch (1, 2, 2)); default %(default)s")
+    ap.add_argument(
+        "--grids",
+        default=DEFAULT_GRIDS,
+        help="comma-separated token grids F'xH'xW' (latent = grid * patch (1, 2, 2)); default %(default)s",
+    )
     ap.add_argument("--window", type=parse_triple, default=(2, 8, 8), help="window in tokens, default 2x8x8")
     ap.add_argument("--impls", default="mask,grouped", help="windowed implementations to time, default %(default)s")
-    ap.add_argument("--full-max-tokens", type=int, default=8192,
-                    help="time full attention only up to this many tokens (default %(default)s)")
+    ap.add_argument(
+        "--full-max-tokens",
+        type=int,
+        default=8192,
+        help="time full attention only up to this many tokens (default %(default)s)",
+    )
     ap.add_argument("--dim", type=int, default=64)
     ap.add_argument("--depth", type=int, default=2)
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=11, help="measured rounds (median taken), default %(default)s")
     ap.add_argument("--warmup", type=int, default=2, help="warm-up steps per (size, variant), default %(default)s")
-    ap.add_argument("--min-sample-s", type=float, default=0.1,
-                    help="back-to-back steps per sample so that one sample lasts at least this long")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch threads (0 = torch default); default 1: on a shared 2-core machine two threads "
-                         "stall on each other whenever another process runs, which swamps the signal")
+    ap.add_argument(
+        "--min-sample-s",
+        type=float,
+        default=0.1,
+        help="back-to-back steps per sample so that one sample lasts at least this long",
+    )
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (0 = torch default); default 1: on a shared 2-core machine two threads "
+        "stall on each other whenever another process runs, which swamps the signal",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="benchmarks/results/attention.json")
     ap.add_argument("--md", default="benchmarks/results/attention.md")
@@ -146,8 +163,9 @@ def main():
                 steps[name]()
                 tw.append(time.perf_counter() - s)
             inner[name] = max(1, math.ceil(a.min_sample_s / min(tw)))
-        sizes.append(dict(grid=grid, latent=latent, tokens=n_tok, steps=steps, inner=inner,
-                          samples={n: [] for n in steps}))
+        sizes.append(
+            dict(grid=grid, latent=latent, tokens=n_tok, steps=steps, inner=inner, samples={n: [] for n in steps})
+        )
 
     for r in range(a.repeats):
         for sz in sizes:
@@ -163,11 +181,17 @@ def main():
     rows = []
     for sz in sizes:
         ms = {n: statistics.median(v) for n, v in sz["samples"].items()}
-        row = dict(grid=list(sz["grid"]), latent=[C, *sz["latent"]], tokens=sz["tokens"], ms_per_step=ms,
-                   min_ms_per_step={n: min(v) for n, v in sz["samples"].items()},
-                   samples_ms=sz["samples"], inner_steps=sz["inner"],
-                   us_per_token={n: 1e3 * v / sz["tokens"] for n, v in ms.items()},
-                   full_over_windowed={n: ms["full"] / ms[n] for n in impls if "full" in ms})
+        row = dict(
+            grid=list(sz["grid"]),
+            latent=[C, *sz["latent"]],
+            tokens=sz["tokens"],
+            ms_per_step=ms,
+            min_ms_per_step={n: min(v) for n, v in sz["samples"].items()},
+            samples_ms=sz["samples"],
+            inner_steps=sz["inner"],
+            us_per_token={n: 1e3 * v / sz["tokens"] for n, v in ms.items()},
+            full_over_windowed={n: ms["full"] / ms[n] for n in impls if "full" in ms},
+        )
         rows.append(row)
 
     exps = {}
@@ -175,8 +199,13 @@ def main():
         pts = [(r["tokens"], r["ms_per_step"][name]) for r in rows if name in r["ms_per_step"]]
         xs, ys = [p[0] for p in pts], [p[1] for p in pts]
         mins = [r["min_ms_per_step"][name] for r in rows if name in r["ms_per_step"]]
-        exps[name] = {"all": slope(xs, ys), "top3": slope(xs[-3:], ys[-3:]), "top3_tokens": xs[-3:],
-                      "all_from_min": slope(xs, mins), "top3_from_min": slope(xs[-3:], mins[-3:])}
+        exps[name] = {
+            "all": slope(xs, ys),
+            "top3": slope(xs[-3:], ys[-3:]),
+            "top3_tokens": xs[-3:],
+            "all_from_min": slope(xs, mins),
+            "top3_from_min": slope(xs[-3:], mins[-3:]),
+        }
         full_top = [r["tokens"] for r in rows if "full" in r["ms_per_step"]][-3:]
         if name != "full" and full_top:  # same three sizes as full attention's top 3, for comparison
             sel = [(x, y) for x, y in pts if x in full_top]
@@ -187,14 +216,29 @@ def main():
     res = {
         "benchmark": "Refiner training step (forward + MSE + backward + AdamW), batch 1, CPU",
         "command": " ".join([shlex.quote(sys.executable)] + [shlex.quote(s) for s in sys.argv]),
-        "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
-        "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-        "config": {**cfg_kw, "window": list(a.window), "patch_size": list(PATCH), "full_window": [0, 0, 0],
-                   "mlp_ratio": RefinerConfig().mlp_ratio, "params": sum(p.numel() for p in ref.parameters())},
-        "repeats": a.repeats, "warmup": a.warmup, "min_sample_s": a.min_sample_s,
-        "full_max_tokens": a.full_max_tokens, "impl_max_abs_diff": impl_diff,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "torch_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "config": {
+            **cfg_kw,
+            "window": list(a.window),
+            "patch_size": list(PATCH),
+            "full_window": [0, 0, 0],
+            "mlp_ratio": RefinerConfig().mlp_ratio,
+            "params": sum(p.numel() for p in ref.parameters()),
+        },
+        "repeats": a.repeats,
+        "warmup": a.warmup,
+        "min_sample_s": a.min_sample_s,
+        "full_max_tokens": a.full_max_tokens,
+        "impl_max_abs_diff": impl_diff,
         "full_vs_windowed_max_abs_diff": full_diff,
-        "rows": rows, "exponents": exps, "target_windowed_top3_exponent": target, "target_met": met,
+        "rows": rows,
+        "exponents": exps,
+        "target_windowed_top3_exponent": target,
+        "target_met": met,
         "wall_s": time.perf_counter() - t_start,
     }
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
@@ -203,34 +247,57 @@ def main():
     def f(v, fmt="{:.1f}"):
         return "-" if v is None else fmt.format(v)
 
-    head = ["tokens", "grid F'xH'xW'"] + [f"{n} ms" for n in names] + [f"full/{n}" for n in impls] \
+    head = (
+        ["tokens", "grid F'xH'xW'"]
+        + [f"{n} ms" for n in names]
+        + [f"full/{n}" for n in impls]
         + [f"{n} us/token" for n in impls]
-    lines = [f"# Refiner training step: windowed vs full attention ({res['torch']} CPU, "
-             f"{res['torch_threads']} threads)", "",
-             f"dim {a.dim}, depth {a.depth}, heads {a.heads}, text_dim 0, patch (1, 2, 2), window "
-             f"{tuple(a.window)} tokens, batch 1; forward + MSE + backward + AdamW; median of {a.repeats} "
-             f"interleaved repeats after {a.warmup} warm-up steps. Full attention = window (0, 0, 0), "
-             f"timed up to {a.full_max_tokens} tokens.", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    )
+    lines = [
+        f"# Refiner training step: windowed vs full attention ({res['torch']} CPU, {res['torch_threads']} threads)",
+        "",
+        f"dim {a.dim}, depth {a.depth}, heads {a.heads}, text_dim 0, patch (1, 2, 2), window "
+        f"{tuple(a.window)} tokens, batch 1; forward + MSE + backward + AdamW; median of {a.repeats} "
+        f"interleaved repeats after {a.warmup} warm-up steps. Full attention = window (0, 0, 0), "
+        f"timed up to {a.full_max_tokens} tokens.",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
     for r in rows:
         ms = r["ms_per_step"]
-        cells = [str(r["tokens"]), "x".join(map(str, r["grid"]))] + [f(ms.get(n)) for n in names] \
-            + [f(r["full_over_windowed"].get(n), "{:.2f}") for n in impls] \
+        cells = (
+            [str(r["tokens"]), "x".join(map(str, r["grid"]))]
+            + [f(ms.get(n)) for n in names]
+            + [f(r["full_over_windowed"].get(n), "{:.2f}") for n in impls]
             + [f(r["us_per_token"].get(n), "{:.1f}") for n in impls]
+        )
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "Growth exponent (slope of log time vs log tokens):", "",
-              "| variant | all sizes | top 3 sizes | top 3, from per-size minimum | top 3 sizes of full |",
-              "|---|---|---|---|---|"]
+    lines += [
+        "",
+        "Growth exponent (slope of log time vs log tokens):",
+        "",
+        "| variant | all sizes | top 3 sizes | top 3, from per-size minimum | top 3 sizes of full |",
+        "|---|---|---|---|---|",
+    ]
     for n in names:
         e = exps[n]
-        lines.append(f"| {n} | {f(e['all'], '{:.2f}')} | {f(e['top3'], '{:.2f}')} "
-                     f"({'/'.join(map(str, e['top3_tokens']))}) | {f(e['top3_from_min'], '{:.2f}')} "
-                     f"| {f(e.get('top3_of_full_sizes'), '{:.2f}')} |")
-    lines += ["", f"Target: windowed exponent over the top 3 sizes <= {target}: "
-              + ", ".join(f"{n} {'met' if met[n] else 'NOT met'}" for n in impls) + ".",
-              f"Same weights, smallest grid: max |output difference| mask vs grouped {f(impl_diff, '{:.1e}')}, "
-              f"full vs windowed {f(full_diff, '{:.1e}')}.",
-              "", f"Command: `{res['command']}` (wall {res['wall_s']:.0f} s)", ""]
+        lines.append(
+            f"| {n} | {f(e['all'], '{:.2f}')} | {f(e['top3'], '{:.2f}')} "
+            f"({'/'.join(map(str, e['top3_tokens']))}) | {f(e['top3_from_min'], '{:.2f}')} "
+            f"| {f(e.get('top3_of_full_sizes'), '{:.2f}')} |"
+        )
+    lines += [
+        "",
+        f"Target: windowed exponent over the top 3 sizes <= {target}: "
+        + ", ".join(f"{n} {'met' if met[n] else 'NOT met'}" for n in impls)
+        + ".",
+        f"Same weights, smallest grid: max |output difference| mask vs grouped {f(impl_diff, '{:.1e}')}, "
+        f"full vs windowed {f(full_diff, '{:.1e}')}.",
+        "",
+        f"Command: `{res['command']}` (wall {res['wall_s']:.0f} s)",
+        "",
+    ]
     Path(a.md).write_text("\n".join(lines))
     print("\n".join(lines))
 

@@ -6,6 +6,7 @@ Shared: prefix once, then target and preview branches. Separate: a full target r
 run (prefix included). Predicted ratio: network calls at each resolution (count_calls) times the
 per-call time measured at that resolution in the same run.
 """
+
 import argparse
 import json
 import statistics
@@ -49,34 +50,53 @@ def main():
     pair_sample(vel, noise, plan, fresh)  # warm-up
     rounds = []  # interleaved so that load from other processes hits every measurement alike
     for _ in range(a.repeats):
-        rounds.append((timed(lambda: vel(noise, 0.5), 5), timed(lambda: vel(fresh, 0.5), 5),
-                       timed(lambda: pair_sample(vel, noise, plan, fresh), 1),
-                       timed(lambda: (sample(vel, noise, plan.schedule), preview_sample(vel, noise, plan, fresh)),
-                             1)))
+        rounds.append(
+            (
+                timed(lambda: vel(noise, 0.5), 5),
+                timed(lambda: vel(fresh, 0.5), 5),
+                timed(lambda: pair_sample(vel, noise, plan, fresh), 1),
+                timed(lambda: (sample(vel, noise, plan.schedule), preview_sample(vel, noise, plan, fresh)), 1),
+            )
+        )
     call_high, call_low, shared, separate = (statistics.median(col) for col in zip(*rounds))
     n = count_calls(plan)
     pred_shared = n["shared_high"] * call_high + n["shared_low"] * call_low
     pred_separate = n["separate_high"] * call_high + n["separate_low"] * call_low
 
     with tempfile.TemporaryDirectory() as d:
-        cfg = PairsConfig(base=spec, out_dir=d, num_pairs=16, steps=a.steps, switch=a.switch, rule=a.rule,
-                          progress=False)
+        cfg = PairsConfig(
+            base=spec, out_dir=d, num_pairs=16, steps=a.steps, switch=a.switch, rule=a.rule, progress=False
+        )
         summary = make_pairs(cfg)
 
-    res = {"target_latent": [c, f, h, w], "preview_latent": [c, f, h // 2, w // 2], "steps": a.steps,
-           "switch": a.switch, "rule": a.rule, "calls": n, "call_ms_high": 1e3 * call_high,
-           "call_ms_low": 1e3 * call_low, "shared_s": shared, "separate_s": separate,
-           "measured_ratio": shared / separate, "predicted_ratio": pred_shared / pred_separate,
-           "measured_saving": 1 - shared / separate, "predicted_saving": 1 - pred_shared / pred_separate,
-           "pairs_per_s": summary["pairs_per_s"], "torch_threads": torch.get_num_threads()}
+    res = {
+        "target_latent": [c, f, h, w],
+        "preview_latent": [c, f, h // 2, w // 2],
+        "steps": a.steps,
+        "switch": a.switch,
+        "rule": a.rule,
+        "calls": n,
+        "call_ms_high": 1e3 * call_high,
+        "call_ms_low": 1e3 * call_low,
+        "shared_s": shared,
+        "separate_s": separate,
+        "measured_ratio": shared / separate,
+        "predicted_ratio": pred_shared / pred_separate,
+        "measured_saving": 1 - shared / separate,
+        "predicted_saving": 1 - pred_shared / pred_separate,
+        "pairs_per_s": summary["pairs_per_s"],
+        "torch_threads": torch.get_num_threads(),
+    }
     res["saving_error"] = abs(res["measured_saving"] - res["predicted_saving"]) / res["predicted_saving"]
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(res, indent=1))
     print(f"tiny Wan, target latent {res['target_latent']}, {a.steps} steps, switch {a.switch}, rule {a.rule}")
     print(f"per call: {res['call_ms_high']:.1f} ms at target size, {res['call_ms_low']:.1f} ms at preview size")
     print(f"pair, shared prefix: {shared:.3f}s  separate runs: {separate:.3f}s  (median of {a.repeats})")
-    print(f"saving measured {res['measured_saving']:.1%}, predicted from call counts {res['predicted_saving']:.1%} "
-          f"(relative difference {res['saving_error']:.1%})")
+    print(
+        f"saving measured {res['measured_saving']:.1%}, predicted from call counts {res['predicted_saving']:.1%} "
+        f"(relative difference {res['saving_error']:.1%})"
+    )
     print(f"make_pairs: {res['pairs_per_s']:.2f} pairs/s (16 pairs)")
 
 

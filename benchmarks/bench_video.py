@@ -9,6 +9,7 @@ once, clips in order), cropped to the 128x224 bucket and resized. Encode: the ti
 Backends interleaved per repeat, medians; torch threads 1. The last section runs make_video_pairs itself
 (degrade mode: two VAE encodes, degradations, text, shard writing) for pairs/s.
 """
+
 import argparse
 import json
 import os
@@ -56,8 +57,16 @@ def main():
     a = ap.parse_args()
     torch.set_num_threads(1)
     model = load_base_model(BaseSpec.from_name("tiny"), "cpu")
-    res = {"bucket": list(BUCKET), "frames": FRAMES, "fps": FPS, "clips_per_video": CLIPS, "repeats": a.repeats,
-           "torch_threads": torch.get_num_threads(), "load_avg_start": os.getloadavg()[0], "sizes": {}}
+    res = {
+        "bucket": list(BUCKET),
+        "frames": FRAMES,
+        "fps": FPS,
+        "clips_per_video": CLIPS,
+        "repeats": a.repeats,
+        "torch_threads": torch.get_num_threads(),
+        "load_avg_start": os.getloadavg()[0],
+        "sizes": {},
+    }
     with tempfile.TemporaryDirectory() as d:
         for name, (f, h, w) in {"480x270": (240, 270, 480), "1280x720": (120, 720, 1280)}.items():
             paths = [write_synthetic_video(Path(d) / name / f"v{i}.mp4", f, h, w, 24, seed=i) for i in range(a.videos)]
@@ -68,35 +77,63 @@ def main():
                 for b in rows:
                     rows[b]["decode"].append(run(plan, b))
                     rows[b]["decode_encode"].append(run(plan, b, model))
-            out = {"source": f"{w}x{h}, {f} frames at 24 fps", "videos": a.videos,
-                   "clips": sum(len(c) for c, _ in plan.values())}
+            out = {
+                "source": f"{w}x{h}, {f} frames at 24 fps",
+                "videos": a.videos,
+                "clips": sum(len(c) for c, _ in plan.values()),
+            }
             for b, r in rows.items():
                 for k, vals in r.items():
                     sec = statistics.median(s for s, _ in vals)
                     out[f"{b}_{k}_clips_per_s"] = round(vals[0][1] / sec, 2)
             res["sizes"][name] = out
         vids = Path(d) / "480x270"
-        c = VideoPairsConfig.from_dict({"base": "tiny", "videos": str(vids), "out_dir": str(Path(d) / "pairs"),
-                                        "frames": FRAMES, "buckets": [list(BUCKET)], "clips_per_video": CLIPS,
-                                        "progress": False, "device": "cpu"})
+        c = VideoPairsConfig.from_dict(
+            {
+                "base": "tiny",
+                "videos": str(vids),
+                "out_dir": str(Path(d) / "pairs"),
+                "frames": FRAMES,
+                "buckets": [list(BUCKET)],
+                "clips_per_video": CLIPS,
+                "progress": False,
+                "device": "cpu",
+            }
+        )
         s = make_video_pairs(c)
-        res["make_video_pairs"] = {"mode": "degrade", "pairs": s["pairs"], "pairs_per_s": s["pairs_per_s"],
-                                   "source": "480x270", "preview": [64, 112]}
+        res["make_video_pairs"] = {
+            "mode": "degrade",
+            "pairs": s["pairs"],
+            "pairs_per_s": s["pairs_per_s"],
+            "source": "480x270",
+            "preview": [64, 112],
+        }
     res["load_avg_end"] = os.getloadavg()[0]
     m = res["make_video_pairs"]
-    lines = ["# Real-video pairs: decode and encode throughput on CPU", "",
-             f"Clips of {FRAMES} frames resampled to {FPS:g} fps, {CLIPS} per video, cropped and resized to "
-             f"{BUCKET[0]}x{BUCKET[1]}; tiny Wan VAE; median of {a.repeats} interleaved repeats; torch threads 1; "
-             f"1-min load average {res['load_avg_start']:.1f}-{res['load_avg_end']:.1f} on a shared machine.", "",
-             "| source | clips | decode, decord | decode, PyAV | decode + VAE, decord | decode + VAE, PyAV |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "# Real-video pairs: decode and encode throughput on CPU",
+        "",
+        f"Clips of {FRAMES} frames resampled to {FPS:g} fps, {CLIPS} per video, cropped and resized to "
+        f"{BUCKET[0]}x{BUCKET[1]}; tiny Wan VAE; median of {a.repeats} interleaved repeats; torch threads 1; "
+        f"1-min load average {res['load_avg_start']:.1f}-{res['load_avg_end']:.1f} on a shared machine.",
+        "",
+        "| source | clips | decode, decord | decode, PyAV | decode + VAE, decord | decode + VAE, PyAV |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in res["sizes"].values():
-        lines.append(f"| {r['source']} | {r['clips']} | {r['decord_decode_clips_per_s']} | "
-                     f"{r['pyav_decode_clips_per_s']} | {r['decord_decode_encode_clips_per_s']} | "
-                     f"{r['pyav_decode_encode_clips_per_s']} |")
-    lines += ["", "Numbers are clips/s (decode = open, read the clip's frames, crop and resize).", "",
-              f"make_video_pairs, degrade mode, {m['source']} sources (two VAE encodes, degradations, text, shards): "
-              f"{m['pairs']} pairs, {m['pairs_per_s']} pairs/s.", ""]
+        lines.append(
+            f"| {r['source']} | {r['clips']} | {r['decord_decode_clips_per_s']} | "
+            f"{r['pyav_decode_clips_per_s']} | {r['decord_decode_encode_clips_per_s']} | "
+            f"{r['pyav_decode_encode_clips_per_s']} |"
+        )
+    lines += [
+        "",
+        "Numbers are clips/s (decode = open, read the clip's frames, crop and resize).",
+        "",
+        f"make_video_pairs, degrade mode, {m['source']} sources (two VAE encodes, degradations, text, shards): "
+        f"{m['pairs']} pairs, {m['pairs_per_s']} pairs/s.",
+        "",
+    ]
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=1))

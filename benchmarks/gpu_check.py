@@ -45,6 +45,7 @@ deepspeed's setup.py imports torch, so --no-build-isolation builds it against th
 <gpu name>.json and .md from $OUT into benchmarks/results/gpu/ (the .lightning.log beside them is the
 training subprocess's output).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -63,11 +64,12 @@ import tempfile
 import time
 import traceback
 import warnings
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -78,20 +80,50 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere: the project is i
 SCHEMA_VERSION = 1
 PARTS = ("environment", "refiner_train", "refiner_sample", "wan14b", "lightning_deepspeed")
 BACKENDS = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH")
-PACKAGES = ("torch", "lightning", "deepspeed", "diffusers", "transformers", "hydra", "omegaconf", "webdataset",
-            "braceexpand", "safetensors", "einops", "torchmetrics", "pydantic", "accelerate", "wandb", "av", "decord")
-MODULES = ("surf_train.windows", "surf_train.refiner", "surf_train.flops", "surf_train.objective",
-           "surf_train.shards", "surf_train.data", "surf_train.module", "surf_train.strategies", "surf_train.train",
-           "surf_train.export", "surf_train.base", "surf_train.generate")
+PACKAGES = (
+    "torch",
+    "lightning",
+    "deepspeed",
+    "diffusers",
+    "transformers",
+    "hydra",
+    "omegaconf",
+    "webdataset",
+    "braceexpand",
+    "safetensors",
+    "einops",
+    "torchmetrics",
+    "pydantic",
+    "accelerate",
+    "wandb",
+    "av",
+    "decord",
+)
+MODULES = (
+    "surf_train.windows",
+    "surf_train.refiner",
+    "surf_train.flops",
+    "surf_train.objective",
+    "surf_train.shards",
+    "surf_train.data",
+    "surf_train.module",
+    "surf_train.strategies",
+    "surf_train.train",
+    "surf_train.export",
+    "surf_train.base",
+    "surf_train.generate",
+)
 GIB = 2**30
 CPU_MEM = "CPU run: torch.cuda.max_memory_allocated is CUDA-only"
 
 
 # --- what runs: the real set-up and its tiny CPU sibling ------------------------------------------
 
+
 @dataclass
 class Plan:
     """Sizes (width, height) in pixels, models and step budgets of one run."""
+
     dry_run: bool
     frames: int = 81
     target: tuple[int, int] = (1280, 720)
@@ -108,25 +140,61 @@ class Plan:
     ds_text: tuple[int, int] = (32, 4096)
     ds_extra: list = field(default_factory=lambda: ["data.num_workers=2"])
     # per-part caps in seconds, and the least time a part needs to start at all
-    caps: dict = field(default_factory=lambda: {"environment": 45, "refiner_train": 80, "refiner_sample": 60,
-                                                "wan14b": 160, "lightning_deepspeed": 150})
-    floors: dict = field(default_factory=lambda: {"environment": 10, "refiner_train": 20, "refiner_sample": 15,
-                                                  "wan14b": 60, "lightning_deepspeed": 60})
+    caps: dict = field(
+        default_factory=lambda: {
+            "environment": 45,
+            "refiner_train": 80,
+            "refiner_sample": 60,
+            "wan14b": 160,
+            "lightning_deepspeed": 150,
+        }
+    )
+    floors: dict = field(
+        default_factory=lambda: {
+            "environment": 10,
+            "refiner_train": 20,
+            "refiner_sample": 15,
+            "wan14b": 60,
+            "lightning_deepspeed": 60,
+        }
+    )
 
     @classmethod
-    def dry(cls) -> "Plan":
+    def dry(cls) -> Plan:
         """Every part at tiny shapes on CPU (seconds): same code paths, same JSON schema."""
-        small = {"dim": 32, "depth": 2, "heads": 2, "mlp_ratio": 2.0, "text_dim": 32, "window": (2, 4, 4),
-                 "grad_checkpointing": True}
+        small = {
+            "dim": 32,
+            "depth": 2,
+            "heads": 2,
+            "mlp_ratio": 2.0,
+            "text_dim": 32,
+            "window": (2, 4, 4),
+            "grad_checkpointing": True,
+        }
         return cls(
-            dry_run=True, frames=5, target=(128, 64), large=(192, 96), refiner=small,
+            dry_run=True,
+            frames=5,
+            target=(128, 64),
+            large=(192, 96),
+            refiner=small,
             wan={"num_attention_heads": 2, "attention_head_dim": 16, "ffn_dim": 64, "num_layers": 2, "text_dim": 32},
-            text_len=16, sample_steps=3, repeats=2, math_max_gib=1.0,
+            text_len=16,
+            sample_steps=3,
+            repeats=2,
+            math_max_gib=1.0,
             ds_model={"dim": 32, "depth": 2, "heads": 2, "mlp_ratio": 2.0, "text_dim": 32, "window": [2, 4, 4]},
-            ds_target=(16, 3, 8, 8), ds_text=(8, 32), ds_extra=["data.num_workers=2", "trainer.accelerator=cpu"],
-            caps={"environment": 30, "refiner_train": 20, "refiner_sample": 20, "wan14b": 30,
-                  "lightning_deepspeed": 110},
-            floors={p: 1 for p in PARTS})
+            ds_target=(16, 3, 8, 8),
+            ds_text=(8, 32),
+            ds_extra=["data.num_workers=2", "trainer.accelerator=cpu"],
+            caps={
+                "environment": 30,
+                "refiner_train": 20,
+                "refiner_sample": 20,
+                "wan14b": 30,
+                "lightning_deepspeed": 110,
+            },
+            floors={p: 1 for p in PARTS},
+        )
 
 
 def run_settings():
@@ -159,15 +227,41 @@ def fmt_size(size) -> str:
 
 # --- the report: a JSON document that always has every field ---------------------------------------
 
+
 def measurement(**fixed) -> dict:
     """One timed case; null fields are filled by measure() or explained in null_reasons."""
-    return {"status": "pending", "reason": None, **fixed, "warmup": 0, "repeats": 0, "ms": None, "ms_min": None,
-            "ms_samples": [], "timer": None, "peak_mem_gib": None, "tflop": None, "tflops_per_s": None,
-            "null_reasons": {}}
+    return {
+        "status": "pending",
+        "reason": None,
+        **fixed,
+        "warmup": 0,
+        "repeats": 0,
+        "ms": None,
+        "ms_min": None,
+        "ms_samples": [],
+        "timer": None,
+        "peak_mem_gib": None,
+        "tflop": None,
+        "tflops_per_s": None,
+        "null_reasons": {},
+    }
 
 
-SDPA_ITEM = ("model", "form", "block", "call", "calls_per_forward", "q", "k", "v", "mask", "dtype", "default_backend",
-             "backends", "null_reasons")
+SDPA_ITEM = (
+    "model",
+    "form",
+    "block",
+    "call",
+    "calls_per_forward",
+    "q",
+    "k",
+    "v",
+    "mask",
+    "dtype",
+    "default_backend",
+    "backends",
+    "null_reasons",
+)
 
 
 def skeleton(plan: Plan) -> dict:
@@ -175,51 +269,125 @@ def skeleton(plan: Plan) -> dict:
     sz = sizes(plan)
 
     def part(results: dict) -> dict:
-        return {"status": "pending", "reason": None, "wall_s": None, "deadline_s": None, "warnings": [],
-                "results": results, "null_reasons": {}}
+        return {
+            "status": "pending",
+            "reason": None,
+            "wall_s": None,
+            "deadline_s": None,
+            "warnings": [],
+            "results": results,
+            "null_reasons": {},
+        }
 
     return {
-        "schema_version": SCHEMA_VERSION, "script": "benchmarks/gpu_check.py", "command": None,
-        "dry_run": plan.dry_run, "started_utc": None, "wall_s": None, "budget_s": None, "complete": False,
+        "schema_version": SCHEMA_VERSION,
+        "script": "benchmarks/gpu_check.py",
+        "command": None,
+        "dry_run": plan.dry_run,
+        "started_utc": None,
+        "wall_s": None,
+        "budget_s": None,
+        "complete": False,
         "device": {"type": None, "name": None, "file_stem": None},
         "parts": {
-            "environment": part({
-                "python": None, "platform": None, "torch": None, "cuda": None, "cudnn": None,
-                "gpu": {"name": None, "capability": None, "memory_gib": None, "multiprocessors": None,
-                        "driver": None, "null_reasons": {}},
-                "packages": {p: {"version": None, "error": None} for p in PACKAGES},
-                "project_modules": {m: {"ok": None, "error": None} for m in MODULES},
-                "sdpa": [], "sdpa_summary": {}, "null_reasons": {}}),
-            "refiner_train": part({
-                "config": None, "params": None, "latent": list(latent(plan, sz["target"])),
-                "preview_latent": list(latent(plan, sz["preview"])), "text_len": plan.text_len,
-                "precision": "fp32 weights and AdamW state, bf16 autocast (Lightning bf16-mixed)",
-                "flop_model": "3 x analytic forward (surf_train.flops.refiner_flops); checkpoint recomputation "
-                              "not counted",
-                "cases": {impl: measurement(impl=impl, loss=None) for impl in ("grouped", "mask")},
-                "mask_over_grouped": None, "null_reasons": {}}),
-            "refiner_sample": part({
-                "config": None, "steps": plan.sample_steps, "dtype": "bfloat16",
-                "cases": {k: measurement(size=fmt_size(sz[k]), latent=list(latent(plan, sz[k])), per_step_ms=None)
-                          for k in ("target", "large")},
-                "null_reasons": {}}),
-            "wan14b": part({
-                "config": None, "params": None, "batch": 2, "text_len": plan.text_len, "dtype": "bfloat16",
-                "cases": {k: measurement(size=fmt_size(sz[k]), latent=list(latent(plan, sz[k])), output_finite=None)
-                          for k in ("target", "prefix", "preview")},
-                "composition": {"baseline_s": None, "surf_s": None, "speedup": None, "stages": [],
-                                "refiner_step_source": None, "null_reasons": {}},
-                "flops_prediction": {"baseline_pflops": None, "surf_pflops": None, "speedup": None},
-                "paper": {"baseline_s": None, "surf_s": None, "speedup": None},
-                "measured_over_predicted": None, "null_reasons": {}}),
-            "lightning_deepspeed": part({
-                "command": None, "params": None, "shards": None,
-                "train": {"returncode": None, "wall_s": None, "summary": None, "log_tail": None, "null_reasons": {}},
-                "checkpoint": {"path_is_dir": None, "files": None, "mbytes": None},
-                "export": {"returncode": None, "wall_s": None, "output": None, "max_abs_diff": None},
-                "load": {"wall_s": None, "dtype": None, "forward_finite": None, "peak_mem_gib": None,
-                         "null_reasons": {}},
-                "null_reasons": {}}),
+            "environment": part(
+                {
+                    "python": None,
+                    "platform": None,
+                    "torch": None,
+                    "cuda": None,
+                    "cudnn": None,
+                    "gpu": {
+                        "name": None,
+                        "capability": None,
+                        "memory_gib": None,
+                        "multiprocessors": None,
+                        "driver": None,
+                        "null_reasons": {},
+                    },
+                    "packages": {p: {"version": None, "error": None} for p in PACKAGES},
+                    "project_modules": {m: {"ok": None, "error": None} for m in MODULES},
+                    "sdpa": [],
+                    "sdpa_summary": {},
+                    "null_reasons": {},
+                }
+            ),
+            "refiner_train": part(
+                {
+                    "config": None,
+                    "params": None,
+                    "latent": list(latent(plan, sz["target"])),
+                    "preview_latent": list(latent(plan, sz["preview"])),
+                    "text_len": plan.text_len,
+                    "precision": "fp32 weights and AdamW state, bf16 autocast (Lightning bf16-mixed)",
+                    "flop_model": "3 x analytic forward (surf_train.flops.refiner_flops); checkpoint recomputation "
+                    "not counted",
+                    "cases": {impl: measurement(impl=impl, loss=None) for impl in ("grouped", "mask")},
+                    "mask_over_grouped": None,
+                    "null_reasons": {},
+                }
+            ),
+            "refiner_sample": part(
+                {
+                    "config": None,
+                    "steps": plan.sample_steps,
+                    "dtype": "bfloat16",
+                    "cases": {
+                        k: measurement(size=fmt_size(sz[k]), latent=list(latent(plan, sz[k])), per_step_ms=None)
+                        for k in ("target", "large")
+                    },
+                    "null_reasons": {},
+                }
+            ),
+            "wan14b": part(
+                {
+                    "config": None,
+                    "params": None,
+                    "batch": 2,
+                    "text_len": plan.text_len,
+                    "dtype": "bfloat16",
+                    "cases": {
+                        k: measurement(size=fmt_size(sz[k]), latent=list(latent(plan, sz[k])), output_finite=None)
+                        for k in ("target", "prefix", "preview")
+                    },
+                    "composition": {
+                        "baseline_s": None,
+                        "surf_s": None,
+                        "speedup": None,
+                        "stages": [],
+                        "refiner_step_source": None,
+                        "null_reasons": {},
+                    },
+                    "flops_prediction": {"baseline_pflops": None, "surf_pflops": None, "speedup": None},
+                    "paper": {"baseline_s": None, "surf_s": None, "speedup": None},
+                    "measured_over_predicted": None,
+                    "null_reasons": {},
+                }
+            ),
+            "lightning_deepspeed": part(
+                {
+                    "command": None,
+                    "params": None,
+                    "shards": None,
+                    "train": {
+                        "returncode": None,
+                        "wall_s": None,
+                        "summary": None,
+                        "log_tail": None,
+                        "null_reasons": {},
+                    },
+                    "checkpoint": {"path_is_dir": None, "files": None, "mbytes": None},
+                    "export": {"returncode": None, "wall_s": None, "output": None, "max_abs_diff": None},
+                    "load": {
+                        "wall_s": None,
+                        "dtype": None,
+                        "forward_finite": None,
+                        "peak_mem_gib": None,
+                        "null_reasons": {},
+                    },
+                    "null_reasons": {},
+                }
+            ),
         },
     }
 
@@ -256,14 +424,17 @@ class Report:
         return self.out_dir / f"{self.stem}.json"
 
     def save(self) -> None:
-        for path, text in ((self.json_path, json.dumps(self.doc, indent=1, default=str)),
-                           (self.out_dir / f"{self.stem}.md", markdown(self.doc))):
+        for path, text in (
+            (self.json_path, json.dumps(self.doc, indent=1, default=str)),
+            (self.out_dir / f"{self.stem}.md", markdown(self.doc)),
+        ):
             tmp = path.with_name(path.name + ".tmp")
             tmp.write_text(text + "\n")
             os.replace(tmp, path)
 
 
 # --- timing ----------------------------------------------------------------------------------------
+
 
 def sync(dev: torch.device) -> None:
     if dev.type == "cuda":
@@ -284,8 +455,15 @@ def timed_ms(fn: Callable[[], Any], dev: torch.device) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
-def measure(rec: dict, fn: Callable[[], Any], dev: torch.device, deadline: float, repeats: int,
-            flop: float | None, warmup: int = 1) -> dict:
+def measure(
+    rec: dict,
+    fn: Callable[[], Any],
+    dev: torch.device,
+    deadline: float,
+    repeats: int,
+    flop: float | None,
+    warmup: int = 1,
+) -> dict:
     """Warm up, then time fn() `repeats` times or fewer when the deadline nears (at least once); fills rec."""
     if dev.type == "cuda":
         sync(dev)
@@ -300,8 +478,15 @@ def measure(rec: dict, fn: Callable[[], Any], dev: torch.device, deadline: float
         last = timed_ms(fn, dev)
         samples.append(last)
     ms = statistics.median(samples)
-    rec.update(status="ok", warmup=warmup, repeats=len(samples), ms=ms, ms_min=min(samples),
-               ms_samples=[round(s, 3) for s in samples], timer="cuda_event" if dev.type == "cuda" else "perf_counter")
+    rec.update(
+        status="ok",
+        warmup=warmup,
+        repeats=len(samples),
+        ms=ms,
+        ms_min=min(samples),
+        ms_samples=[round(s, 3) for s in samples],
+        timer="cuda_event" if dev.type == "cuda" else "perf_counter",
+    )
     if dev.type == "cuda":
         rec["peak_mem_gib"] = torch.cuda.max_memory_allocated(dev) / GIB
     else:
@@ -351,6 +536,7 @@ def case(rec: dict, report: Report):
 
 # --- part 1: environment ---------------------------------------------------------------------------
 
+
 @contextmanager
 def record_sdpa(calls: list[dict], label: dict):
     """Record the q/k/v/mask shapes of every F.scaled_dot_product_attention call (windows, refiner, diffusers)."""
@@ -362,12 +548,25 @@ def record_sdpa(calls: list[dict], label: dict):
         names = ("query", "key", "value", "attn_mask")
         a = dict(zip(names, args), **{k: v for k, v in kwargs.items() if k in names})
         caller = sys._getframe(1).f_code.co_name
-        call = "self (windows)" if caller == "_sdpa_windows" else "cross" if label.get("model") == "refiner" \
+        call = (
+            "self (windows)"
+            if caller == "_sdpa_windows"
+            else "cross"
+            if label.get("model") == "refiner"
             else "attention"
+        )
         mask = a.get("attn_mask")
-        calls.append({**label, "call": call, "q": list(a["query"].shape), "k": list(a["key"].shape),
-                      "v": list(a["value"].shape), "mask": None if mask is None else list(mask.shape),
-                      "mask_dtype": None if mask is None else str(mask.dtype).replace("torch.", "")})
+        calls.append(
+            {
+                **label,
+                "call": call,
+                "q": list(a["query"].shape),
+                "k": list(a["key"].shape),
+                "v": list(a["value"].shape),
+                "mask": None if mask is None else list(mask.shape),
+                "mask_dtype": None if mask is None else str(mask.dtype).replace("torch.", ""),
+            }
+        )
         return real(*args, **kwargs)
 
     F.scaled_dot_product_attention = rec
@@ -391,8 +590,10 @@ def sdpa_signatures(plan: Plan) -> list[dict]:
             x, t = torch.empty(1, *lat), torch.empty(1)
             text, mask = torch.empty(1, plan.text_len, cfg.text_dim), torch.ones(1, plan.text_len, dtype=torch.bool)
         label = {"model": "refiner", "form": impl, "block": None}
-        hooks = [blk.register_forward_pre_hook(lambda m, a, i=i: label.update(block="shifted" if i % 2 else "plain"))
-                 for i, blk in enumerate(net.blocks)]
+        hooks = [
+            blk.register_forward_pre_hook(lambda m, a, i=i: label.update(block="shifted" if i % 2 else "plain"))
+            for i, blk in enumerate(net.blocks)
+        ]
         with torch.no_grad(), record_sdpa(calls, label):
             net(x, t, x, text, mask)
         for h in hooks:
@@ -413,8 +614,20 @@ def sdpa_signatures(plan: Plan) -> list[dict]:
         for c, name in zip(calls[n0:], ("self", "cross")):
             c["call"] = name
     except ImportError as e:
-        calls.append({"model": "wan", "form": None, "block": None, "call": None, "q": None, "k": None, "v": None,
-                      "mask": None, "mask_dtype": None, "error": short_error(e)})
+        calls.append(
+            {
+                "model": "wan",
+                "form": None,
+                "block": None,
+                "call": None,
+                "q": None,
+                "k": None,
+                "v": None,
+                "mask": None,
+                "mask_dtype": None,
+                "error": short_error(e),
+            }
+        )
     # one entry per distinct call, with how often a forward makes it
     uniq: dict[str, dict] = {}
     for c in calls:
@@ -453,7 +666,7 @@ def try_backends(sig: dict, plan: Plan, dev: torch.device, dtype: torch.dtype, d
             try:
                 with warnings.catch_warnings(record=True) as caught, sdpa_kernel(getattr(SDPBackend, name)):
                     warnings.simplefilter("always")
-                    fn = lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # noqa: E731
+                    fn = lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # noqa: E731, F821 (deleted after the last call)
                     fn()
                     sync(dev)
                     res.update(ok=True, ms=statistics.median(timed_ms(fn, dev) for _ in range(2)))
@@ -466,20 +679,35 @@ def try_backends(sig: dict, plan: Plan, dev: torch.device, dtype: torch.dtype, d
 
 
 def part_environment(plan: Plan, dev: torch.device, deadline: float, r: dict, report: Report) -> None:
-    r.update(python=platform.python_version(), platform=platform.platform(), torch=torch.__version__,
-             cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version() if torch.backends.cudnn.is_available()
-             else None)
+    r.update(
+        python=platform.python_version(),
+        platform=platform.platform(),
+        torch=torch.__version__,
+        cuda=torch.version.cuda,
+        cudnn=torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+    )
     for k in ("cuda", "cudnn"):
         if r[k] is None:
             r["null_reasons"][k] = f"this torch build has no {k.upper()}"
     g = r["gpu"]
     if dev.type == "cuda":
         p = torch.cuda.get_device_properties(dev)
-        g.update(name=p.name, capability=list(torch.cuda.get_device_capability(dev)),
-                 memory_gib=p.total_memory / GIB, multiprocessors=p.multi_processor_count)
+        g.update(
+            name=p.name,
+            capability=list(torch.cuda.get_device_capability(dev)),
+            memory_gib=p.total_memory / GIB,
+            multiprocessors=p.multi_processor_count,
+        )
         try:
-            g["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                         capture_output=True, text=True, timeout=20).stdout.strip() or None
+            g["driver"] = (
+                subprocess.run(
+                    ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                    capture_output=True,
+                    text=True,
+                    timeout=20,
+                ).stdout.strip()
+                or None
+            )
         except (OSError, subprocess.TimeoutExpired) as e:
             g["null_reasons"]["driver"] = f"nvidia-smi: {short_error(e)}"
         if g["driver"] is None and "driver" not in g["null_reasons"]:
@@ -525,12 +753,14 @@ def part_environment(plan: Plan, dev: torch.device, deadline: float, r: dict, re
     for it in r["sdpa"]:
         key = f"{it['model']}" + (f" {it['form']}" if it["form"] else "")
         summary.setdefault(key, {})
-        summary[key][str(it["default_backend"])] = summary[key].get(str(it["default_backend"]), 0) \
-            + int(it["calls_per_forward"] or 0)
+        summary[key][str(it["default_backend"])] = summary[key].get(str(it["default_backend"]), 0) + int(
+            it["calls_per_forward"] or 0
+        )
     r["sdpa_summary"] = summary  # per model/form: attention calls per (2-block Refiner / 1-block Wan) forward
 
 
 # --- part 2: the paper Refiner ----------------------------------------------------------------------
+
 
 def refiner_cfg(plan: Plan, **kw):
     from surf_train.refiner import RefinerConfig
@@ -620,8 +850,9 @@ def part_refiner_sample(plan: Plan, dev: torch.device, deadline: float, r: dict,
     def sample_case(rec: dict, flop: float) -> None:
         x_up = torch.randn(1, *rec["latent"], device=dev, dtype=torch.bfloat16)  # (1, C, F, H, W) upsampled preview
         refine(velocity, x_up, 1, text=text)  # warm-up: one Refiner step at this shape; then K steps are timed
-        measure(rec, lambda: refine(velocity, x_up, k, text=text), dev, deadline, max(1, plan.repeats - 1), flop,
-                warmup=0)
+        measure(
+            rec, lambda: refine(velocity, x_up, k, text=text), dev, deadline, max(1, plan.repeats - 1), flop, warmup=0
+        )
         rec.update(warmup=1, per_step_ms=rec["ms"] / k)
 
     jobs = []
@@ -650,8 +881,16 @@ def compose(costs: dict, step_s: dict[str, float | None]) -> dict:
         per = step_s.get(st["stage"])
         if per is None:
             missing.append(st["stage"])
-        rows.append({"run": st["run"], "stage": st["stage"], "size": st["size"], "steps": steps, "s_per_step": per,
-                     "s": None if per is None else steps * per})
+        rows.append(
+            {
+                "run": st["run"],
+                "stage": st["stage"],
+                "size": st["size"],
+                "steps": steps,
+                "s_per_step": per,
+                "s": None if per is None else steps * per,
+            }
+        )
     out = {"baseline_s": None, "surf_s": None, "speedup": None, "stages": rows, "null_reasons": {}}
     if missing:
         why = f"no measured step time for stage(s) {sorted(set(missing))}"
@@ -703,20 +942,31 @@ def wan_on_device(config: dict, dev: torch.device, dtype: torch.dtype):
     return net.eval().requires_grad_(False)
 
 
-def part_wan14b(plan: Plan, dev: torch.device, deadline: float, r: dict, report: Report,
-                refiner_step_s: float | None, refiner_why: str) -> None:
+def part_wan14b(
+    plan: Plan,
+    dev: torch.device,
+    deadline: float,
+    r: dict,
+    report: Report,
+    refiner_step_s: float | None,
+    refiner_why: str,
+) -> None:
     from surf_train.flops import ARCH, PAPER, run_costs, total, wan_flops
 
     settings = run_settings()
     costs = run_costs(settings)
     paper = PAPER[settings.model]
-    r["flops_prediction"] = {"baseline_pflops": costs["baseline_pflops"], "surf_pflops": costs["surf_pflops"],
-                             "speedup": costs["speedup"]}
+    r["flops_prediction"] = {
+        "baseline_pflops": costs["baseline_pflops"],
+        "surf_pflops": costs["surf_pflops"],
+        "speedup": costs["speedup"],
+    }
     r["paper"] = {"baseline_s": paper["baseline_s"], "surf_s": paper["surf_s"], "speedup": paper["speedup_time"]}
     config = {**ARCH[settings.model], **plan.wan}
     net = wan_on_device(config, dev, torch.bfloat16)
-    r["config"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(net.config).items()
-                   if not k.startswith("_")}
+    r["config"] = {
+        k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(net.config).items() if not k.startswith("_")
+    }
     r["params"] = sum(p.numel() for p in net.parameters())
     report.save()
     b = r["batch"]
@@ -728,7 +978,7 @@ def part_wan14b(plan: Plan, dev: torch.device, deadline: float, r: dict, report:
         out: list[torch.Tensor] = []
 
         def fwd():
-            out[:] = [net(x, t, text, return_dict=False)[0]]
+            out[:] = [net(x, t, text, return_dict=False)[0]]  # noqa: F821 (the names are deleted after the last call)
 
         with torch.no_grad():
             measure(rec, fwd, dev, deadline, plan.repeats, flop)
@@ -743,8 +993,11 @@ def part_wan14b(plan: Plan, dev: torch.device, deadline: float, r: dict, report:
     run_cases(report, deadline, jobs)
     del net
     free_memory()
-    step_s = {"base": r["cases"]["target"]["ms"], "prefix": r["cases"]["prefix"]["ms"],
-              "preview": r["cases"]["preview"]["ms"]}
+    step_s = {
+        "base": r["cases"]["target"]["ms"],
+        "prefix": r["cases"]["prefix"]["ms"],
+        "preview": r["cases"]["preview"]["ms"],
+    }
     step_s = {k: None if v is None else v / 1e3 for k, v in step_s.items()}
     step_s["refine"] = refiner_step_s
     r["composition"] = compose(costs, step_s)
@@ -761,6 +1014,7 @@ def part_wan14b(plan: Plan, dev: torch.device, deadline: float, r: dict, report:
 
 # --- part 4: Lightning + DeepSpeed ZeRO-2 through the project's entry points --------------------------
 
+
 def write_shards(directory: Path, target: tuple[int, ...], text: tuple[int, int], n_shards: int, per_shard: int):
     """Random (preview, target, text) pairs in the project's shard schema (surf_train.shards)."""
     from surf_train.shards import ShardWriter, encode_sample
@@ -772,7 +1026,7 @@ def write_shards(directory: Path, target: tuple[int, ...], text: tuple[int, int]
             tgt = torch.randn(c, f, h, w, generator=gen)
             prev = torch.nn.functional.avg_pool2d(tgt, 2) + 0.1 * torch.randn(c, f, h // 2, w // 2, generator=gen)
             txt = torch.randn(*text, generator=gen)
-            txt[text[0] * 3 // 4:] = 0  # zero padding, as the text encoders pad prompts
+            txt[text[0] * 3 // 4 :] = 0  # zero padding, as the text encoders pad prompts
             tensors = {"preview": prev.half(), "target": tgt.half(), "text": txt.half()}
             writer.write(encode_sample(f"gpucheck{i:04d}", tensors, {"source": "gpu_check", "seed": i}))
     return writer.shards
@@ -781,12 +1035,26 @@ def write_shards(directory: Path, target: tuple[int, ...], text: tuple[int, int]
 def train_overrides(plan: Plan, shards: Path, run_dir: Path) -> list[str]:
     """Hydra overrides of `python -m surf_train`: the `wan` experiment (bf16-mixed, ZeRO-2, EMA) shrunk to 5 steps
     of a mid-sized Refiner on one device."""
-    model = [f"model.{k}={json.dumps(list(v) if isinstance(v, tuple) else v).replace(' ', '')}"
-             for k, v in plan.ds_model.items()]
-    return ["+experiment=wan", f"data.shards={shards}", f"run_dir={run_dir}", "name=gpu_check", "logger=none",
-            "module.decode_base=null", "trainer.devices=1", "trainer.max_steps=5", "ckpt_every=5",
-            "data.val_samples=2", "trainer.enable_progress_bar=false", "module.optim.warmup_steps=1", *model,
-            *plan.ds_extra]
+    model = [
+        f"model.{k}={json.dumps(list(v) if isinstance(v, tuple) else v).replace(' ', '')}"
+        for k, v in plan.ds_model.items()
+    ]
+    return [
+        "+experiment=wan",
+        f"data.shards={shards}",
+        f"run_dir={run_dir}",
+        "name=gpu_check",
+        "logger=none",
+        "module.decode_base=null",
+        "trainer.devices=1",
+        "trainer.max_steps=5",
+        "ckpt_every=5",
+        "data.val_samples=2",
+        "trainer.enable_progress_bar=false",
+        "module.optim.warmup_steps=1",
+        *model,
+        *plan.ds_extra,
+    ]
 
 
 def part_lightning_deepspeed(plan: Plan, dev: torch.device, deadline: float, r: dict, report: Report) -> None:
@@ -794,14 +1062,23 @@ def part_lightning_deepspeed(plan: Plan, dev: torch.device, deadline: float, r: 
     from surf_train.module import text_mask
     from surf_train.refiner import num_params
 
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]),
-           "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]),
+        "HF_HUB_OFFLINE": "1",
+        "WANDB_MODE": "disabled",
+        "PYTHONUNBUFFERED": "1",
+    }
     log_path = report.out_dir / f"{report.stem}.lightning.log"
     with tempfile.TemporaryDirectory(prefix="gpu_check_") as tmp:
         work = Path(tmp)
         shards = work / "shards"
-        r["shards"] = {"count": write_shards(shards, plan.ds_target, plan.ds_text, 4, 2), "per_shard": 2,
-                       "target": list(plan.ds_target), "text": list(plan.ds_text)}
+        r["shards"] = {
+            "count": write_shards(shards, plan.ds_target, plan.ds_text, 4, 2),
+            "per_shard": 2,
+            "target": list(plan.ds_target),
+            "text": list(plan.ds_text),
+        }
         cmd = [sys.executable, "-m", "surf_train", *train_overrides(plan, shards, work / "run")]
         r["command"] = shlex.join([Path(cmd[0]).name, *cmd[1:]]).replace(str(work), "$WORK")
         report.save()
@@ -809,8 +1086,14 @@ def part_lightning_deepspeed(plan: Plan, dev: torch.device, deadline: float, r: 
         tr = r["train"]
         with open(log_path, "w") as log:
             try:
-                p = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                   timeout=max(10.0, deadline - time.monotonic() - 20))
+                p = subprocess.run(
+                    cmd,
+                    cwd=ROOT,
+                    env=env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    timeout=max(10.0, deadline - time.monotonic() - 20),
+                )
                 tr["returncode"] = p.returncode
             except subprocess.TimeoutExpired:
                 tr["returncode"] = "timeout"
@@ -824,16 +1107,29 @@ def part_lightning_deepspeed(plan: Plan, dev: torch.device, deadline: float, r: 
         tr["log_tail"] = None
         ckpt = work / "run" / "checkpoints" / "last.ckpt"
         files = sorted(str(f.relative_to(ckpt)) for f in ckpt.rglob("*") if f.is_file()) if ckpt.is_dir() else []
-        r["checkpoint"] = {"path_is_dir": ckpt.is_dir(), "files": files, "mbytes":
-                           sum(f.stat().st_size for f in ckpt.resolve().rglob("*") if f.is_file()) / 1e6
-                           if ckpt.is_dir() else ckpt.resolve().stat().st_size / 1e6}
+        r["checkpoint"] = {
+            "path_is_dir": ckpt.is_dir(),
+            "files": files,
+            "mbytes": sum(f.stat().st_size for f in ckpt.resolve().rglob("*") if f.is_file()) / 1e6
+            if ckpt.is_dir()
+            else ckpt.resolve().stat().st_size / 1e6,
+        }
         report.save()
         ex = r["export"]
         t0 = time.monotonic()
-        p = subprocess.run([sys.executable, "-m", "surf_train.export", str(ckpt), str(work / "export")], cwd=ROOT,
-                           env=env, capture_output=True, text=True, timeout=max(10.0, deadline - time.monotonic()))
-        ex.update(returncode=p.returncode, wall_s=time.monotonic() - t0,
-                  output=(p.stdout + p.stderr).strip()[-1500:].replace(str(work), "$WORK"))
+        p = subprocess.run(
+            [sys.executable, "-m", "surf_train.export", str(ckpt), str(work / "export")],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=max(10.0, deadline - time.monotonic()),
+        )
+        ex.update(
+            returncode=p.returncode,
+            wall_s=time.monotonic() - t0,
+            output=(p.stdout + p.stderr).strip()[-1500:].replace(str(work), "$WORK"),
+        )
         if p.returncode != 0:
             raise RuntimeError(f"python -m surf_train.export exited {p.returncode}: {ex['output'][-300:]}")
         ld = r["load"]
@@ -843,8 +1139,9 @@ def part_lightning_deepspeed(plan: Plan, dev: torch.device, deadline: float, r: 
         net, meta = load_refiner(work / "export", device=dev)
         state, _, _ = read_checkpoint(ckpt)
         prefix = "ema.module." if meta["weights"] == "ema" else "net."
-        ex["max_abs_diff"] = max(float((v.float().cpu() - state[prefix + k].float()).abs().max())
-                                 for k, v in net.state_dict().items())
+        ex["max_abs_diff"] = max(
+            float((v.float().cpu() - state[prefix + k].float()).abs().max()) for k, v in net.state_dict().items()
+        )
         r["params"] = num_params(net)
         c, f, h, w = plan.ds_target
         x = torch.randn(1, c, f, h, w, device=dev)
@@ -859,6 +1156,7 @@ def part_lightning_deepspeed(plan: Plan, dev: torch.device, deadline: float, r: 
 
 
 # --- driver ----------------------------------------------------------------------------------------
+
 
 def run_part(name: str, report: Report, fn: Callable[[float, dict, Report], None], deadline: float) -> None:
     """Run a part under its deadline; missing dependencies skip it, other failures are recorded."""
@@ -890,21 +1188,30 @@ def run_part(name: str, report: Report, fn: Callable[[float, dict, Report], None
             c.update(status="skipped", reason=f"part {part['status']}: {part['reason']}")
     part["wall_s"] = round(time.monotonic() - t0, 2)
     report.save()
-    print(f"[gpu_check] {name}: {part['status']} in {part['wall_s']:.1f} s"
-          + (f" ({part['reason']})" if part["reason"] else ""), flush=True)
+    print(
+        f"[gpu_check] {name}: {part['status']} in {part['wall_s']:.1f} s"
+        + (f" ({part['reason']})" if part["reason"] else ""),
+        flush=True,
+    )
 
 
 def markdown(doc: dict) -> str:
     """The summary table (also printed)."""
+
     def f(v, fmt="{:.1f}"):
         return "-" if v is None else fmt.format(v)
 
     dev = doc["device"]
     env = doc["parts"]["environment"]["results"]
-    lines = [f"# GPU check: {dev['name'] or '?'}{' (DRY RUN on CPU, tiny shapes)' if doc['dry_run'] else ''}", "",
-             f"torch {env['torch']}, CUDA {env['cuda']}, started {doc['started_utc']}, wall {f(doc['wall_s'])} s "
-             f"of a {doc['budget_s']} s budget; `{doc['command']}`", "",
-             "| part | case | status | ms | peak GiB | TFLOP | TFLOP/s | note |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# GPU check: {dev['name'] or '?'}{' (DRY RUN on CPU, tiny shapes)' if doc['dry_run'] else ''}",
+        "",
+        f"torch {env['torch']}, CUDA {env['cuda']}, started {doc['started_utc']}, wall {f(doc['wall_s'])} s "
+        f"of a {doc['budget_s']} s budget; `{doc['command']}`",
+        "",
+        "| part | case | status | ms | peak GiB | TFLOP | TFLOP/s | note |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for pname, part in doc["parts"].items():
         cases = part["results"].get("cases")
         if not cases:
@@ -913,44 +1220,64 @@ def markdown(doc: dict) -> str:
         for cname, c in cases.items():
             label = cname + (f" {c['size']}" if c.get("size") else "")
             note = c["reason"] or (f"loss {c['loss']:.3g}" if c.get("loss") is not None else "")
-            lines.append(f"| {pname} | {label} | {c['status']} | {f(c['ms'])} | {f(c['peak_mem_gib'], '{:.2f}')} | "
-                         f"{f(c['tflop'], '{:.3g}')} | {f(c['tflops_per_s'], '{:.3g}')} | {note} |")
+            lines.append(
+                f"| {pname} | {label} | {c['status']} | {f(c['ms'])} | {f(c['peak_mem_gib'], '{:.2f}')} | "
+                f"{f(c['tflop'], '{:.3g}')} | {f(c['tflops_per_s'], '{:.3g}')} | {note} |"
+            )
     comp = doc["parts"]["wan14b"]["results"]
     cm = comp["composition"]
-    lines += ["", "Wan 2.1 14B, 720p x 81 frames: composed from the measured steps", "",
-              "| run | stage | size | steps | s/step | s |", "|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "Wan 2.1 14B, 720p x 81 frames: composed from the measured steps",
+        "",
+        "| run | stage | size | steps | s/step | s |",
+        "|---|---|---|---|---|---|",
+    ]
     for row in cm["stages"]:
-        lines.append(f"| {row['run']} | {row['stage']} | {row['size']} | {row['steps']} | "
-                     f"{f(row['s_per_step'], '{:.3f}')} | {f(row['s'])} |")
+        lines.append(
+            f"| {row['run']} | {row['stage']} | {row['size']} | {row['steps']} | "
+            f"{f(row['s_per_step'], '{:.3f}')} | {f(row['s'])} |"
+        )
     fp, pp = comp["flops_prediction"], comp["paper"]
-    lines += ["", "| | baseline s | SURF s | speedup |", "|---|---|---|---|",
-              f"| measured here (composed) | {f(cm['baseline_s'])} | {f(cm['surf_s'])} | "
-              f"{f(cm['speedup'], '{:.2f}')} |",
-              f"| paper | {f(pp['baseline_s'], '{:.0f}')} | {f(pp['surf_s'], '{:.0f}')} | "
-              f"{f(pp['speedup'], '{:.2f}')} |",
-              f"| surf_train.flops prediction | {f(fp['baseline_pflops'])} PFLOP | {f(fp['surf_pflops'])} PFLOP | "
-              f"{f(fp['speedup'], '{:.2f}')} |", ""]
+    lines += [
+        "",
+        "| | baseline s | SURF s | speedup |",
+        "|---|---|---|---|",
+        f"| measured here (composed) | {f(cm['baseline_s'])} | {f(cm['surf_s'])} | {f(cm['speedup'], '{:.2f}')} |",
+        f"| paper | {f(pp['baseline_s'], '{:.0f}')} | {f(pp['surf_s'], '{:.0f}')} | {f(pp['speedup'], '{:.2f}')} |",
+        f"| surf_train.flops prediction | {f(fp['baseline_pflops'])} PFLOP | {f(fp['surf_pflops'])} PFLOP | "
+        f"{f(fp['speedup'], '{:.2f}')} |",
+        "",
+    ]
     if env["sdpa"]:
-        lines += ["SDPA backends per attention call (default = what a plain call dispatches to; ms of one forward "
-                  "with the backend forced, x = not available)", "",
-                  "| model | form | block | call | n | q | k | mask | default | " + " | ".join(BACKENDS) + " |",
-                  "|" + "---|" * (9 + len(BACKENDS))]
+        lines += [
+            "SDPA backends per attention call (default = what a plain call dispatches to; ms of one forward "
+            "with the backend forced, x = not available)",
+            "",
+            "| model | form | block | call | n | q | k | mask | default | " + " | ".join(BACKENDS) + " |",
+            "|" + "---|" * (9 + len(BACKENDS)),
+        ]
         for s in env["sdpa"]:
-            cells = [f(b.get("ms"), "{:.3f}") if b.get("ok") else "x" for b in
-                     (s["backends"].get(n, {}) for n in BACKENDS)]
-            lines.append(f"| {s['model']} | {s['form'] or ''} | {s['block'] or ''} | {s['call']} | "
-                         f"{s['calls_per_forward']} | {s['q']} | {s['k']} | {s['mask'] or ''} | "
-                         f"{s['default_backend']} | "
-                         + " | ".join(cells) + " |")
+            cells = [
+                f(b.get("ms"), "{:.3f}") if b.get("ok") else "x" for b in (s["backends"].get(n, {}) for n in BACKENDS)
+            ]
+            lines.append(
+                f"| {s['model']} | {s['form'] or ''} | {s['block'] or ''} | {s['call']} | "
+                f"{s['calls_per_forward']} | {s['q']} | {s['k']} | {s['mask'] or ''} | "
+                f"{s['default_backend']} | " + " | ".join(cells) + " |"
+            )
         lines.append("")
     ld = doc["parts"]["lightning_deepspeed"]["results"]
     sm = ld["train"]["summary"] or {}
-    lines += [f"Lightning + DeepSpeed: {doc['parts']['lightning_deepspeed']['status']}; steps {sm.get('steps')}, "
-              f"train loss {sm.get('train_loss_first')} -> {sm.get('train_loss_last')}, val mse refiner "
-              f"{sm.get('val_mse_refiner')} vs upsample {sm.get('val_mse_upsample')}; "
-              f"train {f(ld['train']['wall_s'])} s, "
-              f"export {f(ld['export']['wall_s'])} s (max |export - checkpoint| {ld['export']['max_abs_diff']}), "
-              f"load + forward finite: {ld['load']['forward_finite']}", ""]
+    lines += [
+        f"Lightning + DeepSpeed: {doc['parts']['lightning_deepspeed']['status']}; steps {sm.get('steps')}, "
+        f"train loss {sm.get('train_loss_first')} -> {sm.get('train_loss_last')}, val mse refiner "
+        f"{sm.get('val_mse_refiner')} vs upsample {sm.get('val_mse_upsample')}; "
+        f"train {f(ld['train']['wall_s'])} s, "
+        f"export {f(ld['export']['wall_s'])} s (max |export - checkpoint| {ld['export']['max_abs_diff']}), "
+        f"load + forward finite: {ld['load']['forward_finite']}",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -979,9 +1306,12 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = Path(a.out_dir or (ROOT / ("outputs/gpu_check" if a.dry_run else "benchmarks/results/gpu")))
     doc = skeleton(plan)
     args = sys.argv[1:] if argv is None else argv
-    doc.update(command=shlex.join(["python3", "benchmarks/gpu_check.py", *args]),
-               started_utc=datetime.now(timezone.utc).isoformat(timespec="seconds"), budget_s=budget,
-               device={"type": dev.type, "name": name, "file_stem": stem})
+    doc.update(
+        command=shlex.join(["python3", "benchmarks/gpu_check.py", *args]),
+        started_utc=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        budget_s=budget,
+        device={"type": dev.type, "name": name, "file_stem": stem},
+    )
     report = Report(plan, out_dir, stem, doc)
     for p in PARTS:
         if p not in parts:
@@ -993,15 +1323,19 @@ def main(argv: list[str] | None = None) -> int:
 
     def deadline_for(name: str) -> float | None:
         """Now + the part's cap, less what the later selected parts need at least; None: no time left."""
-        later = sum(plan.floors[p] for p in PARTS[PARTS.index(name) + 1:] if p in parts)
+        later = sum(plan.floors[p] for p in PARTS[PARTS.index(name) + 1 :] if p in parts)
         left = t_start + budget - time.monotonic() - later
         if left < plan.floors[name]:
             return None
         return time.monotonic() + min(plan.caps[name], left)
 
-    fns = {"environment": part_environment, "refiner_train": part_refiner_train,
-           "refiner_sample": part_refiner_sample, "wan14b": part_wan14b,
-           "lightning_deepspeed": part_lightning_deepspeed}
+    fns = {
+        "environment": part_environment,
+        "refiner_train": part_refiner_train,
+        "refiner_sample": part_refiner_sample,
+        "wan14b": part_wan14b,
+        "lightning_deepspeed": part_lightning_deepspeed,
+    }
     for p in PARTS:
         if p not in parts:
             continue

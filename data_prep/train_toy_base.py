@@ -19,6 +19,7 @@ stopped at step 1688 (the restart is what taught the axis of motion, see README)
     python data_prep/train_toy_base.py --init runs/toy_stage1 --steps 8000 --stop-at 1688 --work runs/toy_stage2_state
     python data_prep/train_toy_base.py --eval-only --n 128     # measure assets/toy_base
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,9 +42,20 @@ MAX_LEN = 16  # conf/base/toy.yaml max_sequence_length
 NATIVE, PREVIEW, FRAMES = 32, 16, 5  # conf/base/toy.yaml native_size / native_frames
 SHIFT = 2.0  # conf/base/toy.yaml shift: training noise levels use the sampler's own shift
 TEXT = dict(d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4, relative_attention_num_buckets=8)
-TRANSFORMER = dict(patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=32, in_channels=12,
-                   out_channels=12, text_dim=64, freq_dim=256, ffn_dim=512, num_layers=4, cross_attn_norm=True,
-                   qk_norm="rms_norm_across_heads", rope_max_seq_len=32)
+TRANSFORMER = dict(
+    patch_size=(1, 2, 2),
+    num_attention_heads=4,
+    attention_head_dim=32,
+    in_channels=12,
+    out_channels=12,
+    text_dim=64,
+    freq_dim=256,
+    ffn_dim=512,
+    num_layers=4,
+    cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads",
+    rope_max_seq_len=32,
+)
 
 
 def build_pipeline(seed: int):
@@ -58,22 +70,31 @@ def build_pipeline(seed: int):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         tok = tiny_tokenizer(corpus=all_captions(), vocab_size=320)
-        te = T5EncoderModel(T5Config(vocab_size=len(tok), pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
-                                     **TEXT))
+        te = T5EncoderModel(
+            T5Config(vocab_size=len(tok), pad_token_id=0, eos_token_id=1, decoder_start_token_id=0, **TEXT)
+        )
         net = WanTransformer3DModel(**TRANSFORMER)
     caps = all_captions()
     x = render_batch(caps * 2, list(range(2 * len(caps))), (NATIVE, NATIVE), FRAMES)
     z = PixelShuffleVAE(stride=2).encode(x).latent_dist.mode()  # (B, 12, F, 16, 16)
     dims = (0, 2, 3, 4)
     vae = PixelShuffleVAE(stride=2, latents_mean=z.mean(dims).tolist(), latents_std=z.std(dims).tolist())
-    return WanPipeline(tokenizer=tok, text_encoder=te, vae=vae, transformer=net,
-                       scheduler=FlowMatchEulerDiscreteScheduler(shift=SHIFT))
+    return WanPipeline(
+        tokenizer=tok, text_encoder=te, vae=vae, transformer=net, scheduler=FlowMatchEulerDiscreteScheduler(shift=SHIFT)
+    )
 
 
 def encode_text(pipe, prompts: list[str]) -> torch.Tensor:
     """(B, L, D) exactly as WanPipeline.encode_prompt (zeros after each caption), with gradients."""
-    tok = pipe.tokenizer(prompts, padding="max_length", max_length=MAX_LEN, truncation=True,
-                         add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
+    tok = pipe.tokenizer(
+        prompts,
+        padding="max_length",
+        max_length=MAX_LEN,
+        truncation=True,
+        add_special_tokens=True,
+        return_attention_mask=True,
+        return_tensors="pt",
+    )
     mask = tok.attention_mask
     h = pipe.text_encoder(tok.input_ids, mask).last_hidden_state
     return h * mask[..., None]
@@ -81,8 +102,9 @@ def encode_text(pipe, prompts: list[str]) -> torch.Tensor:
 
 def sample_s(n: int, gen: torch.Generator) -> torch.Tensor:
     """Half logit-normal, half uniform, mapped through the sampler's shift; clamped away from the ends."""
-    u = torch.where(torch.rand(n, generator=gen) < 0.5, torch.sigmoid(torch.randn(n, generator=gen)),
-                    torch.rand(n, generator=gen))
+    u = torch.where(
+        torch.rand(n, generator=gen) < 0.5, torch.sigmoid(torch.randn(n, generator=gen)), torch.rand(n, generator=gen)
+    )
     return (SHIFT * u / (1 + (SHIFT - 1) * u)).clamp(1e-3, 1 - 1e-3)
 
 
@@ -123,8 +145,9 @@ def save_state(path: Path, state: dict) -> None:
 
 
 @torch.no_grad()
-def evaluate(pipe_dir: Path, n: int = 128, steps: int = 20, guidance: float | None = None, seed0: int = 10_000,
-             batch: int = 32) -> dict:
+def evaluate(
+    pipe_dir: Path, n: int = 128, steps: int = 20, guidance: float | None = None, seed0: int = 10_000, batch: int = 32
+) -> dict:
     """Generate n (caption, seed) clips at native size and read them back with the detector."""
     import dataclasses
 
@@ -139,7 +162,7 @@ def evaluate(pipe_dir: Path, n: int = 128, steps: int = 20, guidance: float | No
     hits = {"colour": 0, "shape": 0, "direction": 0, "axis": 0, "background": 0, "all": 0}
     axis = {"left": "x", "right": "x", "up": "y", "down": "y"}  # motion along the caption's axis, either sign
     for i in range(0, n, batch):
-        ps = prompts[i:i + batch]
+        ps = prompts[i : i + batch]
         gen = torch.Generator().manual_seed(seed0 + i)
         noise = torch.randn(len(ps), spec.channels, FRAMES, NATIVE // 2, NATIVE // 2, generator=gen)
         x = sample(model.velocity_fn(model.encode_prompt(ps), guidance), noise, model.schedule(steps))
@@ -150,21 +173,37 @@ def evaluate(pipe_dir: Path, n: int = 128, steps: int = 20, guidance: float | No
                 hits[k] += m[k]
             hits["axis"] += axis.get(d.direction) == axis[Caption.parse(p).direction]
             hits["all"] += m["colour"] and m["shape"] and m["direction"]
-    return {"n": n, "steps": steps, "guidance": model.spec.guidance if guidance is None else guidance,
-            **{k: round(v / n, 3) for k, v in hits.items()}}
+    return {
+        "n": n,
+        "steps": steps,
+        "guidance": model.spec.guidance if guidance is None else guidance,
+        **{k: round(v / n, 3) for k, v in hits.items()},
+    }
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n")[-1],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=16000, help="optimizer steps in all (half at 32x32, half at 16x16); "
-                    "the learning-rate schedule follows them")
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n")[-1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ap.add_argument(
+        "--steps",
+        type=int,
+        default=16000,
+        help="optimizer steps in all (half at 32x32, half at 16x16); the learning-rate schedule follows them",
+    )
     ap.add_argument("--stop-at", type=int, default=None, help="stop and save at this step of the --steps schedule")
     ap.add_argument("--minutes", type=float, default=None, help="stop (resumably) after this much wall time")
     ap.add_argument("--out", type=Path, default=ROOT / "assets" / "toy_base", help="pipeline directory")
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "toy_base", help="resumable training state")
-    ap.add_argument("--init", type=Path, default=None, help="start a fresh run from the weights of a saved pipeline "
-                    "(such as assets/toy_base) instead of random ones; ignored when --work holds state to resume")
+    ap.add_argument(
+        "--init",
+        type=Path,
+        default=None,
+        help="start a fresh run from the weights of a saved pipeline "
+        "(such as assets/toy_base) instead of random ones; ignored when --work holds state to resume",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch", type=int, default=16, help="clips per 32x32 step; 16x16 steps use twice as many")
     ap.add_argument("--lr", type=float, default=8e-4)
@@ -172,8 +211,13 @@ def main(argv=None) -> None:
     ap.add_argument("--dropout", type=float, default=0.1, help="probability of the empty caption (for CFG)")
     ap.add_argument("--ema", type=float, default=0.999, help="EMA decay of the saved weights")
     ap.add_argument("--save-every", type=float, default=5.0, help="minutes between saves")
-    ap.add_argument("--threads", type=int, default=2, help="torch threads; use 1 while anything else runs (2 threads "
-                    "on a shared 2-core machine ran 10x slower, measured)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=2,
+        help="torch threads; use 1 while anything else runs (2 threads "
+        "on a shared 2-core machine ran 10x slower, measured)",
+    )
     ap.add_argument("--eval-only", action="store_true", help="only measure the pipeline in --out")
     ap.add_argument("--n", type=int, default=128, help="clips generated by the evaluation")
     ap.add_argument("--guidance", type=float, default=None, help="CFG scale for the evaluation (default: toy.yaml)")
@@ -224,14 +268,31 @@ def train(args) -> None:
     print(f"params {n_params}, {len(caps)} captions, {args.steps} steps", flush=True)
     t0, t_start, last_save = time.time() - elapsed, time.time(), time.time()
     avg: dict[int, float] = {}
-    meta = lambda: dict(args={k: str(v) for k, v in vars(args).items()}, params=n_params, steps=step,
-                        seconds=round(time.time() - t0, 1), transformer=TRANSFORMER, text=TEXT, log=log[-200:],
-                        **({} if init_meta is None else {"init": init_meta}))
+    meta = lambda: dict(
+        args={k: str(v) for k, v in vars(args).items()},
+        params=n_params,
+        steps=step,
+        seconds=round(time.time() - t0, 1),
+        transformer=TRANSFORMER,
+        text=TEXT,
+        log=log[-200:],
+        **({} if init_meta is None else {"init": init_meta}),
+    )
 
     def save():
-        save_state(state_path, dict(model={k: m.state_dict() for k, m in nets.items()}, ema=ema, step=step,
-                                    elapsed=time.time() - t0, log=log, opt=opt.state_dict(), gen=gen.get_state(),
-                                    init_meta=init_meta))
+        save_state(
+            state_path,
+            dict(
+                model={k: m.state_dict() for k, m in nets.items()},
+                ema=ema,
+                step=step,
+                elapsed=time.time() - t0,
+                log=log,
+                opt=opt.state_dict(),
+                gen=gen.get_state(),
+                init_meta=init_meta,
+            ),
+        )
         save_pipeline(pipe, ema, args.out, meta())
 
     mean, std = (torch.tensor(pipe.vae.config[k]).view(1, -1, 1, 1, 1) for k in ("latents_mean", "latents_std"))
@@ -258,8 +319,9 @@ def train(args) -> None:
             eps = torch.randn(x0.shape, generator=gen)
             sv = s.view(b, 1, 1, 1, 1)
             xs = (1 - sv) * x0 + sv * eps
-            v = pipe.transformer(hidden_states=xs, timestep=s * 1000.0, encoder_hidden_states=text,
-                                 return_dict=False)[0]
+            v = pipe.transformer(hidden_states=xs, timestep=s * 1000.0, encoder_hidden_states=text, return_dict=False)[
+                0
+            ]
             loss = F.mse_loss(v, eps - x0)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -273,8 +335,15 @@ def train(args) -> None:
                         ema[k][name].mul_(decay).add_(p.detach(), alpha=1 - decay)
             avg[res] = loss.item() if res not in avg else 0.98 * avg[res] + 0.02 * loss.item()
         if step % 100 == 0:
-            log.append(dict(step=step, t=round(time.time() - t0), lr=lr, loss32=round(avg[NATIVE], 4),
-                            loss16=round(avg[PREVIEW], 4)))
+            log.append(
+                dict(
+                    step=step,
+                    t=round(time.time() - t0),
+                    lr=lr,
+                    loss32=round(avg[NATIVE], 4),
+                    loss16=round(avg[PREVIEW], 4),
+                )
+            )
             print(json.dumps(log[-1]), flush=True)
         bar.set_postfix(step=step, loss32=f"{avg[NATIVE]:.4f}", loss16=f"{avg[PREVIEW]:.4f}", refresh=False)
         bar.update(2)

@@ -1,4 +1,5 @@
 """SURF Refiner training framework."""
+
 import warnings
 from pathlib import Path
 

@@ -1,4 +1,5 @@
 """`python -m surf_train` or `surf-train`: train a Refiner (Hydra + Lightning). See `python -m surf_train --help`."""
+
 import faulthandler
 import logging
 import sys

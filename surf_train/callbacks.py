@@ -1,4 +1,5 @@
 """Training callbacks: SLURM requeue at a batch boundary, plain progress lines for non-terminal logs."""
+
 from __future__ import annotations
 
 import logging
@@ -20,8 +21,11 @@ log = logging.getLogger("surf_train")
 
 def hpc_checkpoints(run_dir: Path) -> list[Path]:
     """run_dir/hpc_ckpt_<n>.ckpt, oldest (smallest n) first."""
-    found = [(int(m.group(1)), p) for p in Path(run_dir).glob("hpc_ckpt_*.ckpt")
-             if (m := re.fullmatch(r"hpc_ckpt_(\d+)\.ckpt", p.name))]
+    found = [
+        (int(m.group(1)), p)
+        for p in Path(run_dir).glob("hpc_ckpt_*.ckpt")
+        if (m := re.fullmatch(r"hpc_ckpt_(\d+)\.ckpt", p.name))
+    ]
     return [p for _, p in sorted(found)]
 
 
@@ -79,8 +83,11 @@ class SlurmRequeue(pl.Callback):
             return
         n = (int(hpc_checkpoints(self.run_dir)[-1].stem.split("_")[-1]) + 1) if hpc_checkpoints(self.run_dir) else 1
         path = Path(trainer.strategy.broadcast(str(self.run_dir / f"hpc_ckpt_{n}.ckpt"), src=0))
-        print(f"[surf_train] rank {trainer.global_rank}: requeue signal, saving {path.name} at step "
-              f"{trainer.global_step} (batch boundary)", flush=True)
+        print(
+            f"[surf_train] rank {trainer.global_rank}: requeue signal, saving {path.name} at step "
+            f"{trainer.global_step} (batch boundary)",
+            flush=True,
+        )
         trainer.save_checkpoint(path)
         self.saved, self.saved_step = path, trainer.global_step
         if trainer.is_global_zero:
@@ -89,8 +96,7 @@ class SlurmRequeue(pl.Callback):
             job = slurm_job_id()
             if job:
                 rc = subprocess.call(["scontrol", "requeue", job])
-                print(f"[surf_train] scontrol requeue {job}: {'ok' if rc == 0 else f'failed (exit {rc})'}",
-                      flush=True)
+                print(f"[surf_train] scontrol requeue {job}: {'ok' if rc == 0 else f'failed (exit {rc})'}", flush=True)
         trainer.strategy.barrier()
         trainer.should_stop = True
 
@@ -117,5 +123,8 @@ class PlainProgress(pl.Callback):
         eta = str(timedelta(seconds=round(elapsed / done * (total - step)))) if total else "?"
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         loss_txt = f"{float(loss):.4f}" if isinstance(loss, torch.Tensor) else "?"
-        print(f"[surf_train] step {step}/{total or '?'} loss {loss_txt} {rate:.1f} samples/s ETA {eta}",
-              file=sys.stdout, flush=True)
+        print(
+            f"[surf_train] step {step}/{total or '?'} loss {loss_txt} {rate:.1f} samples/s ETA {eta}",
+            file=sys.stdout,
+            flush=True,
+        )

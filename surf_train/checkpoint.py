@@ -2,6 +2,7 @@
 
 Used by the export and by progressive training's `init_from`; imports neither of them.
 """
+
 from __future__ import annotations
 
 import os
@@ -27,8 +28,9 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     try:
         ck = torch.load(f, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ConfigError(f"{f}: cannot be read as a checkpoint without unpickling objects ({type(e).__name__})") \
-            from None
+        raise ConfigError(
+            f"{f}: cannot be read as a checkpoint without unpickling objects ({type(e).__name__})"
+        ) from None
     if not isinstance(ck, dict):
         raise ConfigError(f"{f}: not a training checkpoint")
     state = ck.get("state_dict", ck.get("module"))
@@ -36,18 +38,25 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     ema = ck.get("ema")
     if isinstance(state, dict) and isinstance(ema, dict) and isinstance(ema.get("state_dict"), dict):
         state = {**state, **{f"{EMA_PREFIX}{k}": v for k, v in ema["state_dict"].items()}}
-    if not isinstance(state, dict) or not isinstance(hp, dict) or "model" not in hp or \
-            not any(k.startswith(NET_PREFIX) for k in state):
+    if (
+        not isinstance(state, dict)
+        or not isinstance(hp, dict)
+        or "model" not in hp
+        or not any(k.startswith(NET_PREFIX) for k in state)
+    ):
         raise ConfigError(f"{path}: not a surf_train Refiner checkpoint (no net.* weights or model settings)")
     if path.is_dir() and any(v.numel() == 0 for k, v in state.items() if k.startswith(NET_PREFIX)):
-        raise ConfigError(f"{path}: ZeRO-3 checkpoint (parameters are partitioned); convert it first with "
-                          f"lightning.pytorch.utilities.deepspeed.convert_zero_checkpoint_to_fp32_state_dict "
-                          f"and export the resulting file")
+        raise ConfigError(
+            f"{path}: ZeRO-3 checkpoint (parameters are partitioned); convert it first with "
+            f"lightning.pytorch.utilities.deepspeed.convert_zero_checkpoint_to_fp32_state_dict "
+            f"and export the resulting file"
+        )
     return state, hp, int(ck.get("global_step", -1))
 
 
-def refiner_weights(state: dict[str, torch.Tensor], weights: str = "auto",
-                    where: str = "checkpoint") -> tuple[dict[str, torch.Tensor], str]:
+def refiner_weights(
+    state: dict[str, torch.Tensor], weights: str = "auto", where: str = "checkpoint"
+) -> tuple[dict[str, torch.Tensor], str]:
     """The Refiner's tensors of a checkpoint state dict: "ema", "raw" or "auto" (EMA when present)."""
     has_ema = any(k.startswith(EMA_PREFIX) for k in state)
     if weights == "auto":
@@ -55,10 +64,11 @@ def refiner_weights(state: dict[str, torch.Tensor], weights: str = "auto",
     if weights not in ("ema", "raw"):
         raise ConfigError(f"--weights {weights!r}: choose ema, raw or auto")
     if weights == "ema" and not has_ema:
-        raise ConfigError(f"{where}: no EMA weights in this checkpoint (trained with module.ema_decay=null); "
-                          f"use --weights raw")
+        raise ConfigError(
+            f"{where}: no EMA weights in this checkpoint (trained with module.ema_decay=null); use --weights raw"
+        )
     prefix = EMA_PREFIX if weights == "ema" else NET_PREFIX
-    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, weights
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}, weights
 
 
 def check_weights(want: dict[str, tuple[int, ...]], got: dict[str, tuple[int, ...]], where: str) -> None:
@@ -67,10 +77,16 @@ def check_weights(want: dict[str, tuple[int, ...]], got: dict[str, tuple[int, ..
     missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
     bad = sorted(k for k in set(want) & set(got) if tuple(want[k]) != tuple(got[k]))
     if missing or extra or bad:
-        detail = "; ".join(filter(None, [
-            f"missing {missing[:4]}{'...' if len(missing) > 4 else ''}" if missing else "",
-            f"unexpected {extra[:4]}{'...' if len(extra) > 4 else ''}" if extra else "",
-            ", ".join(f"{k}: weights {tuple(got[k])} vs config {tuple(want[k])}" for k in bad[:4])]))
+        detail = "; ".join(
+            filter(
+                None,
+                [
+                    f"missing {missing[:4]}{'...' if len(missing) > 4 else ''}" if missing else "",
+                    f"unexpected {extra[:4]}{'...' if len(extra) > 4 else ''}" if extra else "",
+                    ", ".join(f"{k}: weights {tuple(got[k])} vs config {tuple(want[k])}" for k in bad[:4]),
+                ],
+            )
+        )
         raise ConfigError(f"{where}: weights do not match the Refiner config ({detail})")
 
 

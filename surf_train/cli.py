@@ -1,6 +1,7 @@
 """Hydra entry points of the pair writers: `surf-make-pairs` and `surf-make-video-pairs` (console scripts), also
 run by data_prep/make_pairs.py and data_prep/make_video_pairs.py. Configs come from surf_train.CONF_DIR, so they
 work from any directory in a checkout, an editable install or a wheel."""
+
 import logging
 import sys
 

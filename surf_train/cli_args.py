@@ -1,9 +1,11 @@
 """Command-line flags from a settings dataclass (the non-Hydra CLIs): one flag a field, its help the field's comment.
 
 `--name-with-dashes` sets field `name_with_dashes`; the default is the field's; `T | None` parses as T; a bool that
-defaults to True is turned off by `--no-name` (help: "off: <comment>"), one that defaults to False on by `--name`; `list[T]` takes one or
+defaults to True is turned off by `--no-name` (help: "off: <comment>"), one that defaults to False on by `--name`;
+`list[T]` takes one or
 more values. Per-field keyword arguments of `add_argument` override any of this (`flag=` renames the flag).
 """
+
 from __future__ import annotations
 
 import argparse

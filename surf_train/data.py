@@ -4,16 +4,17 @@ Training is an endless stream of shards drawn with replacement, cut to the same 
 epoch on every rank: uneven per-rank sample counts hang DDP (DESIGN 5). Validation is a fixed set
 held in memory. Entries are decoded by `decode_sample` only, so nothing in a shard is unpickled.
 """
+
 from __future__ import annotations
 
 import glob
 import logging
 import multiprocessing
 import random
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Iterable, Iterator, Mapping, Sequence
 
 import lightning.pytorch as pl
 import torch
@@ -50,8 +51,9 @@ class DataConfig:
     def __post_init__(self):
         if self.sources is not None:
             if not isinstance(self.sources, Mapping) or not self.sources:
-                raise ConfigError(f"data.sources must be a non-empty mapping name -> {{shards, weight}}, "
-                                  f"got {self.sources!r}")
+                raise ConfigError(
+                    f"data.sources must be a non-empty mapping name -> {{shards, weight}}, got {self.sources!r}"
+                )
             for name, src in self.sources.items():
                 if not isinstance(src, Mapping) or "shards" not in src or set(src) - {"shards", "weight"}:
                     raise ConfigError(f"data.sources.{name}: expected {{shards: ..., weight: ...}}, got {src!r}")
@@ -59,8 +61,13 @@ class DataConfig:
                     raise ConfigError(f"data.sources.{name}.weight must be a number > 0, got {src.get('weight')!r}")
         elif self.shards is None:
             raise ConfigError("give data.shards (one pair directory) or data.sources (several, with weights)")
-        for name, low in (("val_holdout", 0), ("val_samples", 0), ("batch_size", 1), ("num_workers", 0),
-                          ("shuffle_buffer", 0)):
+        for name, low in (
+            ("val_holdout", 0),
+            ("val_samples", 0),
+            ("batch_size", 1),
+            ("num_workers", 0),
+            ("shuffle_buffer", 0),
+        ):
             if getattr(self, name) < low:
                 raise ConfigError(f"data.{name} must be >= {low}, got {getattr(self, name)}")
         for name in ("samples_per_epoch", "crop_frames"):
@@ -109,11 +116,13 @@ def split_shards(cfg: DataConfig) -> tuple[dict[str, list[Path]], dict[str, list
             val[name] = [p for p in shards if p in set(val_given)]
         else:
             k = cfg.val_holdout if cfg.val_samples else 0
-            train[name], val[name] = shards[:len(shards) - k], shards[len(shards) - k:]
+            train[name], val[name] = shards[: len(shards) - k], shards[len(shards) - k :]
         if not train[name]:
-            raise ConfigError(f"holding out {len(val[name])} validation shard(s) leaves no training shards among "
-                              f"the {len(shards)} matching {what}={spec!r}; lower data.val_holdout or set "
-                              f"data.val_shards")
+            raise ConfigError(
+                f"holding out {len(val[name])} validation shard(s) leaves no training shards among "
+                f"the {len(shards)} matching {what}={spec!r}; lower data.val_holdout or set "
+                f"data.val_shards"
+            )
     if val_given is not None:
         matched = {p for ps in val.values() for p in ps}
         val[""] = val.get("", []) + [p for p in val_given if p not in matched]
@@ -128,8 +137,9 @@ def collate(samples: Sequence[dict]) -> dict:
     batch = {name: torch.stack([s[name] for s in samples]).float() for name in ("preview", "target")}
     if "text" in samples[0]:
         n = max(s["text"].shape[0] for s in samples)
-        batch["text"] = torch.stack([torch.nn.functional.pad(s["text"], (0, 0, 0, n - s["text"].shape[0]))
-                                     for s in samples]).float()  # (B, L, D)
+        batch["text"] = torch.stack(
+            [torch.nn.functional.pad(s["text"], (0, 0, 0, n - s["text"].shape[0])) for s in samples]
+        ).float()  # (B, L, D)
     batch["keys"] = [s["key"] for s in samples]
     batch["meta"] = [s["meta"] for s in samples]
     return batch
@@ -156,7 +166,7 @@ def crop(sample: dict, frames: int, start: int) -> dict:
     """Frames [start, start + frames) of preview and target (axis 1 of (C, F, h, w)); text unchanged."""
     out = {**sample, "meta": {**sample["meta"], "crop": [start, start + frames]}}
     for name in ("preview", "target"):
-        out[name] = sample[name][:, start:start + frames]
+        out[name] = sample[name][:, start : start + frames]
     return out
 
 
@@ -167,8 +177,10 @@ def prepare(raw: dict, keep_text: bool = True, sources: dict[str, str] | None = 
     if sources:
         s["meta"]["data_source"] = sources.get(raw.get("__url__"), "?")
     if s["preview"].ndim != 4 or s["target"].ndim != 4 or s["preview"].shape[:2] != s["target"].shape[:2]:
-        raise ShardError(f"{raw.get('__url__', '?')}: sample {s['key']}: preview {tuple(s['preview'].shape)} and "
-                         f"target {tuple(s['target'].shape)} must be (C, F, h, w) and (C, F, H, W)")
+        raise ShardError(
+            f"{raw.get('__url__', '?')}: sample {s['key']}: preview {tuple(s['preview'].shape)} and "
+            f"target {tuple(s['target'].shape)} must be (C, F, h, w) and (C, F, H, W)"
+        )
     if not keep_text:
         s.pop("text", None)
     return s
@@ -177,8 +189,7 @@ def prepare(raw: dict, keep_text: bool = True, sources: dict[str, str] | None = 
 class _Stream:
     """Per-worker state of the training stream: seeds, the current epoch, shards found corrupt."""
 
-    def __init__(self, urls: list[str], seed: int, rank: int, skipped, skip: bool,
-                 weights: list[float] | None = None):
+    def __init__(self, urls: list[str], seed: int, rank: int, skipped, skip: bool, weights: list[float] | None = None):
         self.urls, self.seed, self.rank, self.skipped, self.skip = urls, seed, rank, skipped, skip
         self.weights = weights  # per url: draw probabilities of mixed sources; None: uniform
         self.epoch = 0
@@ -202,8 +213,13 @@ class _Stream:
         text = " ".join(str(a) for a in exn.args)
         url = next((u for u in self.urls if u in text), "?")
         self.bad.add(url)
-        log.warning("skipped corrupt shard %s (%d skipped so far): %s: %s", url, self._count(),
-                    type(exn).__name__, exn.args[0] if exn.args else "")
+        log.warning(
+            "skipped corrupt shard %s (%d skipped so far): %s: %s",
+            url,
+            self._count(),
+            type(exn).__name__,
+            exn.args[0] if exn.args else "",
+        )
         return True
 
     def on_sample_error(self, exn: Exception) -> bool:
@@ -232,8 +248,10 @@ class _Shards(IterableDataset):
             if not ok:
                 raise ShardError(f"all {len(st.urls)} training shards are corrupt, e.g. {st.urls[0]}")
             if st.since_good > limit:
-                raise ShardError(f"no readable sample in the last {limit} shards drawn from {len(st.urls)} "
-                                 f"training shards, e.g. {st.urls[0]}")
+                raise ShardError(
+                    f"no readable sample in the last {limit} shards drawn from {len(st.urls)} "
+                    f"training shards, e.g. {st.urls[0]}"
+                )
             st.since_good += 1
             yield {"url": rng.choices(ok, weights=okw)[0] if okw else rng.choice(ok)}
 
@@ -339,8 +357,13 @@ class PairDataModule(pl.LightningDataModule):
             w = {name: float(self.cfg.sources[name].get("weight", 1.0)) for name in sources}
             self.shard_weights = [w[n] / self.source_samples[n] for n, shards in sources.items() for _ in shards]
             self.shard_source = {str(p): n for part in (sources, val) for n, ps in part.items() for p in ps if n}
-            log.info("mixing %s", ", ".join(f"{n} (weight {w[n]:g}, {self.source_samples[n]} samples in "
-                                           f"{len(sources[n])} shards)" for n in sources))
+            log.info(
+                "mixing %s",
+                ", ".join(
+                    f"{n} (weight {w[n]:g}, {self.source_samples[n]} samples in {len(sources[n])} shards)"
+                    for n in sources
+                ),
+            )
         self._ready = True
 
     def _keys(self, path: Path) -> list[str] | None:
@@ -376,17 +399,27 @@ class PairDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> wds.WebLoader:
         self.setup()
         cfg, (rank, _) = self.cfg, self.rank_world()
-        stream = _Stream([str(p) for p in self.train_shards], cfg.seed, rank, self._skipped, cfg.skip_corrupt,
-                         self.shard_weights)
-        stages = [_Shards(stream), wds.tarfile_to_samples(handler=stream.on_shard_error),
-                  partial(_decoded, stream=stream, keep_text=cfg.text, sources=self.shard_source)]
+        stream = _Stream(
+            [str(p) for p in self.train_shards], cfg.seed, rank, self._skipped, cfg.skip_corrupt, self.shard_weights
+        )
+        stages = [
+            _Shards(stream),
+            wds.tarfile_to_samples(handler=stream.on_shard_error),
+            partial(_decoded, stream=stream, keep_text=cfg.text, sources=self.shard_source),
+        ]
         if cfg.crop_frames:
             stages.append(partial(_cropped, stream=stream, frames=cfg.crop_frames))
         if cfg.shuffle_buffer > 1:
             stages.append(partial(_shuffled, stream=stream, bufsize=cfg.shuffle_buffer))
         stages.append(partial(group_batches, batch_size=cfg.batch_size))
-        loader = _TrainLoader(wds.DataPipeline(*stages), stream, self._epoch, batch_size=None,
-                              num_workers=cfg.num_workers, persistent_workers=False)
+        loader = _TrainLoader(
+            wds.DataPipeline(*stages),
+            stream,
+            self._epoch,
+            batch_size=None,
+            num_workers=cfg.num_workers,
+            persistent_workers=False,
+        )
         return loader.with_epoch(self.steps_per_epoch).with_length(self.steps_per_epoch, silent=True)
 
     def val_set(self) -> list[dict]:
@@ -400,19 +433,23 @@ class PairDataModule(pl.LightningDataModule):
         cfg = self.cfg
         if not cfg.val_samples or not self.val_shards:
             return []
-        index = sorted((k, p) for p in self.val_shards for k in (self._keys(p) or []))[:cfg.val_samples]
+        index = sorted((k, p) for p in self.val_shards for k in (self._keys(p) or []))[: cfg.val_samples]
         wanted = {k for k, _ in index}
         urls = sorted({str(p) for _, p in index})
         if not urls:  # every validation shard was corrupt and skipped (else _keys raised, naming it)
-            log.warning("no readable validation sample in the %d validation shard(s): validation is skipped",
-                        len(self.val_shards))
+            log.warning(
+                "no readable validation sample in the %d validation shard(s): validation is skipped",
+                len(self.val_shards),
+            )
             return []
         # the training stream's error handling, without resampling: shards in order, each read once
         stream = _Stream(urls, cfg.seed, 0, self._skipped, cfg.skip_corrupt)
-        raw = wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples(handler=stream.on_shard_error),
-                               wds.select(lambda r: r["__key__"] in wanted),
-                               wds.map(partial(prepare, keep_text=cfg.text, sources=self.shard_source),
-                                       handler=stream.on_sample_error))
+        raw = wds.DataPipeline(
+            wds.SimpleShardList(urls),
+            wds.tarfile_to_samples(handler=stream.on_shard_error),
+            wds.select(lambda r: r["__key__"] in wanted),
+            wds.map(partial(prepare, keep_text=cfg.text, sources=self.shard_source), handler=stream.on_sample_error),
+        )
         got = {}
         for s in raw:
             n = s["target"].shape[1]  # the first window, so that validation is deterministic
@@ -428,5 +465,5 @@ class PairDataModule(pl.LightningDataModule):
         for s in samples:
             buckets.setdefault(shape_key(s), []).append(s)
         bs = self.cfg.batch_size
-        batches = [collate(b[i:i + bs]) for b in buckets.values() for i in range(0, len(b), bs)]
+        batches = [collate(b[i : i + bs]) for b in buckets.values() for i in range(0, len(b), bs)]
         return DataLoader(_Batches(batches), batch_size=None, shuffle=False, num_workers=0)

@@ -5,6 +5,7 @@ size (random kernel) -> Gaussian noise -> JPEG compression per frame. The previe
 Gaussian blur and noise. Parameters are drawn per clip from configurable ranges with a seeded generator,
 so a clip's preview is reproducible from (seed, key), and the drawn values go into the sample metadata.
 """
+
 from __future__ import annotations
 
 import io
@@ -21,6 +22,7 @@ from surf_train.sampling import DOWN_MODES, resize_latent
 @dataclass
 class DegradeConfig:
     """Ranges [low, high] that each clip's degradation parameters are drawn from (uniformly)."""
+
     blur_prob: float = 0.7
     blur_sigma: tuple[float, float] = (0.4, 2.0)  # pixels at the target size
     down_modes: tuple[str, ...] = DOWN_MODES  # downscale kernel, one drawn per clip
@@ -32,7 +34,7 @@ class DegradeConfig:
     latent_noise: tuple[float, float] = (0.0, 0.05)  # std in normalised latent units
 
     @classmethod
-    def from_dict(cls, d: dict | None) -> "DegradeConfig":
+    def from_dict(cls, d: dict | None) -> DegradeConfig:
         d = known_keys(d, cls, "degrade")
         c = cls(**{k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in d.items()})
         c.validate()
@@ -62,15 +64,22 @@ def _u(gen: torch.Generator, lo: float, hi: float) -> float:
 
 def sample_params(cfg: DegradeConfig, gen: torch.Generator) -> dict:
     """One clip's degradation: every draw happens (fixed order), so each value depends only on the seed."""
-    on = {k: float(torch.rand((), generator=gen, dtype=torch.float64)) < getattr(cfg, f"{k}_prob")
-          for k in ("blur", "noise", "jpeg")}
+    on = {
+        k: float(torch.rand((), generator=gen, dtype=torch.float64)) < getattr(cfg, f"{k}_prob")
+        for k in ("blur", "noise", "jpeg")
+    }
     blur = _u(gen, *cfg.blur_sigma)
     mode = cfg.down_modes[int(torch.randint(len(cfg.down_modes), (), generator=gen))]
     noise = _u(gen, *cfg.noise_std)
     q = int(torch.randint(cfg.jpeg_quality[0], cfg.jpeg_quality[1] + 1, (), generator=gen))
-    return {"blur_sigma": blur if on["blur"] else 0.0, "down": mode, "noise_std": noise if on["noise"] else 0.0,
-            "jpeg_quality": q if on["jpeg"] else None, "latent_blur": _u(gen, *cfg.latent_blur),
-            "latent_noise": _u(gen, *cfg.latent_noise)}
+    return {
+        "blur_sigma": blur if on["blur"] else 0.0,
+        "down": mode,
+        "noise_std": noise if on["noise"] else 0.0,
+        "jpeg_quality": q if on["jpeg"] else None,
+        "latent_blur": _u(gen, *cfg.latent_blur),
+        "latent_noise": _u(gen, *cfg.latent_noise),
+    }
 
 
 def jpeg(video: torch.Tensor, quality: int) -> torch.Tensor:

@@ -1,4 +1,5 @@
 """Rank and world size from the launcher's environment (torchrun or SLURM), without a process group."""
+
 from __future__ import annotations
 
 import os

@@ -6,7 +6,8 @@ For N (caption, seed) pairs the base model's native-resolution generation is the
   upsampled   the SURF preview upsampled to native size in latent space (trilinear)
   surf        that preview refined by the exported Refiner (K steps)
 Metrics per clip: PSNR and SSIM against the reference (low-resolution outputs against the reference
-area-downsampled to their size; identical clips score 99 dB), object position error against the reference's detected centres (mean
+area-downsampled to their size; identical clips score 99 dB), object position error against the reference's detected
+centres (mean
 over frames, fractions of the frame; a frame where only one of the two shows the object counts 0.5), colour /
 shape / direction / background match with the caption, speed error against the reference, measured
 seconds and analytic FLOPs per clip. Paired differences between methods get 95% bootstrap intervals
@@ -15,6 +16,7 @@ over clips. Writes results.json, table.md and fidelity_vs_cost.png to --out-dir.
     python -m surf_train.evaluate --n 64 --refiner runs/tiny/refiner
     python -m surf_train.evaluate --n 16 --refiner none --switches 2 5 10
 """
+
 from __future__ import annotations
 
 import argparse
@@ -93,8 +95,9 @@ def _methods(cfg: EvalConfig) -> list[str]:
     return names + ["upsampled"] + (["surf"] if cfg.refiner != "none" else [])
 
 
-def _clip_metrics(video: torch.Tensor, ref_video: torch.Tensor, ref_det, caption: str,
-                  preview_hw: tuple[int, int] | None = None) -> dict[str, float]:
+def _clip_metrics(
+    video: torch.Tensor, ref_video: torch.Tensor, ref_det, caption: str, preview_hw: tuple[int, int] | None = None
+) -> dict[str, float]:
     """Metrics of one (3, F, h, w) clip against the (3, F, H, W) reference and its detection.
 
     `psnr` is on the clip's own grid; `psnr_lo` on the preview grid `preview_hw` (both area-pooled to
@@ -114,23 +117,28 @@ def _clip_metrics(video: torch.Tensor, ref_video: torch.Tensor, ref_det, caption
     m = det.matches(caption)
     psnr = lambda x, y: min(PSNR_CAP, float(peak_signal_noise_ratio(x, y, data_range=2.0)))
     pool = lambda x: F.adaptive_avg_pool2d(x, preview_hw or x.shape[-2:])
-    return {"psnr": psnr(a, b), "psnr_lo": psnr(pool(a), pool(b)),
-            "ssim": float(structural_similarity_index_measure(a, b, data_range=2.0, kernel_size=7, sigma=1.0)),
-            "pos_err": float(np.where(np.isnan(gap), MISSING, gap).mean()),
-            **{k: float(v) for k, v in m.items()},
-            "all3": float(m["colour"] and m["shape"] and m["direction"]),
-            "speed_err": abs(det.speed - ref_det.speed)}
+    return {
+        "psnr": psnr(a, b),
+        "psnr_lo": psnr(pool(a), pool(b)),
+        "ssim": float(structural_similarity_index_measure(a, b, data_range=2.0, kernel_size=7, sigma=1.0)),
+        "pos_err": float(np.where(np.isnan(gap), MISSING, gap).mean()),
+        **{k: float(v) for k, v in m.items()},
+        "all3": float(m["colour"] and m["shape"] and m["direction"]),
+        "speed_err": abs(det.speed - ref_det.speed),
+    }
 
 
 def _call_flops(model: BaseModel, lat_shape: tuple[int, ...], guidance: float | None) -> int:
     from surf_train.flops import total, wan_flops
 
     if model.spec.family != "wan":
-        raise ConfigError(f"the evaluation's FLOPs model covers Wan-family base models; {model.spec.name} is "
-                          f"{model.spec.family}")
+        raise ConfigError(
+            f"the evaluation's FLOPs model covers Wan-family base models; {model.spec.name} is {model.spec.family}"
+        )
     g = model.spec.guidance if guidance is None else guidance
-    return (2 if g != 1.0 else 1) * total(wan_flops(model.pipe.transformer.config, lat_shape,
-                                                     model.spec.max_sequence_length))
+    return (2 if g != 1.0 else 1) * total(
+        wan_flops(model.pipe.transformer.config, lat_shape, model.spec.max_sequence_length)
+    )
 
 
 def evaluate(cfg: EvalConfig) -> dict:
@@ -145,8 +153,10 @@ def evaluate(cfg: EvalConfig) -> dict:
     net, bridge = None, {}
     if cfg.refiner != "none":
         if not Path(cfg.refiner).is_dir():
-            raise ConfigError(f"--refiner {cfg.refiner}: no exported Refiner there; run `make demo` (or "
-                              f"python -m surf_train.export) first, or pass --refiner none")
+            raise ConfigError(
+                f"--refiner {cfg.refiner}: no exported Refiner there; run `make demo` (or "
+                f"python -m surf_train.export) first, or pass --refiner none"
+            )
         net, meta = load_refiner(cfg.refiner)
         bridge = meta.get("bridge", {})
         warning = check_base(meta, spec, f"Refiner {cfg.refiner}")
@@ -166,7 +176,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     names = _methods(cfg)
     per: dict[str, list[dict]] = {m: [] for m in names}
     for i0 in tqdm(range(0, cfg.n, cfg.batch), desc="evaluate", unit="batch", disable=not cfg.progress):
-        ps = prompts[i0:i0 + cfg.batch]
+        ps = prompts[i0 : i0 + cfg.batch]
         b = len(ps)
         gens = [torch.Generator().manual_seed(cfg.seed + i0 + j) for j in range(b)]
         noise = torch.stack([torch.randn(c, f_lat, *hi, generator=g) for g in gens])
@@ -184,15 +194,21 @@ def evaluate(cfg: EvalConfig) -> dict:
         latents = {"reference": x}
         cost = {"reference": (rec.seconds(), cfg.steps * flops_hi)}
         # direct low-resolution generation = `pool` at switch 0: downsampled noise, resolution-shifted schedule
-        for name, k, rule in [("direct", 0, "pool")] + [(f"{r}@{k}", k, r) for k in cfg.switches for r in cfg.rules] + \
-                [(f"{cfg.surf_rule}@{cfg.surf_switch}", cfg.surf_switch, cfg.surf_rule)]:
+        for name, k, rule in (
+            [("direct", 0, "pool")]
+            + [(f"{r}@{k}", k, r) for k in cfg.switches for r in cfg.rules]
+            + [(f"{cfg.surf_rule}@{cfg.surf_switch}", cfg.surf_switch, cfg.surf_rule)]
+        ):
             if name in latents:
                 continue
             plan = PreviewPlan(schedule, switch=k, preview_size=lo, rule=rule)
             r2 = Recorder(vel)
             latents[name] = finish_preview(r2, noise if k == 0 else kept[k], plan, fresh)
             n_lo = sum(1 for s, _ in r2.calls if s == lo)
-            cost[name] = (rec.seconds(k) + r2.seconds(), k * flops_hi + n_lo * flops_lo + (len(r2.calls) - n_lo) * flops_hi)
+            cost[name] = (
+                rec.seconds(k) + r2.seconds(),
+                k * flops_hi + n_lo * flops_lo + (len(r2.calls) - n_lo) * flops_hi,
+            )
         surf_name = f"{cfg.surf_rule}@{cfg.surf_switch}"
         t0 = time.perf_counter()
         x_up = upsample(latents[surf_name], hi, bridge.get("up_mode", "bilinear"))
@@ -202,11 +218,12 @@ def evaluate(cfg: EvalConfig) -> dict:
             text = cond.embeds.float() if net.cfg.text_dim else None
             t0 = time.perf_counter()
             with torch.no_grad():
-                latents["surf"] = refine(net, x_up, k_ref,
-                                         float(bridge.get("sigma_aug_eval", 0.0)), text, gens[0])
+                latents["surf"] = refine(net, x_up, k_ref, float(bridge.get("sigma_aug_eval", 0.0)), text, gens[0])
             text_len = spec.max_sequence_length if net.cfg.text_dim else 0
-            cost["surf"] = (cost["upsampled"][0] + time.perf_counter() - t0,
-                            cost[surf_name][1] + k_ref * total(refiner_flops(net.cfg, (c, f_lat, *hi), text_len)))
+            cost["surf"] = (
+                cost["upsampled"][0] + time.perf_counter() - t0,
+                cost[surf_name][1] + k_ref * total(refiner_flops(net.cfg, (c, f_lat, *hi), text_len)),
+            )
         videos = {m: model.vae_decode(latents[m]) for m in names}
         for j, p in enumerate(ps):
             ref_det = detect(videos["reference"][j])
@@ -248,45 +265,75 @@ def summarise(cfg: EvalConfig, per: dict[str, list[dict]], names: list[str], pro
     for a, b, metric in comparisons(cfg, names):
         d = arr[a][metric] - arr[b][metric]
         lo, hi = bootstrap_ci(d, cfg.bootstrap)
-        diffs.append(dict(a=a, b=b, metric=metric, mean=round(float(d.mean()), 4), ci95=[round(lo, 4), round(hi, 4)],
-                          separated=bool(lo > 0 or hi < 0)))
-    return {"config": asdict(cfg), "n": len(prompts), "methods": methods, "paired": diffs,
-            "per_clip": {m: per[m] for m in names}}
+        diffs.append(
+            dict(
+                a=a,
+                b=b,
+                metric=metric,
+                mean=round(float(d.mean()), 4),
+                ci95=[round(lo, 4), round(hi, 4)],
+                separated=bool(lo > 0 or hi < 0),
+            )
+        )
+    return {
+        "config": asdict(cfg),
+        "n": len(prompts),
+        "methods": methods,
+        "paired": diffs,
+        "per_clip": {m: per[m] for m in names},
+    }
 
 
 def format_table(result: dict) -> str:
     cfg = result["config"]
-    lines = [f"N = {result['n']} (caption, seed) pairs, {cfg['steps']} steps, base `{cfg['base']}`; "
-             f"SURF = Refiner on `{cfg['surf_rule']}@{cfg['surf_switch']}`. Position and speed errors are fractions "
-             f"of the frame; match rates against the caption.", "",
-             "PSNR and SSIM are on each method's own grid (previews at the preview size, against the reference "
-             "area-pooled to it); PSNR@preview is every method and the reference area-pooled to the preview grid.", "",
-             "| method | PSNR dB | PSNR@preview dB | SSIM | position err | colour | shape | direction | all 3 | speed err "
-             "| GFLOPs | ms/clip |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"N = {result['n']} (caption, seed) pairs, {cfg['steps']} steps, base `{cfg['base']}`; "
+        f"SURF = Refiner on `{cfg['surf_rule']}@{cfg['surf_switch']}`. Position and speed errors are fractions "
+        f"of the frame; match rates against the caption.",
+        "",
+        "PSNR and SSIM are on each method's own grid (previews at the preview size, against the reference "
+        "area-pooled to it); PSNR@preview is every method and the reference area-pooled to the preview grid.",
+        "",
+        "| method | PSNR dB | PSNR@preview dB | SSIM | position err | colour | shape | direction | all 3 | speed err "
+        "| GFLOPs | ms/clip |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for m, v in result["methods"].items():
         psnr, psnr_lo = ("ref", "ref") if m == "reference" else (f"{v['psnr']:.2f}", f"{v['psnr_lo']:.2f}")
-        lines.append(f"| {m} | {psnr} | {psnr_lo} | {v['ssim']:.3f} | {v['pos_err']:.4f} | {v['colour']:.2f} | {v['shape']:.2f} | "
-                     f"{v['direction']:.2f} | {v['all3']:.2f} | {v['speed_err']:.4f} | {v['gflops']:.2f} | "
-                     f"{1000 * v['seconds']:.0f} |")
-    lines += ["", "Paired differences (a - b, mean over clips, 95% bootstrap interval; lower is better for position "
-              "error, higher for PSNR/SSIM):", "", "| a | b | metric | mean | 95% CI | CI excludes 0 |", "|---|---|---|---|---|---|"]
+        lines.append(
+            f"| {m} | {psnr} | {psnr_lo} | {v['ssim']:.3f} | {v['pos_err']:.4f} | {v['colour']:.2f} | "
+            f"{v['shape']:.2f} | {v['direction']:.2f} | {v['all3']:.2f} | {v['speed_err']:.4f} | {v['gflops']:.2f} | "
+            f"{1000 * v['seconds']:.0f} |"
+        )
+    lines += [
+        "",
+        "Paired differences (a - b, mean over clips, 95% bootstrap interval; lower is better for position "
+        "error, higher for PSNR/SSIM):",
+        "",
+        "| a | b | metric | mean | 95% CI | CI excludes 0 |",
+        "|---|---|---|---|---|---|",
+    ]
     for d in result["paired"]:
-        lines.append(f"| {d['a']} | {d['b']} | {d['metric']} | {d['mean']:+.4f} | [{d['ci95'][0]:+.4f}, "
-                     f"{d['ci95'][1]:+.4f}] | {'yes' if d['separated'] else 'no'} |")
+        lines.append(
+            f"| {d['a']} | {d['b']} | {d['metric']} | {d['mean']:+.4f} | [{d['ci95'][0]:+.4f}, "
+            f"{d['ci95'][1]:+.4f}] | {'yes' if d['separated'] else 'no'} |"
+        )
     return "\n".join(lines) + "\n"
 
 
 def plot(result: dict, path: Path) -> None:
     """Position error and PSNR versus GFLOPs per clip, one line per rule across switch steps."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     cfg, meth = result["config"], result["methods"]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, metric, label in ((axes[0], "pos_err", "object position error (frac. of frame)"),
-                              (axes[1], "psnr_lo", "PSNR vs reference on the preview grid (dB)")):
+    for ax, metric, label in (
+        (axes[0], "pos_err", "object position error (frac. of frame)"),
+        (axes[1], "psnr_lo", "PSNR vs reference on the preview grid (dB)"),
+    ):
         for r in cfg["rules"]:
             pts = sorted((meth[f"{r}@{k}"]["gflops"], meth[f"{r}@{k}"][metric], k) for k in cfg["switches"])
             ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=f"preview, {r}")
@@ -320,8 +367,9 @@ def write_outputs(cfg: EvalConfig, result: dict) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> EvalConfig:
-    ap = argparse.ArgumentParser(prog="python -m surf_train.evaluate", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m surf_train.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_fields(ap, EvalConfig, rules={"help": f"re-noise rules to compare, from {list(RULES)}"})
     return from_args(EvalConfig, ap.parse_args(argv))
 
@@ -331,7 +379,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         result = evaluate(cfg)
     except ConfigError as e:
-        raise SystemExit(f"error: {e}")
+        raise SystemExit(f"error: {e}") from None
     print(format_table(result))
     print(f"wrote {cfg.out_dir}/table.md, results.json and fidelity_vs_cost.png")
 

@@ -14,6 +14,7 @@ forwards made, blocks the cache skipped left out). Writes accel.json, accel.md a
 
     python -m surf_train.evaluate_accel --n 128 --out-dir benchmarks/results/accel   # the shipped table
 """
+
 from __future__ import annotations
 
 import argparse
@@ -56,11 +57,16 @@ class AccelEvalConfig:
     def check(self) -> None:
         if self.n < 2 or self.batch < 1:
             raise ConfigError(f"--n must be at least 2 (got {self.n}) and --batch at least 1 (got {self.batch})")
-        if not 0 < self.switch < self.steps or not 1 <= self.fewer_steps <= self.steps \
-                or not 0 <= self.cfg_stop <= self.steps:
-            raise ConfigError(f"need 0 < switch < steps, 1 <= fewer-steps <= steps and 0 <= cfg-stop <= steps; got "
-                              f"switch {self.switch}, steps {self.steps}, fewer-steps {self.fewer_steps}, "
-                              f"cfg-stop {self.cfg_stop}")
+        if (
+            not 0 < self.switch < self.steps
+            or not 1 <= self.fewer_steps <= self.steps
+            or not 0 <= self.cfg_stop <= self.steps
+        ):
+            raise ConfigError(
+                f"need 0 < switch < steps, 1 <= fewer-steps <= steps and 0 <= cfg-stop <= steps; got "
+                f"switch {self.switch}, steps {self.steps}, fewer-steps {self.fewer_steps}, "
+                f"cfg-stop {self.cfg_stop}"
+            )
         if not Path(self.refiner).is_dir():
             raise ConfigError(f"--refiner {self.refiner}: no exported Refiner there; run `make demo` first")
 
@@ -80,15 +86,17 @@ def methods(cfg: AccelEvalConfig) -> list[Method]:
     stop, cache_stop = Acceleration(cfg_stop=cfg.cfg_stop), Acceleration(cfg.cache_threshold, cfg.cfg_stop)
     # about the same share of steps before the switch, halves rounded up (round() would give 5 * 10 / 20 -> 2)
     k_few = max(1, int(cfg.switch * cfg.fewer_steps / cfg.steps + 0.5))
-    out = [Method("baseline", False, cfg.steps, cfg.steps, Acceleration()),
-           Method("baseline+cache", False, cfg.steps, cfg.steps, cache),
-           Method("surf", True, cfg.steps, cfg.switch, Acceleration()),
-           Method("surf+cache", True, cfg.steps, cfg.switch, cache),
-           Method("surf+cfg-low", True, cfg.steps, cfg.switch, low),
-           Method("surf+cache+cfg-low", True, cfg.steps, cfg.switch, both),
-           Method("surf+cfg-stop", True, cfg.steps, cfg.switch, stop),
-           Method("surf+cache+cfg-stop", True, cfg.steps, cfg.switch, cache_stop),
-           Method(f"surf@{cfg.fewer_steps}", True, cfg.fewer_steps, k_few, Acceleration())]
+    out = [
+        Method("baseline", False, cfg.steps, cfg.steps, Acceleration()),
+        Method("baseline+cache", False, cfg.steps, cfg.steps, cache),
+        Method("surf", True, cfg.steps, cfg.switch, Acceleration()),
+        Method("surf+cache", True, cfg.steps, cfg.switch, cache),
+        Method("surf+cfg-low", True, cfg.steps, cfg.switch, low),
+        Method("surf+cache+cfg-low", True, cfg.steps, cfg.switch, both),
+        Method("surf+cfg-stop", True, cfg.steps, cfg.switch, stop),
+        Method("surf+cache+cfg-stop", True, cfg.steps, cfg.switch, cache_stop),
+        Method(f"surf@{cfg.fewer_steps}", True, cfg.fewer_steps, k_few, Acceleration()),
+    ]
     if cfg.methods:
         unknown = sorted(set(cfg.methods) - {m.name for m in out})
         if unknown:
@@ -123,14 +131,14 @@ def evaluate_accel(cfg: AccelEvalConfig) -> dict:
     seconds = {m.name: [] for m in ms}  # per batch
     blocks = {m.name: [] for m in ms}
     for bi, i0 in enumerate(tqdm(range(0, cfg.n, cfg.batch), desc="accel", unit="batch", disable=not cfg.progress)):
-        ps = prompts[i0:i0 + cfg.batch]
+        ps = prompts[i0 : i0 + cfg.batch]
         gens = [torch.Generator().manual_seed(cfg.seed + i0 + j) for j in range(len(ps))]
         noise = torch.stack([torch.randn(c, f_lat, *hi, generator=g) for g in gens])
         fresh = torch.stack([torch.randn(c, f_lat, *lo, generator=g) for g in gens])
         cond = model.encode_prompt(ps)
         text = cond.embeds.float() if net.cfg.text_dim else None
         latents, gflops = {}, {}
-        order = ms[bi % len(ms):] + ms[:bi % len(ms)]  # rotated: no method always runs first or last
+        order = ms[bi % len(ms) :] + ms[: bi % len(ms)]  # rotated: no method always runs first or last
         for m in order:
             model.accelerate(m.acc)
             model.meter.reset()
@@ -146,8 +154,16 @@ def evaluate_accel(cfg: AccelEvalConfig) -> dict:
             seconds[m.name].append(time.perf_counter() - t0)
             latents[m.name] = x
             lat = {hw: (c, f_lat, *hw) for hw in model.meter.forwards}
-            done = sum(metered_flops(spec.family, model.pipe.transformer.config, lat, model.meter.forwards,
-                                     model.meter.blocks, spec.max_sequence_length).values())
+            done = sum(
+                metered_flops(
+                    spec.family,
+                    model.pipe.transformer.config,
+                    lat,
+                    model.meter.forwards,
+                    model.meter.blocks,
+                    spec.max_sequence_length,
+                ).values()
+            )
             gflops[m.name] = (done / len(ps) + (refine_flops if m.surf else 0)) / 1e9  # per clip
             blocks[m.name].append(model.meter.block_fraction(None, model.block_lists))
         model.accelerate(Acceleration())
@@ -173,12 +189,17 @@ def summarise(cfg: AccelEvalConfig, ms: list[Method], per: dict, seconds: dict, 
         t = np.array(seconds[m.name])
         idx = rng.integers(0, len(t), (cfg.bootstrap, len(t)))  # batches resampled: the wall-time ratio
         ratio = t_surf[idx].sum(1) / t[idx].sum(1)
-        row = {"ms_per_clip": round(1000 * t.sum() / n, 2), "gflops": round(float(arr["gflops"].mean()), 3),
-               "speedup_vs_surf": round(float(t_surf.sum() / t.sum()), 3),
-               "speedup_vs_surf_ci95": [round(float(np.percentile(ratio, 2.5)), 3),
-                                        round(float(np.percentile(ratio, 97.5)), 3)],
-               "blocks_run": round(float(np.mean(blocks[m.name])), 4),
-               "settings": {"steps": m.steps, "switch": m.switch if m.surf else None, **asdict(m.acc)}}
+        row = {
+            "ms_per_clip": round(1000 * t.sum() / n, 2),
+            "gflops": round(float(arr["gflops"].mean()), 3),
+            "speedup_vs_surf": round(float(t_surf.sum() / t.sum()), 3),
+            "speedup_vs_surf_ci95": [
+                round(float(np.percentile(ratio, 2.5)), 3),
+                round(float(np.percentile(ratio, 97.5)), 3),
+            ],
+            "blocks_run": round(float(np.mean(blocks[m.name])), 4),
+            "settings": {"steps": m.steps, "switch": m.switch if m.surf else None, **asdict(m.acc)},
+        }
         for k in METRICS:
             row[k] = round(float(arr[k].mean()), 4)
             d = arr[k] - np.array([r[k] for r in per["surf"]])
@@ -188,62 +209,98 @@ def summarise(cfg: AccelEvalConfig, ms: list[Method], per: dict, seconds: dict, 
         rows[m.name] = row
     # the issue's bar: >= 1.5x less wall time than SURF alone, caption match within 0.05, position within 0.01
     for name, r in rows.items():
-        r["meets_bar"] = bool(name.startswith("surf+") or name.startswith("surf@")) and \
-            r["speedup_vs_surf"] >= 1.5 and abs(r["all3_minus_surf"]) <= 0.05 and r["pos_err_minus_surf"] <= 0.01
+        r["meets_bar"] = (
+            bool(name.startswith("surf+") or name.startswith("surf@"))
+            and r["speedup_vs_surf"] >= 1.5
+            and abs(r["all3_minus_surf"]) <= 0.05
+            and r["pos_err_minus_surf"] <= 0.01
+        )
     return {"config": asdict(cfg), "n": n, "methods": rows, "per_clip": per, "seconds_per_batch": seconds}
 
 
 def format_table(result: dict) -> str:
     cfg = result["config"]
-    lines = [f"N = {result['n']} (caption, seed) pairs, base `{cfg['base']}`, {cfg['steps']} steps; SURF = Refiner on "
-             f"`{cfg['rule']}@{cfg['switch']}`; cache = FirstBlockCache threshold {cfg['cache_threshold']}. "
-             f"Reference: the plain native run. Wall time measured in this one run (batches of {cfg['batch']}, "
-             f"methods in rotated order); intervals are 95% bootstrap (clips; batches for the time ratio).", "",
-             "| method | all 3 match | vs surf | shape | direction | position err | vs surf | PSNR@preview dB | blocks run "
-             "| GFLOPs/clip | ms/clip | speedup vs surf | meets bar |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"N = {result['n']} (caption, seed) pairs, base `{cfg['base']}`, {cfg['steps']} steps; SURF = Refiner on "
+        f"`{cfg['rule']}@{cfg['switch']}`; cache = FirstBlockCache threshold {cfg['cache_threshold']}. "
+        f"Reference: the plain native run. Wall time measured in this one run (batches of {cfg['batch']}, "
+        f"methods in rotated order); intervals are 95% bootstrap (clips; batches for the time ratio).",
+        "",
+        "| method | all 3 match | vs surf | shape | direction | position err | vs surf | PSNR@preview dB | blocks run "
+        "| GFLOPs/clip | ms/clip | speedup vs surf | meets bar |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for name, r in result["methods"].items():
         clips = result["per_clip"][name]
         attr = lambda k: sum(c[k] for c in clips) / len(clips)  # which part of the caption match moves
-        ci = lambda k: f"{r[k + '_minus_surf']:+.3f} [{r[k + '_minus_surf_ci95'][0]:+.3f}, {r[k + '_minus_surf_ci95'][1]:+.3f}]"
+        ci = lambda k: (
+            f"{r[k + '_minus_surf']:+.3f} [{r[k + '_minus_surf_ci95'][0]:+.3f}, {r[k + '_minus_surf_ci95'][1]:+.3f}]"
+        )
         psnr = "ref" if name == "baseline" else f"{r['psnr_lo']:.2f}"
-        lines.append(f"| {name} | {r['all3']:.3f} | {ci('all3')} | {attr('shape'):.3f} | {attr('direction'):.3f} | "
-                     f"{r['pos_err']:.4f} | {ci('pos_err')} | {psnr} | "
-                     f"{r['blocks_run']:.2f} | {r['gflops']:.2f} | {r['ms_per_clip']:.0f} | {r['speedup_vs_surf']:.2f}x "
-                     f"[{r['speedup_vs_surf_ci95'][0]:.2f}, {r['speedup_vs_surf_ci95'][1]:.2f}] | "
-                     f"{'yes' if r['meets_bar'] else 'no'} |")
+        lines.append(
+            f"| {name} | {r['all3']:.3f} | {ci('all3')} | {attr('shape'):.3f} | {attr('direction'):.3f} | "
+            f"{r['pos_err']:.4f} | {ci('pos_err')} | {psnr} | "
+            f"{r['blocks_run']:.2f} | {r['gflops']:.2f} | {r['ms_per_clip']:.0f} | {r['speedup_vs_surf']:.2f}x "
+            f"[{r['speedup_vs_surf_ci95'][0]:.2f}, {r['speedup_vs_surf_ci95'][1]:.2f}] | "
+            f"{'yes' if r['meets_bar'] else 'no'} |"
+        )
     rows = {k: r for k, r in result["methods"].items() if k.startswith(("surf+", "surf@"))}
     met = [k for k, r in rows.items() if r["meets_bar"]]
-    fast = [f"{k} (caption {r['all3_minus_surf']:+.3f}, position {r['pos_err_minus_surf']:+.4f})"
-            for k, r in rows.items() if r["speedup_vs_surf"] >= 1.5]
-    faithful = [f"{k} ({r['speedup_vs_surf']:.2f}x)" for k, r in rows.items()
-                if abs(r["all3_minus_surf"]) <= 0.05 and r["pos_err_minus_surf"] <= 0.01]
-    lines += ["", "Bar (>= 1.5x less wall time than surf, caption match within 0.05 and position error within 0.01 of "
-              "it): " + (f"met by {', '.join(met)}." if met else
-                         f"not met. At >= 1.5x: {', '.join(fast) or 'none'}. Within both fidelity limits: "
-                         f"{', '.join(faithful) or 'none'}.")]
+    fast = [
+        f"{k} (caption {r['all3_minus_surf']:+.3f}, position {r['pos_err_minus_surf']:+.4f})"
+        for k, r in rows.items()
+        if r["speedup_vs_surf"] >= 1.5
+    ]
+    faithful = [
+        f"{k} ({r['speedup_vs_surf']:.2f}x)"
+        for k, r in rows.items()
+        if abs(r["all3_minus_surf"]) <= 0.05 and r["pos_err_minus_surf"] <= 0.01
+    ]
+    lines += [
+        "",
+        "Bar (>= 1.5x less wall time than surf, caption match within 0.05 and position error within 0.01 of "
+        "it): "
+        + (
+            f"met by {', '.join(met)}."
+            if met
+            else f"not met. At >= 1.5x: {', '.join(fast) or 'none'}. Within both fidelity limits: "
+            f"{', '.join(faithful) or 'none'}."
+        ),
+    ]
     return "\n".join(lines) + "\n"
 
 
 def plot(result: dict, path: Path) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, k, label in ((axes[0], "pos_err", "object position error vs reference"),
-                         (axes[1], "all3", "caption match (colour, shape, direction)")):
+    for ax, k, label in (
+        (axes[0], "pos_err", "object position error vs reference"),
+        (axes[1], "all3", "caption match (colour, shape, direction)"),
+    ):
         for name, r in result["methods"].items():
             d, (lo, hi) = r[f"{k}_minus_surf"], r[f"{k}_minus_surf_ci95"]  # bars: paired interval vs surf
-            ax.errorbar(r["ms_per_clip"], r[k], yerr=[[d - lo], [hi - d]], fmt="o", capsize=3,
-                        color="r" if name.startswith("surf") else "k")
+            ax.errorbar(
+                r["ms_per_clip"],
+                r[k],
+                yerr=[[d - lo], [hi - d]],
+                fmt="o",
+                capsize=3,
+                color="r" if name.startswith("surf") else "k",
+            )
             ax.annotate(name, (r["ms_per_clip"], r[k]), fontsize=7, textcoords="offset points", xytext=(3, 3))
         ax.set_xlabel("measured ms per clip (this run)")
         ax.set_ylabel(label)
         ax.set_xscale("log")
         ax.grid(alpha=0.3)
-    fig.suptitle(f"Toy world: SURF with acceleration plug-ins (N={result['n']}; bars: 95% bootstrap interval of "
-                 f"the paired difference to surf)", fontsize=10)
+    fig.suptitle(
+        f"Toy world: SURF with acceleration plug-ins (N={result['n']}; bars: 95% bootstrap interval of "
+        f"the paired difference to surf)",
+        fontsize=10,
+    )
     fig.tight_layout()
     tmp = path.with_name(f".{path.stem}.tmp.png")
     fig.savefig(tmp, dpi=110)
@@ -262,8 +319,11 @@ def write_outputs(cfg: AccelEvalConfig, result: dict) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> AccelEvalConfig:
-    ap = argparse.ArgumentParser(prog="python -m surf_train.evaluate_accel", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m surf_train.evaluate_accel",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_fields(ap, AccelEvalConfig, methods={"nargs": "*"})
     return from_args(AccelEvalConfig, ap.parse_args(argv))
 
@@ -273,7 +333,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         result = evaluate_accel(cfg)
     except ConfigError as e:
-        raise SystemExit(f"error: {e}")
+        raise SystemExit(f"error: {e}") from None
     print(format_table(result))
     print(f"wrote {cfg.out_dir}/accel.md, accel.json and accel.png")
 

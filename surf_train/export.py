@@ -9,6 +9,7 @@ the weights: bridge settings, the base model it was trained on, step, which weig
 README.md. Checkpoints are read with `weights_only=True` (nothing is unpickled); loading needs no Hydra,
 Lightning, DeepSpeed or W&B. Exports of the first format (refiner.safetensors + config.json) still load.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,8 +37,7 @@ WEIGHTS_PREFIX = "diffusion_pytorch_model"  # save_pretrained's file (or shards 
 V1_WEIGHTS = "refiner.safetensors"  # version 1: refiner.safetensors + config.json holding all metadata
 
 
-def export(ckpt: str | os.PathLike, out_dir: str | os.PathLike, weights: str = "auto",
-           dtype: str = "float32") -> Path:
+def export(ckpt: str | os.PathLike, out_dir: str | os.PathLike, weights: str = "auto", dtype: str = "float32") -> Path:
     """Write the Refiner of a training checkpoint to out_dir (atomically); returns out_dir."""
     if dtype not in DTYPES:
         raise ConfigError(f"--dtype {dtype!r}: choose from {list(DTYPES)}")
@@ -45,9 +45,18 @@ def export(ckpt: str | os.PathLike, out_dir: str | os.PathLike, weights: str = "
     tensors, weights = refiner_weights(state, weights, str(ckpt))
     cfg = refiner_config(hp["model"])
     check_weights(_shapes(cfg), shapes(tensors), str(ckpt))
-    return save_refiner(tensors, cfg, out_dir, bridge=hp.get("bridge") or {}, weights=weights, dtype=dtype,
-                        step=step, source=str(Path(ckpt).resolve()), trained_on=hp.get("trained_on"),
-                        run=_run_summary(Path(ckpt)))
+    return save_refiner(
+        tensors,
+        cfg,
+        out_dir,
+        bridge=hp.get("bridge") or {},
+        weights=weights,
+        dtype=dtype,
+        step=step,
+        source=str(Path(ckpt).resolve()),
+        trained_on=hp.get("trained_on"),
+        run=_run_summary(Path(ckpt)),
+    )
 
 
 def _run_summary(ckpt: Path) -> dict | None:
@@ -60,7 +69,8 @@ def _run_summary(ckpt: Path) -> dict | None:
 
 def _is_ours(name: str) -> bool:
     return name in (CONFIG, META, CARD, V1_WEIGHTS) or (
-        name.startswith(WEIGHTS_PREFIX) and name.endswith((".safetensors", ".safetensors.index.json")))
+        name.startswith(WEIGHTS_PREFIX) and name.endswith((".safetensors", ".safetensors.index.json"))
+    )
 
 
 def _read_meta(d: Path) -> dict | None:
@@ -85,8 +95,10 @@ def _check_out_dir(out: Path) -> None:
     if out.is_file() or (out.exists() and not out.is_dir()):
         raise ConfigError(f"output {out} is a file, not a directory")
     if out.is_dir() and any(out.iterdir()) and not is_export(out):
-        raise ConfigError(f"output {out} is a non-empty directory that is not an exported Refiner; "
-                          f"refusing to replace it (choose a new directory)")
+        raise ConfigError(
+            f"output {out} is a non-empty directory that is not an exported Refiner; "
+            f"refusing to replace it (choose a new directory)"
+        )
 
 
 def _cast(tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -99,8 +111,7 @@ def _shapes(cfg: RefinerConfig) -> dict[str, tuple[int, ...]]:
         return shapes(Refiner.from_cfg(cfg).state_dict())
 
 
-def save_refiner(tensors: dict[str, torch.Tensor], cfg: RefinerConfig, out_dir: str | os.PathLike,
-                 **meta) -> Path:
+def save_refiner(tensors: dict[str, torch.Tensor], cfg: RefinerConfig, out_dir: str | os.PathLike, **meta) -> Path:
     """Write an exported Refiner directory atomically: beside it under a temporary name, then swapped in.
 
     `meta` goes to surf.json (bridge, trained_on, step, weights, dtype (storage, default float32), ...; `run`,
@@ -148,45 +159,79 @@ def model_card(cfg: RefinerConfig, meta: dict, run: dict | None, n_params: int) 
     front = ["---", "library_name: diffusers", "tags: [surf, video, super-resolution, refiner]"]
     if base.get("id") and "/" in str(base["id"]):
         front.append(f"base_model: {base['id']}")
-    lines = [*front, "---", "", "# SURF Refiner", "",
-             "Maps an upsampled low-resolution preview latent of a frozen video DiT to its high-resolution latent "
-             "by a few Euler steps of a bridge flow (SURF, arXiv 2603.21002). Trained with `surf_train`.", "",
-             "| | |", "|---|---|"]
+    lines = [
+        *front,
+        "---",
+        "",
+        "# SURF Refiner",
+        "",
+        "Maps an upsampled low-resolution preview latent of a frozen video DiT to its high-resolution latent "
+        "by a few Euler steps of a bridge flow (SURF, arXiv 2603.21002). Trained with `surf_train`.",
+        "",
+        "| | |",
+        "|---|---|",
+    ]
     if base:
         rev = f" @ `{base['revision']}`" if base.get("revision") else ""
         lines.append(f"| base model | {base.get('name')} (`{base.get('id')}`{rev}, {base.get('family')} family) |")
     else:
         lines.append("| base model | not recorded |")
     if on.get("preview_latent"):
-        lines.append(f"| data | preview latent {on.get('preview_latent')} -> target latent {on.get('target_latent')} "
-                     f"(F, H, W; {on.get('latent_channels')} channels), preview size {on.get('preview_size')} -> "
-                     f"target size {on.get('target_size')} |")
-    lines += [f"| steps | {meta.get('step')} ({meta.get('weights', 'given')} weights, stored as {meta['dtype']}) |",
-              f"| architecture | {n_params / 1e6:.2f}M parameters: dim {cfg.dim}, depth {cfg.depth}, heads "
-              f"{cfg.heads}, window {list(cfg.window)}, patch {list(cfg.patch_size)}, text_dim {cfg.text_dim} |",
-              f"| sampler | {meta.get('bridge', {}).get('steps', 10)} Euler steps |", "", "## Validation", ""]
+        lines.append(
+            f"| data | preview latent {on.get('preview_latent')} -> target latent {on.get('target_latent')} "
+            f"(F, H, W; {on.get('latent_channels')} channels), preview size {on.get('preview_size')} -> "
+            f"target size {on.get('target_size')} |"
+        )
+    lines += [
+        f"| steps | {meta.get('step')} ({meta.get('weights', 'given')} weights, stored as {meta['dtype']}) |",
+        f"| architecture | {n_params / 1e6:.2f}M parameters: dim {cfg.dim}, depth {cfg.depth}, heads "
+        f"{cfg.heads}, window {list(cfg.window)}, patch {list(cfg.patch_size)}, text_dim {cfg.text_dim} |",
+        f"| sampler | {meta.get('bridge', {}).get('steps', 10)} Euler steps |",
+        "",
+        "## Validation",
+        "",
+    ]
     if run:
         ref, up = run.get("val_mse_refiner"), run.get("val_mse_upsample")
         ratio = f" (ratio {ref / up:.3f})" if isinstance(ref, float) and isinstance(up, float) and up > 0 else ""
-        val = (f"validation latent MSE refiner {_fmt(ref)} vs upsampled preview {_fmt(up)}{ratio}" if ref is not None
-               else "no validation")
-        lines += [f"From the run's summary.json at step {run.get('steps')}: {val}; training loss "
-                  f"{_fmt(run.get('train_loss_first'))} -> {_fmt(run.get('train_loss_last'))}. Against generated "
-                  f"pairs latent MSE is a weak signal: judge with `python -m surf_train.evaluate` too."]
+        val = (
+            f"validation latent MSE refiner {_fmt(ref)} vs upsampled preview {_fmt(up)}{ratio}"
+            if ref is not None
+            else "no validation"
+        )
+        lines += [
+            f"From the run's summary.json at step {run.get('steps')}: {val}; training loss "
+            f"{_fmt(run.get('train_loss_first'))} -> {_fmt(run.get('train_loss_last'))}. Against generated "
+            f"pairs latent MSE is a weak signal: judge with `python -m surf_train.evaluate` too."
+        ]
     else:
         lines.append("No summary.json beside the checkpoint's run: no validation figures.")
-    lines += ["", "## Use", "", "```python", "import torch", "from surf_train.refiner import Refiner", "",
-              'net = Refiner.from_pretrained("path/to/this/directory", torch_dtype=torch.bfloat16)', "```", "",
-              "or `python -m surf_train.generate --refiner path/to/this/directory --prompt \"...\"`. "
-              "`surf.json` holds the sampler settings and the base-model record that generate checks.", ""]
+    lines += [
+        "",
+        "## Use",
+        "",
+        "```python",
+        "import torch",
+        "from surf_train.refiner import Refiner",
+        "",
+        'net = Refiner.from_pretrained("path/to/this/directory", torch_dtype=torch.bfloat16)',
+        "```",
+        "",
+        'or `python -m surf_train.generate --refiner path/to/this/directory --prompt "..."`. '
+        "`surf.json` holds the sampler settings and the base-model record that generate checks.",
+        "",
+    ]
     return "\n".join(lines)
 
 
 def _file_shapes(d: Path) -> dict[str, tuple[int, ...]]:
     """Tensor shapes of save_pretrained's safetensors file(s), read from their headers (no tensor bytes)."""
     index = d / f"{WEIGHTS_PREFIX}.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() \
+    files = (
+        sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        if index.is_file()
         else [f"{WEIGHTS_PREFIX}.safetensors"]
+    )
     out = {}
     for name in files:
         with safe_open(str(d / name), framework="pt") as f:
@@ -194,8 +239,12 @@ def _file_shapes(d: Path) -> dict[str, tuple[int, ...]]:
     return out
 
 
-def load_refiner(directory: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-                 subfolder: str | None = None) -> tuple[Refiner, dict]:
+def load_refiner(
+    directory: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    subfolder: str | None = None,
+) -> tuple[Refiner, dict]:
     """Rebuild an exported Refiner (eval mode, no grad) and return it with its metadata (surf.json and
     "refiner": its config). dtype None: as stored; the modules kept in float32 stay float32."""
     d = Path(directory) / (subfolder or "")
@@ -203,8 +252,9 @@ def load_refiner(directory: str | os.PathLike, device: str | torch.device = "cpu
         return _load_v1(d, device, dtype)
     meta = _read_meta(d)
     if meta is None or not (d / CONFIG).is_file():
-        raise ConfigError(f"{d}: not an exported Refiner (needs {CONFIG} and {META}); "
-                          f"make one with python -m surf_train.export")
+        raise ConfigError(
+            f"{d}: not an exported Refiner (needs {CONFIG} and {META}); make one with python -m surf_train.export"
+        )
     try:
         config = {k: v for k, v in Refiner.load_config(d).items() if not k.startswith("_")}
         got = _file_shapes(d)
@@ -243,8 +293,7 @@ def check_base(meta: dict, spec, where: str, force: bool = False) -> str | None:
     Two families can share a channel count (Wan and HunyuanVideo: 16), so the record decides, not shapes."""
     channels = meta.get("refiner", {}).get("in_channels")
     if channels != spec.channels:
-        raise ConfigError(f"{where} works on {channels}-channel latents but base model {spec.name} has "
-                          f"{spec.channels}")
+        raise ConfigError(f"{where} works on {channels}-channel latents but base model {spec.name} has {spec.channels}")
     rec = (meta.get("trained_on") or {}).get("base")
     if not rec:
         return f"{where} records no base model (exported before the record existed): not checked"
@@ -252,23 +301,40 @@ def check_base(meta: dict, spec, where: str, force: bool = False) -> str | None:
     got = {k: rec.get(k) for k in want}
     if got != want and not force:
         diff = ", ".join(f"{k} {got[k]!r} (base {want[k]!r})" for k in want if got[k] != want[k])
-        raise ConfigError(f"{where} was trained on base model {rec.get('name')!r}, not {spec.name!r}: {diff}; "
-                          f"pass --force to use it anyway")
+        raise ConfigError(
+            f"{where} was trained on base model {rec.get('name')!r}, not {spec.name!r}: {diff}; "
+            f"pass --force to use it anyway"
+        )
     return None
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m surf_train.export", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("checkpoint", help="Lightning .ckpt file or DeepSpeed checkpoint directory "
-                                       "(e.g. runs/tiny/checkpoints/last.ckpt); with --convert: an earlier export")
+    ap = argparse.ArgumentParser(
+        prog="python -m surf_train.export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "checkpoint",
+        help="Lightning .ckpt file or DeepSpeed checkpoint directory "
+        "(e.g. runs/tiny/checkpoints/last.ckpt); with --convert: an earlier export",
+    )
     ap.add_argument("out_dir", help="output directory: new, empty, or an earlier export (which is replaced)")
-    ap.add_argument("--weights", default="auto", choices=["auto", "ema", "raw"],
-                    help="EMA or raw weights (auto: EMA when the checkpoint has it)")
-    ap.add_argument("--dtype", default="float32", choices=list(DTYPES),
-                    help="storage dtype of the weights (norms, adaLN tables and the time MLP stay float32)")
-    ap.add_argument("--convert", action="store_true",
-                    help="rewrite an export of the first format (refiner.safetensors + config.json) in this one")
+    ap.add_argument(
+        "--weights",
+        default="auto",
+        choices=["auto", "ema", "raw"],
+        help="EMA or raw weights (auto: EMA when the checkpoint has it)",
+    )
+    ap.add_argument(
+        "--dtype",
+        default="float32",
+        choices=list(DTYPES),
+        help="storage dtype of the weights (norms, adaLN tables and the time MLP stay float32)",
+    )
+    ap.add_argument(
+        "--convert",
+        action="store_true",
+        help="rewrite an export of the first format (refiner.safetensors + config.json) in this one",
+    )
     a = ap.parse_args(argv)
     try:
         out = convert(a.checkpoint, a.out_dir) if a.convert else export(a.checkpoint, a.out_dir, a.weights, a.dtype)

@@ -16,14 +16,16 @@ HunyuanVideo at 1280x720x129, untiled).
 
 `python -m surf_train.flops` prints the default table; `--help` lists the options.
 """
+
 from __future__ import annotations
 
 import argparse
 import json
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from surf_train.cli_args import add_fields, from_args
 from surf_train.errors import ConfigError
@@ -40,13 +42,33 @@ PFLOP = 1e15
 # HunyuanVideo values (checked in tests/test_flops.py), so WAN_DEFAULTS / HUNYUAN_DEFAULTS fill in
 # keys a partial config leaves out.
 WAN_DEFAULTS: dict[str, Any] = dict(
-    patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, in_channels=16, out_channels=16,
-    text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=40, image_dim=None, added_kv_proj_dim=None,
+    patch_size=(1, 2, 2),
+    num_attention_heads=40,
+    attention_head_dim=128,
+    in_channels=16,
+    out_channels=16,
+    text_dim=4096,
+    freq_dim=256,
+    ffn_dim=13824,
+    num_layers=40,
+    image_dim=None,
+    added_kv_proj_dim=None,
 )
 HUNYUAN_DEFAULTS: dict[str, Any] = dict(
-    in_channels=16, out_channels=16, num_attention_heads=24, attention_head_dim=128, num_layers=20,
-    num_single_layers=40, num_refiner_layers=2, mlp_ratio=4.0, patch_size=2, patch_size_t=1,
-    guidance_embeds=True, text_embed_dim=4096, pooled_projection_dim=768, image_condition_type=None,
+    in_channels=16,
+    out_channels=16,
+    num_attention_heads=24,
+    attention_head_dim=128,
+    num_layers=20,
+    num_single_layers=40,
+    num_refiner_layers=2,
+    mlp_ratio=4.0,
+    patch_size=2,
+    patch_size_t=1,
+    guidance_embeds=True,
+    text_embed_dim=4096,
+    pooled_projection_dim=768,
+    image_condition_type=None,
 )
 ARCH: dict[str, dict[str, Any]] = {
     # Wan-AI/Wan2.1-T2V-1.3B-Diffusers: dim 1536 = 12 x 128, ffn 8960, 30 layers.
@@ -63,13 +85,19 @@ CFG_FAMILIES = {"wan"}  # HunyuanVideo embeds the guidance scale: one call per s
 
 # Paper numbers (SURF, arXiv 2603.21002, Table 1 and abstract; Wan 2.1 14B, 720p, 81 frames).
 PAPER = {
-    "wan2.1_t2v_14b": {"baseline_pflops": 658.46, "surf_pflops": 34.3, "baseline_s": 3497, "surf_s": 278,
-                       "speedup_time": 12.58},
+    "wan2.1_t2v_14b": {
+        "baseline_pflops": 658.46,
+        "surf_pflops": 34.3,
+        "baseline_s": 3497,
+        "surf_s": 278,
+        "speedup_time": 12.58,
+    },
     "hunyuan_video": {"speedup_time": 8.7},
 }
 
 
 # --- helpers -----------------------------------------------------------------------------------
+
 
 def _grid(latent: Sequence[int], patch: Size3) -> Size3:
     """Token grid of a (C, F, H, W) latent; raises ConfigError when the patch does not divide it."""
@@ -102,8 +130,8 @@ def total(parts: Mapping[str, int]) -> int:
 
 # --- one transformer call ------------------------------------------------------------------------
 
-def wan_flops(config: Mapping[str, Any], latent: Sequence[int], text_len: int = 512,
-              batch: int = 1) -> dict[str, int]:
+
+def wan_flops(config: Mapping[str, Any], latent: Sequence[int], text_len: int = 512, batch: int = 1) -> dict[str, int]:
     """FLOPs of one WanTransformer3DModel forward (text-to-video) on a (C, F, H, W) latent, per component.
 
     Components: patch_embed (Conv3d), time_embed (time MLP + the shared 6*D adaLN projection, one row
@@ -138,8 +166,9 @@ def wan_flops(config: Mapping[str, Any], latent: Sequence[int], text_len: int = 
     return {k: b * v for k, v in parts.items()}
 
 
-def hunyuan_flops(config: Mapping[str, Any], latent: Sequence[int], text_len: int = 256,
-                  batch: int = 1) -> dict[str, int]:
+def hunyuan_flops(
+    config: Mapping[str, Any], latent: Sequence[int], text_len: int = 256, batch: int = 1
+) -> dict[str, int]:
     """FLOPs of one HunyuanVideoTransformer3DModel forward (text-to-video) on a (C, F, H, W) latent.
 
     Components: patch_embed; time_embed (timestep MLP, guidance MLP when guidance_embeds, pooled CLIP
@@ -169,7 +198,8 @@ def hunyuan_flops(config: Mapping[str, Any], latent: Sequence[int], text_len: in
     parts = {
         "patch_embed": _lin(n, c_in * math.prod(patch), d),
         "time_embed": _time_mlp(1, 256, d) * (2 if c["guidance_embeds"] else 1)
-        + _lin(1, c["pooled_projection_dim"], d) + _lin(1, d, d),
+        + _lin(1, c["pooled_projection_dim"], d)
+        + _lin(1, d, d),
         "token_refiner": _time_mlp(1, 256, d) + _lin(1, dt, d) + _lin(1, d, d) + _lin(l, dt, d) + nr * refiner_block,
         "adaln": nd * 2 * _lin(1, d, 6 * d) + ns * _lin(1, d, 3 * d) + _lin(1, d, 2 * d),
         "double_proj": nd * (4 * _lin(n, d, d) + 4 * _lin(l, d, d)),
@@ -196,13 +226,20 @@ def block_flops(family: str, config: Mapping[str, Any], latent: Sequence[int], t
     d = c["num_attention_heads"] * c["attention_head_dim"]
     nd, ns = c["num_layers"], c["num_single_layers"]
     # each block holds its own adaLN linears (two 6D in a double block, one 3D in a single block)
-    return {"transformer_blocks": (p["double_proj"] + p["double_sdpa"] + p["double_ffn"]) // nd + 2 * _lin(1, d, 6 * d),
-            "single_transformer_blocks": (p["single_proj"] + p["single_sdpa"]) // ns + _lin(1, d, 3 * d)}
+    return {
+        "transformer_blocks": (p["double_proj"] + p["double_sdpa"] + p["double_ffn"]) // nd + 2 * _lin(1, d, 6 * d),
+        "single_transformer_blocks": (p["single_proj"] + p["single_sdpa"]) // ns + _lin(1, d, 3 * d),
+    }
 
 
-def metered_flops(family: str, config: Mapping[str, Any], latents: Mapping[tuple[int, int], Sequence[int]],
-                  forwards: Mapping[tuple[int, int], int], blocks: Mapping[tuple[tuple[int, int], str], int],
-                  text_len: int) -> dict[tuple[int, int], int]:
+def metered_flops(
+    family: str,
+    config: Mapping[str, Any],
+    latents: Mapping[tuple[int, int], Sequence[int]],
+    forwards: Mapping[tuple[int, int], int],
+    blocks: Mapping[tuple[tuple[int, int], str], int],
+    text_len: int,
+) -> dict[tuple[int, int], int]:
     """FLOPs of the transformer work actually done, by latent (h, w): full forwards minus the blocks not run.
 
     latents: (h, w) -> (C, F, H, W); forwards / blocks: a base model's Meter (sample forwards, blocks run per
@@ -210,11 +247,17 @@ def metered_flops(family: str, config: Mapping[str, Any], latents: Mapping[tuple
     """
     fn = wan_flops if family == "wan" else hunyuan_flops
     c = {**(WAN_DEFAULTS if family == "wan" else HUNYUAN_DEFAULTS), **dict(config)}
-    n_of = {"blocks": c["num_layers"], "transformer_blocks": c["num_layers"],
-            "single_transformer_blocks": c.get("num_single_layers", 0)}
+    n_of = {
+        "blocks": c["num_layers"],
+        "transformer_blocks": c["num_layers"],
+        "single_transformer_blocks": c.get("num_single_layers", 0),
+    }
     out = {}
     for hw, n in forwards.items():
-        per_call, per_block = total(fn(config, latents[hw], text_len)), block_flops(family, config, latents[hw], text_len)
+        per_call, per_block = (
+            total(fn(config, latents[hw], text_len)),
+            block_flops(family, config, latents[hw], text_len),
+        )
         skipped = sum((n * n_of[k] - blocks.get((hw, k), 0)) * f for k, f in per_block.items())
         out[hw] = n * per_call - skipped
     return out
@@ -240,8 +283,9 @@ def window_pairs(grid: Size3, window: Size3, shift: bool = False, impl: str = "g
     return out
 
 
-def refiner_flops(cfg: RefinerConfig, latent: Sequence[int], text_len: int = 0, batch: int = 1,
-                  impl: str | None = None) -> dict[str, int]:
+def refiner_flops(
+    cfg: RefinerConfig, latent: Sequence[int], text_len: int = 0, batch: int = 1, impl: str | None = None
+) -> dict[str, int]:
     """FLOPs of one Refiner forward on a (C, F, H, W) target latent (x_t and cond concatenated inside).
 
     Components as wan_flops, with self_attn_sdpa the windowed cost: blocks alternate plain (even)
@@ -284,9 +328,11 @@ def transformer_flops(transformer: Any, latent: Sequence[int], text_len: int, ba
 
 # --- base models by name -------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class BaseArch:
     """What the cost model needs of a base model: family, transformer config and VAE geometry."""
+
     name: str
     family: str
     config: dict[str, Any]
@@ -297,15 +343,16 @@ class BaseArch:
     patch_s: int
 
     @classmethod
-    def from_name(cls, name: str) -> "BaseArch":
+    def from_name(cls, name: str) -> BaseArch:
         """Geometry from conf/base/<name>.yaml, transformer config from ARCH."""
         from surf_train.base.adapter import BaseSpec
 
         if name not in ARCH:
             raise ConfigError(f"no architecture constants for base model {name!r}; known: {sorted(ARCH)}")
         spec = BaseSpec.from_name(name)
-        return cls(name, spec.family, ARCH[name], spec.channels, spec.stride_t, spec.stride_s,
-                   spec.patch_t, spec.patch_s)
+        return cls(
+            name, spec.family, ARCH[name], spec.channels, spec.stride_t, spec.stride_s, spec.patch_t, spec.patch_s
+        )
 
     @property
     def text_len(self) -> int:
@@ -354,6 +401,7 @@ def vae_decode_flops(name: str, latent: Sequence[int]) -> int:
 
 # --- runs ----------------------------------------------------------------------------------------
 
+
 def parse_size(text: str | Sequence[int]) -> tuple[int, int]:
     """'1280x720' (width x height) -> (1280, 720)."""
     if not isinstance(text, str):
@@ -373,6 +421,7 @@ def _fmt_size(size: tuple[int, int]) -> str:
 @dataclass
 class Stage:
     """One stage of a run: `calls` network evaluations of `flops_per_call` each (CFG included)."""
+
     run: str  # baseline | surf
     stage: str  # base | prefix | preview | refine | vae_decode
     network: str
@@ -397,6 +446,7 @@ class Stage:
 @dataclass
 class RunSettings:
     """A baseline run and a SURF run of one base model (sizes are (width, height) in pixels)."""
+
     model: str = "wan2.1_t2v_14b"
     target: tuple[int, int] = (1280, 720)
     frames: int = 81
@@ -451,12 +501,24 @@ def run_costs(s: RunSettings) -> dict[str, Any]:
         if s.cache_hits:  # a cache hit runs the first block only (DESIGN: first-block cache); mean over calls
             per_block = block_flops(arch.family, arch.config, lat, arch.text_len)
             first = next(iter(per_block))
-            n = {"blocks": arch.config["num_layers"], "transformer_blocks": arch.config["num_layers"],
-                 "single_transformer_blocks": arch.config.get("num_single_layers", 0)}
+            n = {
+                "blocks": arch.config["num_layers"],
+                "transformer_blocks": arch.config["num_layers"],
+                "single_transformer_blocks": arch.config.get("num_single_layers", 0),
+            }
             skipped = sum((n[k] - (k == first)) * f for k, f in per_block.items())
             parts = {**parts, "cache_skipped": -round(s.cache_hits * skipped)}
-        return Stage(run, stage, s.model, _fmt_size(size), list(lat), math.prod(_grid(lat, patch)),
-                     steps + cfg_steps * (cfg_x - 1), total(parts), parts)
+        return Stage(
+            run,
+            stage,
+            s.model,
+            _fmt_size(size),
+            list(lat),
+            math.prod(_grid(lat, patch)),
+            steps + cfg_steps * (cfg_x - 1),
+            total(parts),
+            parts,
+        )
 
     rcfg = RefinerConfig.preset(s.refiner, **({"window": tuple(s.window)} if s.window else {}))
     rparts = refiner_flops(rcfg, target_lat, arch.text_len if s.refiner_text else 0, impl=s.attn_impl)
@@ -466,22 +528,44 @@ def run_costs(s: RunSettings) -> dict[str, Any]:
     baseline = [base_stage("baseline", "base", s.target, target_lat, s.steps, min(s.steps, stop))]
     surf = [
         base_stage("surf", "prefix", prefix, prefix_lat, s.switch + extra, min(s.switch + extra, stop)),
-        base_stage("surf", "preview", s.preview, preview_lat, surf_steps - s.switch,
-                   max(0, min(surf_steps, stop) - s.switch) if s.cfg_low else 0),
-        Stage("surf", "refine", f"refiner:{s.refiner} window={list(rcfg.window)}", _fmt_size(s.target),
-              list(target_lat), math.prod(_grid(target_lat, rcfg.patch_size)), s.refiner_steps, total(rparts), rparts),
+        base_stage(
+            "surf",
+            "preview",
+            s.preview,
+            preview_lat,
+            surf_steps - s.switch,
+            max(0, min(surf_steps, stop) - s.switch) if s.cfg_low else 0,
+        ),
+        Stage(
+            "surf",
+            "refine",
+            f"refiner:{s.refiner} window={list(rcfg.window)}",
+            _fmt_size(s.target),
+            list(target_lat),
+            math.prod(_grid(target_lat, rcfg.patch_size)),
+            s.refiner_steps,
+            total(rparts),
+            rparts,
+        ),
     ]
     if s.vae:
         vae = vae_decode_flops(s.model, target_lat)
         for run in (baseline, surf):
-            run.append(Stage(run[0].run, "vae_decode", f"vae:{arch.family}", _fmt_size(s.target), list(target_lat),
-                             0, 1, vae))
+            run.append(
+                Stage(run[0].run, "vae_decode", f"vae:{arch.family}", _fmt_size(s.target), list(target_lat), 0, 1, vae)
+            )
     b_total, s_total = sum(x.flops for x in baseline), sum(x.flops for x in surf)
     return {
         "label": s.label or f"{s.model} {_fmt_size(s.target)}",
         "model": s.model,
-        "settings": {**asdict(s), "prefix": list(prefix), "surf_steps": surf_steps, "cfg_factor": cfg_x,
-                     "refiner_config": rcfg.to_dict(), "text_len": arch.text_len},
+        "settings": {
+            **asdict(s),
+            "prefix": list(prefix),
+            "surf_steps": surf_steps,
+            "cfg_factor": cfg_x,
+            "refiner_config": rcfg.to_dict(),
+            "text_len": arch.text_len,
+        },
         "baseline_pflops": b_total / PFLOP,
         "surf_pflops": s_total / PFLOP,
         "speedup": b_total / s_total,
@@ -498,8 +582,16 @@ def default_settings() -> list[RunSettings]:
     out = []
     for model, frames in (("wan2.1_t2v_14b", 81), ("hunyuan_video", 129)):
         for steps in (50, 40):
-            out.append(RunSettings(model=model, frames=frames, steps=steps, surf_steps=40, switch=10,
-                                   label=f"{model} 1280x720x{frames}, baseline {steps} steps vs SURF 10+30"))
+            out.append(
+                RunSettings(
+                    model=model,
+                    frames=frames,
+                    steps=steps,
+                    surf_steps=40,
+                    switch=10,
+                    label=f"{model} 1280x720x{frames}, baseline {steps} steps vs SURF 10+30",
+                )
+            )
     return out
 
 
@@ -510,8 +602,12 @@ def paper_comparison(runs: list[dict[str, Any]]) -> dict[str, Any]:
         p = PAPER.get(r["model"])
         if not p or r["settings"]["steps"] != 50:
             continue
-        row = {"ours_baseline_pflops": r["baseline_pflops"], "ours_surf_pflops": r["surf_pflops"],
-               "ours_speedup_flops": r["speedup"], **{f"paper_{k}": v for k, v in p.items()}}
+        row = {
+            "ours_baseline_pflops": r["baseline_pflops"],
+            "ours_surf_pflops": r["surf_pflops"],
+            "ours_speedup_flops": r["speedup"],
+            **{f"paper_{k}": v for k, v in p.items()},
+        }
         if "baseline_pflops" in p:
             row["baseline_ratio_paper_over_ours"] = p["baseline_pflops"] / r["baseline_pflops"]
             row["surf_ratio_paper_over_ours"] = p["surf_pflops"] / r["surf_pflops"]
@@ -539,13 +635,21 @@ def measured_accel(path: str | None = None) -> dict[str, Any]:
     res = json.loads(p.read_text())
     hits = {k: round((1 - r["blocks_run"]) / (1 - 1 / TOY_BLOCKS), 4) for k, r in res["methods"].items()}
     c = res["config"]
-    return {"hits": hits, "steps": c["steps"], "switch": c["switch"], "cfg_stop": c.get("cfg_stop"),
-            "fewer_steps": c["fewer_steps"], "n": res["n"],
-            **{"few_switch": r["settings"]["switch"] for k, r in res["methods"].items() if k.startswith("surf@")}}
+    few = [r["settings"]["switch"] for k, r in res["methods"].items() if k.startswith("surf@")]
+    return {
+        "hits": hits,
+        "steps": c["steps"],
+        "switch": c["switch"],
+        "cfg_stop": c.get("cfg_stop"),
+        "fewer_steps": c["fewer_steps"],
+        "n": res["n"],
+        **({"few_switch": few[-1]} if few else {}),
+    }
 
 
-def composed_speedups(measured: Mapping[str, Any], targets=((1280, 720), (1920, 1072)),
-                      model: str = "wan2.1_t2v_14b") -> list[dict[str, Any]]:
+def composed_speedups(
+    measured: Mapping[str, Any], targets=((1280, 720), (1920, 1072)), model: str = "wan2.1_t2v_14b"
+) -> list[dict[str, Any]]:
     """Baseline and SURF (10 + 30 steps, 10 Refiner steps) with and without the plug-ins, per target size.
 
     The toy's settings are carried over as fractions of the schedule: its cache hit rates per method (0 where
@@ -557,67 +661,101 @@ def composed_speedups(measured: Mapping[str, Any], targets=((1280, 720), (1920, 
     scale = lambda k: round(k * 40 / toy_steps)
     stop = scale(measured.get("cfg_stop") or 8)
     few = scale(measured.get("fewer_steps", 10))
-    few_switch = max(1, int(10 * few / 40 + 0.5) if "few_switch" not in measured
-                     else int(measured["few_switch"] * few / measured["fewer_steps"] + 0.5))  # the toy's share
+    few_switch = max(
+        1,
+        int(10 * few / 40 + 0.5)
+        if "few_switch" not in measured
+        else int(measured["few_switch"] * few / measured["fewer_steps"] + 0.5),
+    )  # the toy's share
     out = []
     for target in targets:
         base = RunSettings(model=model, target=target, steps=50, surf_steps=40, switch=10)
         h = lambda k: hits.get(k, 0.0)
-        variants = [("baseline", "baseline", base),
-                    ("baseline+cache", "baseline", replace(base, cache_hits=h("baseline+cache"))),
-                    ("surf", "surf", base),
-                    ("surf+cache", "surf", replace(base, cache_hits=h("surf+cache"))),
-                    ("surf+cfg-low", "surf", replace(base, cfg_low=False)),
-                    ("surf+cache+cfg-low", "surf", replace(base, cfg_low=False, cache_hits=h("surf+cache+cfg-low"))),
-                    (f"surf+cfg-stop ({stop})", "surf", replace(base, cfg_stop=stop)),
-                    (f"surf+cache+cfg-stop ({stop})", "surf",
-                     replace(base, cfg_stop=stop, cache_hits=h("surf+cache+cfg-stop"))),
-                    (f"surf@{few} ({few_switch} + {few - few_switch} steps)", "surf",
-                     replace(base, surf_steps=few, switch=few_switch))]
+        variants = [
+            ("baseline", "baseline", base),
+            ("baseline+cache", "baseline", replace(base, cache_hits=h("baseline+cache"))),
+            ("surf", "surf", base),
+            ("surf+cache", "surf", replace(base, cache_hits=h("surf+cache"))),
+            ("surf+cfg-low", "surf", replace(base, cfg_low=False)),
+            ("surf+cache+cfg-low", "surf", replace(base, cfg_low=False, cache_hits=h("surf+cache+cfg-low"))),
+            (f"surf+cfg-stop ({stop})", "surf", replace(base, cfg_stop=stop)),
+            (
+                f"surf+cache+cfg-stop ({stop})",
+                "surf",
+                replace(base, cfg_stop=stop, cache_hits=h("surf+cache+cfg-stop")),
+            ),
+            (
+                f"surf@{few} ({few_switch} + {few - few_switch} steps)",
+                "surf",
+                replace(base, surf_steps=few, switch=few_switch),
+            ),
+        ]
         costs = {name: run_costs(st)[f"{run}_pflops"] for name, run, st in variants}
         for name, _, st in variants:
-            out.append({"target": _fmt_size(target), "method": name, "cache_hits": st.cache_hits,
-                        "pflops": costs[name], "speedup": costs["baseline"] / costs[name],
-                        "vs_surf": costs["surf"] / costs[name]})
+            out.append(
+                {
+                    "target": _fmt_size(target),
+                    "method": name,
+                    "cache_hits": st.cache_hits,
+                    "pflops": costs[name],
+                    "speedup": costs["baseline"] / costs[name],
+                    "vs_surf": costs["surf"] / costs[name],
+                }
+            )
     return out
 
 
 def format_composed(rows: list[dict[str, Any]], measured: Mapping[str, Any]) -> str:
     if measured:
-        src = (f"Cache hit rates measured on the toy base (N={measured['n']}, {MEASURED}; its CFG stop step "
-               f"{measured['cfg_stop']} and fewer steps {measured['fewer_steps']} of {measured['steps']} scaled to "
-               "SURF's 40).")
+        src = (
+            f"Cache hit rates measured on the toy base (N={measured['n']}, {MEASURED}; its CFG stop step "
+            f"{measured['cfg_stop']} and fewer steps {measured['fewer_steps']} of {measured['steps']} scaled to "
+            "SURF's 40)."
+        )
     else:
         src = f"No toy measurement ({MEASURED} absent): cache hit rates 0."
-    lines = ["## Wan 2.1 14B, 81 frames: SURF composed with acceleration plug-ins (FLOPs)", "", src,
-             "What transfers: CFG truncation and fewer steps are counted exactly (calls skipped do not depend on the "
-             "model). What does not: the cache hit rates belong to the toy's 4-block network, its threshold and "
-             "its noise levels; a real model's hits, and whether quality survives them, must be measured there (on the "
-             "toy every plug-in costs caption match: benchmarks/results/accel/accel.md). "
-             "A hit is counted as running only the first block. 1080p is 1920x1072 (WanPipeline floors the "
-             "height to a multiple of 16).", "",
-             "| target | method | cache hits | PFLOPs | vs baseline (50 steps) | vs SURF |", "|---|---|---|---|---|---|"]
+    lines = [
+        "## Wan 2.1 14B, 81 frames: SURF composed with acceleration plug-ins (FLOPs)",
+        "",
+        src,
+        "What transfers: CFG truncation and fewer steps are counted exactly (calls skipped do not depend on the "
+        "model). What does not: the cache hit rates belong to the toy's 4-block network, its threshold and "
+        "its noise levels; a real model's hits, and whether quality survives them, must be measured there (on the "
+        "toy every plug-in costs caption match: benchmarks/results/accel/accel.md). "
+        "A hit is counted as running only the first block. 1080p is 1920x1072 (WanPipeline floors the "
+        "height to a multiple of 16).",
+        "",
+        "| target | method | cache hits | PFLOPs | vs baseline (50 steps) | vs SURF |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['target']} | {r['method']} | {r['cache_hits']:.2f} | {r['pflops']:.2f} | "
-                     f"{r['speedup']:.1f}x | {r['vs_surf']:.2f}x |")
+        lines.append(
+            f"| {r['target']} | {r['method']} | {r['cache_hits']:.2f} | {r['pflops']:.2f} | "
+            f"{r['speedup']:.1f}x | {r['vs_surf']:.2f}x |"
+        )
     return "\n".join(lines) + "\n"
 
 
 # --- command line --------------------------------------------------------------------------------
+
 
 def format_table(runs: list[dict[str, Any]]) -> str:
     lines = []
     for r in runs:
         st = r["settings"]
         lines.append(f"## {r['label']}")
-        lines.append(f"CFG x{st['cfg_factor']}, text {st['text_len']} tokens, refiner {st['refiner']} "
-                     f"window {st['refiner_config']['window']} ({st['attn_impl']}), rule {st['rule']}")
+        lines.append(
+            f"CFG x{st['cfg_factor']}, text {st['text_len']} tokens, refiner {st['refiner']} "
+            f"window {st['refiner_config']['window']} ({st['attn_impl']}), rule {st['rule']}"
+        )
         lines.append("")
         lines.append("| run | stage | size | latent (C,F,H,W) | tokens | calls | TFLOPs/call | PFLOPs |")
         lines.append("|---|---|---|---|---|---|---|---|")
         for x in r["stages"]:
-            lines.append(f"| {x['run']} | {x['stage']} | {x['size']} | {tuple(x['latent'])} | {x['tokens']} | "
-                         f"{x['calls']} | {x['tflops_per_call']:.2f} | {x['pflops']:.2f} |")
+            lines.append(
+                f"| {x['run']} | {x['stage']} | {x['size']} | {tuple(x['latent'])} | {x['tokens']} | "
+                f"{x['calls']} | {x['tflops_per_call']:.2f} | {x['pflops']:.2f} |"
+            )
         lines.append(f"| **baseline** | | | | | | | **{r['baseline_pflops']:.2f}** |")
         lines.append(f"| **SURF** | | | | | | | **{r['surf_pflops']:.2f}** |")
         lines.append("")
@@ -638,25 +776,34 @@ def _window(text: str) -> Size3:
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
-        prog="python -m surf_train.flops", formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="python -m surf_train.flops",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Analytic forward FLOPs (1 multiply-add = 2 FLOPs; matmuls, convolutions and attention "
-                    "only) of a baseline run (base model at the target size for all steps, x2 for CFG) and a "
-                    "SURF run (prefix steps at 480p, preview steps at 240p, Refiner steps at the target size). "
-                    "With no --model, prints the default table (Wan 2.1 14B and HunyuanVideo at 1280x720, "
-                    "baselines of 50 and 40 steps, SURF 10 + 30 steps); the run options apply with --model.",
-        epilog="Sizes are WIDTHxHEIGHT in pixels. Text encoders are excluded; the VAE decode only with --vae.")
-    add_fields(ap, RunSettings, skip=("label",),
-               model={"choices": sorted(ARCH), "default": None,
-                      "help": "base model (conf/base name); default: the table"},
-               target={"default": "1280x720", "help": "target size (default 1280x720)"},
-               frames={"default": None, "help": "frames (default: 81 Wan, 129 HunyuanVideo)"},
-               prefix={"help": "prefix size (default 832x480 Wan, 848x480 HunyuanVideo)"},
-               preview={"default": "416x240", "help": "preview size (default 416x240)"},
-               window={"type": _window, "help": "Refiner window wt,wh,ww in tokens (default: the preset's)"},
-               attn_impl={"flag": "--impl", "choices": [i for i in IMPLS if i != "auto"],
-                          "help": "window attention form counted: exact partition or padded windows"},
-               rule={"choices": RULES}, cfg={"type": str, "choices": ("auto", "on", "off"), "default": "auto"},
-               cfg_low={"flag": "--no-low-cfg"})
+        "only) of a baseline run (base model at the target size for all steps, x2 for CFG) and a "
+        "SURF run (prefix steps at 480p, preview steps at 240p, Refiner steps at the target size). "
+        "With no --model, prints the default table (Wan 2.1 14B and HunyuanVideo at 1280x720, "
+        "baselines of 50 and 40 steps, SURF 10 + 30 steps); the run options apply with --model.",
+        epilog="Sizes are WIDTHxHEIGHT in pixels. Text encoders are excluded; the VAE decode only with --vae.",
+    )
+    add_fields(
+        ap,
+        RunSettings,
+        skip=("label",),
+        model={"choices": sorted(ARCH), "default": None, "help": "base model (conf/base name); default: the table"},
+        target={"default": "1280x720", "help": "target size (default 1280x720)"},
+        frames={"default": None, "help": "frames (default: 81 Wan, 129 HunyuanVideo)"},
+        prefix={"help": "prefix size (default 832x480 Wan, 848x480 HunyuanVideo)"},
+        preview={"default": "416x240", "help": "preview size (default 416x240)"},
+        window={"type": _window, "help": "Refiner window wt,wh,ww in tokens (default: the preset's)"},
+        attn_impl={
+            "flag": "--impl",
+            "choices": [i for i in IMPLS if i != "auto"],
+            "help": "window attention form counted: exact partition or padded windows",
+        },
+        rule={"choices": RULES},
+        cfg={"type": str, "choices": ("auto", "on", "off"), "default": "auto"},
+        cfg_low={"flag": "--no-low-cfg"},
+    )
     ap.add_argument("--measured", help=f"toy accel results for the composed table (default {MEASURED})")
     ap.add_argument("--json", action="store_true", help="print JSON instead of the table")
     return ap
@@ -671,19 +818,35 @@ def main(argv: list[str] | None = None) -> None:
                 st.vae = args.vae
         else:
             fam = BaseArch.from_name(args.model).family
-            settings = [from_args(RunSettings, args, frames=args.frames or (81 if fam == "wan" else 129),
-                                  cfg=None if args.cfg == "auto" else args.cfg == "on", target=parse_size(args.target),
-                                  prefix=parse_size(args.prefix) if args.prefix else None,
-                                  preview=parse_size(args.preview))]
+            settings = [
+                from_args(
+                    RunSettings,
+                    args,
+                    frames=args.frames or (81 if fam == "wan" else 129),
+                    cfg=None if args.cfg == "auto" else args.cfg == "on",
+                    target=parse_size(args.target),
+                    prefix=parse_size(args.prefix) if args.prefix else None,
+                    preview=parse_size(args.preview),
+                )
+            ]
         runs = [run_costs(st) for st in settings]
         measured = measured_accel(args.measured)
         composed = composed_speedups(measured) if args.model is None else None
     except ConfigError as e:
         raise SystemExit(f"error: {e}") from None
     if args.json:
-        print(json.dumps({"convention": "1 multiply-add = 2 FLOPs; matmul/conv/attention only; forward only",
-                          "runs": runs, "paper": paper_comparison(runs), "composed": composed,
-                          "measured": measured}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "convention": "1 multiply-add = 2 FLOPs; matmul/conv/attention only; forward only",
+                    "runs": runs,
+                    "paper": paper_comparison(runs),
+                    "composed": composed,
+                    "measured": measured,
+                },
+                indent=2,
+            )
+        )
     else:
         print(format_table(runs))
         if composed is not None:

@@ -8,6 +8,7 @@ baseline (the base model at the target size for every step), preview (surf witho
 preview upsampled). Each video gets a JSON report with settings, wall time and FLOPs per stage.
 Loads none of lightning, deepspeed, hydra or wandb.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,6 +37,7 @@ log = logging.getLogger("surf_train")
 @dataclass
 class GenerateConfig:
     """Settings of one generation run (all sizes in pixels; None = the base model's default)."""
+
     base: str = DEFAULT_BASE  # base model config in conf/base
     refiner: str = DEFAULT_REFINER  # exported Refiner directory (python -m surf_train.export)
     mode: str = "surf"
@@ -67,8 +69,15 @@ class GenerateConfig:
 
 
 def _sizes(cfg: GenerateConfig, spec: BaseSpec) -> dict[str, tuple[int, int]]:
-    return plan_sizes(spec, cfg.height, cfg.width, (cfg.prefix_height, cfg.prefix_width),
-                      (cfg.preview_height, cfg.preview_width), cfg.mode, cfg.switch)
+    return plan_sizes(
+        spec,
+        cfg.height,
+        cfg.width,
+        (cfg.prefix_height, cfg.prefix_width),
+        (cfg.preview_height, cfg.preview_width),
+        cfg.mode,
+        cfg.switch,
+    )
 
 
 def _video_path(cfg: GenerateConfig, i: int, seed: int) -> Path:
@@ -98,12 +107,27 @@ def generate_one(cfg: GenerateConfig, pipe: SurfPipeline, i: int, prompt: str, s
     from diffusers.utils import export_to_video
 
     clock = StageClock(pipe.base.device)
-    out = pipe(prompt, height=cfg.height, width=cfg.width, num_frames=cfg.frames, num_inference_steps=cfg.steps,
-               switch=cfg.switch, preview_height=cfg.preview_height, preview_width=cfg.preview_width,
-               prefix_height=cfg.prefix_height, prefix_width=cfg.prefix_width, refiner_steps=cfg.refiner_steps,
-               guidance_scale=cfg.guidance, generator=torch.Generator().manual_seed(seed), mode=cfg.mode,
-               rule=cfg.rule, down=cfg.down, shift=cfg.shift, clock=clock,
-               acceleration=Acceleration(cfg.cache_threshold, cfg.cfg_stop, cfg.cfg_low))
+    out = pipe(
+        prompt,
+        height=cfg.height,
+        width=cfg.width,
+        num_frames=cfg.frames,
+        num_inference_steps=cfg.steps,
+        switch=cfg.switch,
+        preview_height=cfg.preview_height,
+        preview_width=cfg.preview_width,
+        prefix_height=cfg.prefix_height,
+        prefix_width=cfg.prefix_width,
+        refiner_steps=cfg.refiner_steps,
+        guidance_scale=cfg.guidance,
+        generator=torch.Generator().manual_seed(seed),
+        mode=cfg.mode,
+        rule=cfg.rule,
+        down=cfg.down,
+        shift=cfg.shift,
+        clock=clock,
+        acceleration=Acceleration(cfg.cache_threshold, cfg.cfg_stop, cfg.cfg_low),
+    )
     plan, model = out.plan, pipe.base
     path = _video_path(cfg, i, seed)
     tmp = path.with_name(f".{path.stem}.tmp.mp4")
@@ -115,8 +139,9 @@ def generate_one(cfg: GenerateConfig, pipe: SurfPipeline, i: int, prompt: str, s
     report["scheduler"] = {"class": type(model.scheduler).__name__, "shift": plan.schedule.shift}
     names = plan.names
     report["forwards"] = {names[hw]: n for hw, n in model.meter.forwards.items()}  # transformer calls
-    report["blocks_run"] = {names[hw]: round(model.meter.block_fraction(hw, model.block_lists), 4)
-                            for hw in model.meter.forwards}  # fraction of a full forward's blocks
+    report["blocks_run"] = {
+        names[hw]: round(model.meter.block_fraction(hw, model.block_lists), 4) for hw in model.meter.forwards
+    }  # fraction of a full forward's blocks
     path.with_suffix(".json").write_text(json.dumps(report, indent=1))
     return report, clock
 
@@ -128,18 +153,29 @@ def generate(cfg: GenerateConfig, pipe: SurfPipeline | None = None) -> list[dict
     pipe = pipe or load_pipeline(cfg)
     Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
     jobs = [(i, p, seed) for i, p in enumerate(cfg.prompts) for seed in cfg.seeds]
-    return [generate_one(cfg, pipe, i, prompt, seed)[0]
-            for i, prompt, seed in tqdm(jobs, desc=cfg.mode, disable=not cfg.progress, unit="video")]
+    return [
+        generate_one(cfg, pipe, i, prompt, seed)[0]
+        for i, prompt, seed in tqdm(jobs, desc=cfg.mode, disable=not cfg.progress, unit="video")
+    ]
 
 
 def _report(cfg, spec, sizes, frames, prompt, seed, k_ref, clock: StageClock, path: Path, flops: dict) -> dict:
-    return {"mode": cfg.mode, "prompt": prompt, "seed": seed, "video": str(path),
-            "base": spec.model_id, "refiner": cfg.refiner if cfg.mode == "surf" else None,
-            "frames": frames, "size": {k: list(v) for k, v in sizes.items()},
-            "settings": {k: v for k, v in asdict(cfg).items() if k not in ("prompts", "seeds", "progress")},
-            "refiner_steps": k_ref if cfg.mode == "surf" else 0,
-            "seconds": {k: round(v, 4) for k, v in clock.seconds.items()}, "calls": dict(clock.calls),
-            "total_seconds": round(sum(clock.seconds.values()), 4), "flops": flops}
+    return {
+        "mode": cfg.mode,
+        "prompt": prompt,
+        "seed": seed,
+        "video": str(path),
+        "base": spec.model_id,
+        "refiner": cfg.refiner if cfg.mode == "surf" else None,
+        "frames": frames,
+        "size": {k: list(v) for k, v in sizes.items()},
+        "settings": {k: v for k, v in asdict(cfg).items() if k not in ("prompts", "seeds", "progress")},
+        "refiner_steps": k_ref if cfg.mode == "surf" else 0,
+        "seconds": {k: round(v, 4) for k, v in clock.seconds.items()},
+        "calls": dict(clock.calls),
+        "total_seconds": round(sum(clock.seconds.values()), 4),
+        "flops": flops,
+    }
 
 
 def stage_flops(model: BaseModel, net, names: dict, lat: dict, f_lat: int, k_ref: int) -> dict:
@@ -149,8 +185,9 @@ def stage_flops(model: BaseModel, net, names: dict, lat: dict, f_lat: int, k_ref
 
     spec, m = model.spec, model.meter
     latents = {hw: (spec.channels, f_lat, *hw) for hw in m.forwards}
-    done = metered_flops(spec.family, model.pipe.transformer.config, latents, m.forwards, m.blocks,
-                         spec.max_sequence_length)
+    done = metered_flops(
+        spec.family, model.pipe.transformer.config, latents, m.forwards, m.blocks, spec.max_sequence_length
+    )
     out = {}
     for hw, f in done.items():  # names: latent (h, w) -> report stage
         out[names[hw]] = out.get(names[hw], 0) + f
@@ -162,14 +199,23 @@ def stage_flops(model: BaseModel, net, names: dict, lat: dict, f_lat: int, k_ref
 
 
 def parse_args(argv: list[str] | None = None) -> GenerateConfig:
-    ap = argparse.ArgumentParser(prog="surf-generate", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="surf-generate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     ap.add_argument("--prompts", help="file with one prompt per line")
     ap.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2")
-    add_fields(ap, GenerateConfig, skip=("prompts", "seeds"), mode={"choices": MODES},
-               scheduler={"choices": sorted(SCHEDULERS)}, rule={"choices": RULES}, down={"choices": DOWN_MODES},
-               dtype={"choices": list(DTYPES)}, out_dir={"flag": "--out"})
+    add_fields(
+        ap,
+        GenerateConfig,
+        skip=("prompts", "seeds"),
+        mode={"choices": MODES},
+        scheduler={"choices": sorted(SCHEDULERS)},
+        rule={"choices": RULES},
+        down={"choices": DOWN_MODES},
+        dtype={"choices": list(DTYPES)},
+        out_dir={"flag": "--out"},
+    )
     a = vars(ap.parse_args(argv))
     prompts = list(a.pop("prompt") or [])
     pfile = a.pop("prompts")
@@ -192,8 +238,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     for r in reports:
-        print(f"{r['mode']}: {r['video']} ({r['frames']} frames, {r['size']['target'][0]}x{r['size']['target'][1]}) "
-              f"in {r['total_seconds']:.2f}s")
+        print(
+            f"{r['mode']}: {r['video']} ({r['frames']} frames, {r['size']['target'][0]}x{r['size']['target'][1]}) "
+            f"in {r['total_seconds']:.2f}s"
+        )
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 """The LightningModule that trains a Refiner with the bridge objective (DESIGN 3.3)."""
+
 from __future__ import annotations
 
 import collections
@@ -22,6 +23,7 @@ LOSS_WINDOW = 10
 @dataclass
 class OptimConfig:
     """AdamW with linear warmup then cosine (or constant) decay; defaults are the tiny run's (paper: lr 5e-5)."""
+
     lr: float = 1e-3
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.0
@@ -85,10 +87,19 @@ class EMA:
 class RefinerModule(pl.LightningModule):
     """Bridge-flow training of a shifted-window Refiner, with EMA and a K-step validation sampler."""
 
-    def __init__(self, model: dict, bridge: dict | None = None, optim: dict | None = None,
-                 ema_decay: float | None = None, init_from_wan: str | None = None, use_text: bool = True,
-                 decode_base: str | None = None, val_videos: int = 1, video_dir: str | None = None,
-                 trained_on: dict | None = None):
+    def __init__(
+        self,
+        model: dict,
+        bridge: dict | None = None,
+        optim: dict | None = None,
+        ema_decay: float | None = None,
+        init_from_wan: str | None = None,
+        use_text: bool = True,
+        decode_base: str | None = None,
+        val_videos: int = 1,
+        video_dir: str | None = None,
+        trained_on: dict | None = None,
+    ):
         super().__init__()
         self.save_hyperparameters()
         self.model_cfg = refiner_config(model)
@@ -96,8 +107,12 @@ class RefinerModule(pl.LightningModule):
         self.optim = OptimConfig(**(optim or {}))
         if init_from_wan:
             self.net, report = Refiner.from_wan_transformer(init_from_wan, **self.model_cfg.to_dict())
-            log.info("initialised from %s: %d tensors copied, %d skipped", init_from_wan, len(report.copied),
-                     len(report.skipped))
+            log.info(
+                "initialised from %s: %d tensors copied, %d skipped",
+                init_from_wan,
+                len(report.copied),
+                len(report.skipped),
+            )
         else:
             self.net = Refiner.from_cfg(self.model_cfg)
         # a plain attribute, not a submodule: see EMA
@@ -131,6 +146,7 @@ class RefinerModule(pl.LightningModule):
         def fn(x, t, cond, txt):
             cast = (lambda y: y) if x.dtype == dtype else (lambda y: None if y is None else y.to(dtype))
             return net(cast(x), cast(t), cast(cond), cast(txt), mask).to(x.dtype)
+
         return fn
 
     def _text(self, batch: dict) -> torch.Tensor | None:
@@ -181,9 +197,12 @@ class RefinerModule(pl.LightningModule):
         if "ema" in checkpoint:
             self.ema.load_state_dict(checkpoint["ema"])
         elif old:
-            self.ema.load_state_dict({"state_dict": {k[len("ema.module."):]: v for k, v in old.items()
-                                                     if k.startswith("ema.module.")},
-                                      "updates": int(old.get("ema.n_averaged", 1))})
+            self.ema.load_state_dict(
+                {
+                    "state_dict": {k[len("ema.module.") :]: v for k, v in old.items() if k.startswith("ema.module.")},
+                    "updates": int(old.get("ema.n_averaged", 1)),
+                }
+            )
 
     def configure_optimizers(self):
         o = self.optim
@@ -203,14 +222,16 @@ class RefinerModule(pl.LightningModule):
         text = None if text is None else text.float()
         x_up = upsample(preview, tuple(target.shape[-2:]), self.bridge.up_mode)  # (B, C, F, H, W)
         gen = torch.Generator().manual_seed(batch_idx)  # the same start noise at every validation
-        refined = refine(self._net_fn(self.eval_net, text), x_up, self.bridge.steps, self.bridge.sigma_aug_eval,
-                         text, gen)
+        refined = refine(
+            self._net_fn(self.eval_net, text), x_up, self.bridge.steps, self.bridge.sigma_aug_eval, text, gen
+        )
         b = target.shape[0]
         self.log("val/mse_refiner", F.mse_loss(refined, target), sync_dist=True, batch_size=b)
         self.log("val/mse_upsample", F.mse_loss(x_up, target), sync_dist=True, batch_size=b)
         if batch_idx == 0 and self.global_rank == 0 and self.hparams.val_videos and self.hparams.decode_base:
-            self._log_videos(x_up[: self.hparams.val_videos], refined[: self.hparams.val_videos],
-                             target[: self.hparams.val_videos])
+            self._log_videos(
+                x_up[: self.hparams.val_videos], refined[: self.hparams.val_videos], target[: self.hparams.val_videos]
+            )
 
     def on_validation_epoch_end(self) -> None:
         m = self.trainer.callback_metrics
@@ -232,11 +253,12 @@ class RefinerModule(pl.LightningModule):
         out_dir.mkdir(parents=True, exist_ok=True)
         paths = []
         for i in range(x_up.shape[0]):
-            row = torch.cat([self._decoder.decode(x[i:i + 1]) for x in (x_up, refined, target)], dim=-1)
+            row = torch.cat([self._decoder.decode(x[i : i + 1]) for x in (x_up, refined, target)], dim=-1)
             frames = to_frames(row)[0]  # (frames, H, 3W, 3)
             path = out_dir / f"step{self.global_step:07d}_{i}.mp4"
             export_to_video(list(frames), str(path), fps=spec.fps)
             paths.append(str(path))
         if hasattr(self.logger, "log_video"):
-            self.logger.log_video("val/preview_refined_target", paths, step=self.global_step,
-                                  format=["mp4"] * len(paths))
+            self.logger.log_video(
+                "val/preview_refined_target", paths, step=self.global_step, format=["mp4"] * len(paths)
+            )

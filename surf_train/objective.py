@@ -3,11 +3,12 @@
 x_up = up(preview); x_start = x_up + sigma_aug * eps; x_t = (1 - t) * x_hr + t * x_start;
 target velocity v = x_start - x_hr. Sampling integrates from t = 1 (x_start) to t = 0.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +22,7 @@ RefinerFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | N
 @dataclass
 class BridgeConfig:
     """How training pairs become bridge-flow samples, and how the sampler runs."""
+
     t_dist: str = "logit_normal"  # logit_normal | uniform
     t_mean: float = 0.0  # logit-normal location
     t_std: float = 1.0  # logit-normal scale
@@ -44,8 +46,9 @@ def upsample(preview: torch.Tensor, size: tuple[int, int], mode: str = "bilinear
     return resize_latent(preview, size, mode)
 
 
-def sample_t(n: int, cfg: BridgeConfig, generator: torch.Generator | None = None,
-             device: torch.device | str = "cpu") -> torch.Tensor:
+def sample_t(
+    n: int, cfg: BridgeConfig, generator: torch.Generator | None = None, device: torch.device | str = "cpu"
+) -> torch.Tensor:
     """(n,) bridge times in (0, 1)."""
     if cfg.t_dist == "uniform":
         return torch.rand(n, generator=generator).to(device)
@@ -91,8 +94,9 @@ class BridgeBatch:
     v: torch.Tensor  # (B, C, F, H, W) target velocity
 
 
-def bridge_batch(preview: torch.Tensor, target: torch.Tensor, cfg: BridgeConfig,
-                 generator: torch.Generator | None = None) -> BridgeBatch:
+def bridge_batch(
+    preview: torch.Tensor, target: torch.Tensor, cfg: BridgeConfig, generator: torch.Generator | None = None
+) -> BridgeBatch:
     """Training inputs and target for one batch of pairs."""
     b, dev = target.shape[0], target.device
     x_up = augment_cond(upsample(preview, tuple(target.shape[-2:]), cfg.up_mode), cfg, generator)
@@ -103,16 +107,28 @@ def bridge_batch(preview: torch.Tensor, target: torch.Tensor, cfg: BridgeConfig,
     return BridgeBatch(x_t=(1 - tt) * target + tt * x_start, t=t, cond=x_up, v=x_start - target)
 
 
-def bridge_loss(net: RefinerFn, preview: torch.Tensor, target: torch.Tensor, cfg: BridgeConfig,
-                text: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+def bridge_loss(
+    net: RefinerFn,
+    preview: torch.Tensor,
+    target: torch.Tensor,
+    cfg: BridgeConfig,
+    text: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """MSE between the predicted and the bridge velocity."""
     bb = bridge_batch(preview, target, cfg, generator)
     return F.mse_loss(net(bb.x_t, bb.t, bb.cond, text).float(), bb.v.float())
 
 
 @torch.no_grad()
-def refine(net: RefinerFn, x_up: torch.Tensor, steps: int = 10, sigma_aug: float = 0.0,
-           text: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+def refine(
+    net: RefinerFn,
+    x_up: torch.Tensor,
+    steps: int = 10,
+    sigma_aug: float = 0.0,
+    text: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """K-step Euler from t = 1 (x_start = x_up + sigma_aug * eps) to t = 0; x_up (B, C, F, H, W)."""
     x = x_up + sigma_aug * torch.randn(x_up.shape, generator=generator).to(x_up) if sigma_aug > 0 else x_up
     b = x_up.shape[0]

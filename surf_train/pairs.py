@@ -4,6 +4,7 @@ For each (prompt, seed) the first `switch` steps run once at the target resoluti
 finishes there (the target) and branch B reshifts to the preview size and finishes there (the preview).
 Ranks take disjoint slices; completed samples are found in complete shards, so a rerun resumes.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -11,9 +12,9 @@ import json
 import logging
 import os
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable
 
 import torch
 from tqdm import tqdm
@@ -24,21 +25,36 @@ from surf_train.dist_env import rank_world
 from surf_train.dtypes import DTYPES
 from surf_train.errors import ConfigError, known_keys
 from surf_train.sampling import DOWN_MODES, RULES, PreviewPlan, pair_sample
-from surf_train.shards import (OutDirLock, ShardWriter, encode_sample, list_shards, next_index, remove_partial,
-                               shard_keys)
+from surf_train.shards import (
+    OutDirLock,
+    ShardWriter,
+    encode_sample,
+    list_shards,
+    next_index,
+    remove_partial,
+    shard_keys,
+)
 
 log = logging.getLogger(__name__)
 
 FINGERPRINT = "pairs_config.json"
 BUILTIN_PROMPTS = [
-    "a cat playing piano in a sunny room", "a video of waves on the beach at sunset",
-    "a red ball rolling across a wooden floor", "city street at night with neon lights",
-    "a bird flying over a mountain lake", "a dog running through tall grass",
-    "rain falling on a window, close-up", "a sailing boat on a calm sea at dawn",
-    "a chef chopping vegetables in a kitchen", "snow falling in a pine forest",
-    "a hot air balloon rising over fields", "a train passing through a green valley",
-    "fireworks over a river at night", "a child blowing soap bubbles in a park",
-    "clouds moving over a desert canyon", "a jellyfish drifting in blue water",
+    "a cat playing piano in a sunny room",
+    "a video of waves on the beach at sunset",
+    "a red ball rolling across a wooden floor",
+    "city street at night with neon lights",
+    "a bird flying over a mountain lake",
+    "a dog running through tall grass",
+    "rain falling on a window, close-up",
+    "a sailing boat on a calm sea at dawn",
+    "a chef chopping vegetables in a kitchen",
+    "snow falling in a pine forest",
+    "a hot air balloon rising over fields",
+    "a train passing through a green valley",
+    "fireworks over a river at night",
+    "a child blowing soap bubbles in a park",
+    "clouds moving over a desert canyon",
+    "a jellyfish drifting in blue water",
 ]
 
 
@@ -71,6 +87,7 @@ def check_storage(dtype: str, shard_size: int) -> None:
 @dataclass
 class PairsConfig:
     """Settings of one make_pairs run (the Hydra config, minus Hydra)."""
+
     base: BaseSpec
     out_dir: str = "data/pairs"
     num_pairs: int | None = 128  # None: one pair per prompt entry
@@ -98,10 +115,10 @@ class PairsConfig:
     progress: bool = True
 
     @classmethod
-    def from_dict(cls, d: dict) -> "PairsConfig":
+    def from_dict(cls, d: dict) -> PairsConfig:
         return cls(**settings(cls, d, "make_pairs"))
 
-    def resolved(self) -> "PairsConfig":
+    def resolved(self) -> PairsConfig:
         """A copy with every None default filled in from the base model, validated."""
         b = self.base
         c = PairsConfig(**{**asdict(self), "base": b})
@@ -120,8 +137,9 @@ class PairsConfig:
         g.check(self.frames, self.height, self.width, "target")
         g.check(None, self.preview_height, self.preview_width, "preview")
         if self.preview_height > self.height or self.preview_width > self.width:
-            raise ConfigError(f"preview {self.preview_height}x{self.preview_width} is larger than target "
-                              f"{self.height}x{self.width}")
+            raise ConfigError(
+                f"preview {self.preview_height}x{self.preview_width} is larger than target {self.height}x{self.width}"
+            )
         check_schedule(self.steps, self.switch, self.rule, self.down)
         check_storage(self.dtype, self.shard_size)
         self.acceleration().check(self.base.family == "wan")
@@ -133,27 +151,55 @@ class PairsConfig:
     def plan(self, model: BaseModel) -> PreviewPlan:
         """The run's noise-reshifting plan on the base model's own scheduler."""
         s = self.base.stride_s
-        return PreviewPlan(model.schedule(self.steps, self.shift), switch=self.switch, rule=self.rule,
-                           down=self.down, preview_size=(self.preview_height // s, self.preview_width // s))
+        return PreviewPlan(
+            model.schedule(self.steps, self.shift),
+            switch=self.switch,
+            rule=self.rule,
+            down=self.down,
+            preview_size=(self.preview_height // s, self.preview_width // s),
+        )
 
     def acceleration(self) -> Acceleration:
         return Acceleration(self.cache_threshold, self.cfg_stop, self.cfg_low)
 
     def fingerprint(self) -> dict:
         """Everything that changes the content of a pair; a rerun must match it to append."""
-        return {**base_fingerprint(self.base),
-                **{k: getattr(self, k) for k in ("height", "width", "frames", "preview_height", "preview_width",
-                                                 "steps", "switch", "shift", "guidance", "rule", "down",
-                                                 "dtype", "store_text")},
-                **({"acceleration": asdict(self.acceleration())} if self.acceleration() != Acceleration() else {})}
+        return {
+            **base_fingerprint(self.base),
+            **{
+                k: getattr(self, k)
+                for k in (
+                    "height",
+                    "width",
+                    "frames",
+                    "preview_height",
+                    "preview_width",
+                    "steps",
+                    "switch",
+                    "shift",
+                    "guidance",
+                    "rule",
+                    "down",
+                    "dtype",
+                    "store_text",
+                )
+            },
+            **({"acceleration": asdict(self.acceleration())} if self.acceleration() != Acceleration() else {}),
+        }
 
 
 def base_fingerprint(b: BaseSpec) -> dict:
     """The base model's part of a pairs directory's fingerprint (a local directory's weights included, so
     pairs of a retrained base are never appended to those of the old one)."""
-    return {"base": b.model_id, "revision": b.revision, "negative_prompt": b.negative_prompt,
-            "max_sequence_length": b.max_sequence_length, "model_dtype": b.dtype, "scheduler": b.scheduler,
-            "weights": weights_digest(b.source)}
+    return {
+        "base": b.model_id,
+        "revision": b.revision,
+        "negative_prompt": b.negative_prompt,
+        "max_sequence_length": b.max_sequence_length,
+        "model_dtype": b.dtype,
+        "scheduler": b.scheduler,
+        "weights": weights_digest(b.source),
+    }
 
 
 WHOLE_FILE = 64 << 20  # files up to this size are hashed whole; larger ones by size and first and last MiB
@@ -201,6 +247,7 @@ def builtin_prompts(base: BaseSpec | None = None) -> list[str]:
     it (`prompts: toyworld` in its yaml), else a fixed list of 16 everyday scenes."""
     if base is not None and base.prompts == "toyworld":
         from surf_train.toyworld import all_captions
+
         return all_captions()
     return list(BUILTIN_PROMPTS)
 
@@ -253,8 +300,7 @@ def check_fingerprint(out_dir: Path, fp: dict) -> None:
         diff = sorted(k for k in set(old) | set(fp) if old.get(k) != fp.get(k))
         if diff:
             detail = ", ".join(f"{k}: {old.get(k)!r} -> {fp.get(k)!r}" for k in diff)
-            raise ConfigError(f"{out_dir} holds shards of a different configuration ({detail}); "
-                              f"use another out_dir")
+            raise ConfigError(f"{out_dir} holds shards of a different configuration ({detail}); use another out_dir")
         return
     if list_shards(out_dir):
         raise ConfigError(f"{out_dir} holds shards but no {FINGERPRINT}; use another out_dir")
@@ -279,8 +325,7 @@ def generate_pairs(model: BaseModel, cfg: PairsConfig, jobs: list[Job]) -> list[
         fresh.append(torch.randn((1, *shape[:2], *plan.preview_size), generator=gen))  # (1, C, F, h, w)
     cond = model.encode_prompt([job.prompt for job in jobs])
     vel = model.velocity_fn(cond, cfg.guidance, cfg.acceleration())
-    previews, targets = pair_sample(vel, torch.cat(noise).to(model.device), plan,
-                                    torch.cat(fresh).to(model.device))
+    previews, targets = pair_sample(vel, torch.cat(noise).to(model.device), plan, torch.cat(fresh).to(model.device))
     dt = DTYPES[cfg.dtype]
     s_k = float(plan.sigmas[plan.switch])
     out = []
@@ -288,14 +333,23 @@ def generate_pairs(model: BaseModel, cfg: PairsConfig, jobs: list[Job]) -> list[
         tensors = {"preview": previews[i].to(dt), "target": targets[i].to(dt)}
         if cfg.store_text:
             tensors["text"] = cond.text(i).to(dt)  # (L, D) zero-padded; stored at its real length
-        meta = {"source": "generated", "prompt": job.prompt, "seed": job.seed, "version": __version__,
-                "base": base_meta(cfg.base),
-                "target_size": [cfg.frames, cfg.height, cfg.width],
-                "preview_size": [cfg.frames, cfg.preview_height, cfg.preview_width],
-                "schedule": {"steps": cfg.steps, "shift": plan.schedule.shift, "guidance": cfg.guidance,
-                             "scheduler": type(plan.schedule.scheduler).__name__},
-                "reshift": {"switch": cfg.switch, "sigma_switch": s_k, "rule": cfg.rule, "down": cfg.down},
-                "dtype": cfg.dtype}
+        meta = {
+            "source": "generated",
+            "prompt": job.prompt,
+            "seed": job.seed,
+            "version": __version__,
+            "base": base_meta(cfg.base),
+            "target_size": [cfg.frames, cfg.height, cfg.width],
+            "preview_size": [cfg.frames, cfg.preview_height, cfg.preview_width],
+            "schedule": {
+                "steps": cfg.steps,
+                "shift": plan.schedule.shift,
+                "guidance": cfg.guidance,
+                "scheduler": type(plan.schedule.scheduler).__name__,
+            },
+            "reshift": {"switch": cfg.switch, "sigma_switch": s_k, "rule": cfg.rule, "down": cfg.down},
+            "dtype": cfg.dtype,
+        }
         out.append((tensors, meta))
     return out
 
@@ -322,21 +376,48 @@ def open_out_dir(out: Path, fp: dict, rank: int, prefix: str = "pairs") -> set[s
     return done
 
 
-def write_samples(out: Path, rank: int, world: int, samples: Iterable[tuple[str, dict, dict]], total: int,
-                  skipped: int, shard_size: int, prefix: str = "pairs", progress: bool = True) -> dict:
+def write_samples(
+    out: Path,
+    rank: int,
+    world: int,
+    samples: Iterable[tuple[str, dict, dict]],
+    total: int,
+    skipped: int,
+    shard_size: int,
+    prefix: str = "pairs",
+    progress: bool = True,
+) -> dict:
     """Write (key, tensors, metadata) samples into this rank's next shards; returns the run summary."""
     t0, n = time.perf_counter(), 0
     with ShardWriter(out, rank, shard_size, prefix=prefix, start_index=next_index(out, rank, prefix)) as writer:
-        for key, tensors, meta in tqdm(samples, total=total, desc=f"{prefix} r{rank}", disable=not progress,
-                                       unit="pair"):
+        for key, tensors, meta in tqdm(
+            samples, total=total, desc=f"{prefix} r{rank}", disable=not progress, unit="pair"
+        ):
             writer.write(encode_sample(key, tensors, meta))
             n += 1
     dt = time.perf_counter() - t0
-    summary = {"rank": rank, "world_size": world, "pairs": n, "skipped": skipped, "seconds": round(dt, 3),
-               "pairs_per_s": round(n / dt, 3) if n and dt > 0 else 0.0, "bytes": writer.bytes,
-               "shards": writer.shards, "out_dir": str(out)}
-    log.info("rank %d: wrote %d pairs (%d skipped) in %.1fs, %.2f pairs/s, %d shards, %.2f MB -> %s",
-             rank, n, skipped, dt, summary["pairs_per_s"], summary["shards"], summary["bytes"] / 1e6, out)
+    summary = {
+        "rank": rank,
+        "world_size": world,
+        "pairs": n,
+        "skipped": skipped,
+        "seconds": round(dt, 3),
+        "pairs_per_s": round(n / dt, 3) if n and dt > 0 else 0.0,
+        "bytes": writer.bytes,
+        "shards": writer.shards,
+        "out_dir": str(out),
+    }
+    log.info(
+        "rank %d: wrote %d pairs (%d skipped) in %.1fs, %.2f pairs/s, %d shards, %.2f MB -> %s",
+        rank,
+        n,
+        skipped,
+        dt,
+        summary["pairs_per_s"],
+        summary["shards"],
+        summary["bytes"] / 1e6,
+        out,
+    )
     return summary
 
 
@@ -355,18 +436,26 @@ def _make_pairs(cfg: PairsConfig, rank: int, world: int) -> dict:
     jobs = make_jobs(entries, cfg.num_pairs, cfg.seed)
     mine = [j for i, j in enumerate(jobs) if i % world == rank]
     todo = [j for j in mine if j.key not in done]
-    log.info("rank %d/%d: %d pairs assigned, %d already done, %d to make in %s",
-             rank, world, len(mine), len(mine) - len(todo), len(todo), out)
+    log.info(
+        "rank %d/%d: %d pairs assigned, %d already done, %d to make in %s",
+        rank,
+        world,
+        len(mine),
+        len(mine) - len(todo),
+        len(todo),
+        out,
+    )
 
     model = load_base_model(cfg.base, cfg.device) if todo else None
     if model is not None:
         s = cfg.base.stride_s
         model.check_grid((cfg.height // s, cfg.width // s), latent_frames(cfg.frames, cfg.base.stride_t))
         model.accelerate(cfg.acceleration())
-    batches = (todo[i:i + cfg.batch_size] for i in range(0, len(todo), cfg.batch_size))
+    batches = (todo[i : i + cfg.batch_size] for i in range(0, len(todo), cfg.batch_size))
     samples = ((job.key, *pair) for jobs in batches for job, pair in zip(jobs, generate_pairs(model, cfg, jobs)))
-    summary = write_samples(out, rank, world, samples, len(todo), len(mine) - len(todo), cfg.shard_size,
-                            progress=cfg.progress)
+    summary = write_samples(
+        out, rank, world, samples, len(todo), len(mine) - len(todo), cfg.shard_size, progress=cfg.progress
+    )
     if model is not None:  # the work the base model actually did (acceleration plug-ins skip some of it)
         summary["forwards"] = sum(model.meter.forwards.values())
         summary["blocks_run"] = round(model.meter.block_fraction(None, model.block_lists), 4)

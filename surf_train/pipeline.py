@@ -10,6 +10,7 @@ Refiner's sampler settings from its surf.json). A call runs the same code as `su
 (its pipeline's own scheduler, CFG, cache), `sampling.preview_sample` and `objective.refine`. `clock` (a StageClock)
 times each stage; `surf_train.generate` and `benchmarks/bench_generate.py` read their reports from it.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -55,6 +56,7 @@ class StageClock:
             self.seconds[k] = self.seconds.get(k, 0.0) + time.perf_counter() - t
             self.calls[k] = self.calls.get(k, 0) + 1
             return out
+
         return timed
 
     def _timed(self, into: dict, name, fn, *a):
@@ -84,30 +86,48 @@ def default_prefix(target: tuple[int, int], native: tuple[int, int], multiple: i
     return _on_grid((area / aspect) ** 0.5, multiple), _on_grid((area * aspect) ** 0.5, multiple)
 
 
-def plan_sizes(spec: BaseSpec, height=None, width=None, prefix=(None, None), preview=(None, None),
-               mode: str = "surf", switch: int = 1) -> dict[str, tuple[int, int]]:
+def plan_sizes(
+    spec: BaseSpec,
+    height=None,
+    width=None,
+    prefix=(None, None),
+    preview=(None, None),
+    mode: str = "surf",
+    switch: int = 1,
+) -> dict[str, tuple[int, int]]:
     """Pixel (h, w) of the target, prefix and preview; None: the base model's defaults (DESIGN 3.2)."""
     h, w = height or spec.native_size[0], width or spec.native_size[1]
     g = spec.geometry
     m = g.stride_s * g.patch_s
     dp = default_prefix((h, w), spec.native_size, m)
     # default preview: half the target on the size grid (HunyuanVideo 720p: 352x640, as 360 is off the grid)
-    sizes = {"target": (h, w), "prefix": (prefix[0] or dp[0], prefix[1] or dp[1]),
-             "preview": (preview[0] or _on_grid(h / 2, m), preview[1] or _on_grid(w / 2, m))}
+    sizes = {
+        "target": (h, w),
+        "prefix": (prefix[0] or dp[0], prefix[1] or dp[1]),
+        "preview": (preview[0] or _on_grid(h / 2, m), preview[1] or _on_grid(w / 2, m)),
+    }
     for name, (sh, sw) in sizes.items():
         g.check(None, sh, sw, name)
     if sizes["preview"][0] > h or sizes["preview"][1] > w:
         raise ConfigError(f"preview {sizes['preview']} is larger than target {(h, w)}")
-    if mode != "baseline" and switch and (sizes["prefix"][0] < sizes["preview"][0]
-                                          or sizes["prefix"][1] < sizes["preview"][1]):
-        log.warning("prefix %s is smaller than the preview %s: the switch resamples upward (set --prefix-height/"
-                    "--prefix-width)", sizes["prefix"], sizes["preview"])
+    if (
+        mode != "baseline"
+        and switch
+        and (sizes["prefix"][0] < sizes["preview"][0] or sizes["prefix"][1] < sizes["preview"][1])
+    ):
+        log.warning(
+            "prefix %s is smaller than the preview %s: the switch resamples upward (set --prefix-height/"
+            "--prefix-width)",
+            sizes["prefix"],
+            sizes["preview"],
+        )
     return sizes
 
 
 @dataclass
 class SurfPlan:
     """What one call runs: sizes in pixels and latents, the schedule, the Refiner's steps, stage names."""
+
     mode: str
     sizes: dict[str, tuple[int, int]]  # pixels: target, prefix, preview
     frames: int
@@ -122,6 +142,7 @@ class SurfPlan:
 class SurfPipelineOutput(BaseOutput):
     """frames: np (B, F, H, W, 3) in [0, 1], a list of lists of PIL images, a (B, F, 3, H, W) tensor, or the
     latent (B, C, F, H, W) for output_type="latent" (as WanPipelineOutput); plan: what the call ran."""
+
     frames: Any
     plan: SurfPlan | None = None
 
@@ -159,21 +180,45 @@ class SurfPipeline(DiffusionPipeline):
     model_cpu_offload_seq = "text_encoder->text_encoder_2->transformer->refiner->vae"
     _optional_components = ["refiner", "text_encoder_2", "tokenizer_2"]
 
-    def __init__(self, tokenizer, text_encoder, transformer, vae, scheduler, refiner=None, text_encoder_2=None,
-                 tokenizer_2=None, base_spec: dict | str | BaseSpec | None = None, bridge: dict | None = None):
+    def __init__(
+        self,
+        tokenizer,
+        text_encoder,
+        transformer,
+        vae,
+        scheduler,
+        refiner=None,
+        text_encoder_2=None,
+        tokenizer_2=None,
+        base_spec: dict | str | BaseSpec | None = None,
+        bridge: dict | None = None,
+    ):
         super().__init__()
         if base_spec is None:
             raise ConfigError("SurfPipeline needs base_spec: a conf/base name, a BaseSpec or its dict")
-        spec = (BaseSpec.from_name(base_spec) if isinstance(base_spec, str) else
-                base_spec if isinstance(base_spec, BaseSpec) else BaseSpec.from_dict(base_spec))
-        names = {"tokenizer": tokenizer, "text_encoder": text_encoder, "transformer": transformer, "vae": vae,
-                 "scheduler": scheduler}
+        spec = (
+            BaseSpec.from_name(base_spec)
+            if isinstance(base_spec, str)
+            else base_spec
+            if isinstance(base_spec, BaseSpec)
+            else BaseSpec.from_dict(base_spec)
+        )
+        names = {
+            "tokenizer": tokenizer,
+            "text_encoder": text_encoder,
+            "transformer": transformer,
+            "vae": vae,
+            "scheduler": scheduler,
+        }
         if spec.family == "hunyuan":
             names.update(text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2)
         # the family's own pipeline around the same modules: the adapter computes the velocity exactly as it does
         self.base = adapter_class(spec.family)(spec, _base_pipeline_class(spec.family)(**names), transformer.device)
-        self.register_modules(**{**names, "scheduler": self.base.pipe.scheduler}, refiner=refiner,
-                              **({} if spec.family == "hunyuan" else {"text_encoder_2": None, "tokenizer_2": None}))
+        self.register_modules(
+            **{**names, "scheduler": self.base.pipe.scheduler},
+            refiner=refiner,
+            **({} if spec.family == "hunyuan" else {"text_encoder_2": None, "tokenizer_2": None}),
+        )
         self.register_to_config(base_spec=_spec_dict(spec), bridge=dict(bridge or {}))
         for m in (transformer, vae, text_encoder, text_encoder_2, refiner):
             if isinstance(m, torch.nn.Module):  # loaded or built, the same numerics (see realign)
@@ -181,25 +226,43 @@ class SurfPipeline(DiffusionPipeline):
         if refiner is not None:
             refiner.eval().requires_grad_(False)
             if refiner.cfg.in_channels != spec.channels:
-                raise ConfigError(f"Refiner works on {refiner.cfg.in_channels}-channel latents but base model "
-                                  f"{spec.name} has {spec.channels}")
+                raise ConfigError(
+                    f"Refiner works on {refiner.cfg.in_channels}-channel latents but base model "
+                    f"{spec.name} has {spec.channels}"
+                )
 
     @property
     def spec(self) -> BaseSpec:
         return self.base.spec
 
     @classmethod
-    def from_base(cls, model: BaseModel, refiner=None, bridge: dict | None = None) -> "SurfPipeline":
+    def from_base(cls, model: BaseModel, refiner=None, bridge: dict | None = None) -> SurfPipeline:
         """Around a loaded base-model adapter (its modules, not copies); the Refiner moved to its device and dtype."""
         p = model.pipe
         if refiner is not None:  # norms and adaLN tables stay float32
             refiner = refiner.to(model.device).to_dtype(model.dtype)
-        return cls(p.tokenizer, p.text_encoder, p.transformer, p.vae, p.scheduler, refiner,
-                   getattr(p, "text_encoder_2", None), getattr(p, "tokenizer_2", None), model.spec, bridge)
+        return cls(
+            p.tokenizer,
+            p.text_encoder,
+            p.transformer,
+            p.vae,
+            p.scheduler,
+            refiner,
+            getattr(p, "text_encoder_2", None),
+            getattr(p, "tokenizer_2", None),
+            model.spec,
+            bridge,
+        )
 
     @classmethod
-    def from_surf(cls, base: str | BaseSpec, refiner: str | None = None, device: str = "auto",
-                  dtype: str | None = None, force: bool = False) -> "SurfPipeline":
+    def from_surf(
+        cls,
+        base: str | BaseSpec,
+        refiner: str | None = None,
+        device: str = "auto",
+        dtype: str | None = None,
+        force: bool = False,
+    ) -> SurfPipeline:
         """A conf/base model (tiny, toy, wan2.1_t2v_14b, ...) and an exported Refiner directory (or None)."""
         from surf_train.base import load_base_model
         from surf_train.export import check_base, load_refiner
@@ -216,9 +279,19 @@ class SurfPipeline(DiffusionPipeline):
                 log.warning("%s", warning)
         return cls.from_base(load_base_model(spec, device), net, bridge)
 
-    def plan(self, height=None, width=None, num_frames=None, num_inference_steps: int = 20, switch: int = 5,
-             prefix_size=(None, None), preview_size=(None, None), refiner_steps: int | None = None,
-             mode: str = "surf", shift: float | None = None) -> SurfPlan:
+    def plan(
+        self,
+        height=None,
+        width=None,
+        num_frames=None,
+        num_inference_steps: int = 20,
+        switch: int = 5,
+        prefix_size=(None, None),
+        preview_size=(None, None),
+        refiner_steps: int | None = None,
+        mode: str = "surf",
+        shift: float | None = None,
+    ) -> SurfPlan:
         """Sizes, schedule and stage names of a call; ConfigError for settings the models cannot run."""
         if mode not in MODES:
             raise ConfigError(f"--mode {mode!r}: choose from {MODES}")
@@ -242,19 +315,38 @@ class SurfPipeline(DiffusionPipeline):
         schedule = self.base.schedule(num_inference_steps, shift)  # the pipeline's own scheduler (shift: override)
         k_ref = self.config.bridge.get("steps", 10) if refiner_steps is None else refiner_steps
         # stage of each base-model call, by the latent size it runs at (the prefix wins if sizes coincide)
-        names = ({lat["target"]: "full_res"} if mode == "baseline"
-                 else {lat["preview"]: "low_res", lat["prefix"]: "prefix"})
+        names = (
+            {lat["target"]: "full_res"} if mode == "baseline" else {lat["preview"]: "low_res", lat["prefix"]: "prefix"}
+        )
         return SurfPlan(mode, sizes, frames, lat, f_lat, schedule, k_ref if mode == "surf" else 0, names)
 
     @torch.no_grad()
-    def __call__(self, prompt: str | list[str], negative_prompt: str | None = None, height: int | None = None,
-                 width: int | None = None, num_frames: int | None = None, num_inference_steps: int = 20,
-                 switch: int = 5, preview_height: int | None = None, preview_width: int | None = None,
-                 prefix_height: int | None = None, prefix_width: int | None = None, refiner_steps: int | None = None,
-                 guidance_scale: float | None = None, generator: torch.Generator | None = None,
-                 latents: torch.Tensor | None = None, output_type: str = "np", return_dict: bool = True,
-                 mode: str = "surf", rule: str = "pool", down: str = "area", shift: float | None = None,
-                 acceleration: Acceleration | None = None, clock: StageClock | None = None):
+    def __call__(
+        self,
+        prompt: str | list[str],
+        negative_prompt: str | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_frames: int | None = None,
+        num_inference_steps: int = 20,
+        switch: int = 5,
+        preview_height: int | None = None,
+        preview_width: int | None = None,
+        prefix_height: int | None = None,
+        prefix_width: int | None = None,
+        refiner_steps: int | None = None,
+        guidance_scale: float | None = None,
+        generator: torch.Generator | None = None,
+        latents: torch.Tensor | None = None,
+        output_type: str = "np",
+        return_dict: bool = True,
+        mode: str = "surf",
+        rule: str = "pool",
+        down: str = "area",
+        shift: float | None = None,
+        acceleration: Acceleration | None = None,
+        clock: StageClock | None = None,
+    ):
         """Generate videos (sizes in pixels; None: the base model's defaults, preview half the target).
 
         switch: base-model steps at the prefix size; refiner_steps None: the K the Refiner was trained with;
@@ -266,8 +358,18 @@ class SurfPipeline(DiffusionPipeline):
             raise ConfigError(f"output_type {output_type!r}: choose from {OUTPUT_TYPES}")
         if rule not in RULES or down not in DOWN_MODES:
             raise ConfigError(f"--rule must be one of {RULES} and --down one of {DOWN_MODES}")
-        plan = self.plan(height, width, num_frames, num_inference_steps, switch, (prefix_height, prefix_width),
-                         (preview_height, preview_width), refiner_steps, mode, shift)
+        plan = self.plan(
+            height,
+            width,
+            num_frames,
+            num_inference_steps,
+            switch,
+            (prefix_height, prefix_width),
+            (preview_height, preview_width),
+            refiner_steps,
+            mode,
+            shift,
+        )
         model, net = self.base, self.refiner if mode == "surf" else None
         model.device, model.dtype = self.transformer.device, self.transformer.dtype  # after pipe.to(...)
         acc = acceleration or Acceleration()
@@ -283,8 +385,9 @@ class SurfPipeline(DiffusionPipeline):
         cond = clock.time("text", model.encode_prompt, prompts, *args)
         text = cond.embeds.float() if net is not None and net.cfg.text_dim else None
         if text is not None and text.shape[-1] != net.cfg.text_dim:
-            raise ConfigError(f"Refiner expects {net.cfg.text_dim}-wide text embeddings, {model.spec.name} gives "
-                              f"{text.shape[-1]}")
+            raise ConfigError(
+                f"Refiner expects {net.cfg.text_dim}-wide text embeddings, {model.spec.name} gives {text.shape[-1]}"
+            )
         model.meter.reset()
         lat, names = plan.lat, plan.names
         vel = clock.wrap(model.velocity_fn(cond, guidance_scale, acc), lambda x: names[tuple(x.shape[-2:])])
@@ -321,5 +424,13 @@ class SurfPipeline(DiffusionPipeline):
         return SurfPipelineOutput(frames=frames, plan=plan) if return_dict else (frames,)
 
 
-__all__ = ["SurfPipeline", "SurfPipelineOutput", "SurfPlan", "StageClock", "default_prefix", "plan_sizes",
-           "MODES", "OUTPUT_TYPES"]
+__all__ = [
+    "SurfPipeline",
+    "SurfPipelineOutput",
+    "SurfPlan",
+    "StageClock",
+    "default_prefix",
+    "plan_sizes",
+    "MODES",
+    "OUTPUT_TYPES",
+]

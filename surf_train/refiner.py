@@ -6,6 +6,7 @@ projection, qk RMSNorm across heads, interleaved 3D RoPE, optional text cross-at
 with parameter names that match Wan's, so `init_from_wan` is a near one-to-one copy. Even blocks
 attend in plain windows, odd blocks in windows shifted by half a window.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -81,7 +82,7 @@ class RefinerConfig:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "RefinerConfig":
+    def from_dict(cls, d: dict[str, Any]) -> RefinerConfig:
         """Inverse of to_dict; unknown keys are an error."""
         unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
@@ -89,7 +90,7 @@ class RefinerConfig:
         return cls(**d)
 
     @classmethod
-    def preset(cls, name: str, **overrides: Any) -> "RefinerConfig":
+    def preset(cls, name: str, **overrides: Any) -> RefinerConfig:
         """A named preset (conf/model/<name>.yaml) with field overrides."""
         if name not in presets():
             raise ConfigError(f"unknown refiner preset {name!r}; choose from {sorted(presets())}")
@@ -101,8 +102,10 @@ def refiner_config(model: dict) -> RefinerConfig:
     model = dict(model)
     unset = [k for k in ("in_channels", "text_dim") if k in model and model[k] is None]
     if unset:
-        raise ConfigError(f"model.{' and model.'.join(unset)} unset (null): `python -m surf_train` reads them from "
-                          f"the shards; elsewhere give them explicitly")
+        raise ConfigError(
+            f"model.{' and model.'.join(unset)} unset (null): `python -m surf_train` reads them from "
+            f"the shards; elsewhere give them explicitly"
+        )
     return RefinerConfig.preset(model.pop("preset", "tiny"), **model)
 
 
@@ -124,6 +127,7 @@ def presets() -> dict[str, dict[str, Any]]:
 
 # --- pure functions ----------------------------------------------------------------------------
 
+
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
     """Sinusoidal features [cos, sin] of t (B,) -> (B, dim), as diffusers' Timesteps(flip_sin_to_cos=True)."""
     half = dim // 2
@@ -139,11 +143,14 @@ def rope_angles(grid: Size3, dims: Size3, theta: float, device=None) -> tuple[to
         freqs = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64, device=device) / d)  # (d/2,)
         per_axis.append(torch.arange(n, dtype=torch.float64, device=device)[:, None] * freqs[None])  # (n, d/2)
     t, h, w = grid
-    ang = torch.cat([
-        per_axis[0][:, None, None].expand(t, h, w, -1),
-        per_axis[1][None, :, None].expand(t, h, w, -1),
-        per_axis[2][None, None, :].expand(t, h, w, -1),
-    ], dim=-1).reshape(t * h * w, -1)  # (N, head_dim/2)
+    ang = torch.cat(
+        [
+            per_axis[0][:, None, None].expand(t, h, w, -1),
+            per_axis[1][None, :, None].expand(t, h, w, -1),
+            per_axis[2][None, None, :].expand(t, h, w, -1),
+        ],
+        dim=-1,
+    ).reshape(t * h * w, -1)  # (N, head_dim/2)
     return ang.cos().float(), ang.sin().float()
 
 
@@ -172,6 +179,7 @@ def num_params(module: nn.Module) -> int:
 
 
 # --- modules -----------------------------------------------------------------------------------
+
 
 class FP32RMSNorm(nn.RMSNorm):
     """RMSNorm computed in float32, output in the input's dtype (its weight may be float32 beside bf16 layers)."""
@@ -307,8 +315,9 @@ class ConditionEmbedder(nn.Module):
     def forward(self, t: torch.Tensor, text: torch.Tensor | None):
         """t (B,) in [0, 1] -> temb (B, D), mod (B, 6, D), text (B, L, D) | None."""
         # time_embedder may be float32 beside a bf16 time_proj (Refiner._keep_in_fp32_modules)
-        temb = self.time_embedder(timestep_embedding(t * T_SCALE, self.freq_dim).to(
-            self.time_embedder.linear_1.weight.dtype))
+        temb = self.time_embedder(
+            timestep_embedding(t * T_SCALE, self.freq_dim).to(self.time_embedder.linear_1.weight.dtype)
+        )
         mod = self.time_proj(F.silu(temb).to(self.time_proj.weight.dtype)).unflatten(1, (6, -1))
         return temb, mod, (self.text_embedder(text) if text is not None else None)
 
@@ -346,9 +355,19 @@ class Refiner(ModelMixin, ConfigMixin):
     ):
         super().__init__()
         self._cfg = cfg = RefinerConfig(
-            in_channels=in_channels, patch_size=patch_size, dim=dim, depth=depth, heads=heads, mlp_ratio=mlp_ratio,
-            window=window, text_dim=text_dim, freq_dim=freq_dim, rope_theta=rope_theta, qk_norm=qk_norm,
-            attn_impl=attn_impl)  # validates
+            in_channels=in_channels,
+            patch_size=patch_size,
+            dim=dim,
+            depth=depth,
+            heads=heads,
+            mlp_ratio=mlp_ratio,
+            window=window,
+            text_dim=text_dim,
+            freq_dim=freq_dim,
+            rope_theta=rope_theta,
+            qk_norm=qk_norm,
+            attn_impl=attn_impl,
+        )  # validates
         c, d = cfg.in_channels, cfg.dim
         self.patch_embedding = nn.Conv3d(2 * c, d, kernel_size=cfg.patch_size, stride=cfg.patch_size)
         self.condition_embedder = ConditionEmbedder(cfg)
@@ -362,17 +381,19 @@ class Refiner(ModelMixin, ConfigMixin):
             self.enable_gradient_checkpointing()
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs) -> "Refiner":
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs) -> Refiner:
         """diffusers' from_pretrained; a directory of the first export format gets a clear error instead."""
         d = Path(pretrained_model_name_or_path) / (kwargs.get("subfolder") or "")
         if (d / "refiner.safetensors").is_file() and not any(d.glob("diffusion_pytorch_model*.safetensors")):
-            raise ConfigError(f"{d}: an export of the first SURF format (refiner.safetensors); load it with "
-                              f"surf_train.export.load_refiner or convert it: python -m surf_train.export --convert "
-                              f"{d} NEW_DIR")
+            raise ConfigError(
+                f"{d}: an export of the first SURF format (refiner.safetensors); load it with "
+                f"surf_train.export.load_refiner or convert it: python -m surf_train.export --convert "
+                f"{d} NEW_DIR"
+            )
         return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
     @classmethod
-    def from_cfg(cls, cfg: RefinerConfig) -> "Refiner":
+    def from_cfg(cls, cfg: RefinerConfig) -> Refiner:
         """The one conversion RefinerConfig -> Refiner (its inverse is `.cfg`)."""
         return cls(**cfg.to_dict())
 
@@ -382,7 +403,7 @@ class Refiner(ModelMixin, ConfigMixin):
         return torch.float32 if any(m in name.split(".") for m in cls._keep_in_fp32_modules) else dtype
 
     @torch.no_grad()
-    def to_dtype(self, dtype: torch.dtype) -> "Refiner":
+    def to_dtype(self, dtype: torch.dtype) -> Refiner:
         """Cast as from_pretrained(torch_dtype=dtype) would load: the kept modules stay float32. (`.to(dtype)`
         casts everything, and diffusers warns about it.)"""
         for name, p in self.named_parameters():
@@ -402,8 +423,8 @@ class Refiner(ModelMixin, ConfigMixin):
         nn.init.zeros_(self.proj_out.bias)
         tp = self.condition_embedder.time_proj
         for row in (2, 5):  # gate rows of the (6, D) modulation
-            tp.weight[row * d:(row + 1) * d].zero_()
-            tp.bias[row * d:(row + 1) * d].zero_()
+            tp.weight[row * d : (row + 1) * d].zero_()
+            tp.bias[row * d : (row + 1) * d].zero_()
             for blk in self.blocks:
                 blk.scale_shift_table[:, row].zero_()
 
@@ -453,7 +474,7 @@ class Refiner(ModelMixin, ConfigMixin):
         return unpatchify(x, grid, cfg.patch_size)
 
     @classmethod
-    def from_wan_transformer(cls, wan: Any, **overrides: Any) -> tuple["Refiner", "WanInitReport"]:
+    def from_wan_transformer(cls, wan: Any, **overrides: Any) -> tuple[Refiner, WanInitReport]:
         """Refiner shaped like a diffusers WanTransformer3DModel (module or saved directory), initialised from it."""
         if isinstance(wan, (str, bytes)) or hasattr(wan, "__fspath__"):
             from diffusers import WanTransformer3DModel
@@ -464,6 +485,7 @@ class Refiner(ModelMixin, ConfigMixin):
 
 
 # --- initialisation from Wan -------------------------------------------------------------------
+
 
 @dataclass
 class WanInitReport:

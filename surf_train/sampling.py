@@ -7,12 +7,14 @@ pipeline tells the transformer and its cache hooks) and the scheduler as a `Sche
 scheduler and the `set_timesteps` call that pipeline makes), both as parameters, so an oracle velocity and any
 flow-matching scheduler test them. `euler_sample` is the plain Euler loop the Refiner's bridge uses (DESIGN 3.3).
 """
+
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -25,11 +27,19 @@ RULES = ("paper", "snr", "pool")
 DOWN_MODES = ("area", "bilinear", "bicubic")
 UP_MODES = ("nearest", "bilinear", "bicubic")
 # supported scheduler classes -> the config key of their timestep shift
-SCHEDULERS = {"FlowMatchEulerDiscreteScheduler": "shift", "UniPCMultistepScheduler": "flow_shift",
-              "DPMSolverMultistepScheduler": "flow_shift"}
+SCHEDULERS = {
+    "FlowMatchEulerDiscreteScheduler": "shift",
+    "UniPCMultistepScheduler": "flow_shift",
+    "DPMSolverMultistepScheduler": "flow_shift",
+}
 # config overrides that make set_timesteps(sigmas=...) use the given sigmas as they are (they are final levels)
-_AS_GIVEN = {"use_dynamic_shifting": False, "shift_terminal": None, "use_karras_sigmas": False,
-             "use_exponential_sigmas": False, "use_beta_sigmas": False}
+_AS_GIVEN = {
+    "use_dynamic_shifting": False,
+    "shift_terminal": None,
+    "use_karras_sigmas": False,
+    "use_exponential_sigmas": False,
+    "use_beta_sigmas": False,
+}
 
 
 def shift_sigma(s: torch.Tensor | float, a: float) -> torch.Tensor | float:
@@ -44,8 +54,9 @@ def flow_sigmas(steps: int, shift: float = 1.0) -> torch.Tensor:
     return shift_sigma(torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64), shift)
 
 
-def euler_sample(velocity: Callable[[torch.Tensor, float], torch.Tensor], x: torch.Tensor,
-                 sigmas: torch.Tensor) -> torch.Tensor:
+def euler_sample(
+    velocity: Callable[[torch.Tensor, float], torch.Tensor], x: torch.Tensor, sigmas: torch.Tensor
+) -> torch.Tensor:
     """Euler integration of dx/ds = v(x, s) along `sigmas` (decreasing)."""
     for s, s_next in zip(sigmas[:-1].tolist(), sigmas[1:].tolist()):
         x = x + (s_next - s) * velocity(x, s)
@@ -54,9 +65,11 @@ def euler_sample(velocity: Callable[[torch.Tensor, float], torch.Tensor], x: tor
 
 # --- schedulers -------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Step:
     """One network call's place in a run: what the pipeline passes the transformer and its cache hooks."""
+
     sigma: float  # noise level s of x (scheduler.sigmas[i])
     timestep: torch.Tensor  # 0-d scheduler.timesteps[i], as the pipeline passes it (sigma * 1000; int64 for UniPC)
     index: int  # step of the base model's schedule, 0..steps-1; the low-resolution steps continue from the switch
@@ -75,8 +88,9 @@ def check_scheduler(scheduler: Any) -> None:
         raise ConfigError(f"scheduler {name} is not supported; supported: {sorted(SCHEDULERS)}")
     c = scheduler.config
     bad = []
-    if name != "FlowMatchEulerDiscreteScheduler" and not (c.get("use_flow_sigmas")
-                                                          and c.get("prediction_type") == "flow_prediction"):
+    if name != "FlowMatchEulerDiscreteScheduler" and not (
+        c.get("use_flow_sigmas") and c.get("prediction_type") == "flow_prediction"
+    ):
         bad.append("use_flow_sigmas=True and prediction_type='flow_prediction' (flow matching)")
     if c.get("use_dynamic_shifting"):
         bad.append("use_dynamic_shifting=False (no mu is passed)")
@@ -111,6 +125,7 @@ class Schedule:
     `scheduler` is a template, never stepped itself: every run steps a fresh instance from its config, so no
     multistep history or step index leaks between runs.
     """
+
     scheduler: Any  # FlowMatchEulerDiscreteScheduler, or UniPC / DPM-Solver++ configured for flow matching
     steps: int
     custom_sigmas: bool = False  # HunyuanVideoPipeline: set_timesteps(sigmas=linspace(1, 0, N + 1)[:-1]); Wan: (N)
@@ -120,8 +135,10 @@ class Schedule:
             raise ConfigError(f"steps={self.steps} must be an integer >= 1")
         check_scheduler(self.scheduler)
         if self.custom_sigmas and not _takes_sigmas(self.scheduler):
-            raise ConfigError(f"{type(self.scheduler).__name__}.set_timesteps takes no custom sigmas, which this "
-                              f"pipeline passes (HunyuanVideoPipeline refuses it too)")
+            raise ConfigError(
+                f"{type(self.scheduler).__name__}.set_timesteps takes no custom sigmas, which this "
+                f"pipeline passes (HunyuanVideoPipeline refuses it too)"
+            )
 
     def start(self, device: torch.device | str | None = None) -> Any:
         """A fresh scheduler, set up exactly as the pipeline sets its own before the denoising loop."""
@@ -144,9 +161,15 @@ class Schedule:
 
 
 # how a FlowMatchEuler config becomes another supported class (the settings diffusers' Wan docs give for UniPC)
-_FLOW = {"UniPCMultistepScheduler": {"prediction_type": "flow_prediction", "use_flow_sigmas": True},
-         "DPMSolverMultistepScheduler": {"prediction_type": "flow_prediction", "use_flow_sigmas": True,
-                                         "algorithm_type": "dpmsolver++", "solver_order": 2}}
+_FLOW = {
+    "UniPCMultistepScheduler": {"prediction_type": "flow_prediction", "use_flow_sigmas": True},
+    "DPMSolverMultistepScheduler": {
+        "prediction_type": "flow_prediction",
+        "use_flow_sigmas": True,
+        "algorithm_type": "dpmsolver++",
+        "solver_order": 2,
+    },
+}
 
 
 def convert_scheduler(scheduler: Any, name: str | None) -> Any:
@@ -191,8 +214,9 @@ def scheduler_on(template: Any, levels: torch.Tensor, device: torch.device | str
     if lv[-1] != 0 or len(lv) < 2:
         raise ValueError(f"levels must be at least two values ending at 0, got {lv.tolist()}")
     if _takes_sigmas(template):
-        s = type(template).from_config(template.config, **{key: 1.0}, **{k: v for k, v in _AS_GIVEN.items()
-                                                                        if k in template.config})
+        s = type(template).from_config(
+            template.config, **{key: 1.0}, **{k: v for k, v in _AS_GIVEN.items() if k in template.config}
+        )
         s.set_timesteps(sigmas=lv[:-1].copy(), device=device)
     else:
         s = type(template).from_config(template.config)
@@ -206,8 +230,17 @@ def scheduler_on(template: Any, levels: torch.Tensor, device: torch.device | str
     return s
 
 
-def scheduler_steps(velocity: Velocity, x: torch.Tensor, sched: Any, n: int, steps: int, stage: str = "native",
-                    offset: int = 0, v: torch.Tensor | None = None, start: bool = False) -> torch.Tensor:
+def scheduler_steps(
+    velocity: Velocity,
+    x: torch.Tensor,
+    sched: Any,
+    n: int,
+    steps: int,
+    stage: str = "native",
+    offset: int = 0,
+    v: torch.Tensor | None = None,
+    start: bool = False,
+) -> torch.Tensor:
     """`n` steps of a started scheduler from where it stands, as the pipeline's loop makes them.
 
     steps/offset: the schedule's length and the index of the scheduler's step 0 in it (for `Step`);
@@ -229,6 +262,7 @@ def sample(velocity: Velocity, noise: torch.Tensor, schedule: Schedule) -> torch
 
 
 # --- resampling in latent space ---------------------------------------------------------------
+
 
 def _per_frame(x: torch.Tensor, fn) -> torch.Tensor:
     b, c, f, h, w = x.shape
@@ -265,16 +299,25 @@ def noise_gain(in_hw: tuple[int, int], out_hw: tuple[int, int], mode: str) -> fl
 
 # --- noise reshifting ---------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Reshift:
     """Result of a switch to low resolution: the new latent and its noise level."""
+
     x: torch.Tensor  # (B, C, F, h, w)
     sigma: float  # noise level the low-resolution run continues from
     gain: float  # noise gain of the downsampling kernel
 
 
-def reshift(x: torch.Tensor, v: torch.Tensor | None, s: float, size: tuple[int, int], rule: Rule,
-            noise: torch.Tensor | None = None, down: str = "area") -> Reshift:
+def reshift(
+    x: torch.Tensor,
+    v: torch.Tensor | None,
+    s: float,
+    size: tuple[int, int],
+    rule: Rule,
+    noise: torch.Tensor | None = None,
+    down: str = "area",
+) -> Reshift:
     """Switch a latent at noise level `s` from (H, W) to `size` with one of the DESIGN 3.2 rules.
 
     x: (B, C, F, H, W) noisy latent; v: velocity at (x, s) (unused by `pool`);
@@ -309,6 +352,7 @@ def low_res_sigmas(sigmas: torch.Tensor, k: int, rule: Rule, gain: float) -> tor
 @dataclass
 class PreviewPlan:
     """Settings of one noise-reshifting run: the base model's schedule, the switch and the preview."""
+
     schedule: Schedule
     switch: int  # k: steps run before the switch
     preview_size: tuple[int, int]  # latent (h, w) of the preview
@@ -341,8 +385,15 @@ class PreviewPlan:
 # same call the native run's step k makes); UniPC's corrector for that latent, which would need the old-resolution
 # history, is not applied. FlowMatchEuler has no state, so only the grid changes for it.
 
-def _switch(velocity: Velocity, x: torch.Tensor, plan: PreviewPlan, sched: Any, fresh_noise: torch.Tensor | None,
-            start: bool = False):
+
+def _switch(
+    velocity: Velocity,
+    x: torch.Tensor,
+    plan: PreviewPlan,
+    sched: Any,
+    fresh_noise: torch.Tensor | None,
+    start: bool = False,
+):
     """Returns (v at the switch or None, Reshift); sched: the started native scheduler, standing at the switch."""
     k, s_k = plan.switch, float(plan.sigmas[plan.switch])
     v = None
@@ -360,8 +411,9 @@ def _low_res(velocity: Velocity, r: Reshift, plan: PreviewPlan, start: bool) -> 
     return scheduler_steps(velocity, r.x, sched, len(levels) - 1, plan.steps, "low", plan.switch, start=start)
 
 
-def preview_sample(velocity: Velocity, noise: torch.Tensor, plan: PreviewPlan,
-                   fresh_noise: torch.Tensor | None = None) -> torch.Tensor:
+def preview_sample(
+    velocity: Velocity, noise: torch.Tensor, plan: PreviewPlan, fresh_noise: torch.Tensor | None = None
+) -> torch.Tensor:
     """Noise-reshifting preview: `switch` steps at the noise's resolution, the rest at preview size.
 
     noise: (B, C, F, H, W) start noise at the prefix resolution; fresh_noise: (B, C, F, h, w) for
@@ -373,8 +425,9 @@ def preview_sample(velocity: Velocity, noise: torch.Tensor, plan: PreviewPlan,
     return _low_res(velocity, r, plan, start=plan.switch == 0 and v is None)
 
 
-def finish_preview(velocity: Velocity, x: torch.Tensor, plan: PreviewPlan,
-                   fresh_noise: torch.Tensor | None = None) -> torch.Tensor:
+def finish_preview(
+    velocity: Velocity, x: torch.Tensor, plan: PreviewPlan, fresh_noise: torch.Tensor | None = None
+) -> torch.Tensor:
     """The switch and the remaining steps at preview size, from x (B, C, F, H, W) at level sigmas[switch].
 
     Re-previews of real clips start here: the clean target latent noised to sigmas[switch].
@@ -384,8 +437,9 @@ def finish_preview(velocity: Velocity, x: torch.Tensor, plan: PreviewPlan,
     return _low_res(velocity, r, plan, start=v is None)
 
 
-def pair_sample(velocity: Velocity, noise: torch.Tensor, plan: PreviewPlan,
-                fresh_noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def pair_sample(
+    velocity: Velocity, noise: torch.Tensor, plan: PreviewPlan, fresh_noise: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(preview, target) sharing the first `switch` steps at the target resolution.
 
     Branch A continues to the end at full size on the same scheduler (the target: exactly the native run);

@@ -9,6 +9,7 @@ length L (trailing all-zero rows, the encoder's padding, are dropped); batches p
 Shards are written under a temporary name and renamed when complete, by the one process that holds
 the directory's lock for its rank (`OutDirLock`).
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -22,8 +23,8 @@ import sys
 import tarfile
 import tempfile
 import uuid
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import torch
 import webdataset as wds
@@ -55,7 +56,7 @@ def trim_text(text: torch.Tensor) -> torch.Tensor:
     trimmed text with zeros again gives the same mask and the same attention.
     """
     rows = (text != 0).any(-1).nonzero()  # (n, 1): indices of the rows with a non-zero value
-    return text[:int(rows[-1]) + 1 if len(rows) else 1]
+    return text[: int(rows[-1]) + 1 if len(rows) else 1]
 
 
 def encode_sample(key: str, tensors: dict[str, torch.Tensor], meta: dict) -> dict:
@@ -67,9 +68,15 @@ def encode_sample(key: str, tensors: dict[str, torch.Tensor], meta: dict) -> dic
     if "text" in tensors:
         tensors["text"] = trim_text(tensors["text"])
     blob = st_save({k: v.contiguous() for k, v in tensors.items()})
-    meta = {**meta, "key": key, "schema": SCHEMA_VERSION, CHECKSUM: hashlib.sha256(blob).hexdigest(),
-            "preview_shape": list(tensors["preview"].shape), "target_shape": list(tensors["target"].shape),
-            **({TEXT_LENGTH: tensors["text"].shape[0]} if "text" in tensors else {})}
+    meta = {
+        **meta,
+        "key": key,
+        "schema": SCHEMA_VERSION,
+        CHECKSUM: hashlib.sha256(blob).hexdigest(),
+        "preview_shape": list(tensors["preview"].shape),
+        "target_shape": list(tensors["target"].shape),
+        **({TEXT_LENGTH: tensors["text"].shape[0]} if "text" in tensors else {}),
+    }
     return {"__key__": key, TENSORS: blob, META: json.dumps(meta, sort_keys=True).encode()}
 
 
@@ -85,8 +92,10 @@ def decode_sample(raw: dict) -> dict:
         digest = meta.get(CHECKSUM) if isinstance(meta, dict) else None
         read = hashlib.sha256(raw[TENSORS]).hexdigest() if digest is not None else None
         if read != digest:
-            raise ShardError(f"{where}: checksum mismatch in {TENSORS} (sha256 {digest[:12]}... recorded, "
-                             f"{read[:12]}... read): the bytes are corrupt")
+            raise ShardError(
+                f"{where}: checksum mismatch in {TENSORS} (sha256 {digest[:12]}... recorded, "
+                f"{read[:12]}... read): the bytes are corrupt"
+            )
         tensors = st_load(raw[TENSORS])
     except ShardError:
         raise
@@ -102,8 +111,13 @@ def decode_sample(raw: dict) -> dict:
     return {"key": meta["key"], "meta": meta, **tensors}
 
 
-def sample_bytes(preview: tuple[int, ...], target: tuple[int, ...], text: tuple[int, int] | None = None,
-                 dtype: torch.dtype = torch.float16, meta: dict | None = None) -> int:
+def sample_bytes(
+    preview: tuple[int, ...],
+    target: tuple[int, ...],
+    text: tuple[int, int] | None = None,
+    dtype: torch.dtype = torch.float16,
+    meta: dict | None = None,
+) -> int:
     """Bytes one sample of these tensor shapes takes in a shard (both tar entries, headers and padding included;
     a shard adds 1024 end-of-archive bytes, rounded up to 10240). Computed by writing zeros (text: ones, so
     that it keeps its length) with `meta` as the metadata through the shard writer's tar format."""
@@ -185,8 +199,9 @@ def read_shards(paths: Iterable[str | os.PathLike]) -> Iterator[dict]:
     if not urls:
         return iter(())
     # every given shard, in this process, even under torchrun (no node or worker splitting)
-    ds = wds.WebDataset(urls, shardshuffle=False, empty_check=False, handler=raise_named, nodesplitter=None,
-                        workersplitter=None)
+    ds = wds.WebDataset(
+        urls, shardshuffle=False, empty_check=False, handler=raise_named, nodesplitter=None, workersplitter=None
+    )
     return map(decode_sample, ds)
 
 
@@ -198,8 +213,9 @@ class ShardWriter:
     continues numbering on resume.
     """
 
-    def __init__(self, directory: str | os.PathLike, rank: int, max_count: int, prefix: str = "pairs",
-                 start_index: int = 0):
+    def __init__(
+        self, directory: str | os.PathLike, rank: int, max_count: int, prefix: str = "pairs", start_index: int = 0
+    ):
         self.dir, self.rank, self.max_count, self.prefix = Path(directory), rank, max_count, prefix
         self.index, self.count, self.bytes, self.shards = start_index, 0, 0, 0
         self._file = self._tar = None
@@ -233,7 +249,7 @@ class ShardWriter:
         if self.count >= self.max_count:
             self.close_shard()
 
-    def __enter__(self) -> "ShardWriter":
+    def __enter__(self) -> ShardWriter:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -292,8 +308,13 @@ class OutDirLock:
     def __init__(self, directory: str | os.PathLike, rank: int):
         self.dir, self.rank = Path(directory), rank
         self.path = lock_path(directory, rank)
-        self.me = {"host": socket.gethostname(), "pid": os.getpid(), "started": _start_time(os.getpid()),
-                   "token": uuid.uuid4().hex, "argv": sys.argv}
+        self.me = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "started": _start_time(os.getpid()),
+            "token": uuid.uuid4().hex,
+            "argv": sys.argv,
+        }
 
     def _owner(self) -> dict | None:
         try:
@@ -304,7 +325,7 @@ class OutDirLock:
         except (OSError, ValueError):
             return {}
 
-    def acquire(self) -> "OutDirLock":
+    def acquire(self) -> OutDirLock:
         if self.dir.exists() and not self.dir.is_dir():
             raise ConfigError(f"out_dir={self.dir} is an existing file, not a directory")
         try:
@@ -329,14 +350,22 @@ class OutDirLock:
                     if owner is None:  # released meanwhile
                         continue
                     if not owner:
-                        raise ConfigError(f"{self.path}: unreadable lock file in out_dir; if no other process writes "
-                                          f"rank {self.rank} there, delete it")
+                        raise ConfigError(
+                            f"{self.path}: unreadable lock file in out_dir; if no other process writes "
+                            f"rank {self.rank} there, delete it"
+                        )
                     if _alive(owner):
-                        raise ConfigError(f"{self.path}: rank {self.rank} of {self.dir} is being written by pid "
-                                          f"{owner['pid']} on {owner.get('host')}; wait for it to finish (or, if "
-                                          f"that process is gone, delete the lock file)")
-                    log.warning("%s: taking over the stale lock of pid %s on %s (no longer running)", self.path,
-                                owner["pid"], owner.get("host"))
+                        raise ConfigError(
+                            f"{self.path}: rank {self.rank} of {self.dir} is being written by pid "
+                            f"{owner['pid']} on {owner.get('host')}; wait for it to finish (or, if "
+                            f"that process is gone, delete the lock file)"
+                        )
+                    log.warning(
+                        "%s: taking over the stale lock of pid %s on %s (no longer running)",
+                        self.path,
+                        owner["pid"],
+                        owner.get("host"),
+                    )
                     self.path.unlink(missing_ok=True)
                 raise ConfigError(f"{self.path}: could not take the lock (it keeps changing hands)")
         finally:
@@ -349,7 +378,7 @@ class OutDirLock:
         else:
             log.warning("%s: the lock is no longer this process's; left as it is", self.path)
 
-    def __enter__(self) -> "OutDirLock":
+    def __enter__(self) -> OutDirLock:
         return self.acquire()
 
     def __exit__(self, *exc) -> None:

@@ -3,6 +3,7 @@
 Lightning refuses DeepSpeed without CUDA. `CPUDeepSpeedStrategy` removes exactly the three CUDA-only
 guards (DESIGN 5); it touches Lightning internals, so lightning is pinned in pyproject and tested.
 """
+
 from __future__ import annotations
 
 import torch

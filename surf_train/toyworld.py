@@ -10,6 +10,7 @@ anywhere across the motion, near the edge the object moves away from along it.
 `detect` reads a clip back exactly (colour segmentation against the known palette): per-frame
 object centres, colour, shape, background, direction and speed. Videos are (3, F, H, W) in [-1, 1].
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -20,8 +21,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-OBJECT_COLOURS = {"red": (0.9, 0.1, 0.1), "green": (0.1, 0.75, 0.2), "blue": (0.15, 0.25, 0.95),
-                  "yellow": (0.95, 0.85, 0.1)}
+OBJECT_COLOURS = {
+    "red": (0.9, 0.1, 0.1),
+    "green": (0.1, 0.75, 0.2),
+    "blue": (0.15, 0.25, 0.95),
+    "yellow": (0.95, 0.85, 0.1),
+}
 BACKGROUNDS = {"black": (0.05, 0.05, 0.05), "gray": (0.5, 0.5, 0.5), "white": (0.95, 0.95, 0.95)}
 SHAPES = ("circle", "bar", "pillar")  # a disc, a 3:1 wide and a 1:3 tall rectangle, all of equal area
 # Captions move objects right or down only: with all four directions the 21k-step base learned the axis of the
@@ -50,15 +55,20 @@ class Caption:
         return f"a {self.colour} {self.shape} moving {self.direction} on a {self.background} background"
 
     @classmethod
-    def parse(cls, text: str) -> "Caption":
+    def parse(cls, text: str) -> Caption:
         m = _CAPTION.match(text.strip())
         if not m:
-            raise ValueError(f"not a toy-world caption: {text!r} (expected 'a <colour> <shape> moving "
-                             f"<direction> on a <background> background')")
+            raise ValueError(
+                f"not a toy-world caption: {text!r} (expected 'a <colour> <shape> moving "
+                f"<direction> on a <background> background')"
+            )
         cap = cls(*m.groups())
-        for field, value, allowed in (("colour", cap.colour, OBJECT_COLOURS), ("shape", cap.shape, SHAPES),
-                                      ("direction", cap.direction, DIRECTIONS),
-                                      ("background", cap.background, BACKGROUNDS)):
+        for field, value, allowed in (
+            ("colour", cap.colour, OBJECT_COLOURS),
+            ("shape", cap.shape, SHAPES),
+            ("direction", cap.direction, DIRECTIONS),
+            ("background", cap.background, BACKGROUNDS),
+        ):
             if value not in allowed:
                 raise ValueError(f"caption {text!r}: unknown {field} {value!r}; known: {list(allowed)}")
         return cap
@@ -78,6 +88,7 @@ def _rng(*keys) -> np.random.Generator:
 @dataclass(frozen=True)
 class Motion:
     """What the seed decides: radius (of the shorter side), start and velocity (fractions of the frame)."""
+
     radius: float
     start: tuple[float, float]  # (x, y) centre at the first frame, fractions of width and height
     travel: float  # fraction of the frame covered along the direction over the whole clip
@@ -135,8 +146,9 @@ def render(caption: str | Caption, seed: int, size: tuple[int, int] = (32, 32), 
     return torch.from_numpy(out * 2 - 1).float()
 
 
-def render_batch(captions: list[str], seeds: list[int], size: tuple[int, int] = (32, 32),
-                 frames: int = 9) -> torch.Tensor:
+def render_batch(
+    captions: list[str], seeds: list[int], size: tuple[int, int] = (32, 32), frames: int = 9
+) -> torch.Tensor:
     """(B, 3, F, H, W) for paired lists of captions and seeds."""
     return torch.stack([render(c, s, size, frames) for c, s in zip(captions, seeds)])
 
@@ -145,6 +157,7 @@ def render_batch(captions: list[str], seeds: list[int], size: tuple[int, int] = 
 @dataclass
 class Detection:
     """What `detect` reads from a clip; `found` is False when no object pixels were seen."""
+
     background: str
     colour: str | None
     shape: str | None
@@ -168,8 +181,12 @@ class Detection:
 
     def matches(self, caption: str | Caption) -> dict[str, bool]:
         cap = caption if isinstance(caption, Caption) else Caption.parse(caption)
-        return {"colour": self.colour == cap.colour, "shape": self.shape == cap.shape,
-                "direction": self.direction == cap.direction, "background": self.background == cap.background}
+        return {
+            "colour": self.colour == cap.colour,
+            "shape": self.shape == cap.shape,
+            "direction": self.direction == cap.direction,
+            "background": self.background == cap.background,
+        }
 
 
 def detect(video: torch.Tensor | np.ndarray, min_area_px: float = 2.0) -> Detection:
@@ -203,8 +220,13 @@ def detect(video: torch.Tensor | np.ndarray, min_area_px: float = 2.0) -> Detect
         return Detection(background, colour, None, centres, (0.0, 0.0), False)
     # shape: the equal-area template that best explains the coverage, summed over frames
     radius = np.sqrt(np.median(area[ok]) / np.pi)
-    cost = {s: sum(np.abs(alpha[f] - coverage(s, (centres[f, 0] * width, centres[f, 1] * height), radius,
-                                              height, width)).sum() for f in np.flatnonzero(ok)) for s in SHAPES}
+    cost = {
+        s: sum(
+            np.abs(alpha[f] - coverage(s, (centres[f, 0] * width, centres[f, 1] * height), radius, height, width)).sum()
+            for f in np.flatnonzero(ok)
+        )
+        for s in SHAPES
+    }
     shape = min(cost, key=cost.get)
     idx = np.flatnonzero(ok)
     if len(idx) >= 2:

@@ -1,4 +1,5 @@
 """Training run: Hydra config -> datamodule, module, trainer, logger; resume; summary."""
+
 from __future__ import annotations
 
 import json
@@ -82,8 +83,9 @@ def checkpoint_candidates(run_dir: Path) -> list[Path]:
     hpc = [p for p in run_dir.glob("hpc_ckpt_*.ckpt") if _complete(p)]
     cands, seen = [], set()
     # newest first by mtime; last.ckpt before the step file it links to (same target, the name users know)
-    for p in sorted([*([last] if _complete(last) else []), *steps, *hpc],
-                    key=lambda p: (p.stat().st_mtime, p == last), reverse=True):
+    for p in sorted(
+        [*([last] if _complete(last) else []), *steps, *hpc], key=lambda p: (p.stat().st_mtime, p == last), reverse=True
+    ):
         if p.resolve() not in seen:
             seen.add(p.resolve())
             cands.append(p)
@@ -132,8 +134,10 @@ def resume_checkpoint(run_dir: Path) -> tuple[Path, int] | None:
         skipped.append((p, why))
     if skipped:
         q, r = skipped[0]
-        raise ConfigError(f"{run_dir}: none of its {len(skipped)} checkpoint(s) can be resumed from (newest {q}: "
-                          f"{r}); remove them or run with resume=false")
+        raise ConfigError(
+            f"{run_dir}: none of its {len(skipped)} checkpoint(s) can be resumed from (newest {q}: "
+            f"{r}); remove them or run with resume=false"
+        )
     return None
 
 
@@ -185,12 +189,21 @@ def fill_from_data(cfg: DictConfig, data_cfg: DataConfig) -> None:
     if cfg.module.decode_base == "auto":
         cfg.module.decode_base = meta.get("base", {}).get("name")
     if cfg.module.get("trained_on") is None:
-        cfg.module.trained_on = {"base": meta.get("base"), "latent_channels": int(sample["preview"].shape[0]),
-                                 "preview_latent": list(sample["preview"].shape[1:]),
-                                 "target_latent": list(sample["target"].shape[1:]),
-                                 "preview_size": meta.get("preview_size"), "target_size": meta.get("target_size")}
-    log.info("from %s: model.in_channels=%s model.text_dim=%s module.decode_base=%s", first, m.in_channels,
-             m.text_dim, cfg.module.decode_base)
+        cfg.module.trained_on = {
+            "base": meta.get("base"),
+            "latent_channels": int(sample["preview"].shape[0]),
+            "preview_latent": list(sample["preview"].shape[1:]),
+            "target_latent": list(sample["target"].shape[1:]),
+            "preview_size": meta.get("preview_size"),
+            "target_size": meta.get("target_size"),
+        }
+    log.info(
+        "from %s: model.in_channels=%s model.text_dim=%s module.decode_base=%s",
+        first,
+        m.in_channels,
+        m.text_dim,
+        cfg.module.decode_base,
+    )
 
 
 def _fmt(x: float | None) -> str:
@@ -224,8 +237,14 @@ def train(cfg: DictConfig) -> dict:
     # after a save completed, so a job killed mid-save resumes from the previous complete checkpoint
     ckpt_dir = run_dir / "checkpoints"
     # (no monitor: a monitored checkpoint on an epoch's last batch is deferred to a validation that may not run)
-    ckpt = ModelCheckpoint(dirpath=ckpt_dir, filename="step{step:08d}", auto_insert_metric_name=False,
-                           every_n_train_steps=cfg.ckpt_every, save_top_k=1, save_last="link")
+    ckpt = ModelCheckpoint(
+        dirpath=ckpt_dir,
+        filename="step{step:08d}",
+        auto_insert_metric_name=False,
+        every_n_train_steps=cfg.ckpt_every,
+        save_top_k=1,
+        save_last="link",
+    )
     logger = _logger(cfg, run_dir)
     callbacks = [ckpt] + ([LearningRateMonitor("step")] if logger else [])
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
@@ -258,8 +277,9 @@ def train(cfg: DictConfig) -> dict:
             requeue.uninstall()
     if requeue is not None and requeue.saved is not None:
         # the job is requeued and will resume from this checkpoint: no final save, validation or summary
-        print(f"[surf_train] requeued at step {requeue.saved_step}; the next job resumes from {requeue.saved}",
-              flush=True)
+        print(
+            f"[surf_train] requeued at step {requeue.saved_step}; the next job resumes from {requeue.saved}", flush=True
+        )
         if torch.distributed.is_initialized():  # else gloo's threads abort the exit ("terminate called ...")
             torch.distributed.destroy_process_group()
         return {"steps": trainer.global_step, "requeued": str(requeue.saved)}
@@ -270,8 +290,11 @@ def train(cfg: DictConfig) -> dict:
     previous = _read_summary(run_dir)
     trained = module.loss_first is not None
     if not trained:
-        log.info("nothing to train: the run is already at step %d (trainer.max_steps=%s)", trainer.global_step,
-                 trainer.max_steps)
+        log.info(
+            "nothing to train: the run is already at step %d (trainer.max_steps=%s)",
+            trainer.global_step,
+            trainer.max_steps,
+        )
     summary = {
         "steps": trainer.global_step,
         "resumed_from": str(resume) if resume else None,
@@ -293,9 +316,11 @@ def train(cfg: DictConfig) -> dict:
         ref, up = summary["val_mse_refiner"], summary["val_mse_upsample"]
         val_txt = f"val mse refiner {_fmt(ref)} vs upsample {_fmt(up)}" if ref is not None else "no validation"
         skip_txt = f", {data.skipped} skip(s) of corrupt shards/samples" if data.cfg.skip_corrupt else ""
-        print(f"[surf_train] {summary['steps']} steps, train loss {_fmt(summary['train_loss_first'])} -> "
-              f"{_fmt(summary['train_loss_last'])}, {val_txt}{skip_txt}; summary: {run_dir / 'summary.json'}",
-              flush=True)
+        print(
+            f"[surf_train] {summary['steps']} steps, train loss {_fmt(summary['train_loss_first'])} -> "
+            f"{_fmt(summary['train_loss_last'])}, {val_txt}{skip_txt}; summary: {run_dir / 'summary.json'}",
+            flush=True,
+        )
     return summary
 
 

@@ -4,15 +4,16 @@ clip sampling (frame-rate resampling, aspect-ratio buckets, crop and resize), an
 Frames are uint8 (N, H, W, 3) RGB as decoded; clips handed to the VAE are float (1, 3, F, H, W) in [0, 1].
 decord and PyAV decode through the same FFmpeg colour conversion and give identical frames (tested).
 """
+
 from __future__ import annotations
 
 import csv
 import logging
 import math
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -32,6 +33,7 @@ class VideoError(RuntimeError):
 
 
 # --- inputs -------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class VideoEntry:
@@ -70,8 +72,9 @@ def _read_csv(p: Path, caption_column: str) -> list[VideoEntry]:
         rows = list(csv.DictReader(f))
         cols = rows[0].keys() if rows else []
     if "path" not in cols:
-        raise ConfigError(f"{p}: needs a header with a 'path' column (and optionally {caption_column!r}), "
-                          f"got {list(cols)}")
+        raise ConfigError(
+            f"{p}: needs a header with a 'path' column (and optionally {caption_column!r}), got {list(cols)}"
+        )
     out = []
     for n, row in enumerate(rows, 2):
         if not (row["path"] or "").strip():
@@ -82,6 +85,7 @@ def _read_csv(p: Path, caption_column: str) -> list[VideoEntry]:
 
 
 # --- decoding -----------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class VideoInfo:
@@ -110,6 +114,7 @@ class _Decord:
 
 class _PyAV:
     """Forward decoding from the start; reading clips in increasing order decodes the video once."""
+
     name = "pyav"
 
     def __init__(self, path: Path):
@@ -158,7 +163,7 @@ class Video:
             raise ConfigError(f"backend={backend!r} must be one of {BACKENDS}")
         self.path, self.want = Path(path), backend
         errors = []
-        for cls in ((_Decord, _PyAV) if backend == "auto" else (_Decord,) if backend == "decord" else (_PyAV,)):
+        for cls in (_Decord, _PyAV) if backend == "auto" else (_Decord,) if backend == "decord" else (_PyAV,):
             try:
                 self._r = cls(self.path)
                 break
@@ -172,8 +177,9 @@ class Video:
             log.info("%s: %s; reading with PyAV", self.path, errors[0])
         i = self._r.info
         if i.frames < 1 or i.fps <= 0 or i.height < 1 or i.width < 1:
-            raise VideoError(f"{self.path}: no usable video stream (frames={i.frames}, fps={i.fps}, "
-                             f"size={i.height}x{i.width})")
+            raise VideoError(
+                f"{self.path}: no usable video stream (frames={i.frames}, fps={i.fps}, size={i.height}x{i.width})"
+            )
         self.info = i
 
     @property
@@ -183,7 +189,7 @@ class Video:
     def close(self) -> None:
         self._r.close()
 
-    def __enter__(self) -> "Video":
+    def __enter__(self) -> Video:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -210,15 +216,20 @@ class Video:
         except VideoError:
             raise
         except Exception as e:
-            raise VideoError(f"{self.path}: {r.name} cannot decode frames {indices[0]}-{indices[-1]} "
-                             f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})") from e
+            raise VideoError(
+                f"{self.path}: {r.name} cannot decode frames {indices[0]}-{indices[-1]} "
+                f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})"
+            ) from e
         if out.shape != (len(indices), self.info.height, self.info.width, 3):
-            raise VideoError(f"{self.path}: {r.name} gave frames {out.shape}, expected "
-                             f"{(len(indices), self.info.height, self.info.width, 3)}")
+            raise VideoError(
+                f"{self.path}: {r.name} gave frames {out.shape}, expected "
+                f"{(len(indices), self.info.height, self.info.width, 3)}"
+            )
         return out
 
 
 # --- clip sampling ------------------------------------------------------------------------------
+
 
 def _nearest(j: int, src_fps: float, fps: float) -> int:
     """Offset of the source frame nearest to clip frame j (ties go to the earlier frame)."""
@@ -252,8 +263,9 @@ def pick_bucket(height: int, width: int, buckets: Sequence[tuple[int, int]]) -> 
     return min(buckets, key=lambda b: (abs(math.log(b[1] / b[0]) - a), -b[0] * b[1]))
 
 
-def crop_box(height: int, width: int, bucket: tuple[int, int], mode: str = "center",
-             rng: random.Random | None = None) -> tuple[int, int, int, int]:
+def crop_box(
+    height: int, width: int, bucket: tuple[int, int], mode: str = "center", rng: random.Random | None = None
+) -> tuple[int, int, int, int]:
     """(y0, x0, h, w): the largest box of the bucket's aspect ratio inside the frame."""
     bh, bw = bucket
     if width * bh >= height * bw:  # frame is wider than the bucket: keep the height
@@ -268,11 +280,12 @@ def crop_box(height: int, width: int, bucket: tuple[int, int], mode: str = "cent
     raise ConfigError(f"crop={mode!r} must be one of {CROPS}")
 
 
-def to_clip(frames: np.ndarray, box: tuple[int, int, int, int], size: tuple[int, int],
-            device: torch.device | str | None = None) -> torch.Tensor:
+def to_clip(
+    frames: np.ndarray, box: tuple[int, int, int, int], size: tuple[int, int], device: torch.device | str | None = None
+) -> torch.Tensor:
     """uint8 (N, H, W, 3) -> crop `box` -> resize to `size` (antialiased bilinear) -> (1, 3, N, h, w) in [0, 1]."""
     y0, x0, h, w = box
-    x = torch.from_numpy(np.ascontiguousarray(frames[:, y0:y0 + h, x0:x0 + w])).to(device)
+    x = torch.from_numpy(np.ascontiguousarray(frames[:, y0 : y0 + h, x0 : x0 + w])).to(device)
     x = x.permute(0, 3, 1, 2)  # (N, 3, h, w), channels-last in memory
     if (h, w) != tuple(size):
         # on CPU the uint8 channels-last kernel is ~40x faster than float32 (720p: 7 ms vs 265 ms for 17 frames)
@@ -284,16 +297,34 @@ def to_clip(frames: np.ndarray, box: tuple[int, int, int, int], size: tuple[int,
 
 # --- synthetic videos (demo, tests, benchmark) ----------------------------------------------------
 
-def write_synthetic_video(path: str | Path, frames: int, height: int, width: int, fps: int = 24, seed: int = 0,
-                          codec: str = "libx264", gop_s: float = 2.0) -> Path:
+
+def write_synthetic_video(
+    path: str | Path,
+    frames: int,
+    height: int,
+    width: int,
+    fps: int = 24,
+    seed: int = 0,
+    codec: str = "libx264",
+    gop_s: float = 2.0,
+) -> Path:
     """An mp4 of coloured shapes moving over a gradient, a keyframe every `gop_s` seconds (as web videos);
     odd sizes use 4:4:4 chroma (4:2:0 needs even sizes)."""
     import av
 
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[:height, :width].astype(np.float32)
-    shapes = [(rng.uniform(0, width), rng.uniform(0, height), rng.uniform(-3, 3), rng.uniform(-2, 2),
-               rng.uniform(0.1, 0.3) * min(height, width), rng.integers(0, 256, 3)) for _ in range(3)]
+    shapes = [
+        (
+            rng.uniform(0, width),
+            rng.uniform(0, height),
+            rng.uniform(-3, 3),
+            rng.uniform(-2, 2),
+            rng.uniform(0.1, 0.3) * min(height, width),
+            rng.integers(0, 256, 3),
+        )
+        for _ in range(3)
+    ]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.mp4")  # the container format comes from the suffix
@@ -304,8 +335,9 @@ def write_synthetic_video(path: str | Path, frames: int, height: int, width: int
         st.options = {"crf": "18", "preset": "ultrafast"} if codec == "libx264" else {}
         st.codec_context.gop_size = max(1, round(gop_s * fps))
         for i in range(frames):
-            img = np.stack([xx * 255 / max(width - 1, 1), yy * 255 / max(height - 1, 1),
-                            np.full_like(xx, (37 * i) % 256)], -1)
+            img = np.stack(
+                [xx * 255 / max(width - 1, 1), yy * 255 / max(height - 1, 1), np.full_like(xx, (37 * i) % 256)], -1
+            )
             for x, y, vx, vy, r, col in shapes:
                 cx, cy = (x + vx * i) % width, (y + vy * i) % height
                 if (i // 8) % 2:  # squares and discs alternate

@@ -8,15 +8,16 @@ target is the VAE latent of the clip. The preview is made in one of two ways:
              model's remaining steps there (the base model's own low-resolution signature, real target)
 Shards, resume and rank slicing are those of generated pairs (surf_train.pairs); ranks split the videos.
 """
+
 from __future__ import annotations
 
 import hashlib
 import logging
 import random
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -27,12 +28,33 @@ from surf_train.degrade import DegradeConfig, degrade_latent, degrade_pixels, sa
 from surf_train.dist_env import rank_world
 from surf_train.dtypes import DTYPES
 from surf_train.errors import ConfigError, known_keys
-from surf_train.pairs import (base_fingerprint, base_meta, check_schedule, check_storage,
-                              open_out_dir, settings, write_samples)
+from surf_train.pairs import (
+    base_fingerprint,
+    base_meta,
+    check_schedule,
+    check_storage,
+    open_out_dir,
+    settings,
+    write_samples,
+)
 from surf_train.sampling import PreviewPlan, finish_preview
 from surf_train.shards import OutDirLock
-from surf_train.video import (BACKENDS, CROPS, Video, VideoEntry, VideoError, VideoInfo, clip_indices, clip_span,
-                              clip_starts, crop_box, list_videos, pick_bucket, to_clip, write_synthetic_video)
+from surf_train.video import (
+    BACKENDS,
+    CROPS,
+    Video,
+    VideoEntry,
+    VideoError,
+    VideoInfo,
+    clip_indices,
+    clip_span,
+    clip_starts,
+    crop_box,
+    list_videos,
+    pick_bucket,
+    to_clip,
+    write_synthetic_video,
+)
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +66,7 @@ SKIP_REASONS = ("too_short", "too_small", "unreadable")
 @dataclass
 class RepreviewConfig:
     """The base model's schedule for `repreview`: the preview continues from step `switch` of `steps`."""
+
     steps: int = 20
     switch: int = 5
     shift: float | None = None  # None: the base model's default
@@ -52,13 +75,14 @@ class RepreviewConfig:
     down: str = "area"
 
     @classmethod
-    def from_dict(cls, d: dict | None) -> "RepreviewConfig":
+    def from_dict(cls, d: dict | None) -> RepreviewConfig:
         return cls(**known_keys(d, cls, "repreview"))
 
 
 @dataclass(frozen=True)
 class Bucket:
     """Target size and its preview size, in pixels."""
+
     height: int
     width: int
     preview_height: int
@@ -68,6 +92,7 @@ class Bucket:
 @dataclass
 class VideoPairsConfig:
     """Settings of one make_video_pairs run (the Hydra config, minus Hydra)."""
+
     base: BaseSpec
     videos: str | None = None  # directory, .txt list or .csv (path[, caption]); None: synthetic demo videos
     out_dir: str = "data/video_pairs"
@@ -93,17 +118,20 @@ class VideoPairsConfig:
     demo_videos: int = 4  # synthetic videos written to out_dir/demo_videos when videos is None
 
     @classmethod
-    def from_dict(cls, d: dict) -> "VideoPairsConfig":
+    def from_dict(cls, d: dict) -> VideoPairsConfig:
         kw = settings(cls, d, "make_video_pairs")
         kw["degrade"] = DegradeConfig.from_dict(kw.get("degrade"))
         kw["repreview"] = RepreviewConfig.from_dict(kw.get("repreview"))
         return cls(**kw)
 
-    def resolved(self) -> "VideoPairsConfig":
+    def resolved(self) -> VideoPairsConfig:
         """A copy with the base model's defaults filled in and buckets as `Bucket`s, validated."""
         b, g = self.base, self.base.geometry
-        r = replace(self.repreview, shift=b.shift if self.repreview.shift is None else self.repreview.shift,
-                    guidance=b.guidance if self.repreview.guidance is None else self.repreview.guidance)
+        r = replace(
+            self.repreview,
+            shift=b.shift if self.repreview.shift is None else self.repreview.shift,
+            guidance=b.guidance if self.repreview.guidance is None else self.repreview.guidance,
+        )
         c = replace(self, frames=self.frames or b.native_frames, fps=float(self.fps or b.fps), repreview=r)
         if not 0 < c.preview_scale <= 1:
             raise ConfigError(f"preview_scale={c.preview_scale} must be in (0, 1]")
@@ -115,8 +143,10 @@ class VideoPairsConfig:
             if len(bk) not in (2, 4):
                 raise ConfigError(f"buckets[{i}]={bk}: give [height, width] or [height, width, preview_h, preview_w]")
             if len(bk) == 2:
-                bk += [max(mult, int(bk[0] * c.preview_scale) // mult * mult),
-                       max(mult, int(bk[1] * c.preview_scale) // mult * mult)]
+                bk += [
+                    max(mult, int(bk[0] * c.preview_scale) // mult * mult),
+                    max(mult, int(bk[1] * c.preview_scale) // mult * mult),
+                ]
             g.check(c.frames, bk[0], bk[1], f"buckets[{i}] target")
             g.check(None, bk[2], bk[3], f"buckets[{i}] preview")
             if bk[2] > bk[0] or bk[3] > bk[1]:
@@ -145,11 +175,26 @@ class VideoPairsConfig:
 
     def fingerprint(self) -> dict:
         """Everything that changes the content of a pair; a rerun must match it to append."""
-        keys = ("mode", "frames", "fps", "clips_per_video", "max_upscale", "crop", "caption_column", "prompt",
-                "seed", "dtype", "store_text")
+        keys = (
+            "mode",
+            "frames",
+            "fps",
+            "clips_per_video",
+            "max_upscale",
+            "crop",
+            "caption_column",
+            "prompt",
+            "seed",
+            "dtype",
+            "store_text",
+        )
         mode = {"degrade": self.degrade.to_dict()} if self.mode == "degrade" else {"repreview": asdict(self.repreview)}
-        return {**base_fingerprint(self.base), **{k: getattr(self, k) for k in keys},
-                "buckets": [list(asdict(b).values()) for b in self.buckets], **mode}
+        return {
+            **base_fingerprint(self.base),
+            **{k: getattr(self, k) for k in keys},
+            "buckets": [list(asdict(b).values()) for b in self.buckets],
+            **mode,
+        }
 
 
 @dataclass(frozen=True)
@@ -178,8 +223,11 @@ def plan_video(entry: VideoEntry, info: VideoInfo, cfg: VideoPairsConfig) -> tup
     starts = clip_starts(info.frames, info.fps, cfg.frames, cfg.fps, cfg.clips_per_video)
     if not starts:
         need = clip_span(info.fps, cfg.frames, cfg.fps)
-        return [], "too_short", (f"{info.frames} frames at {info.fps:g} fps; a {cfg.frames}-frame clip at "
-                                 f"{cfg.fps:g} fps needs {need}")
+        return (
+            [],
+            "too_short",
+            (f"{info.frames} frames at {info.fps:g} fps; a {cfg.frames}-frame clip at {cfg.fps:g} fps needs {need}"),
+        )
     hw = pick_bucket(info.height, info.width, [(b.height, b.width) for b in cfg.buckets])
     bucket = next(b for b in cfg.buckets if (b.height, b.width) == hw)
     clips = []
@@ -188,14 +236,21 @@ def plan_video(entry: VideoEntry, info: VideoInfo, cfg: VideoPairsConfig) -> tup
         box = crop_box(info.height, info.width, hw, cfg.crop, rng)
         up = max(bucket.height / box[2], bucket.width / box[3])
         if up > cfg.max_upscale + 1e-9:
-            return [], "too_small", (f"{info.height}x{info.width}, bucket {bucket.height}x{bucket.width} needs "
-                                     f"x{up:.2f} upscaling > max_upscale={cfg.max_upscale:g}")
+            return (
+                [],
+                "too_small",
+                (
+                    f"{info.height}x{info.width}, bucket {bucket.height}x{bucket.width} needs "
+                    f"x{up:.2f} upscaling > max_upscale={cfg.max_upscale:g}"
+                ),
+            )
         clips.append(Clip(entry, info, n, tuple(clip_indices(start, info.fps, cfg.frames, cfg.fps)), bucket, box))
     return clips, None, ""
 
 
-def clip_pair(model: BaseModel, cfg: VideoPairsConfig, clip: Clip, frames: np.ndarray, backend: str,
-              cond) -> tuple[dict, dict]:
+def clip_pair(
+    model: BaseModel, cfg: VideoPairsConfig, clip: Clip, frames: np.ndarray, backend: str, cond
+) -> tuple[dict, dict]:
     """One clip's (preview, target) -> (tensors, metadata) for the shard schema."""
     b, s = clip.bucket, cfg.base.stride_s
     video = to_clip(frames, clip.box, (b.height, b.width), model.device)  # (1, 3, F, H, W) in [0, 1]
@@ -208,28 +263,58 @@ def clip_pair(model: BaseModel, cfg: VideoPairsConfig, clip: Clip, frames: np.nd
         detail = {"degradation": p}
     else:
         r = cfg.repreview
-        plan = PreviewPlan(model.schedule(r.steps, r.shift), switch=r.switch, rule=r.rule, down=r.down,
-                           preview_size=(b.preview_height // s, b.preview_width // s))
+        plan = PreviewPlan(
+            model.schedule(r.steps, r.shift),
+            switch=r.switch,
+            rule=r.rule,
+            down=r.down,
+            preview_size=(b.preview_height // s, b.preview_width // s),
+        )
         s_k = float(plan.sigmas[plan.switch])
         eps = torch.randn(target.shape, generator=gen).to(target)
         fresh = torch.randn((*target.shape[:3], *plan.preview_size), generator=gen).to(target)
         x = (1 - s_k) * target + s_k * eps  # the real latent at the switch level
         preview = finish_preview(model.velocity_fn(cond, r.guidance), x, plan, fresh)
-        detail = {"schedule": {"steps": r.steps, "shift": plan.schedule.shift, "guidance": r.guidance,
-                               "scheduler": type(plan.schedule.scheduler).__name__},
-                  "reshift": {"switch": r.switch, "sigma_switch": s_k, "rule": r.rule, "down": r.down}}
+        detail = {
+            "schedule": {
+                "steps": r.steps,
+                "shift": plan.schedule.shift,
+                "guidance": r.guidance,
+                "scheduler": type(plan.schedule.scheduler).__name__,
+            },
+            "reshift": {"switch": r.switch, "sigma_switch": s_k, "rule": r.rule, "down": r.down},
+        }
     dt = DTYPES[cfg.dtype]
     tensors = {"preview": preview[0].to(dt), "target": target[0].to(dt)}
     if cfg.store_text:
         tensors["text"] = cond.text(0).to(dt)  # (L, D) zero-padded; stored at its real length
     i = clip.info
-    meta = {"source": "video", "preview_mode": cfg.mode, "prompt": clip.video.caption or cfg.prompt,
-            "caption": clip.video.caption, "seed": cfg.seed, "version": __version__, "base": base_meta(cfg.base),
-            "video": {"id": clip.video.id, "path": str(clip.video.path), "backend": backend, "fps": i.fps,
-                      "frames": i.frames, "size": [i.height, i.width], "clip": clip.index,
-                      "first_frame": clip.indices[0], "last_frame": clip.indices[-1], "crop": list(clip.box)},
-            "fps": cfg.fps, "target_size": [cfg.frames, b.height, b.width],
-            "preview_size": [cfg.frames, b.preview_height, b.preview_width], "dtype": cfg.dtype, **detail}
+    meta = {
+        "source": "video",
+        "preview_mode": cfg.mode,
+        "prompt": clip.video.caption or cfg.prompt,
+        "caption": clip.video.caption,
+        "seed": cfg.seed,
+        "version": __version__,
+        "base": base_meta(cfg.base),
+        "video": {
+            "id": clip.video.id,
+            "path": str(clip.video.path),
+            "backend": backend,
+            "fps": i.fps,
+            "frames": i.frames,
+            "size": [i.height, i.width],
+            "clip": clip.index,
+            "first_frame": clip.indices[0],
+            "last_frame": clip.indices[-1],
+            "crop": list(clip.box),
+        },
+        "fps": cfg.fps,
+        "target_size": [cfg.frames, b.height, b.width],
+        "preview_size": [cfg.frames, b.preview_height, b.preview_width],
+        "dtype": cfg.dtype,
+        **detail,
+    }
     return tensors, meta
 
 
@@ -264,8 +349,9 @@ def _samples(model: BaseModel, cfg: VideoPairsConfig, todo: list[Clip], failed: 
                     frames = video.read(c.indices)
                 except VideoError as e:
                     failed.append(c.key)
-                    log.warning("skipped clip %d of %s (frames %d-%d): %s", c.index, c.video.id, c.indices[0],
-                                c.indices[-1], e)
+                    log.warning(
+                        "skipped clip %d of %s (frames %d-%d): %s", c.index, c.video.id, c.indices[0], c.indices[-1], e
+                    )
                     continue
                 prompt = c.video.caption or cfg.prompt
                 if prompt not in conds:
@@ -304,9 +390,18 @@ def _make_video_pairs(cfg: VideoPairsConfig, rank: int, world: int) -> dict:
             log.warning("skipped video %s: %s (%s)", v.id, reason.replace("_", " "), why)
         clips += planned
     todo = [c for c in clips if c.key not in done]
-    log.info("rank %d/%d: %d videos assigned, %d skipped (%s), %d clips, %d already done, %d to make in %s",
-             rank, world, len(mine), sum(skipped.values()), _reasons(skipped), len(clips), len(clips) - len(todo),
-             len(todo), out)
+    log.info(
+        "rank %d/%d: %d videos assigned, %d skipped (%s), %d clips, %d already done, %d to make in %s",
+        rank,
+        world,
+        len(mine),
+        sum(skipped.values()),
+        _reasons(skipped),
+        len(clips),
+        len(clips) - len(todo),
+        len(todo),
+        out,
+    )
 
     model = load_base_model(cfg.base, cfg.device) if todo else None
     if model is not None and cfg.mode == "repreview":  # the transformer runs at the preview sizes
@@ -316,11 +411,27 @@ def _make_video_pairs(cfg: VideoPairsConfig, rank: int, world: int) -> dict:
             if cfg.repreview.rule != "pool" and cfg.repreview.switch < cfg.repreview.steps:
                 model.check_grid((b.height // s, b.width // s), lat_f)  # v at the switch, at the target size
     failed: list[str] = []
-    summary = write_samples(out, rank, world, _samples(model, cfg, todo, failed), len(todo), len(clips) - len(todo),
-                            cfg.shard_size, PREFIX, cfg.progress)
+    summary = write_samples(
+        out,
+        rank,
+        world,
+        _samples(model, cfg, todo, failed),
+        len(todo),
+        len(clips) - len(todo),
+        cfg.shard_size,
+        PREFIX,
+        cfg.progress,
+    )
     summary.update(videos=len(mine), videos_skipped=dict(skipped), clips=len(clips), clips_failed=len(failed))
-    log.info("rank %d: %d videos, %d skipped (%s); %d clips, %d failed to decode", rank, len(mine),
-             sum(skipped.values()), _reasons(skipped), len(clips), len(failed))
+    log.info(
+        "rank %d: %d videos, %d skipped (%s); %d clips, %d failed to decode",
+        rank,
+        len(mine),
+        sum(skipped.values()),
+        _reasons(skipped),
+        len(clips),
+        len(failed),
+    )
     return summary
 
 

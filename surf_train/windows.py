@@ -11,6 +11,7 @@ coordinates that is the partition with cuts at s, s + w, s + 2w, ... (s = w//2),
 token x along an axis lies in window (x + w - s) // w. The "grouped" implementation computes exactly
 that partition with no mask: one SDPA call per window size.
 """
+
 from __future__ import annotations
 
 import math
@@ -172,10 +173,15 @@ def _grouped_attention(q, k, v, grid: Size3, window: Size3, shift: Size3) -> tor
             outs[i] = _merge_grid(o, tuple(z - a for a, z, _ in box), tuple(size for _, _, size in box))
     # Reassemble boxes (B, bt, bh, bw, heads, d) into the grid: innermost axis W first.
     nt, nh, nw = (len(a) for a in axes)
-    out = torch.cat([
-        torch.cat([torch.cat(outs[(it * nh + ih) * nw:(it * nh + ih + 1) * nw], dim=3) for ih in range(nh)], dim=2)
-        for it in range(nt)
-    ], dim=1)
+    out = torch.cat(
+        [
+            torch.cat(
+                [torch.cat(outs[(it * nh + ih) * nw : (it * nh + ih + 1) * nw], dim=3) for ih in range(nh)], dim=2
+            )
+            for it in range(nt)
+        ],
+        dim=1,
+    )
     return out.reshape(b, -1, h, d)
 
 

@@ -15,12 +15,14 @@ torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 2)))
 @pytest.fixture(scope="session")
 def tiny_wan():
     from surf_train.base import BaseSpec, load_base_model
+
     return load_base_model(BaseSpec.from_name("tiny"), "cpu")
 
 
 @pytest.fixture(scope="session")
 def tiny_hunyuan():
     from surf_train.base import BaseSpec, load_base_model
+
     return load_base_model(BaseSpec.from_name("tiny_hunyuan"), "cpu")
 
 
@@ -29,9 +31,23 @@ def pairs(tmp_path_factory):
     """24 tiny pairs (latent 16x3x8x8 targets) in 6 shards: 5 train, 1 held out for validation."""
     out = tmp_path_factory.mktemp("pairs")
     env = {k: os.environ.pop(k) for k in ("RANK", "WORLD_SIZE") if k in os.environ}
-    make_pairs(PairsConfig.from_dict({"base": "tiny", "out_dir": str(out), "height": 64, "width": 64, "frames": 9,
-                                      "steps": 6, "switch": 2, "num_pairs": 24, "shard_size": 4, "rule": "paper",
-                                      "progress": False}))
+    make_pairs(
+        PairsConfig.from_dict(
+            {
+                "base": "tiny",
+                "out_dir": str(out),
+                "height": 64,
+                "width": 64,
+                "frames": 9,
+                "steps": 6,
+                "switch": 2,
+                "num_pairs": 24,
+                "shard_size": 4,
+                "rule": "paper",
+                "progress": False,
+            }
+        )
+    )
     os.environ.update(env)
     return out
 
@@ -48,8 +64,14 @@ def launched():
 
 
 # synthetic videos: name -> (frames, height, width, fps); odd sizes are 4:4:4
-VIDEOS = {"wide.mp4": (48, 96, 160, 24), "tall.mp4": (40, 160, 96, 30), "square.mp4": (36, 128, 128, 25),
-          "sub/odd.mp4": (30, 75, 131, 24), "short.mp4": (6, 64, 64, 24), "small.mp4": (40, 40, 48, 24)}
+VIDEOS = {
+    "wide.mp4": (48, 96, 160, 24),
+    "tall.mp4": (40, 160, 96, 30),
+    "square.mp4": (36, 128, 128, 25),
+    "sub/odd.mp4": (30, 75, 131, 24),
+    "short.mp4": (6, 64, 64, 24),
+    "small.mp4": (40, 40, 48, 24),
+}
 VIDEO_BUCKETS = [[64, 64], [64, 96], [96, 64]]
 VIDEO_SMALL = dict(frames=9, buckets=VIDEO_BUCKETS, shard_size=3, progress=False)
 
@@ -75,8 +97,10 @@ def video_pairs(tmp_path_factory, synthetic_videos):
 
     out = tmp_path_factory.mktemp("video_pairs")
     env = {k: os.environ.pop(k) for k in ("RANK", "WORLD_SIZE") if k in os.environ}
-    summary = make_video_pairs(VideoPairsConfig.from_dict({"base": "tiny", "videos": str(synthetic_videos),
-                                                           "out_dir": str(out), **VIDEO_SMALL,
-                                                           "clips_per_video": 1}))
+    summary = make_video_pairs(
+        VideoPairsConfig.from_dict(
+            {"base": "tiny", "videos": str(synthetic_videos), "out_dir": str(out), **VIDEO_SMALL, "clips_per_video": 1}
+        )
+    )
     os.environ.update(env)
     return out, summary

@@ -6,6 +6,7 @@ Each case runs `surf_train.generate.generate` on a tiny base model with a tiny s
 latent handed to the VAE and the decoded video (float32) by wrapping `surf_train.base.vae.decode`. The recording
 holds the latents themselves (.npz) and sha256 hashes of their and the videos' float32 bytes (.json).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -18,13 +19,26 @@ import torch
 
 DATA = Path(__file__).resolve().parent / "data"
 GOLDEN_JSON, GOLDEN_NPZ = DATA / "generate_golden.json", DATA / "generate_golden.npz"
-SMALL = dict(height=64, width=64, frames=9, prefix_height=64, prefix_width=64, steps=4, switch=1, progress=False,
-             prompts=["a cat playing piano"], seeds=[3])
+SMALL = dict(
+    height=64,
+    width=64,
+    frames=9,
+    prefix_height=64,
+    prefix_width=64,
+    steps=4,
+    switch=1,
+    progress=False,
+    prompts=["a cat playing piano"],
+    seeds=[3],
+)
 # name -> (base, refiner text_dim, GenerateConfig overrides)
 CASES = {
     "wan_surf": ("tiny", 32, dict(mode="surf")),
-    "wan_surf_paper_accel": ("tiny", 32, dict(mode="surf", rule="paper", cfg_stop=2, cache_threshold=0.5,
-                                              refiner_steps=2)),
+    "wan_surf_paper_accel": (
+        "tiny",
+        32,
+        dict(mode="surf", rule="paper", cfg_stop=2, cache_threshold=0.5, refiner_steps=2),
+    ),
     "wan_baseline": ("tiny", 32, dict(mode="baseline")),
     "wan_preview": ("tiny", 32, dict(mode="preview", rule="snr", down="bilinear")),
     "hunyuan_surf": ("tiny_hunyuan", 16, dict(mode="surf", steps=3, switch=2)),
@@ -46,13 +60,26 @@ def tiny_refiner(base: str, text_dim: int, out: Path) -> tuple[Path, str]:
     patch = (1, spec.patch_s, spec.patch_s)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        net = Refiner.from_cfg(RefinerConfig(in_channels=spec.channels, patch_size=patch, dim=32, depth=2, heads=2,
-                                             text_dim=text_dim, window=(2, 2, 2)))
+        net = Refiner.from_cfg(
+            RefinerConfig(
+                in_channels=spec.channels,
+                patch_size=patch,
+                dim=32,
+                depth=2,
+                heads=2,
+                text_dim=text_dim,
+                window=(2, 2, 2),
+            )
+        )
         torch.nn.init.normal_(net.proj_out.weight, std=0.02)
     h = hashlib.sha256(b"".join(v.float().numpy().tobytes() for _, v in sorted(net.state_dict().items())))
-    d = save_refiner(net.state_dict(), net.cfg, out, bridge={"steps": 3, "sigma_aug_eval": 0.05},
-                     trained_on={"base": {"name": spec.name, "id": spec.model_id, "revision": spec.revision,
-                                          "family": spec.family}})
+    d = save_refiner(
+        net.state_dict(),
+        net.cfg,
+        out,
+        bridge={"steps": 3, "sigma_aug_eval": 0.05},
+        trained_on={"base": {"name": spec.name, "id": spec.model_id, "revision": spec.revision, "family": spec.family}},
+    )
     return d, h.hexdigest()
 
 
@@ -73,11 +100,12 @@ def run_case(name: str, work: Path, generate=None) -> dict:
 
     vae_io.decode = recording
     try:
-        (report,) = (generate or default_generate)(GenerateConfig(**{**SMALL, **kw}, base=base, refiner=str(ref),
-                                                                  out_dir=str(work / name)))
+        (report,) = (generate or default_generate)(
+            GenerateConfig(**{**SMALL, **kw}, base=base, refiner=str(ref), out_dir=str(work / name))
+        )
     finally:
         vae_io.decode = decode
-    (latent, video), = seen
+    ((latent, video),) = seen
     return {"latent": latent, "video": video, "report": report, "refiner_sha": ref_sha}
 
 
@@ -90,10 +118,16 @@ def record() -> None:
         for name in CASES:
             r = run_case(name, Path(tmp))
             arrays[name] = r["latent"].numpy()
-            golden[name] = {"latent_sha256": sha(r["latent"]), "video_sha256": sha(r["video"]),
-                            "latent_shape": list(r["latent"].shape), "video_shape": list(r["video"].shape),
-                            "refiner_sha256": r["refiner_sha"], "calls": r["report"]["calls"],
-                            "forwards": r["report"]["forwards"], "flops": r["report"]["flops"]}
+            golden[name] = {
+                "latent_sha256": sha(r["latent"]),
+                "video_sha256": sha(r["video"]),
+                "latent_shape": list(r["latent"].shape),
+                "video_shape": list(r["video"].shape),
+                "refiner_sha256": r["refiner_sha"],
+                "calls": r["report"]["calls"],
+                "forwards": r["report"]["forwards"],
+                "flops": r["report"]["flops"],
+            }
             print(name, golden[name]["latent_sha256"][:16], golden[name]["calls"], file=sys.stderr)
     DATA.mkdir(exist_ok=True)
     GOLDEN_JSON.write_text(json.dumps({"torch": torch.__version__, "cases": golden}, indent=1) + "\n")

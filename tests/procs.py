@@ -1,4 +1,5 @@
 """Helpers for tests that start real processes (torchrun, srun stubs)."""
+
 import socket
 import subprocess
 

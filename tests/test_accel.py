@@ -1,5 +1,4 @@
 """Acceleration plug-ins on the base model: the work they skip is measured, and counted in FLOPs exactly."""
-import dataclasses
 
 import pytest
 import torch
@@ -22,8 +21,11 @@ def latent(model, hw, seed=0, b=1):
 def metered(model):
     m, f = model.meter, (model.spec.native_frames - 1) // model.spec.stride_t + 1
     lat = {hw: (model.spec.channels, f, *hw) for hw in m.forwards}
-    return sum(metered_flops(model.spec.family, model.pipe.transformer.config, lat, m.forwards, m.blocks,
-                             model.spec.max_sequence_length).values())
+    return sum(
+        metered_flops(
+            model.spec.family, model.pipe.transformer.config, lat, m.forwards, m.blocks, model.spec.max_sequence_length
+        ).values()
+    )
 
 
 @pytest.mark.parametrize("base", ["tiny", "tiny_hunyuan"])

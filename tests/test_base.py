@@ -89,8 +89,11 @@ def test_geometry_rules():
 
 
 def test_real_configs_parse_and_unknown_name_is_clear():
-    for name, fam, size in [("wan2.1_t2v_1.3b", "wan", (480, 832)), ("wan2.1_t2v_14b", "wan", (720, 1280)),
-                            ("hunyuan_video", "hunyuan", (720, 1280))]:
+    for name, fam, size in [
+        ("wan2.1_t2v_1.3b", "wan", (480, 832)),
+        ("wan2.1_t2v_14b", "wan", (720, 1280)),
+        ("hunyuan_video", "hunyuan", (720, 1280)),
+    ]:
         spec = BaseSpec.from_name(name)
         assert spec.family == fam and spec.native_size == size and spec.pretrained
         spec.geometry.check(spec.native_frames, *spec.native_size)

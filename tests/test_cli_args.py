@@ -1,4 +1,5 @@
 """surf_train.cli_args: flags from a settings dataclass, help from the fields' comments."""
+
 import argparse
 from dataclasses import dataclass, field
 
@@ -22,14 +23,21 @@ def parser(**custom):
 
 
 def test_field_comments():
-    assert field_comments(Demo) == {"out_dir": "where results go (100% of them)", "scale": "None: the model's",
-                                    "progress": "a progress bar"}
+    assert field_comments(Demo) == {
+        "out_dir": "where results go (100% of them)",
+        "scale": "None: the model's",
+        "progress": "a progress bar",
+    }
 
 
 def test_flags_types_defaults_and_round_trip():
     assert from_args(Demo, parser().parse_args([])) == Demo()
-    c = from_args(Demo, parser().parse_args(["--out-dir", "x", "--n", "5", "--scale", "0.5", "--ids", "7", "8",
-                                              "--no-progress", "--force"]))
+    c = from_args(
+        Demo,
+        parser().parse_args(
+            ["--out-dir", "x", "--n", "5", "--scale", "0.5", "--ids", "7", "8", "--no-progress", "--force"]
+        ),
+    )
     assert c == Demo(out_dir="x", n=5, scale=0.5, ids=[7, 8], progress=False, force=True)
     assert from_args(Demo, parser(out_dir={"flag": "--out"}).parse_args(["--out", "y"]), n=9) == Demo("y", 9)
 

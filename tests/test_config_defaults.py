@@ -1,4 +1,5 @@
 """Every dataclass default that has a YAML twin in conf/ says what the YAML says (the YAML is what users run)."""
+
 import dataclasses
 import inspect
 import re
@@ -30,9 +31,11 @@ def plain(v):
 def defaults(obj) -> dict:
     """Field (or keyword argument) -> default, for those that have one."""
     if dataclasses.is_dataclass(obj):
-        return {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
-                for f in dataclasses.fields(obj)
-                if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING}
+        return {
+            f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            for f in dataclasses.fields(obj)
+            if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+        }
     return {k: p.default for k, p in inspect.signature(obj).parameters.items() if p.default is not p.empty}
 
 
@@ -56,8 +59,11 @@ def test_defaults_match_yaml(code, where, extra):
     y, d = yaml(*where), defaults(code)
     unknown = set(y) - extra - set(inspect.signature(code).parameters)
     assert not unknown, f"{'/'.join(where)} keys the code does not take: {sorted(unknown)}"
-    differ = {k: (plain(d[k]), v) for k, v in y.items()
-              if k in d and k not in extra and not (isinstance(v, str) and "${" in v) and plain(d[k]) != v}
+    differ = {
+        k: (plain(d[k]), v)
+        for k, v in y.items()
+        if k in d and k not in extra and not (isinstance(v, str) and "${" in v) and plain(d[k]) != v
+    }
     assert not differ, f"{code.__name__} default != {'/'.join(where)} (code, yaml): {differ}"
 
 
@@ -81,8 +87,10 @@ def test_preset_parameter_count_in_its_yaml(name):
 def test_experiments_do_not_restate_their_preset():
     for path in sorted((CONF_DIR / "experiment").glob("*.yaml")):
         node = OmegaConf.to_container(OmegaConf.load(path))
-        preset = next((d["override /model"] for d in node.get("defaults", []) if isinstance(d, dict)
-                       and "override /model" in d), None)
+        preset = next(
+            (d["override /model"] for d in node.get("defaults", []) if isinstance(d, dict) and "override /model" in d),
+            None,
+        )
         if preset is None:
             continue
         same = {k: v for k, v in node.get("model", {}).items() if plain(presets()[preset].get(k)) == v}

@@ -1,18 +1,29 @@
 """Training with corrupt shards: skipped and counted in the summary with data.skip_corrupt, named without."""
+
 import json
 import shutil
 
 import pytest
-
-from surf_train.shards import ShardError, list_shards, shard_keys
-from surf_train.train import train
 from test_data import _flip_tensor_byte, _truncate
 from test_train import FAST, SHRINK, compose_cfg
 
+from surf_train.shards import ShardError, list_shards, shard_keys
+from surf_train.train import train
+
 
 def _run(pairs, tmp_path, *extra):
-    return compose_cfg([f"data.shards={pairs}", f"run_dir={tmp_path / 'run'}", "trainer.max_steps=2",
-                        "ckpt_every=2", "data.val_samples=4", *FAST, *SHRINK, *extra])
+    return compose_cfg(
+        [
+            f"data.shards={pairs}",
+            f"run_dir={tmp_path / 'run'}",
+            "trainer.max_steps=2",
+            "ckpt_every=2",
+            "data.val_samples=4",
+            *FAST,
+            *SHRINK,
+            *extra,
+        ]
+    )
 
 
 def test_corrupt_validation_shard_is_skipped_and_counted(pairs, tmp_path, capsys):

@@ -129,11 +129,15 @@ def test_validation_set_is_fixed_and_held_out(tmp_path):
     # explicit val_shards; under DDP Lightning wraps the loader with a DistributedSampler: equal batch counts
     from lightning.pytorch.utilities.data import _update_dataloader
     from torch.utils.data import DistributedSampler
-    dm = PairDataModule(cfg(tmp_path, val_shards=str(tmp_path / "pairs-r000-00000{0,1}.tar"), val_samples=6,
-                            batch_size=4))
+
+    dm = PairDataModule(
+        cfg(tmp_path, val_shards=str(tmp_path / "pairs-r000-00000{0,1}.tar"), val_samples=6, batch_size=4)
+    )
     loader = dm.val_dataloader()
-    per_rank = [[b["keys"] for b in _update_dataloader(loader, DistributedSampler(loader.dataset, 2, r, shuffle=False))]
-                for r in (0, 1)]
+    per_rank = [
+        [b["keys"] for b in _update_dataloader(loader, DistributedSampler(loader.dataset, 2, r, shuffle=False))]
+        for r in (0, 1)
+    ]
     assert per_rank == [[[f"k{i:04d}" for i in range(4)]], [["k0004", "k0005"]]]
     assert [p.name for p in dm.train_shards] == ["pairs-r000-000002.tar", "pairs-r000-000003.tar"]
 
@@ -232,6 +236,7 @@ def test_config_errors(tmp_path):
 
 def test_lightning_fit_runs_the_fixed_number_of_steps(tmp_path):
     import lightning.pytorch as pl
+
     write(tmp_path, [3, 3, 2])
 
     class M(pl.LightningModule):
@@ -250,13 +255,21 @@ def test_lightning_fit_runs_the_fixed_number_of_steps(tmp_path):
             return torch.optim.SGD(self.parameters(), lr=0.1)
 
     m, dm = M(), PairDataModule(cfg(tmp_path, samples_per_epoch=6, val_samples=2))
-    pl.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-               enable_model_summary=False, num_sanity_val_steps=0).fit(m, datamodule=dm)
+    pl.Trainer(
+        max_epochs=2,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    ).fit(m, datamodule=dm)
     assert m.steps == [0, 0, 0, 1, 1, 1] and m.val == ["k0006", "k0007"] * 2
 
 
 def _ddp_rank(rank, port, shards, out):
     import torch.distributed as dist
+
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
         dm = PairDataModule(DataConfig(shards=shards, batch_size=2, shuffle_buffer=4, num_workers=1))
@@ -275,6 +288,7 @@ def _ddp_rank(rank, port, shards, out):
 @pytest.mark.slow
 def test_two_gloo_ranks_run_equal_steps(tmp_path):
     import multiprocessing as mp
+
     write(tmp_path, [5, 2, 3, 1])  # training: 10 samples in uneven shards -> 5 per rank -> 2 steps
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -356,7 +370,7 @@ def test_text_is_padded_per_batch_and_old_padded_shards_still_read(tmp_path):
         lengths = [6 if 3 <= i < 6 else rows[i] for i in ids]
         assert b["text"].shape == (len(ids), max(lengths), TEXT[1])  # padded to the batch's longest
         for j, i in enumerate(ids):  # the real rows, then zeros: what the zero-padded text was
-            assert (b["text"][j, :rows[i]] == i + 1).all() and not b["text"][j, rows[i]:].any()
+            assert (b["text"][j, : rows[i]] == i + 1).all() and not b["text"][j, rows[i] :].any()
         old_seen |= any(3 <= i < 6 for i in ids)
     assert old_seen and len({b["text"].shape[1] for b in batches}) > 1
 

@@ -1,4 +1,5 @@
 """The README stays a manual (at most 200 lines) and every relative link in it and in docs/ resolves."""
+
 import re
 from pathlib import Path
 

@@ -1,4 +1,5 @@
 """The signature-fidelity evaluation: metrics on constructed cases, bootstrap intervals, and a small run."""
+
 import json
 
 import numpy as np
@@ -81,8 +82,27 @@ def test_small_run_writes_table_plot_and_consistent_numbers(tmp_path, monkeypatc
     torch.manual_seed(0)
     save_refiner(Refiner.from_cfg(cfg).state_dict(), cfg, tmp_path / "refiner", bridge={"steps": 2})
     out = tmp_path / "eval"
-    main(["--n", "4", "--batch", "2", "--switches", "3", "--steps", "6", "--surf-switch", "3",
-          "--refiner", str(tmp_path / "refiner"), "--out-dir", str(out), "--no-progress", "--bootstrap", "200"])
+    main(
+        [
+            "--n",
+            "4",
+            "--batch",
+            "2",
+            "--switches",
+            "3",
+            "--steps",
+            "6",
+            "--surf-switch",
+            "3",
+            "--refiner",
+            str(tmp_path / "refiner"),
+            "--out-dir",
+            str(out),
+            "--no-progress",
+            "--bootstrap",
+            "200",
+        ]
+    )
     res = json.loads((out / "results.json").read_text())
     meth = res["methods"]
     assert set(meth) == {"reference", "direct", "paper@3", "snr@3", "pool@3", "upsampled", "surf"}
@@ -93,8 +113,10 @@ def test_small_run_writes_table_plot_and_consistent_numbers(tmp_path, monkeypatc
     assert meth["direct"]["gflops"] < meth["pool@3"]["gflops"] < meth["reference"]["gflops"]
     assert meth["surf"]["gflops"] > meth["upsampled"]["gflops"] == meth["pool@3"]["gflops"]
     assert all(len(v) == 4 for v in res["per_clip"].values())
-    assert {(d["a"], d["b"], d["metric"]) for d in res["paired"]} >= {("surf", "upsampled", "psnr"),
-                                                                       ("pool@3", "direct", "pos_err"),
-                                                                       ("pool@3", "snr@3", "pos_err")}
+    assert {(d["a"], d["b"], d["metric"]) for d in res["paired"]} >= {
+        ("surf", "upsampled", "psnr"),
+        ("pool@3", "direct", "pos_err"),
+        ("pool@3", "snr@3", "pos_err"),
+    }
     assert (out / "fidelity_vs_cost.png").stat().st_size > 10_000
     assert "| surf |" in (out / "table.md").read_text() and "| surf |" in capsys.readouterr().out

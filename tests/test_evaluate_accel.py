@@ -1,4 +1,5 @@
 """The toy fidelity-versus-cost run of SURF with acceleration plug-ins (issue 15), on a tiny setting."""
+
 import json
 
 import pytest
@@ -29,13 +30,44 @@ def test_small_run_counts_the_work_each_plug_in_skips(tmp_path, monkeypatch, cap
     save_refiner(Refiner.from_cfg(cfg).state_dict(), cfg, tmp_path / "refiner", bridge={"steps": 2})
     out = tmp_path / "acc"
     # threshold 1.0: FirstBlockCache hits on most steps after the first, so the skipped work shows
-    main(["--n", "4", "--batch", "2", "--steps", "6", "--switch", "2", "--cfg-stop", "3", "--fewer-steps", "3",
-          "--cache-threshold", "1.0", "--refiner", str(tmp_path / "refiner"), "--out-dir", str(out),
-          "--no-progress", "--bootstrap", "100"])
+    main(
+        [
+            "--n",
+            "4",
+            "--batch",
+            "2",
+            "--steps",
+            "6",
+            "--switch",
+            "2",
+            "--cfg-stop",
+            "3",
+            "--fewer-steps",
+            "3",
+            "--cache-threshold",
+            "1.0",
+            "--refiner",
+            str(tmp_path / "refiner"),
+            "--out-dir",
+            str(out),
+            "--no-progress",
+            "--bootstrap",
+            "100",
+        ]
+    )
     res = json.loads((out / "accel.json").read_text())
     m = res["methods"]
-    assert list(m) == ["baseline", "baseline+cache", "surf", "surf+cache", "surf+cfg-low", "surf+cache+cfg-low",
-                       "surf+cfg-stop", "surf+cache+cfg-stop", "surf@3"]
+    assert list(m) == [
+        "baseline",
+        "baseline+cache",
+        "surf",
+        "surf+cache",
+        "surf+cfg-low",
+        "surf+cache+cfg-low",
+        "surf+cfg-stop",
+        "surf+cache+cfg-stop",
+        "surf@3",
+    ]
     assert m["baseline"]["pos_err"] == 0 and m["surf"]["speedup_vs_surf"] == 1.0 and m["surf"]["all3_minus_surf"] == 0
     assert m["baseline"]["blocks_run"] == m["surf"]["blocks_run"] == 1.0
     assert m["baseline+cache"]["blocks_run"] < 0.8 and m["surf+cache"]["blocks_run"] < 0.8
@@ -47,8 +79,12 @@ def test_small_run_counts_the_work_each_plug_in_skips(tmp_path, monkeypatch, cap
     assert all(len(v) == 4 for v in res["per_clip"].values())
     assert all(len(v) == 2 for v in res["seconds_per_batch"].values())
     for k, r in m.items():  # the bar as the issue states it
-        bar = k.startswith(("surf+", "surf@")) and r["speedup_vs_surf"] >= 1.5 and abs(r["all3_minus_surf"]) <= 0.05 \
+        bar = (
+            k.startswith(("surf+", "surf@"))
+            and r["speedup_vs_surf"] >= 1.5
+            and abs(r["all3_minus_surf"]) <= 0.05
             and r["pos_err_minus_surf"] <= 0.01
+        )
         assert r["meets_bar"] == bar
     assert (out / "accel.png").stat().st_size > 10_000
     assert "| surf+cache+cfg-stop |" in (out / "accel.md").read_text() and "| surf@3 |" in capsys.readouterr().out

@@ -6,13 +6,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from procs import free_port, kill_tree
+from test_train import FAST, SHRINK, compose_cfg
 
 from surf_train.errors import ConfigError
 from surf_train.export import export, load_refiner, read_checkpoint
 from surf_train.module import RefinerModule
 from surf_train.train import train
-from procs import free_port, kill_tree
-from test_train import FAST, SHRINK, compose_cfg
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -20,15 +20,31 @@ ROOT = Path(__file__).resolve().parents[1]
 def inputs(net, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(2, 16, 3, 8, 8, generator=g)
-    return x, torch.rand(2, generator=g), torch.randn(2, 16, 3, 8, 8, generator=g), \
-        torch.randn(2, 16, net.cfg.text_dim, generator=g)
+    return (
+        x,
+        torch.rand(2, generator=g),
+        torch.randn(2, 16, 3, 8, 8, generator=g),
+        torch.randn(2, 16, net.cfg.text_dim, generator=g),
+    )
 
 
 @pytest.fixture(scope="module")
 def plain_ckpt(pairs, tmp_path_factory):
     run = tmp_path_factory.mktemp("run")
-    train(compose_cfg([f"data.shards={pairs}", f"run_dir={run}", "trainer.max_steps=3", "ckpt_every=3",
-                       "data.val_samples=0", "module.ema_decay=0.5", *SHRINK, *FAST]))
+    train(
+        compose_cfg(
+            [
+                f"data.shards={pairs}",
+                f"run_dir={run}",
+                "trainer.max_steps=3",
+                "ckpt_every=3",
+                "data.val_samples=0",
+                "module.ema_decay=0.5",
+                *SHRINK,
+                *FAST,
+            ]
+        )
+    )
     return run / "checkpoints" / "last.ckpt"
 
 
@@ -46,8 +62,12 @@ def test_exported_refiner_matches_the_checkpoint(plain_ckpt, tmp_path, weights):
 
 
 def test_export_dtype_and_cli(plain_ckpt, tmp_path):
-    r = subprocess.run([sys.executable, "-m", "surf_train.export", str(plain_ckpt), str(tmp_path / "bf"),
-                        "--dtype", "bfloat16"], cwd=ROOT, capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "surf_train.export", str(plain_ckpt), str(tmp_path / "bf"), "--dtype", "bfloat16"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0 and "exported ema weights of step 3 (bfloat16)" in r.stdout
     net, _ = load_refiner(tmp_path / "bf")
     assert net.dtype == net.patch_embedding.weight.dtype == torch.bfloat16
@@ -59,10 +79,20 @@ def test_export_dtype_and_cli(plain_ckpt, tmp_path):
     assert stored["scale_shift_table"] == stored["blocks.0.attn1.norm_q.weight"] == "F32"
     assert stored["blocks.0.attn1.to_q.weight"] == "BF16"
     assert net.scale_shift_table.dtype == net.blocks[0].attn1.norm_q.weight.dtype == torch.float32
-    assert "lightning" not in subprocess.run(  # loading an export needs none of the training stack
-        [sys.executable, "-c", f"import sys; from surf_train.export import load_refiner; load_refiner({str(tmp_path / 'bf')!r}); "
-                               "print([m for m in ('lightning', 'deepspeed', 'hydra', 'wandb') if m in sys.modules])"],
-        cwd=ROOT, capture_output=True, text=True).stdout.split("[")[1]
+    assert (
+        "lightning"
+        not in subprocess.run(  # loading an export needs none of the training stack
+            [
+                sys.executable,
+                "-c",
+                f"import sys; from surf_train.export import load_refiner; load_refiner({str(tmp_path / 'bf')!r}); "
+                "print([m for m in ('lightning', 'deepspeed', 'hydra', 'wandb') if m in sys.modules])",
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+        ).stdout.split("[")[1]
+    )
 
 
 def test_clear_errors(plain_ckpt, tmp_path):
@@ -80,22 +110,52 @@ def test_clear_errors(plain_ckpt, tmp_path):
     (out / "config.json").write_text(json.dumps(config))
     with pytest.raises(ConfigError, match=r"do not match the Refiner config .*weights \(32"):
         load_refiner(out)
-    r = subprocess.run([sys.executable, "-m", "surf_train.export", str(foreign), str(tmp_path / "o")], cwd=ROOT,
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "surf_train.export", str(foreign), str(tmp_path / "o")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2 and r.stderr.startswith("error: ") and "Traceback" not in r.stderr
 
 
 @pytest.mark.slow
 def test_zero2_checkpoint_exports_deepspeeds_fp32_weights(pairs, tmp_path):
     """A 2-rank ZeRO-2 run; the export equals DeepSpeed's own fp32 reconstruction of the checkpoint."""
-    args = ["trainer=deepspeed", "trainer.accelerator=cpu", "trainer.precision=32-true", "trainer.devices=2",
-            f"data.shards={pairs}", f"run_dir={tmp_path}", "ckpt_every=2", "trainer.max_steps=4",
-            "data.val_samples=0", "data.batch_size=2", "logger=none", "module.decode_base=null",
-            "module.ema_decay=0.5", "trainer.enable_progress_bar=false", *SHRINK]
-    p = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                          f"--master_port={free_port()}", "-m", "surf_train", *args], cwd=ROOT,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
-                         stderr=subprocess.STDOUT, text=True)
+    args = [
+        "trainer=deepspeed",
+        "trainer.accelerator=cpu",
+        "trainer.precision=32-true",
+        "trainer.devices=2",
+        f"data.shards={pairs}",
+        f"run_dir={tmp_path}",
+        "ckpt_every=2",
+        "trainer.max_steps=4",
+        "data.val_samples=0",
+        "data.batch_size=2",
+        "logger=none",
+        "module.decode_base=null",
+        "module.ema_decay=0.5",
+        "trainer.enable_progress_bar=false",
+        *SHRINK,
+    ]
+    p = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            f"--master_port={free_port()}",
+            "-m",
+            "surf_train",
+            *args,
+        ],
+        cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         out, _ = p.communicate(timeout=400)
     finally:
@@ -120,8 +180,12 @@ def test_export_is_a_diffusers_model_directory_with_a_card(plain_ckpt, tmp_path)
     from surf_train.refiner import Refiner
 
     out = export(plain_ckpt, tmp_path / "repo" / "refiner")
-    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "diffusion_pytorch_model.safetensors",
-                                                     "surf.json"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "README.md",
+        "config.json",
+        "diffusion_pytorch_model.safetensors",
+        "surf.json",
+    ]
     config = json.loads((out / "config.json").read_text())
     assert config["_class_name"] == "Refiner" and config["dim"] == 32 and "trained_on" not in config
     meta = json.loads((out / "surf.json").read_text())
@@ -147,10 +211,23 @@ def _write_v1(net, out: Path, **meta):
     from safetensors.torch import save_file
 
     out.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(out / "refiner.safetensors"),
-              metadata={"format": "surf-refiner"})
-    (out / "config.json").write_text(json.dumps({"format": "surf-refiner", "version": 1, "refiner": net.cfg.to_dict(),
-                                                 "bridge": {"steps": 3}, "dtype": "float32", **meta}))
+    save_file(
+        {k: v.contiguous() for k, v in net.state_dict().items()},
+        str(out / "refiner.safetensors"),
+        metadata={"format": "surf-refiner"},
+    )
+    (out / "config.json").write_text(
+        json.dumps(
+            {
+                "format": "surf-refiner",
+                "version": 1,
+                "refiner": net.cfg.to_dict(),
+                "bridge": {"steps": 3},
+                "dtype": "float32",
+                **meta,
+            }
+        )
+    )
 
 
 def test_first_format_still_loads_and_converts(plain_ckpt, tmp_path):
@@ -167,8 +244,12 @@ def test_first_format_still_loads_and_converts(plain_ckpt, tmp_path):
         Refiner.from_pretrained(tmp_path, subfolder="old")
     half, _ = load_refiner(tmp_path / "old", dtype=torch.bfloat16)  # the float32 modules stay float32
     assert half.proj_out.weight.dtype == torch.bfloat16 and half.scale_shift_table.dtype == torch.float32
-    r = subprocess.run([sys.executable, "-m", "surf_train.export", "--convert", str(tmp_path / "old"),
-                        str(tmp_path / "conv")], cwd=ROOT, capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "surf_train.export", "--convert", str(tmp_path / "old"), str(tmp_path / "conv")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0 and "exported ema weights of step 3" in r.stdout, r.stderr
     conv, conv_meta = load_refiner(tmp_path / "conv")
     assert (tmp_path / "conv" / "diffusion_pytorch_model.safetensors").is_file()
@@ -185,8 +266,9 @@ def test_export_and_checkpoint_reading_do_not_import_the_training_module():
 
     for name in ("export", "checkpoint", "refiner"):
         tree = ast.parse((ROOT / "surf_train" / f"{name}.py").read_text())
-        mods = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)} | \
-            {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        mods = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)} | {
+            a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names
+        }
         assert not mods & {"surf_train.module", "surf_train.train"}, name
 
 

@@ -4,6 +4,7 @@ Tolerance: exact equality. FlopCounterMode counts mm/addmm/bmm/convolution/SDPA 
 multiply-add with biases excluded, the same convention as surf_train.flops. On CPU the fused SDPA
 kernel is not in its registry, so the counted runs force the MATH backend (plain bmm, all queries x keys).
 """
+
 import inspect
 import json
 import math
@@ -27,16 +28,19 @@ def _count(fn) -> int:
 @pytest.fixture(scope="module")
 def tiny_wan_net():
     from surf_train.base.tiny import tiny_wan_pipeline
+
     return tiny_wan_pipeline().transformer.eval()
 
 
 @pytest.fixture(scope="module")
 def tiny_hunyuan_net():
     from surf_train.base.tiny import tiny_hunyuan_pipeline
+
     return tiny_hunyuan_pipeline().transformer.eval()
 
 
 # --- architecture constants ------------------------------------------------------------------------
+
 
 def test_defaults_match_diffusers_constructors():
     from diffusers import HunyuanVideoTransformer3DModel, WanTransformer3DModel
@@ -49,10 +53,14 @@ def test_defaults_match_diffusers_constructors():
     assert F.ARCH["wan2.1_t2v_14b"] == F.WAN_DEFAULTS and F.ARCH["hunyuan_video"] == F.HUNYUAN_DEFAULTS
     small = F.ARCH["wan2.1_t2v_1.3b"]
     assert (small["num_attention_heads"] * small["attention_head_dim"], small["ffn_dim"], small["num_layers"]) == (
-        1536, 8960, 30)
+        1536,
+        8960,
+        30,
+    )
 
 
 # --- analytic == FlopCounterMode -------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("latent,batch,text_len", [((16, 3, 8, 12), 1, 7), ((16, 2, 6, 4), 2, 16)])
 def test_wan_tiny_matches_flop_counter(tiny_wan_net, latent, batch, text_len):
@@ -148,6 +156,7 @@ def test_windowed_attention_linear_full_quadratic():
 
 # --- runs ------------------------------------------------------------------------------------------
 
+
 def test_cfg_doubles_wan_base_cost():
     on = F.run_costs(F.RunSettings(model="wan2.1_t2v_1.3b", target=(832, 480), cfg=True))
     off = F.run_costs(F.RunSettings(model="wan2.1_t2v_1.3b", target=(832, 480), cfg=False))
@@ -185,8 +194,25 @@ def test_cli_json_has_required_keys(capsys):
     for r in out["runs"]:
         assert {"baseline_pflops", "surf_pflops", "speedup", "stages"} <= set(r)
         assert all({"run", "stage", "pflops", "calls", "tflops_per_call"} <= set(s) for s in r["stages"])
-    F.main(["--model", "wan2.1_t2v_1.3b", "--target", "832x480", "--steps", "30", "--surf-steps", "30", "--switch", "5",
-            "--window", "2,8,8", "--impl", "mask", "--json"])
+    F.main(
+        [
+            "--model",
+            "wan2.1_t2v_1.3b",
+            "--target",
+            "832x480",
+            "--steps",
+            "30",
+            "--surf-steps",
+            "30",
+            "--switch",
+            "5",
+            "--window",
+            "2,8,8",
+            "--impl",
+            "mask",
+            "--json",
+        ]
+    )
     (r,) = json.loads(capsys.readouterr().out)["runs"]
     assert r["settings"]["refiner_config"]["window"] == [2, 8, 8] and r["settings"]["attn_impl"] == "mask"
     assert r["stages"][1]["calls"] == 10 and r["stages"][2]["calls"] == 50
@@ -201,14 +227,17 @@ def test_cli_table_and_help(capsys):
     assert e.value.code == 0 and "multiply-add = 2 FLOPs" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("argv,match", [
-    (["--model", "wan2.1_t2v_14b", "--target", "1280x721"], "height=721 must be a positive multiple of 16"),
-    (["--model", "wan2.1_t2v_14b", "--preview", "424x240"], "width=424 must be a positive multiple of 16"),
-    (["--model", "wan2.1_t2v_14b", "--frames", "80"], "frames=80 must be 4\\*n\\+1"),
-    (["--model", "wan2.1_t2v_14b", "--target", "1280"], "WIDTHxHEIGHT"),
-    (["--model", "wan2.1_t2v_14b", "--switch", "60"], "switch must be in"),
-    (["--model", "wan2.1_t2v_14b", "--refiner", "huge"], "unknown refiner preset"),
-])
+@pytest.mark.parametrize(
+    "argv,match",
+    [
+        (["--model", "wan2.1_t2v_14b", "--target", "1280x721"], "height=721 must be a positive multiple of 16"),
+        (["--model", "wan2.1_t2v_14b", "--preview", "424x240"], "width=424 must be a positive multiple of 16"),
+        (["--model", "wan2.1_t2v_14b", "--frames", "80"], "frames=80 must be 4\\*n\\+1"),
+        (["--model", "wan2.1_t2v_14b", "--target", "1280"], "WIDTHxHEIGHT"),
+        (["--model", "wan2.1_t2v_14b", "--switch", "60"], "switch must be in"),
+        (["--model", "wan2.1_t2v_14b", "--refiner", "huge"], "unknown refiner preset"),
+    ],
+)
 def test_cli_bad_input_is_a_clear_error(argv, match):
     with pytest.raises(SystemExit, match=match):
         F.main(argv)
@@ -225,14 +254,24 @@ def test_api_bad_shapes():
         F.BaseArch.from_name("tiny")
     with pytest.raises(ConfigError, match="no FLOPs model"):
         F.transformer_flops(torch.nn.Linear(2, 2), (16, 1, 2, 2), 1)
-    assert math.isclose(F.run_costs(F.RunSettings(window=(0, 0, 0)))["stages"][3]["tflops_per_call"],
-                        F.total(F.refiner_flops(RefinerConfig.preset("paper", window=(0, 0, 0)),
-                                                (16, 21, 90, 160), 512)) / 1e12)
+    assert math.isclose(
+        F.run_costs(F.RunSettings(window=(0, 0, 0)))["stages"][3]["tflops_per_call"],
+        F.total(F.refiner_flops(RefinerConfig.preset("paper", window=(0, 0, 0)), (16, 21, 90, 160), 512)) / 1e12,
+    )
 
 
 def test_vae_decode_is_added_to_both_runs():
-    r = F.run_costs(F.RunSettings(model="hunyuan_video", target=(256, 256), frames=9, preview=(128, 128),
-                                  prefix=(256, 256), switch=2, vae=True))
+    r = F.run_costs(
+        F.RunSettings(
+            model="hunyuan_video",
+            target=(256, 256),
+            frames=9,
+            preview=(128, 128),
+            prefix=(256, 256),
+            switch=2,
+            vae=True,
+        )
+    )
     vae = [s for s in r["stages"] if s["stage"] == "vae_decode"]
     assert [s["run"] for s in vae] == ["baseline", "surf"] and vae[0]["pflops"] == vae[1]["pflops"] > 0
     assert r["surf_pflops"] == pytest.approx(sum(s["pflops"] for s in r["stages"] if s["run"] == "surf"))
@@ -266,9 +305,16 @@ def test_cache_hits_leave_only_the_first_block():
 
 
 def test_composed_speedups_from_a_toy_measurement(tmp_path, capsys):
-    toy = {"n": 8, "config": {"steps": 20, "switch": 5, "cfg_stop": 8, "fewer_steps": 10},
-           "methods": {"baseline+cache": {"blocks_run": 0.625}, "surf+cache": {"blocks_run": 0.4},
-                       "surf+cache+cfg-stop": {"blocks_run": 0.55}, "surf@10": {"blocks_run": 1.0, "settings": {"switch": 3}}}}
+    toy = {
+        "n": 8,
+        "config": {"steps": 20, "switch": 5, "cfg_stop": 8, "fewer_steps": 10},
+        "methods": {
+            "baseline+cache": {"blocks_run": 0.625},
+            "surf+cache": {"blocks_run": 0.4},
+            "surf+cache+cfg-stop": {"blocks_run": 0.55},
+            "surf@10": {"blocks_run": 1.0, "settings": {"switch": 3}},
+        },
+    }
     (tmp_path / "accel.json").write_text(json.dumps(toy))
     m = F.measured_accel(str(tmp_path / "accel.json"))
     assert m["hits"]["baseline+cache"] == 0.5 and m["hits"]["surf+cache"] == 0.8 and m["cfg_stop"] == 8

@@ -13,8 +13,9 @@ from surf_train.generate import GenerateConfig, generate, parse_args
 from surf_train.refiner import Refiner, RefinerConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = dict(base="tiny", height=64, width=64, frames=9, prefix_height=64, prefix_width=64, steps=4, switch=1,
-             progress=False)
+SMALL = dict(
+    base="tiny", height=64, width=64, frames=9, prefix_height=64, prefix_width=64, steps=4, switch=1, progress=False
+)
 
 
 @pytest.fixture(scope="module")
@@ -23,8 +24,12 @@ def refiner_dir(tmp_path_factory):
     torch.manual_seed(0)
     net = Refiner.from_cfg(RefinerConfig(dim=32, depth=2, heads=2, text_dim=32))
     torch.nn.init.normal_(net.proj_out.weight, std=0.02)
-    return save_refiner(net.state_dict(), net.cfg, tmp_path_factory.mktemp("ref") / "refiner",
-                        bridge={"steps": 3, "sigma_aug_eval": 0.05})
+    return save_refiner(
+        net.state_dict(),
+        net.cfg,
+        tmp_path_factory.mktemp("ref") / "refiner",
+        bridge={"steps": 3, "sigma_aug_eval": 0.05},
+    )
 
 
 def read_video(path):
@@ -35,15 +40,21 @@ def read_video(path):
 
 @pytest.mark.parametrize("mode", ["surf", "baseline", "preview"])
 def test_every_mode_writes_a_playable_video_and_a_report(mode, refiner_dir, tmp_path):
-    reps = generate(GenerateConfig(**SMALL, mode=mode, refiner=str(refiner_dir), out_dir=str(tmp_path),
-                                   prompts=["a cat", "a dog"], seeds=[3]))
+    reps = generate(
+        GenerateConfig(
+            **SMALL, mode=mode, refiner=str(refiner_dir), out_dir=str(tmp_path), prompts=["a cat", "a dog"], seeds=[3]
+        )
+    )
     assert len(reps) == 2
     for r in reps:
         frames = read_video(r["video"])
         assert len(frames) == 9 and frames[0].shape == (64, 64, 3)
         assert json.loads(Path(r["video"]).with_suffix(".json").read_text()) == r
-        want = {"surf": {"prefix", "low_res", "refine", "decode"}, "baseline": {"full_res", "decode"},
-                "preview": {"prefix", "low_res", "decode"}}[mode]
+        want = {
+            "surf": {"prefix", "low_res", "refine", "decode"},
+            "baseline": {"full_res", "decode"},
+            "preview": {"prefix", "low_res", "decode"},
+        }[mode]
         assert want <= set(r["seconds"]) and all(v >= 0 for v in r["seconds"].values())
         assert r["seed"] == 3 and r["settings"]["steps"] == 4 and r["frames"] == 9
         calls = r["calls"]
@@ -64,25 +75,30 @@ def test_surf_differs_from_preview_and_is_seeded(refiner_dir, tmp_path):
 
 
 def test_slim_import_and_run(refiner_dir, tmp_path):
-    code = ("import sys; from surf_train.generate import main; "
-            f"main(['--base', 'tiny', '--refiner', {str(refiner_dir)!r}, '--height', '64', '--width', '64', "
-            f"'--frames', '5', '--prefix-height', '64', '--prefix-width', '64', '--steps', '2', '--switch', '1', "
-            f"'--out', {str(tmp_path)!r}, '--no-progress']); "
-            "print('LOADED', [m for m in ('lightning', 'pytorch_lightning', 'deepspeed', 'hydra', 'wandb') "
-            "if m in sys.modules])")
+    code = (
+        "import sys; from surf_train.generate import main; "
+        f"main(['--base', 'tiny', '--refiner', {str(refiner_dir)!r}, '--height', '64', '--width', '64', "
+        f"'--frames', '5', '--prefix-height', '64', '--prefix-width', '64', '--steps', '2', '--switch', '1', "
+        f"'--out', {str(tmp_path)!r}, '--no-progress']); "
+        "print('LOADED', [m for m in ('lightning', 'pytorch_lightning', 'deepspeed', 'hydra', 'wandb') "
+        "if m in sys.modules])"
+    )
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "LOADED []" in r.stdout and "surf:" in r.stdout
 
 
-@pytest.mark.parametrize("kw,msg", [
-    (dict(refiner="/nope"), "not an exported Refiner"),
-    (dict(height=60), "target height=60"),
-    (dict(preview_height=128), "larger than target"),
-    (dict(switch=9), "--switch 9"),
-    (dict(mode="fast"), "--mode 'fast'"),
-    (dict(base="sd15"), "unknown base model 'sd15'"),
-])
+@pytest.mark.parametrize(
+    "kw,msg",
+    [
+        (dict(refiner="/nope"), "not an exported Refiner"),
+        (dict(height=60), "target height=60"),
+        (dict(preview_height=128), "larger than target"),
+        (dict(switch=9), "--switch 9"),
+        (dict(mode="fast"), "--mode 'fast'"),
+        (dict(base="sd15"), "unknown base model 'sd15'"),
+    ],
+)
 def test_bad_input(kw, msg, refiner_dir, tmp_path):
     args = {**SMALL, "refiner": str(refiner_dir), "out_dir": str(tmp_path), **kw}
     with pytest.raises(ConfigError, match=msg):
@@ -92,8 +108,13 @@ def test_bad_input(kw, msg, refiner_dir, tmp_path):
 def test_cli_errors_are_one_line(tmp_path):
     with pytest.raises(ConfigError, match="prompts file not found"):
         parse_args(["--prompts", str(tmp_path / "none.txt")])
-    r = subprocess.run([sys.executable, "-m", "surf_train.generate", "--refiner", str(tmp_path / "x"), "--base", "tiny"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "surf_train.generate", "--refiner", str(tmp_path / "x"), "--base", "tiny"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 2 and r.stderr.startswith("error: ") and "Traceback" not in r.stderr
 
 
@@ -107,8 +128,11 @@ def test_loading_the_refiner_prints_no_dtype_warning(refiner_dir, tmp_path):
     handler.emit = records.append
     diffusers_logging.get_logger("diffusers").addHandler(handler)
     try:
-        generate(GenerateConfig(**SMALL, mode="surf", refiner=str(refiner_dir), out_dir=str(tmp_path),
-                                prompts=["a cat"], seeds=[0]))
+        generate(
+            GenerateConfig(
+                **SMALL, mode="surf", refiner=str(refiner_dir), out_dir=str(tmp_path), prompts=["a cat"], seeds=[0]
+            )
+        )
     finally:
         diffusers_logging.get_logger("diffusers").removeHandler(handler)
     assert not [r for r in records if "kept in float32" in r.getMessage()]  # diffusers' warning on Refiner.to(dtype)
@@ -116,12 +140,39 @@ def test_loading_the_refiner_prints_no_dtype_warning(refiner_dir, tmp_path):
 
 def test_acceleration_flags_reach_the_report(tmp_path):
     """--cfg-stop 2 --cache-threshold: the report counts the forwards made and the blocks the cache skipped."""
-    cfg = parse_args(["--base", "tiny", "--mode", "preview", "--height", "64", "--width", "64", "--frames", "9",
-                      "--prefix-height", "64", "--prefix-width", "64", "--steps", "4", "--switch", "1",
-                      "--cfg-stop", "2", "--cache-threshold", "0.5", "--out", str(tmp_path), "--no-progress"])
-    plain, fast = (generate(GenerateConfig(**{**SMALL, "mode": "preview", "out_dir": str(tmp_path / n), **kw}))[0]
-                   for n, kw in (("plain", {}), ("fast", {"cfg_stop": cfg.cfg_stop,
-                                                           "cache_threshold": cfg.cache_threshold})))
+    cfg = parse_args(
+        [
+            "--base",
+            "tiny",
+            "--mode",
+            "preview",
+            "--height",
+            "64",
+            "--width",
+            "64",
+            "--frames",
+            "9",
+            "--prefix-height",
+            "64",
+            "--prefix-width",
+            "64",
+            "--steps",
+            "4",
+            "--switch",
+            "1",
+            "--cfg-stop",
+            "2",
+            "--cache-threshold",
+            "0.5",
+            "--out",
+            str(tmp_path),
+            "--no-progress",
+        ]
+    )
+    plain, fast = (
+        generate(GenerateConfig(**{**SMALL, "mode": "preview", "out_dir": str(tmp_path / n), **kw}))[0]
+        for n, kw in (("plain", {}), ("fast", {"cfg_stop": cfg.cfg_stop, "cache_threshold": cfg.cache_threshold}))
+    )
     # prefix: step 0 (CFG: 2 forwards); preview: step 1 with CFG, steps 2 and 3 without
     assert plain["forwards"] == {"prefix": 2, "low_res": 6} and fast["forwards"] == {"prefix": 2, "low_res": 4}
     assert plain["blocks_run"]["low_res"] == 1.0 and fast["blocks_run"]["low_res"] < 1.0

@@ -1,11 +1,11 @@
 """`surf-generate` reproduces the outputs recorded before it became a layer over SurfPipeline (bit for bit on the
 recording machine; within float32 rounding on a CPU with other SIMD paths)."""
+
 import json
 
 import numpy as np
 import pytest
 import torch
-
 from generate_golden import CASES, GOLDEN_JSON, GOLDEN_NPZ, run_case, sha
 
 GOLDEN = json.loads(GOLDEN_JSON.read_text())["cases"]

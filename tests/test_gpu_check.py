@@ -1,4 +1,5 @@
 """benchmarks/gpu_check.py: the dry run (every part on CPU, the real run's schema) and the composition arithmetic."""
+
 import json
 import os
 import subprocess
@@ -34,8 +35,14 @@ def schema_diff(skel, doc, path=""):
 def dry_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu_check")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--dry-run", "--out-dir", str(out)],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    p = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--dry-run", "--out-dir", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return out, json.loads((out / "dry-run-cpu.json").read_text()), p.stdout
 
@@ -98,8 +105,12 @@ def test_compose_matches_hand_computation():
     c = G.compose(flops.run_costs(flops.RunSettings()), step)
     assert c["baseline_s"] == pytest.approx(1000.0) and c["surf_s"] == pytest.approx(85.0)
     assert c["speedup"] == pytest.approx(1000 / 85)
-    assert [(r["stage"], r["steps"]) for r in c["stages"]] == [("base", 50), ("prefix", 10), ("preview", 30),
-                                                               ("refine", 10)]
+    assert [(r["stage"], r["steps"]) for r in c["stages"]] == [
+        ("base", 50),
+        ("prefix", 10),
+        ("preview", 30),
+        ("refine", 10),
+    ]
     # rule `paper` evaluates the velocity once more at the switch: 11 prefix steps
     c = G.compose(flops.run_costs(flops.RunSettings(rule="paper")), step)
     assert c["surf_s"] == pytest.approx(11 * 5 + 30 * 1 + 10 * 0.5)
@@ -120,8 +131,13 @@ def test_unexplained_nulls():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error")
 def test_real_run_without_cuda_is_one_clear_error(tmp_path):
-    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--out-dir", str(tmp_path)],
-                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    p = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--out-dir", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert p.returncode == 2 and "--dry-run" in p.stderr and "Traceback" not in p.stderr
     assert not list(tmp_path.iterdir())
 
@@ -165,8 +181,7 @@ def test_real_training_overrides_compose_to_the_wan_experiment(tmp_path):
     from hydra import compose, initialize_config_dir
 
     from surf_train import CONF_DIR
-    from surf_train.refiner import refiner_config
-    from surf_train.refiner import Refiner, num_params
+    from surf_train.refiner import Refiner, num_params, refiner_config
     from surf_train.train import register_resolvers
 
     register_resolvers()
@@ -192,5 +207,6 @@ def test_wan_14b_builds_like_from_pretrained_on_meta():
     fp32 = {n for n, p in net.named_parameters() if p.dtype == torch.float32}
     assert "blocks.0.scale_shift_table" in fp32 and "blocks.0.norm2.weight" in fp32
     assert "blocks.0.ffn.net.0.proj.weight" not in fp32 and all(
-        set(n.split(".")) & set(net._keep_in_fp32_modules) for n in fp32)
+        set(n.split(".")) & set(net._keep_in_fp32_modules) for n in fp32
+    )
     assert [n for n, _ in net.named_buffers()] == ["rope.freqs_cos", "rope.freqs_sin"]

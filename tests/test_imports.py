@@ -1,4 +1,5 @@
 """The import graph of surf_train has no cycle (DESIGN 4: one room per concept, no circles)."""
+
 import ast
 from pathlib import Path
 
@@ -45,7 +46,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         path.append(n)
         for m in sorted(graph[n]):
             if state.get(m) == 1:
-                return path[path.index(m):] + [m]
+                return path[path.index(m) :] + [m]
             if m not in state and (c := visit(m)):
                 return c
         path.pop()

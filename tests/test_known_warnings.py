@@ -1,4 +1,5 @@
 """Commands print no expected noise (issue 17), while an unexpected warning still gets through."""
+
 import subprocess
 import sys
 

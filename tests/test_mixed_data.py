@@ -13,16 +13,19 @@ def write(directory, shards, per_shard, tag):
         with ShardWriter(directory, rank=0, max_count=per_shard, start_index=j) as w:
             for _ in range(per_shard):
                 t = torch.full((2, 3, 4, 4), float(i))
-                w.write(encode_sample(f"{tag}{i:04d}", {"preview": t[..., :2, :2].clone(), "target": t},
-                                      {"source": tag}))
+                w.write(
+                    encode_sample(f"{tag}{i:04d}", {"preview": t[..., :2, :2].clone(), "target": t}, {"source": tag})
+                )
                 i += 1
     return directory
 
 
 def mixed(a, b, wa, wb, **kw):
-    return DataConfig(shards=None, sources={"gen": {"shards": str(a), "weight": wa}, "real": {"shards": str(b),
-                                                                                           "weight": wb}},
-                      **{"batch_size": 4, "shuffle_buffer": 16, "val_samples": 0, **kw})
+    return DataConfig(
+        shards=None,
+        sources={"gen": {"shards": str(a), "weight": wa}, "real": {"shards": str(b), "weight": wb}},
+        **{"batch_size": 4, "shuffle_buffer": 16, "val_samples": 0, **kw},
+    )
 
 
 def source_share(dm, epochs):
@@ -58,13 +61,16 @@ def test_single_source_is_unchanged_and_mixed_validation_holds_out_each_source(t
     a = write(tmp_path / "a", 3, 2, "g")
     b = write(tmp_path / "b", 2, 2, "r")
     one = PairDataModule(DataConfig(shards=str(a), batch_size=2, val_samples=2))
-    assert one.shard_weights is None and all("data_source" not in m for bt in one.train_dataloader()
-                                              for m in bt["meta"])
+    assert one.shard_weights is None and all(
+        "data_source" not in m for bt in one.train_dataloader() for m in bt["meta"]
+    )
     dm = PairDataModule(mixed(a, b, 1, 1, val_samples=4, batch_size=2))
     dm.setup()
     # the last shard of each source is held out; training never sees those keys
-    assert [p.parent.name + "/" + p.name for p in dm.val_shards] == ["a/pairs-r000-000002.tar",
-                                                                     "b/pairs-r000-000001.tar"]
+    assert [p.parent.name + "/" + p.name for p in dm.val_shards] == [
+        "a/pairs-r000-000002.tar",
+        "b/pairs-r000-000001.tar",
+    ]
     val = dm.val_set()
     assert sorted(s["key"] for s in val) == ["g0004", "g0005", "r0002", "r0003"]
     assert {s["meta"]["data_source"] for s in val} == {"gen", "real"}
@@ -90,9 +96,16 @@ def test_source_errors_name_the_source(tmp_path):
 def test_generated_and_video_pairs_mix_in_batches(pairs, video_pairs):
     """The two real producers write one schema: same-shaped samples (64x64 bucket, 9 frames) share batches."""
     out, _ = video_pairs
-    dm = PairDataModule(DataConfig(shards=None, sources={"gen": {"shards": str(pairs), "weight": 1},
-                                                         "real": {"shards": str(out), "weight": 1}},
-                                   batch_size=2, samples_per_epoch=64, val_samples=0, shuffle_buffer=16))
+    dm = PairDataModule(
+        DataConfig(
+            shards=None,
+            sources={"gen": {"shards": str(pairs), "weight": 1}, "real": {"shards": str(out), "weight": 1}},
+            batch_size=2,
+            samples_per_epoch=64,
+            val_samples=0,
+            shuffle_buffer=16,
+        )
+    )
     seen, mixed_batches = set(), 0
     for b in dm.train_dataloader():
         srcs = {m["data_source"] for m in b["meta"]}

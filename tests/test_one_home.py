@@ -1,4 +1,5 @@
 """One home per setting: each list of choices and the latent-frame formula are written once in surf_train."""
+
 import ast
 import re
 from pathlib import Path
@@ -11,8 +12,12 @@ from surf_train.windows import IMPLS
 
 ROOT = Path(surf_train.__file__).parent
 CHOICES = {  # choice list -> the module that defines it
-    frozenset(RULES): "sampling.py", frozenset(DOWN_MODES): "sampling.py", frozenset(UP_MODES): "sampling.py",
-    frozenset(SCHEDULERS): "sampling.py", frozenset(IMPLS): "windows.py", frozenset(DTYPES): "dtypes.py",
+    frozenset(RULES): "sampling.py",
+    frozenset(DOWN_MODES): "sampling.py",
+    frozenset(UP_MODES): "sampling.py",
+    frozenset(SCHEDULERS): "sampling.py",
+    frozenset(IMPLS): "windows.py",
+    frozenset(DTYPES): "dtypes.py",
 }
 
 
@@ -20,21 +25,32 @@ def string_collections(tree: ast.AST):
     """Every tuple, list, set or dict literal of two or more strings (a dict by its keys), with its line."""
     for node in ast.walk(tree):
         elts = node.keys if isinstance(node, ast.Dict) else getattr(node, "elts", None)
-        if isinstance(node, (ast.Tuple, ast.List, ast.Set, ast.Dict)) and len(elts) > 1 and all(
-                isinstance(e, ast.Constant) and isinstance(e.value, str) for e in elts):
+        if (
+            isinstance(node, (ast.Tuple, ast.List, ast.Set, ast.Dict))
+            and len(elts) > 1
+            and all(isinstance(e, ast.Constant) and isinstance(e.value, str) for e in elts)
+        ):
             yield frozenset(e.value for e in elts), node.lineno
 
 
 def test_each_choice_list_is_written_once():
-    restated = [f"{p.relative_to(ROOT)}:{line}" for p in sorted(ROOT.rglob("*.py"))
-                for names, line in string_collections(ast.parse(p.read_text()))
-                if names in CHOICES and p.relative_to(ROOT).as_posix() != CHOICES[names]]
+    restated = [
+        f"{p.relative_to(ROOT)}:{line}"
+        for p in sorted(ROOT.rglob("*.py"))
+        for names, line in string_collections(ast.parse(p.read_text()))
+        if names in CHOICES and p.relative_to(ROOT).as_posix() != CHOICES[names]
+    ]
     assert not restated, f"choice lists restated (import them from their module instead): {restated}"
 
 
 def test_latent_frame_formula_is_written_once():
     formula = re.compile(r"-\s*1\)\s*//\s*[\w.]*stride_t\s*\+\s*1")
-    found = [f"{p.relative_to(ROOT)}:{i}" for p in sorted(ROOT.rglob("*.py")) for i, line in enumerate(p.read_text().splitlines(), 1) if formula.search(line)]
+    found = [
+        f"{p.relative_to(ROOT)}:{i}"
+        for p in sorted(ROOT.rglob("*.py"))
+        for i, line in enumerate(p.read_text().splitlines(), 1)
+        if formula.search(line)
+    ]
     assert found == ["base/adapter.py:" + str(_line_of("base/adapter.py", "return (frames - 1) // stride_t + 1"))]
 
 

@@ -1,6 +1,7 @@
 """`surf-generate --mode baseline` is the base model's own pipeline: same latents as WanPipeline /
 HunyuanVideoPipeline(output_type="latent", latents=the same noise), for FlowMatchEuler and for UniPC configured
 as the Wan 2.1 diffusers repositories ship it. diffusers' pipeline is the external reference."""
+
 import dataclasses
 
 import pytest
@@ -12,8 +13,11 @@ from surf_train.generate import GenerateConfig, generate
 
 TOL = 1e-5  # relative L2 difference, float32
 # tiny Wan and HunyuanVideo built from configs; the toy base loaded with from_pretrained (its scheduler/ folder)
-CASES = {"tiny": dict(height=64, width=64, frames=9), "tiny_hunyuan": dict(height=64, width=64, frames=9),
-         "toy": dict(height=32, width=32, frames=5)}
+CASES = {
+    "tiny": dict(height=64, width=64, frames=9),
+    "tiny_hunyuan": dict(height=64, width=64, frames=9),
+    "toy": dict(height=32, width=32, frames=5),
+}
 PROMPT = "a red ball rolling across a wooden floor"
 
 
@@ -23,9 +27,19 @@ def pipeline_latent(model, noise, steps, size):
         kw = dict(negative_prompt=spec.negative_prompt)
     elif spec.prompt_template is not None:
         kw = dict(prompt_template=dict(spec.prompt_template))
-    return model.pipe(PROMPT, height=size["height"], width=size["width"], num_frames=size["frames"],
-                      num_inference_steps=steps, guidance_scale=spec.guidance, latents=noise.clone(),
-                      output_type="latent", max_sequence_length=spec.max_sequence_length, return_dict=False, **kw)[0]
+    return model.pipe(
+        PROMPT,
+        height=size["height"],
+        width=size["width"],
+        num_frames=size["frames"],
+        num_inference_steps=steps,
+        guidance_scale=spec.guidance,
+        latents=noise.clone(),
+        output_type="latent",
+        max_sequence_length=spec.max_sequence_length,
+        return_dict=False,
+        **kw,
+    )[0]
 
 
 @pytest.mark.parametrize("scheduler", ["FlowMatchEulerDiscreteScheduler", "UniPCMultistepScheduler"])
@@ -35,10 +49,21 @@ def test_baseline_equals_the_pipeline(base, scheduler, tmp_path, monkeypatch):
     decoded = []
     real_decode = BaseModel.vae_decode
     monkeypatch.setattr(BaseModel, "vae_decode", lambda self, z: decoded.append(z.clone()) or real_decode(self, z))
-    rep = generate(GenerateConfig(base=base, mode="baseline", prompts=[PROMPT], seeds=[seed], steps=steps,
-                                  scheduler=scheduler, prefix_height=size["height"], prefix_width=size["width"],
-                                  out_dir=str(tmp_path),
-                                  progress=False, **size))[0]
+    rep = generate(
+        GenerateConfig(
+            base=base,
+            mode="baseline",
+            prompts=[PROMPT],
+            seeds=[seed],
+            steps=steps,
+            scheduler=scheduler,
+            prefix_height=size["height"],
+            prefix_width=size["width"],
+            out_dir=str(tmp_path),
+            progress=False,
+            **size,
+        )
+    )[0]
     assert rep["calls"] == {"full_res": steps}
     ours = decoded[0]
     model = load_base_model(dataclasses.replace(BaseSpec.from_name(base), scheduler=scheduler), "cpu")
@@ -62,9 +87,19 @@ def test_unipc_is_configured_like_the_wan_repositories(tiny_wan):
     from surf_train.sampling import convert_scheduler
 
     u = convert_scheduler(tiny_wan.pipe.scheduler, "UniPCMultistepScheduler").config
-    want = dict(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0, solver_order=2,
-                solver_type="bh2", predict_x0=True, lower_order_final=True, final_sigmas_type="zero",
-                timestep_spacing="linspace", num_train_timesteps=1000, use_karras_sigmas=False)
+    want = dict(
+        prediction_type="flow_prediction",
+        use_flow_sigmas=True,
+        flow_shift=3.0,
+        solver_order=2,
+        solver_type="bh2",
+        predict_x0=True,
+        lower_order_final=True,
+        final_sigmas_type="zero",
+        timestep_spacing="linspace",
+        num_train_timesteps=1000,
+        use_karras_sigmas=False,
+    )
     assert {k: u[k] for k in want} == want
 
 

@@ -1,4 +1,5 @@
 """Refiner network: shapes, init, gradients, checkpointing, text, presets, config, Wan initialisation."""
+
 import json
 import time
 
@@ -8,8 +9,17 @@ import torch
 from surf_train.refiner import Refiner, RefinerConfig, init_from_wan, num_params, presets
 
 WAN_TINY = dict(
-    patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16, out_channels=16,
-    text_dim=32, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+    patch_size=(1, 2, 2),
+    num_attention_heads=2,
+    attention_head_dim=12,
+    in_channels=16,
+    out_channels=16,
+    text_dim=32,
+    freq_dim=256,
+    ffn_dim=32,
+    num_layers=2,
+    cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads",
     rope_max_seq_len=32,
 )
 
@@ -189,6 +199,7 @@ def test_bad_shapes_raise(tiny):
 
 # --- initialisation from Wan -------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def wan_tiny(tmp_path_factory):
     from diffusers import WanTransformer3DModel
@@ -253,6 +264,7 @@ def test_wan_initialised_refiner_with_global_window_equals_wan(wan_tiny, head_di
 
 # --- the Refiner as a diffusers model ----------------------------------------------------------
 
+
 def test_init_defaults_are_refiner_config_defaults():
     import dataclasses
     import inspect
@@ -280,9 +292,14 @@ def test_from_pretrained_subfolder_and_bf16_keeps_fp32_modules(tiny, tmp_path):
     m = Refiner.from_pretrained(tmp_path / "repo", subfolder="refiner", torch_dtype=torch.bfloat16)
     kept = {n for n, p in m.named_parameters() if p.dtype == torch.float32}
     assert kept and all(p.dtype == torch.bfloat16 for n, p in m.named_parameters() if n not in kept)
-    for n in ["scale_shift_table", "blocks.0.scale_shift_table", "blocks.0.attn1.norm_q.weight",
-              "blocks.1.attn2.norm_k.weight", "blocks.0.norm2.weight",
-              "condition_embedder.time_embedder.linear_1.weight"]:
+    for n in [
+        "scale_shift_table",
+        "blocks.0.scale_shift_table",
+        "blocks.0.attn1.norm_q.weight",
+        "blocks.1.attn2.norm_k.weight",
+        "blocks.0.norm2.weight",
+        "condition_embedder.time_embedder.linear_1.weight",
+    ]:
         assert n in kept, n
     assert "blocks.0.attn1.to_q.weight" not in kept and m.dtype == torch.bfloat16
     x, t, cond, text = _inputs((1, 16, 3, 8, 8))

@@ -1,16 +1,16 @@
 """Reruns, unreadable checkpoints, the float32 EMA, plain progress lines and requeue checkpoint pruning."""
+
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
+from test_train import FAST, ROOT, SHRINK, compose_cfg
 
 from surf_train.callbacks import hpc_checkpoints, prune_hpc_checkpoints
 from surf_train.errors import ConfigError
-from surf_train.train import checkpoint_step, resume_checkpoint, train
-from test_train import FAST, ROOT, SHRINK, compose_cfg
+from surf_train.train import resume_checkpoint, train
 
 
 def _base(pairs, run_dir):
@@ -23,7 +23,9 @@ def test_rerun_of_a_finished_run_reports_its_summary(pairs, tmp_path, capsys):
     again = train(compose_cfg(_base(pairs, tmp_path) + ["trainer.max_steps=3"]))  # used to crash in the summary
     out = capsys.readouterr().out
     assert again["steps"] == 3 and again["resumed_from"].endswith("last.ckpt")
-    assert again["train_loss_first"] == first["train_loss_first"] and again["train_loss_last"] == first["train_loss_last"]
+    assert (
+        again["train_loss_first"] == first["train_loss_first"] and again["train_loss_last"] == first["train_loss_last"]
+    )
     assert "[surf_train] 3 steps, train loss" in out
     assert json.loads((tmp_path / "summary.json").read_text())["steps"] == 3
 
@@ -43,6 +45,7 @@ def test_truncated_last_checkpoint_falls_back_to_an_older_one(pairs, tmp_path, c
     hpc = tmp_path / "hpc_ckpt_1.ckpt"
     hpc.write_bytes(old.read_bytes())  # an older, complete requeue checkpoint at step 2
     import os
+
     os.utime(hpc, (newest.stat().st_mtime - 60,) * 2)
     found = resume_checkpoint(tmp_path)
     assert found == (hpc, 2)
@@ -58,8 +61,13 @@ def test_foreign_last_checkpoint_with_nothing_older_is_one_clear_error(pairs, tm
     (d / "last.ckpt").symlink_to("step00000002.ckpt")
     with pytest.raises(ConfigError, match="none of its 1 checkpoint.*resume=false"):
         resume_checkpoint(tmp_path)
-    r = subprocess.run([sys.executable, "-m", "surf_train", *_base(pairs, tmp_path)], cwd=ROOT, capture_output=True,
-                       text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "surf_train", *_base(pairs, tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 2 and "resume=false" in r.stdout + r.stderr and "Traceback" not in r.stderr
 
 
@@ -67,9 +75,18 @@ def test_ema_stays_float32_under_bf16_mixed_deepspeed(pairs, tmp_path):
     """DeepSpeed casts its module to bf16; an EMA with decay 0.9999 must still move (it cannot in bf16)."""
     from surf_train.export import read_checkpoint
 
-    cfg = compose_cfg(_base(pairs, tmp_path) + ["trainer=deepspeed", "trainer.accelerator=cpu", "trainer.devices=1",
-                                                "trainer.precision=bf16-mixed", "module.ema_decay=0.9999",
-                                                "trainer.max_steps=4", "data.val_samples=0"])
+    cfg = compose_cfg(
+        _base(pairs, tmp_path)
+        + [
+            "trainer=deepspeed",
+            "trainer.accelerator=cpu",
+            "trainer.devices=1",
+            "trainer.precision=bf16-mixed",
+            "module.ema_decay=0.9999",
+            "trainer.max_steps=4",
+            "data.val_samples=0",
+        ]
+    )
     s = train(cfg)
     assert s["steps"] == 4
     state, _, step = read_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
@@ -95,8 +112,18 @@ def test_ema_stays_float32_under_bf16_mixed_deepspeed(pairs, tmp_path):
 def test_ema_checkpoint_round_trip_and_old_format(tmp_path):
     from surf_train.module import RefinerModule
 
-    m = RefinerModule(model={"preset": "tiny", "dim": 32, "depth": 2, "heads": 2, "text_dim": 32,
-                             "window": [2, 4, 4], "mlp_ratio": 2.0}, ema_decay=0.5)
+    m = RefinerModule(
+        model={
+            "preset": "tiny",
+            "dim": 32,
+            "depth": 2,
+            "heads": 2,
+            "text_dim": 32,
+            "window": [2, 4, 4],
+            "mlp_ratio": 2.0,
+        },
+        ema_decay=0.5,
+    )
     with torch.no_grad():
         for p in m.net.parameters():
             p.add_(1.0)
@@ -110,8 +137,13 @@ def test_ema_checkpoint_round_trip_and_old_format(tmp_path):
     for a, b in zip(m.ema.module.parameters(), m2.ema.module.parameters()):
         assert torch.equal(a, b)
     # the format of earlier versions: EMA as ema.module.* entries of the state dict
-    old = {"state_dict": {**m.net.state_dict(prefix="net."), **m.ema.module.state_dict(prefix="ema.module."),
-                          "ema.n_averaged": torch.tensor(2)}}
+    old = {
+        "state_dict": {
+            **m.net.state_dict(prefix="net."),
+            **m.ema.module.state_dict(prefix="ema.module."),
+            "ema.n_averaged": torch.tensor(2),
+        }
+    }
     m3 = RefinerModule(model=m.hparams.model, ema_decay=0.5)
     m3.on_load_checkpoint(old)
     assert not any(k.startswith("ema.") for k in old["state_dict"]) and m3.ema.updates == 2
@@ -122,9 +154,21 @@ def test_ema_checkpoint_round_trip_and_old_format(tmp_path):
 def test_plain_progress_lines_when_stdout_is_a_file(pairs, tmp_path):
     log = tmp_path / "slurm-1.out"
     with open(log, "w") as f:
-        r = subprocess.run([sys.executable, "-m", "surf_train", *_base(pairs, tmp_path / "run"),
-                            "trainer.max_steps=12", "progress_every=4", "trainer.enable_progress_bar=true"],
-                           cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, timeout=300)
+        r = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "surf_train",
+                *_base(pairs, tmp_path / "run"),
+                "trainer.max_steps=12",
+                "progress_every=4",
+                "trainer.enable_progress_bar=true",
+            ],
+            cwd=ROOT,
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            timeout=300,
+        )
     text = log.read_text()
     assert r.returncode == 0, text[-2000:]
     lines = [ln for ln in text.splitlines() if ln.startswith("[surf_train] step ")]
@@ -149,8 +193,19 @@ def test_hpc_pruning_keeps_the_newest_and_the_resume_checkpoint(tmp_path):
 @pytest.fixture(scope="module")
 def run_ckpt(pairs, tmp_path_factory):
     run = tmp_path_factory.mktemp("run")
-    train(compose_cfg([f"data.shards={pairs}", f"run_dir={run}", "trainer.max_steps=2", "ckpt_every=2",
-                       "data.val_samples=0", *SHRINK, *FAST]))
+    train(
+        compose_cfg(
+            [
+                f"data.shards={pairs}",
+                f"run_dir={run}",
+                "trainer.max_steps=2",
+                "ckpt_every=2",
+                "data.val_samples=0",
+                *SHRINK,
+                *FAST,
+            ]
+        )
+    )
     return run
 
 
@@ -159,8 +214,13 @@ def test_export_refuses_a_directory_it_did_not_write(run_ckpt, tmp_path):
 
     ckpt = run_ckpt / "checkpoints" / "last.ckpt"
     before = sorted(p.relative_to(run_ckpt) for p in run_ckpt.rglob("*"))
-    r = subprocess.run([sys.executable, "-m", "surf_train.export", str(ckpt), str(run_ckpt)], cwd=ROOT,
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "surf_train.export", str(ckpt), str(run_ckpt)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 2 and "not an exported Refiner" in r.stderr and "Traceback" not in r.stderr
     assert sorted(p.relative_to(run_ckpt) for p in run_ckpt.rglob("*")) == before  # the run is intact
     f = tmp_path / "file"
@@ -189,18 +249,40 @@ def test_export_records_the_base_model_and_generate_refuses_another(run_ckpt, tm
     assert rec["base"]["name"] == "tiny" and rec["base"]["family"] == "wan" and rec["latent_channels"] == 16
     assert rec["target_latent"] == [3, 8, 8] and rec["preview_latent"] == [3, 4, 4]
     # hunyuan_video has 16 latent channels too: only the record tells them apart (checked before any download)
-    r = subprocess.run([sys.executable, "-m", "surf_train.generate", "--base", "hunyuan_video", "--refiner", str(out),
-                        "--out", str(tmp_path / "gen")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "surf_train.generate",
+            "--base",
+            "hunyuan_video",
+            "--refiner",
+            str(out),
+            "--out",
+            str(tmp_path / "gen"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 2 and "trained on base model 'tiny'" in r.stderr and "--force" in r.stderr
     assert "Traceback" not in r.stderr
     with pytest.raises(ConfigError, match="16-channel latents but base model toy has 12"):
         generate(GenerateConfig(base="toy", refiner=str(out), out_dir=str(tmp_path / "gen"), progress=False))
 
 
-@pytest.mark.parametrize("args, msg", [(["--steps", "0"], "--steps 0"), (["--refiner-steps", "0"], "--refiner-steps 0")])
+@pytest.mark.parametrize(
+    "args, msg", [(["--steps", "0"], "--steps 0"), (["--refiner-steps", "0"], "--refiner-steps 0")]
+)
 def test_generate_zero_steps_is_one_clear_error(args, msg, tmp_path):
-    r = subprocess.run([sys.executable, "-m", "surf_train.generate", "--base", "tiny", *args, "--out", str(tmp_path)],
-                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "surf_train.generate", "--base", "tiny", *args, "--out", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr
 
 

@@ -1,12 +1,31 @@
 import pytest
 import torch
-from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler,
-                       UniPCMultistepScheduler)
+from diffusers import (
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    UniPCMultistepScheduler,
+)
 
 from surf_train.errors import ConfigError
-from surf_train.sampling import (RULES, PreviewPlan, Schedule, count_calls, euler_sample, flow_sigmas,
-                                 low_res_sigmas, noise_gain, pair_sample, preview_sample, reshift, resize_latent,
-                                 sample, scheduler_on, shift_sigma, with_shift)
+from surf_train.sampling import (
+    RULES,
+    PreviewPlan,
+    Schedule,
+    count_calls,
+    euler_sample,
+    flow_sigmas,
+    low_res_sigmas,
+    noise_gain,
+    pair_sample,
+    preview_sample,
+    reshift,
+    resize_latent,
+    sample,
+    scheduler_on,
+    shift_sigma,
+    with_shift,
+)
 
 HR, LR = (16, 16), (8, 8)
 FLOW = dict(prediction_type="flow_prediction", use_flow_sigmas=True)
@@ -32,9 +51,11 @@ def plan_for(name, steps, switch, rule, shift=3.0):
 
 def oracle(x0_hr, down="area"):
     """Exact velocity for a known clean latent at whatever resolution x has: v = (x - x0) / s."""
+
     def v(x, step):
         x0 = x0_hr if x.shape[-2:] == x0_hr.shape[-2:] else resize_latent(x0_hr, tuple(x.shape[-2:]), down)
         return (x - x0) / step.sigma
+
     return v
 
 
@@ -98,8 +119,12 @@ def test_velocity_gets_the_pipelines_timesteps_and_steps(name):
     seen.clear()
     pair_sample(v, noise, PreviewPlan(sch, switch=2, preview_size=LR, rule="pool"), fresh)
     # prefix 0, 1; the low-resolution run continues the numbering from the switch; then the target branch
-    assert [(s.index, s.stage) for s in seen] == [(0, "native"), (1, "native"), *[(i, "low") for i in range(2, 6)],
-                                                  *[(i, "native") for i in range(2, 6)]]
+    assert [(s.index, s.stage) for s in seen] == [
+        (0, "native"),
+        (1, "native"),
+        *[(i, "low") for i in range(2, 6)],
+        *[(i, "native") for i in range(2, 6)],
+    ]
     assert [s.start for s in seen].count(True) == 1
 
 
@@ -142,8 +167,9 @@ def test_switch_at_zero_equals_direct_low_res_sampling(rule, name):
     elif name == "euler":  # FlowMatchEuler's set_timesteps(N) grid depends on the shift beyond shift(., a): by hand
         want = euler_sample(nonlinear, start, shift_sigma(plan.sigmas, g))
     else:  # the scheduler itself, configured with shift a * g
-        want = sample(nonlinear, start, Schedule(with_shift(plan.schedule.scheduler, a * g), steps,
-                                                 plan.schedule.custom_sigmas))
+        want = sample(
+            nonlinear, start, Schedule(with_shift(plan.schedule.scheduler, a * g), steps, plan.schedule.custom_sigmas)
+        )
     # a first level s0 < 1 (DPM-Solver++'s flow grid starts at shift(0.999, a)) keeps a (1 - s0) share of the clean
     # estimate at the switch, which direct sampling from noise has not
     s0 = float(plan.sigmas[0])
@@ -205,8 +231,9 @@ def test_low_res_run_is_a_fresh_solver():
         assert torch.allclose(x2, euler, atol=1e-5)
 
 
-@pytest.mark.parametrize("mode,size", [("area", (8, 8)), ("area", (4, 8)), ("bilinear", (8, 8)),
-                                       ("bilinear", (6, 10)), ("bicubic", (8, 8))])
+@pytest.mark.parametrize(
+    "mode,size", [("area", (8, 8)), ("area", (4, 8)), ("bilinear", (8, 8)), ("bilinear", (6, 10)), ("bicubic", (8, 8))]
+)
 def test_noise_gain_matches_measured_std(mode, size):
     eps = torch.randn(1, 4, 8, 64, 64, generator=torch.Generator().manual_seed(0))
     small = (64 * size[0] // 16, 64 * size[1] // 16)

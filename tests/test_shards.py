@@ -7,14 +7,31 @@ import pytest
 import torch
 
 from surf_train.errors import ConfigError
-from surf_train.shards import (OutDirLock, ShardError, ShardWriter, decode_sample, encode_sample, list_shards,
-                               lock_path, next_index, read_shards, remove_partial, sample_bytes, shard_keys)
+from surf_train.shards import (
+    OutDirLock,
+    ShardError,
+    ShardWriter,
+    decode_sample,
+    encode_sample,
+    list_shards,
+    lock_path,
+    next_index,
+    read_shards,
+    remove_partial,
+    sample_bytes,
+    shard_keys,
+)
 
 
 def sample(i, dtype=torch.float16):
-    return encode_sample(f"k{i:04d}", {"preview": torch.full((4, 1, 2, 2), float(i), dtype=dtype),
-                                      "target": torch.full((4, 1, 4, 4), float(i), dtype=dtype)},
-                         {"source": "generated", "prompt": f"p{i}"})
+    return encode_sample(
+        f"k{i:04d}",
+        {
+            "preview": torch.full((4, 1, 2, 2), float(i), dtype=dtype),
+            "target": torch.full((4, 1, 4, 4), float(i), dtype=dtype),
+        },
+        {"source": "generated", "prompt": f"p{i}"},
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
@@ -49,6 +66,7 @@ def _tar_with(path, entries):
 
 def test_pickle_entries_are_refused(tmp_path):
     import pickle
+
     _tar_with(tmp_path / "evil.tar", {"x.pth": pickle.dumps({"a": 1}), "x.json": b"{}"})
     with pytest.raises(ShardError, match=r"evil.tar: sample x: expected entries"):
         list(read_shards([tmp_path / "evil.tar"]))
@@ -56,13 +74,16 @@ def test_pickle_entries_are_refused(tmp_path):
 
 def test_corrupt_payload_names_the_shard_and_sample(tmp_path):
     good = sample(1)
-    _tar_with(tmp_path / "bad.tar", {"k1.tensors.safetensors": good["tensors.safetensors"][:20],
-                                     "k1.json": good["json"]})
+    _tar_with(
+        tmp_path / "bad.tar", {"k1.tensors.safetensors": good["tensors.safetensors"][:20], "k1.json": good["json"]}
+    )
     with pytest.raises(ShardError, match=r"bad.tar: sample k1: checksum mismatch"):
         list(read_shards([tmp_path / "bad.tar"]))
     old = {k: v for k, v in json.loads(good["json"]).items() if k != "sha256"}  # written before checksums
-    _tar_with(tmp_path / "old.tar", {"k1.tensors.safetensors": good["tensors.safetensors"][:20],
-                                     "k1.json": json.dumps(old).encode()})
+    _tar_with(
+        tmp_path / "old.tar",
+        {"k1.tensors.safetensors": good["tensors.safetensors"][:20], "k1.json": json.dumps(old).encode()},
+    )
     with pytest.raises(ShardError, match=r"old.tar: sample k1: cannot decode"):
         list(read_shards([tmp_path / "old.tar"]))
 
@@ -89,11 +110,17 @@ def test_flipped_tensor_byte_is_caught(tmp_path):
 
 def test_old_shards_without_checksum_or_text_length_still_read(tmp_path):
     from safetensors.torch import save
+
     text = torch.zeros(16, 8)
     text[:3] = 1.0
     tensors = {"preview": torch.ones(4, 1, 2, 2), "target": torch.ones(4, 1, 4, 4), "text": text}
-    meta = {"key": "k0", "schema": 1, "source": "generated", "preview_shape": [4, 1, 2, 2],
-            "target_shape": [4, 1, 4, 4]}  # what encode_sample wrote before: text padded, no sha256 / text_length
+    meta = {
+        "key": "k0",
+        "schema": 1,
+        "source": "generated",
+        "preview_shape": [4, 1, 2, 2],
+        "target_shape": [4, 1, 4, 4],
+    }  # what encode_sample wrote before: text padded, no sha256 / text_length
     _tar_with(tmp_path / "old.tar", {"k0.tensors.safetensors": save(tensors), "k0.json": json.dumps(meta).encode()})
     (s,) = read_shards([tmp_path / "old.tar"])
     assert torch.equal(s["text"], text) and "sha256" not in s["meta"]
@@ -103,12 +130,20 @@ def test_text_is_stored_at_its_real_length():
     text = torch.zeros(16, 8)
     text[:5] = 1.0
     text[2] = 0.0  # a zero row inside the text stays: only the trailing padding goes
-    raw = encode_sample("k", {"preview": torch.ones(4, 1, 2, 2), "target": torch.ones(4, 1, 4, 4), "text": text},
-                        {"source": "generated"})
+    raw = encode_sample(
+        "k",
+        {"preview": torch.ones(4, 1, 2, 2), "target": torch.ones(4, 1, 4, 4), "text": text},
+        {"source": "generated"},
+    )
     s = decode_sample(raw)
     assert torch.equal(s["text"], text[:5]) and s["meta"]["text_length"] == 5
-    empty = decode_sample(encode_sample("k", {"preview": torch.ones(4, 1, 2, 2), "target": torch.ones(4, 1, 4, 4),
-                                              "text": torch.zeros(16, 8)}, {"source": "generated"}))
+    empty = decode_sample(
+        encode_sample(
+            "k",
+            {"preview": torch.ones(4, 1, 2, 2), "target": torch.ones(4, 1, 4, 4), "text": torch.zeros(16, 8)},
+            {"source": "generated"},
+        )
+    )
     assert empty["text"].shape == (1, 8) and empty["meta"]["text_length"] == 1  # never an empty tensor
     bad = json.loads(raw["json"])
     with pytest.raises(ShardError, match="text has 5 rows but text_length=7"):
@@ -118,9 +153,15 @@ def test_text_is_stored_at_its_real_length():
 def test_sample_bytes_is_what_the_writer_writes(tmp_path):
     text = torch.zeros(16, 64, dtype=torch.bfloat16)
     text[:6] = 2.0
-    raw = encode_sample("k0000", {"preview": torch.ones(4, 3, 2, 2, dtype=torch.bfloat16),
-                                  "target": torch.ones(4, 3, 4, 4, dtype=torch.bfloat16), "text": text},
-                        {"source": "generated", "prompt": "a cat"})
+    raw = encode_sample(
+        "k0000",
+        {
+            "preview": torch.ones(4, 3, 2, 2, dtype=torch.bfloat16),
+            "target": torch.ones(4, 3, 4, 4, dtype=torch.bfloat16),
+            "text": text,
+        },
+        {"source": "generated", "prompt": "a cat"},
+    )
     with ShardWriter(tmp_path, rank=0, max_count=3) as w:
         for _ in range(3):
             w.write(raw)
@@ -175,8 +216,11 @@ def test_flipped_tar_header_byte_is_named_not_truncated(tmp_path):
     second = _entry(shard, "k0001.json")
     later = f"invalid tar header at byte {second.offset} \\(bad checksum\\) after 2 entries"
     # entries have an extended (pax) header before the plain one: a flipped byte in either is named
-    for at, msg in ((1, "not a readable tar shard \\(first tar header: bad checksum\\)"),
-                    (second.offset + 1, later), (second.offset_data - 512 + 1, later)):
+    for at, msg in (
+        (1, "not a readable tar shard \\(first tar header: bad checksum\\)"),
+        (second.offset + 1, later),
+        (second.offset_data - 512 + 1, later),
+    ):
         bad = bytearray(data)
         bad[at] ^= 0x10  # a byte of an entry's name
         shard.write_bytes(bytes(bad))
@@ -197,11 +241,15 @@ def test_out_dir_lock_refuses_a_live_owner_and_takes_over_a_stale_one(tmp_path, 
     import socket
     import subprocess
     import sys
+
     host, lock = socket.gethostname(), lock_path(tmp_path, 0)
     with OutDirLock(tmp_path, 0):
         assert json.loads(lock.read_text())["pid"] == os.getpid()
-        with pytest.raises(ConfigError, match=rf"{lock}: rank 0 of {tmp_path} is being written by pid {os.getpid()} "
-                                              rf"on {host}"):
+        with pytest.raises(
+            ConfigError,
+            match=rf"{lock}: rank 0 of {tmp_path} is being written by pid {os.getpid()} "
+            rf"on {host}",
+        ):
             OutDirLock(tmp_path, 0).acquire()
         with OutDirLock(tmp_path, 1):  # another rank: its own lock
             pass
@@ -228,11 +276,13 @@ def test_masked_text_padding_is_zeroed_and_not_stored():
     """HunyuanVideo's encoder returns non-zero embeddings at padding positions with a mask: stored zeroed
     and dropped, at the prompt's real length (else every pad token is stored and attended to)."""
     from surf_train.base.adapter import Cond
+
     embeds = torch.randn(2, 8, 4) + 3  # (B, L, D), no zero anywhere
     cond = Cond(embeds=embeds, extra={"mask": torch.tensor([[1] * 3 + [0] * 5, [1] * 8])})
     latents = {"preview": torch.ones(4, 1, 2, 2), "target": torch.ones(4, 1, 4, 4)}
-    stored = [decode_sample(encode_sample("k", {**latents, "text": cond.text(i)}, {"source": "generated"}))
-              for i in range(2)]
+    stored = [
+        decode_sample(encode_sample("k", {**latents, "text": cond.text(i)}, {"source": "generated"})) for i in range(2)
+    ]
     assert [s["meta"]["text_length"] for s in stored] == [3, 8]
     assert torch.equal(stored[0]["text"], embeds[0, :3]) and torch.equal(stored[1]["text"], embeds[1])
     assert torch.equal(Cond(embeds=embeds).text(0), embeds[0])  # no mask (Wan): zero-padded already

@@ -1,4 +1,5 @@
 """The paper's progressive training: stage 1 on short clips, stage 2 at full length from stage 1's weights."""
+
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -22,8 +23,11 @@ def test_experiment_configs_compose():
         c = compose_cfg([f"+experiment={name}"])
         assert c.data.crop_frames == crop and c.init_from == init and c.model.preset == "paper"
         assert c.module.optim.lr == 5e-5 and c.trainer.strategy.stage == 2  # the rest is the wan experiment
-    assert compose_cfg(["+experiment=wan_stage1"]).trainer.max_steps + \
-        compose_cfg(["+experiment=wan_stage2"]).trainer.max_steps == compose_cfg(["+experiment=wan"]).trainer.max_steps
+    assert (
+        compose_cfg(["+experiment=wan_stage1"]).trainer.max_steps
+        + compose_cfg(["+experiment=wan_stage2"]).trainer.max_steps
+        == compose_cfg(["+experiment=wan"]).trainer.max_steps
+    )
     c = compose_cfg(["+experiment=wan_stage2", "data=mixed"])  # the stages take mixed sources too
     assert set(c.data.sources) == {"generated", "real"} and c.data.batch_size == 1
 
@@ -31,11 +35,20 @@ def test_experiment_configs_compose():
 def test_two_stages_on_mixed_sources(pairs, video_pairs, tmp_path):
     """Stage 1 trains on 2-frame crops of generated + video pairs; stage 2 starts from its weights at full length."""
     data = ["data=mixed", f"data.sources.generated.shards={pairs}", f"data.sources.real.shards={video_pairs[0]}"]
-    s1_cfg = compose_cfg(["+experiment=tiny_stage1", *data, f"run_dir={tmp_path}/s1", "trainer.max_steps=6",
-                          *FAST, *SHRINK])
+    s1_cfg = compose_cfg(
+        ["+experiment=tiny_stage1", *data, f"run_dir={tmp_path}/s1", "trainer.max_steps=6", *FAST, *SHRINK]
+    )
     # stage 2 with lr 0: its final weights must be exactly the weights it started from
-    s2_args = ["+experiment=tiny_stage2", *data, f"run_dir={tmp_path}/s2", "trainer.max_steps=2", *FAST, *SHRINK,
-               "module.optim.lr=0", f"init_from={tmp_path}/s1/checkpoints/last.ckpt"]
+    s2_args = [
+        "+experiment=tiny_stage2",
+        *data,
+        f"run_dir={tmp_path}/s2",
+        "trainer.max_steps=2",
+        *FAST,
+        *SHRINK,
+        "module.optim.lr=0",
+        f"init_from={tmp_path}/s1/checkpoints/last.ckpt",
+    ]
     s2_cfg = compose_cfg(s2_args)
     # what each stage trains on: short crops, then the full 3 latent frames, from both sources
     for c, frames in ((s1_cfg, 2), (s2_cfg, 3)):
@@ -68,12 +81,19 @@ def test_init_from_errors(tmp_path):
         m.init_weights(str(tmp_path / "nothing.ckpt"))
     other = RefinerModule(model={"preset": "tiny", "dim": 32, "heads": 2, "text_dim": 32})
     path = tmp_path / "other.ckpt"
-    torch.save({"state_dict": {f"net.{k}": v for k, v in other.net.state_dict().items()},
-                "hyper_parameters": {"model": {"preset": "tiny", "dim": 32}}, "global_step": 3}, path)
+    torch.save(
+        {
+            "state_dict": {f"net.{k}": v for k, v in other.net.state_dict().items()},
+            "hyper_parameters": {"model": {"preset": "tiny", "dim": 32}},
+            "global_step": 3,
+        },
+        path,
+    )
     with pytest.raises(ConfigError, match="other.ckpt: weights do not match the Refiner config"):
         m.init_weights(str(path))
     # the module's own weights after loading are the file's (an exported Refiner directory)
     from surf_train.export import save_refiner
+
     save_refiner(other.net.state_dict(), other.model_cfg, tmp_path / "exported")
     again = RefinerModule(model={"preset": "tiny", "dim": 32, "heads": 2, "text_dim": 32})
     assert again.init_weights(str(tmp_path / "exported")) == "exported"

@@ -1,19 +1,22 @@
 """SurfPipeline: save_pretrained / from_pretrained round trip bit for bit, output types, latents=, negative_prompt."""
+
 import json
 
 import numpy as np
 import pytest
 import torch
+from generate_golden import tiny_refiner
 from PIL import Image
 
-from generate_golden import tiny_refiner
 from surf_train.errors import ConfigError
 from surf_train.pipeline import SurfPipeline
 
 # base -> refiner text_dim, call sizes
-BASES = {"tiny": (32, dict(height=64, width=64, num_frames=9)),
-         "tiny_hunyuan": (16, dict(height=64, width=64, num_frames=9)),
-         "toy": (0, dict(height=32, width=32, num_frames=5))}
+BASES = {
+    "tiny": (32, dict(height=64, width=64, num_frames=9)),
+    "tiny_hunyuan": (16, dict(height=64, width=64, num_frames=9)),
+    "toy": (0, dict(height=32, width=32, num_frames=5)),
+}
 CALL = dict(num_inference_steps=3, switch=1, refiner_steps=2)
 
 
@@ -25,8 +28,9 @@ def surf(request, tmp_path_factory):
 
 
 def run(pipe, base, seed=3, **kw):
-    return pipe("a red ball rolling", generator=torch.Generator().manual_seed(seed), **BASES[base][1],
-                **{**CALL, **kw}).frames
+    return pipe(
+        "a red ball rolling", generator=torch.Generator().manual_seed(seed), **BASES[base][1], **{**CALL, **kw}
+    ).frames
 
 
 def test_save_and_load_round_trip_exactly(surf, tmp_path):
@@ -67,8 +71,15 @@ def test_output_types(surf):
 
 def test_latents_are_the_start_noise_and_prompts_batch(surf):
     base, pipe = surf
-    plan = pipe.plan(**{"height": BASES[base][1]["height"], "width": BASES[base][1]["width"],
-                        "num_frames": BASES[base][1]["num_frames"]}, num_inference_steps=3, switch=1)
+    plan = pipe.plan(
+        **{
+            "height": BASES[base][1]["height"],
+            "width": BASES[base][1]["width"],
+            "num_frames": BASES[base][1]["num_frames"],
+        },
+        num_inference_steps=3,
+        switch=1,
+    )
     g = torch.Generator().manual_seed(5)
     noise = torch.randn((1, pipe.spec.channels, plan.f_lat, *plan.lat["prefix"]), generator=g)
     a = run(pipe, base, seed=5, output_type="latent")
@@ -78,8 +89,13 @@ def test_latents_are_the_start_noise_and_prompts_batch(surf):
     assert torch.equal(a, b)
     with pytest.raises(ConfigError, match="latents"):
         run(pipe, base, latents=noise[:, :, :, :2])
-    two = pipe(["a red ball rolling", "a cat"], generator=torch.Generator().manual_seed(3), output_type="latent",
-        **BASES[base][1], **CALL).frames
+    two = pipe(
+        ["a red ball rolling", "a cat"],
+        generator=torch.Generator().manual_seed(3),
+        output_type="latent",
+        **BASES[base][1],
+        **CALL,
+    ).frames
     assert two.shape[0] == 2
 
 
@@ -115,8 +131,27 @@ def test_the_generation_benchmark_runs_over_the_pipeline_without_patching(tmp_pa
     spec.loader.exec_module(bench)
     before = dict(vars(G))
     threads = torch.get_num_threads()
-    bench.main(["--repeats", "1", "--steps", "3", "--switch", "1", "--refiner-steps", "2", "--no-thread-check",
-                "--target", "32x32", "--prefix", "32x32", "--preview", "16x16", "--out", str(tmp_path / "g.json")])
+    bench.main(
+        [
+            "--repeats",
+            "1",
+            "--steps",
+            "3",
+            "--switch",
+            "1",
+            "--refiner-steps",
+            "2",
+            "--no-thread-check",
+            "--target",
+            "32x32",
+            "--prefix",
+            "32x32",
+            "--preview",
+            "16x16",
+            "--out",
+            str(tmp_path / "g.json"),
+        ]
+    )
     torch.set_num_threads(threads)
     assert vars(G) == before  # nothing in surf_train.generate was replaced
     r = json.loads((tmp_path / "g.json").read_text())

@@ -1,4 +1,5 @@
 """The shipped toy base model (assets/toy_base) and the script that trains it."""
+
 import importlib.util
 import json
 
@@ -84,8 +85,18 @@ def test_pool_preview_keeps_the_target_layout(toy):
 def test_training_script_saves_and_resumes(tmp_path):
     """Two steps, then the same command with a later stop resumes (step count and log carry over)."""
     mod = _script()
-    args = ["--work", str(tmp_path / "work"), "--out", str(tmp_path / "out"), "--batch", "2", "--n", "2",
-            "--threads", "1"]
+    args = [
+        "--work",
+        str(tmp_path / "work"),
+        "--out",
+        str(tmp_path / "out"),
+        "--batch",
+        "2",
+        "--n",
+        "2",
+        "--threads",
+        "1",
+    ]
     mod.main(args + ["--steps", "2"])
     assert json.loads((tmp_path / "out" / "toy_train.json").read_text())["steps"] == 2
     first = torch.load(tmp_path / "work" / "state.pt", weights_only=True)
@@ -94,21 +105,58 @@ def test_training_script_saves_and_resumes(tmp_path):
     assert meta["steps"] == 4 and not (tmp_path / "out.tmp").exists()
     second = torch.load(tmp_path / "work" / "state.pt", weights_only=True)
     assert second["step"] == 4 and second["elapsed"] >= first["elapsed"]
-    assert not torch.equal(first["ema"]["transformer"]["proj_out.weight"], second["ema"]["transformer"]["proj_out.weight"])
+    assert not torch.equal(
+        first["ema"]["transformer"]["proj_out.weight"], second["ema"]["transformer"]["proj_out.weight"]
+    )
     spec = BaseSpec.from_name("toy")
     import dataclasses
+
     model = load_base_model(dataclasses.replace(spec, pretrained=str(tmp_path / "out")), "cpu")
     assert model.pipe.tokenizer("a red circle moving right on a gray background").input_ids[-1] == 1  # eos
     # --init starts a fresh run (new --work) from the saved weights: after 0 steps it saves them unchanged
-    mod.main(["--work", str(tmp_path / "work2"), "--out", str(tmp_path / "out2"), "--init", str(tmp_path / "out"),
-              "--steps", "0", "--threads", "1", "--n", "2"])
+    mod.main(
+        [
+            "--work",
+            str(tmp_path / "work2"),
+            "--out",
+            str(tmp_path / "out2"),
+            "--init",
+            str(tmp_path / "out"),
+            "--steps",
+            "0",
+            "--threads",
+            "1",
+            "--n",
+            "2",
+        ]
+    )
     again = load_base_model(dataclasses.replace(spec, pretrained=str(tmp_path / "out2")), "cpu")
     for a, b in ((model.pipe.transformer, again.pipe.transformer), (model.pipe.text_encoder, again.pipe.text_encoder)):
         assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     assert json.loads((tmp_path / "out2" / "toy_train.json").read_text())["init"]["steps"] == 4  # provenance
     # --stop-at ends a run early on the schedule of --steps (the second stage of the shipped recipe)
-    mod.main(["--work", str(tmp_path / "work4"), "--out", str(tmp_path / "out4"), "--init", str(tmp_path / "out2"),
-              "--steps", "8", "--stop-at", "2", "--warmup", "1", "--batch", "2", "--n", "2", "--threads", "1"])
+    mod.main(
+        [
+            "--work",
+            str(tmp_path / "work4"),
+            "--out",
+            str(tmp_path / "out4"),
+            "--init",
+            str(tmp_path / "out2"),
+            "--steps",
+            "8",
+            "--stop-at",
+            "2",
+            "--warmup",
+            "1",
+            "--batch",
+            "2",
+            "--n",
+            "2",
+            "--threads",
+            "1",
+        ]
+    )
     st = torch.load(tmp_path / "work4" / "state.pt", weights_only=True)
     assert st["step"] == 2 and st["init_meta"]["init"]["steps"] == 4
     lr = st["opt"]["param_groups"][0]["lr"]  # set for the last step (1 of 8): cosine at 1/8, not 1/2
@@ -116,5 +164,15 @@ def test_training_script_saves_and_resumes(tmp_path):
     with pytest.raises(SystemExit):
         mod.main(["--steps", "8", "--stop-at", "9"])
     with pytest.raises(SystemExit, match="not a saved pipeline"):
-        mod.main(["--work", str(tmp_path / "work3"), "--out", str(tmp_path / "out3"), "--init", str(tmp_path),
-                  "--steps", "0"])
+        mod.main(
+            [
+                "--work",
+                str(tmp_path / "work3"),
+                "--out",
+                str(tmp_path / "out3"),
+                "--init",
+                str(tmp_path),
+                "--steps",
+                "0",
+            ]
+        )

@@ -1,12 +1,26 @@
 """The toy world (captions, renderer, exact detector) and its pixel-shuffle latent."""
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from surf_train.base.toy_vae import PixelShuffleVAE
-from surf_train.toyworld import (BACKGROUNDS, EXTENT, RADIUS, TRAVEL, OBJECT_COLOURS, SHAPES, Caption, all_captions, detect, render,
-                                 motion, render_batch, truth)
+from surf_train.toyworld import (
+    BACKGROUNDS,
+    EXTENT,
+    OBJECT_COLOURS,
+    RADIUS,
+    SHAPES,
+    TRAVEL,
+    Caption,
+    all_captions,
+    detect,
+    motion,
+    render,
+    render_batch,
+    truth,
+)
 
 CAPS = all_captions()
 
@@ -95,8 +109,9 @@ def test_pixel_shuffle_vae_is_exact_and_round_trips(tmp_path):
     z = vae.encode(x).latent_dist.mode()
     assert z.shape == (2, 12, 5, 16, 16)
     assert torch.equal(vae.decode(z, return_dict=False)[0], x)
-    assert torch.equal(z[:, :, :, 3, 4], x[:, :, :, 6:8, 8:10].reshape(2, 3, 5, 4).permute(0, 1, 3, 2)
-                       .reshape(2, 12, 5))  # channel = colour * 4 + sub-pixel (row-major)
+    assert torch.equal(
+        z[:, :, :, 3, 4], x[:, :, :, 6:8, 8:10].reshape(2, 3, 5, 4).permute(0, 1, 3, 2).reshape(2, 12, 5)
+    )  # channel = colour * 4 + sub-pixel (row-major)
     vae.save_pretrained(tmp_path)
     back = PixelShuffleVAE.from_pretrained(tmp_path)
     assert back.config.latents_mean == [0.1] * 12 and back.config.scale_factor_spatial == 2

@@ -9,16 +9,22 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
-
 from procs import free_port, kill_tree
-from surf_train.pairs import PairsConfig, make_pairs
+
 from surf_train import CONF_DIR
+from surf_train.pairs import PairsConfig, make_pairs
 from surf_train.train import checkpoint_step, newest_checkpoint, register_resolvers, train
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["logger=none", "module.decode_base=null", "trainer.enable_progress_bar=false", "data.batch_size=4"]
-SHRINK = ["model.dim=32", "model.depth=2", "model.heads=2", "model.text_dim=32", "model.window=[2,4,4]",
-          "model.mlp_ratio=2.0"]
+SHRINK = [
+    "model.dim=32",
+    "model.depth=2",
+    "model.heads=2",
+    "model.text_dim=32",
+    "model.window=[2,4,4]",
+    "model.mlp_ratio=2.0",
+]
 
 
 def compose_cfg(overrides):
@@ -30,8 +36,16 @@ def compose_cfg(overrides):
 def test_tiny_training_learns(pairs, tmp_path):
     """The training loss falls and validation logs both errors (the Refiner does not yet beat upsampling
     on these tiny random-model pairs: see the README's known limitation)."""
-    cfg = compose_cfg([f"data.shards={pairs}", f"run_dir={tmp_path}", "trainer.max_steps=120",
-                       "trainer.val_check_interval=60", "ckpt_every=50", *FAST])
+    cfg = compose_cfg(
+        [
+            f"data.shards={pairs}",
+            f"run_dir={tmp_path}",
+            "trainer.max_steps=120",
+            "trainer.val_check_interval=60",
+            "ckpt_every=50",
+            *FAST,
+        ]
+    )
     s = train(cfg)
     assert s["steps"] == 120
     assert s["train_loss_last"] < 0.8 * s["train_loss_first"]
@@ -86,23 +100,49 @@ def test_experiment_configs(experiment, pairs, tmp_path):
         assert full.trainer.precision == "bf16-mixed" and full.trainer.strategy.stage == 2
         assert full.module.optim.lr == 5e-5 and full.model.text_dim == 4096
     # the same experiment with the model shrunk runs a few steps on CPU
-    cfg = compose_cfg([f"+experiment={experiment}", "trainer=cpu", f"data.shards={pairs}", f"run_dir={tmp_path}",
-                       "trainer.max_steps=2", "data.num_workers=0", "data.val_samples=2", *SHRINK, *FAST])
+    cfg = compose_cfg(
+        [
+            f"+experiment={experiment}",
+            "trainer=cpu",
+            f"data.shards={pairs}",
+            f"run_dir={tmp_path}",
+            "trainer.max_steps=2",
+            "data.num_workers=0",
+            "data.val_samples=2",
+            *SHRINK,
+            *FAST,
+        ]
+    )
     s = train(cfg)
     assert s["steps"] == 2 and s["val_mse_refiner"] is not None
 
 
 def test_bad_config_is_one_clear_error(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "surf_train", f"data.shards={tmp_path}/nothing", f"run_dir={tmp_path}",
-                        "logger=none"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "surf_train", f"data.shards={tmp_path}/nothing", f"run_dir={tmp_path}", "logger=none"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 2
     assert "nothing" in r.stderr + r.stdout and "Traceback" not in r.stderr
 
 
 def _torchrun(args, log, log_dir):
     """torchrun with 2 CPU ranks; each rank's output is also kept in <log_dir>/<run>/attempt_0/<rank>/."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-           f"--log-dir={log_dir}", "--tee=3", "-m", "surf_train", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={free_port()}",
+        f"--log-dir={log_dir}",
+        "--tee=3",
+        "-m",
+        "surf_train",
+        *args,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -121,11 +161,24 @@ def test_two_process_train_kill_resume(strategy, pairs, tmp_path, launched):
     """2 CPU ranks train and checkpoint, get killed (-9), and the same command resumes at the right step."""
     from surf_train.train import resume_checkpoint
 
-    trainer = (["trainer=deepspeed", "trainer.accelerator=cpu", "trainer.precision=32-true"]
-               if strategy == "deepspeed" else ["trainer.strategy=ddp"])
-    args = [*trainer, "trainer.devices=2", f"data.shards={pairs}", f"run_dir={tmp_path}", "ckpt_every=2",
-            "data.val_samples=2", "data.batch_size=2", "logger=none", "module.decode_base=null",
-            "trainer.enable_progress_bar=false", *SHRINK]
+    trainer = (
+        ["trainer=deepspeed", "trainer.accelerator=cpu", "trainer.precision=32-true"]
+        if strategy == "deepspeed"
+        else ["trainer.strategy=ddp"]
+    )
+    args = [
+        *trainer,
+        "trainer.devices=2",
+        f"data.shards={pairs}",
+        f"run_dir={tmp_path}",
+        "ckpt_every=2",
+        "data.val_samples=2",
+        "data.batch_size=2",
+        "logger=none",
+        "module.decode_base=null",
+        "trainer.enable_progress_bar=false",
+        *SHRINK,
+    ]
     log1 = tmp_path / "run1.log"
     with open(log1, "w") as f:
         p = _torchrun(args + ["trainer.max_steps=100000"], f, tmp_path / "ranks1")

@@ -1,4 +1,5 @@
 """Validation videos decode with the base model's VAE alone (issue 17): no transformer, no text encoder."""
+
 import dataclasses
 
 import pytest
@@ -6,7 +7,6 @@ import torch
 from diffusers.models.modeling_utils import ModelMixin
 from transformers import PreTrainedModel
 
-from surf_train.base import BaseSpec
 from surf_train.base.vae import LatentDecoder
 
 
@@ -20,6 +20,7 @@ def built(monkeypatch):
         def spy(self, *a, _init=init, **k):
             names.append(type(self).__name__)
             _init(self, *a, **k)
+
         monkeypatch.setattr(cls, "__init__", spy)
     return names
 
@@ -52,13 +53,25 @@ def test_decoder_loads_only_the_vae_from_a_saved_pipeline(tiny_wan, tmp_path, bu
 
 def test_validation_videos_load_no_transformer(pairs, tmp_path, built):
     """A training run with validation videos on the tiny Wan: the decode builds AutoencoderKLWan and nothing else."""
-    from surf_train.train import train
     from test_train import SHRINK, compose_cfg
 
-    cfg = compose_cfg([f"data.shards={pairs}", f"run_dir={tmp_path}", "trainer.max_steps=2", "logger=none",
-                       "trainer.enable_progress_bar=false", "data.batch_size=2", "data.val_samples=2",
-                       "module.decode_base=tiny", "trainer.val_check_interval=2", "module.val_videos=1",
-                       *SHRINK])
+    from surf_train.train import train
+
+    cfg = compose_cfg(
+        [
+            f"data.shards={pairs}",
+            f"run_dir={tmp_path}",
+            "trainer.max_steps=2",
+            "logger=none",
+            "trainer.enable_progress_bar=false",
+            "data.batch_size=2",
+            "data.val_samples=2",
+            "module.decode_base=tiny",
+            "trainer.val_check_interval=2",
+            "module.val_videos=1",
+            *SHRINK,
+        ]
+    )
     train(cfg)
     assert list((tmp_path / "videos").glob("*.mp4"))
     assert "WanTransformer3DModel" not in built and "T5EncoderModel" not in built

@@ -14,8 +14,17 @@ from surf_train.degrade import DegradeConfig, degrade_pixels, sample_params
 from surf_train.errors import ConfigError
 from surf_train.sampling import euler_schedule, resize_latent
 from surf_train.shards import OutDirLock, list_shards, lock_path, read_shards, shard_keys
-from surf_train.video import (Video, VideoError, clip_indices, clip_span, clip_starts, crop_box, list_videos,
-                              pick_bucket, to_clip)
+from surf_train.video import (
+    Video,
+    VideoError,
+    clip_indices,
+    clip_span,
+    clip_starts,
+    crop_box,
+    list_videos,
+    pick_bucket,
+    to_clip,
+)
 from surf_train.video_pairs import Bucket, VideoPairsConfig, make_video_pairs, plan_video
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,8 +32,7 @@ USABLE = ["square.mp4", "sub/odd.mp4", "tall.mp4", "wide.mp4"]
 
 
 def cfg(out, videos, **kw):
-    return VideoPairsConfig.from_dict({"base": "tiny", "videos": str(videos), "out_dir": str(out),
-                                       **VIDEO_SMALL, **kw})
+    return VideoPairsConfig.from_dict({"base": "tiny", "videos": str(videos), "out_dir": str(out), **VIDEO_SMALL, **kw})
 
 
 def samples(out):
@@ -46,6 +54,7 @@ def _single_rank(monkeypatch):
 
 
 # --- reading -------------------------------------------------------------------------------------
+
 
 def test_decord_and_pyav_give_the_same_frames(synthetic_videos):
     c = cfg("unused", synthetic_videos).resolved()
@@ -132,8 +141,11 @@ def test_list_videos_dir_txt_csv(synthetic_videos, tmp_path):
 
 # --- clip sampling -------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("src_frames,src_fps,clips", [(48, 24.0, 3), (40, 30.0, 2), (100, 16.0, 11), (10, 12.0, 1),
-                                                       (12, 24.0, 0), (300, 29.97, 5)])
+
+@pytest.mark.parametrize(
+    "src_frames,src_fps,clips",
+    [(48, 24.0, 3), (40, 30.0, 2), (100, 16.0, 11), (10, 12.0, 1), (12, 24.0, 0), (300, 29.97, 5)],
+)
 def test_clip_counts_and_resampled_indices(src_frames, src_fps, clips):
     frames, fps = 9, 16.0
     span = clip_span(src_fps, frames, fps)
@@ -160,6 +172,7 @@ def test_buckets_and_crops():
     assert crop_box(75, 131, (64, 96)) == (0, 9, 75, 112)  # full height, centred 112 of 131 columns
     assert crop_box(160, 96, (96, 64)) == (8, 0, 144, 96)
     import random
+
     boxes = {crop_box(75, 131, (64, 96), "random", random.Random(i)) for i in range(20)}
     assert len(boxes) > 3 and all(b[2:] == (75, 112) and 0 <= b[1] <= 19 for b in boxes)
     frames = np.zeros((2, 75, 131, 3), np.uint8)
@@ -169,6 +182,7 @@ def test_buckets_and_crops():
 
 
 # --- pairs ---------------------------------------------------------------------------------------
+
 
 def test_degrade_pairs_counts_shapes_metadata_and_skips(video_pairs, synthetic_videos, tiny_wan, caplog):
     out, s = video_pairs
@@ -186,8 +200,14 @@ def test_degrade_pairs_counts_shapes_metadata_and_skips(video_pairs, synthetic_v
         assert x["target"].dtype == torch.float16
         assert m["source"] == "video" and m["preview_mode"] == "degrade" and m["fps"] == 16.0
         assert m["target_size"] == [9, 8 * h, 8 * w] and m["preview_size"] == [9, 4 * h, 4 * w]
-        assert set(m["degradation"]) == {"blur_sigma", "down", "noise_std", "jpeg_quality", "latent_blur",
-                                         "latent_noise"}
+        assert set(m["degradation"]) == {
+            "blur_sigma",
+            "down",
+            "noise_std",
+            "jpeg_quality",
+            "latent_blur",
+            "latent_noise",
+        }
         v = m["video"]
         assert v["backend"] == "decord" and v["path"].endswith(v["id"]) and v["frames"] == VIDEOS[v["id"]][0]
         assert set(v) >= {"fps", "size", "clip", "first_frame", "last_frame", "crop"}
@@ -209,8 +229,7 @@ def test_skipped_videos_are_logged_and_counted(synthetic_videos, tmp_path, caplo
     assert s["pairs"] == 1 and s["videos_skipped"] == {"too_short": 1, "too_small": 1, "unreadable": 1}
     text = caplog.text
     assert "skipped video short.mp4: too short (6 frames at 24 fps; a 9-frame clip at 16 fps needs 13)" in text
-    assert ("skipped video small.mp4: too small (40x48, bucket 64x64 needs x1.60 upscaling > max_upscale=1)"
-            in text)
+    assert "skipped video small.mp4: too small (40x48, bucket 64x64 needs x1.60 upscaling > max_upscale=1)" in text
     assert "skipped video corrupt.mp4: unreadable (" in text and "corrupt.mp4: cannot open" in text
     assert "4 videos, 3 skipped (1 too short, 1 too small, 1 unreadable); 1 clips, 0 failed to decode" in text
     # allowing upscaling brings the small video in
@@ -236,8 +255,16 @@ def test_degradations_are_seeded_and_do_what_they_say():
         d = degrade_pixels(video, (16, 24), {**off, k: v}, torch.Generator().manual_seed(0))
         assert 1e-3 < (d - plain).abs().mean() < 0.3, k
     # the ranges bound the draws
-    tight = DegradeConfig.from_dict({"blur_prob": 1, "blur_sigma": [1.5, 1.5], "jpeg_prob": 0, "noise_prob": 1,
-                                     "noise_std": [0.01, 0.02], "down_modes": ["bilinear"]})
+    tight = DegradeConfig.from_dict(
+        {
+            "blur_prob": 1,
+            "blur_sigma": [1.5, 1.5],
+            "jpeg_prob": 0,
+            "noise_prob": 1,
+            "noise_std": [0.01, 0.02],
+            "down_modes": ["bilinear"],
+        }
+    )
     for s in range(20):
         q = sample_params(tight, torch.Generator().manual_seed(s))
         assert q["blur_sigma"] == 1.5 and q["jpeg_quality"] is None and 0.01 <= q["noise_std"] <= 0.02
@@ -264,28 +291,50 @@ def test_degrade_pairs_are_reproducible_under_the_seed(synthetic_videos, tmp_pat
 
 
 def test_repreview_pairs(synthetic_videos, tmp_path):
-    (tmp_path / "two.csv").write_text(f"path,caption\n{synthetic_videos}/square.mp4,a red ball rolling\n"
-                                      f"{synthetic_videos}/wide.mp4,\n")
-    s = make_video_pairs(cfg(tmp_path / "r", tmp_path / "two.csv", mode="repreview", clips_per_video=1,
-                             repreview={"steps": 4, "switch": 1, "rule": "snr"}))
+    (tmp_path / "two.csv").write_text(
+        f"path,caption\n{synthetic_videos}/square.mp4,a red ball rolling\n{synthetic_videos}/wide.mp4,\n"
+    )
+    s = make_video_pairs(
+        cfg(
+            tmp_path / "r",
+            tmp_path / "two.csv",
+            mode="repreview",
+            clips_per_video=1,
+            repreview={"steps": 4, "switch": 1, "rule": "snr"},
+        )
+    )
     assert s["pairs"] == 2
     got = {x["meta"]["video"]["id"].rsplit("/", 1)[-1]: x for x in samples(tmp_path / "r")}
     sq, wide = got["square.mp4"], got["wide.mp4"]
     for x in (sq, wide):
         m = x["meta"]
         assert m["preview_mode"] == "repreview" and "degradation" not in m
-        assert m["schedule"] == {"steps": 4, "shift": 3.0, "guidance": 5.0,
-                                 "scheduler": "FlowMatchEulerDiscreteScheduler"}
+        assert m["schedule"] == {
+            "steps": 4,
+            "shift": 3.0,
+            "guidance": 5.0,
+            "scheduler": "FlowMatchEulerDiscreteScheduler",
+        }
         assert m["reshift"]["rule"] == "snr" and m["reshift"]["switch"] == 1
         assert m["reshift"]["sigma_switch"] == pytest.approx(float(euler_schedule(4, 3.0).sigmas[1]))
         assert torch.isfinite(x["preview"].float()).all() and x["preview"].shape[2:] == (
-            x["target"].shape[2] // 2, x["target"].shape[3] // 2)
+            x["target"].shape[2] // 2,
+            x["target"].shape[3] // 2,
+        )
     assert sq["meta"]["prompt"] == sq["meta"]["caption"] == "a red ball rolling"
     assert wide["meta"]["prompt"] == "" and not torch.equal(sq["text"], wide["text"])
     # switching at the last step leaves nothing to denoise: the preview is the downsampled real latent
     (tmp_path / "one.txt").write_text(f"{synthetic_videos}/square.mp4\n")
-    s = make_video_pairs(cfg(tmp_path / "end", tmp_path / "one.txt", mode="repreview", clips_per_video=1,
-                             dtype="float32", repreview={"steps": 4, "switch": 4}))
+    s = make_video_pairs(
+        cfg(
+            tmp_path / "end",
+            tmp_path / "one.txt",
+            mode="repreview",
+            clips_per_video=1,
+            dtype="float32",
+            repreview={"steps": 4, "switch": 4},
+        )
+    )
     assert s["pairs"] == 1
     for x in samples(tmp_path / "end"):
         t = x["target"][None]
@@ -293,8 +342,9 @@ def test_repreview_pairs(synthetic_videos, tmp_path):
 
 
 def test_resume_and_ranks(synthetic_videos, tmp_path, monkeypatch):
-    videos = subset(synthetic_videos, tmp_path / "v", "corrupt.mp4", "short.mp4", "square.mp4", "sub/odd.mp4",
-                    "wide.mp4")
+    videos = subset(
+        synthetic_videos, tmp_path / "v", "corrupt.mp4", "short.mp4", "square.mp4", "sub/odd.mp4", "wide.mp4"
+    )
     out, c = tmp_path / "out", dict(clips_per_video=1, shard_size=1)
     per_rank = []
     for rank in (0, 1):  # the two ranks of a 2-process job, one after the other
@@ -305,8 +355,14 @@ def test_resume_and_ranks(synthetic_videos, tmp_path, monkeypatch):
     assert [r["videos"] for r in per_rank] == [3, 2] and [r["pairs"] for r in per_rank] == [2, 1]
     assert per_rank[0]["videos_skipped"] == {"too_short": 0, "too_small": 0, "unreadable": 1}
     assert per_rank[1]["videos_skipped"] == {"too_short": 1, "too_small": 0, "unreadable": 0}
-    by_rank = {r: sorted(x["meta"]["video"]["id"] for x in samples(out) if x["key"] in
-                         {k for p in out.glob(f"video-r{r:03d}-*.tar") for k in shard_keys(p)}) for r in (0, 1)}
+    by_rank = {
+        r: sorted(
+            x["meta"]["video"]["id"]
+            for x in samples(out)
+            if x["key"] in {k for p in out.glob(f"video-r{r:03d}-*.tar") for k in shard_keys(p)}
+        )
+        for r in (0, 1)
+    }
     assert by_rank == {0: ["square.mp4", "wide.mp4"], 1: ["sub/odd.mp4"]}
     keys = [x["key"] for x in samples(out)]
     assert len(keys) == 3 == len(set(keys))
@@ -327,16 +383,19 @@ def test_resume_and_ranks(synthetic_videos, tmp_path, monkeypatch):
         make_video_pairs(cfg(out, videos, **c, frames=13))
 
 
-@pytest.mark.parametrize("kw,msg", [
-    (dict(frames=8), "buckets\\[0\\] target frames=8 must be 4\\*n\\+1"),
-    (dict(buckets=[[64, 60]]), "buckets\\[0\\] target width=60 must be a positive multiple of 16"),
-    (dict(buckets=[[64, 64, 32, 24]]), "buckets\\[0\\] preview width=24"),
-    (dict(buckets=[[64]]), "buckets\\[0\\]=\\[64\\]: give \\[height, width\\]"),
-    (dict(mode="upscale"), "mode='upscale' must be one of"),
-    (dict(backend="opencv"), "backend='opencv' must be one of"),
-    (dict(repreview={"switch": 9, "steps": 4}), "repreview.switch=9 must be in \\[0, steps=4\\]"),
-    (dict(videos="/nope/videos"), "videos=/nope/videos: no such directory or file"),
-])
+@pytest.mark.parametrize(
+    "kw,msg",
+    [
+        (dict(frames=8), "buckets\\[0\\] target frames=8 must be 4\\*n\\+1"),
+        (dict(buckets=[[64, 60]]), "buckets\\[0\\] target width=60 must be a positive multiple of 16"),
+        (dict(buckets=[[64, 64, 32, 24]]), "buckets\\[0\\] preview width=24"),
+        (dict(buckets=[[64]]), "buckets\\[0\\]=\\[64\\]: give \\[height, width\\]"),
+        (dict(mode="upscale"), "mode='upscale' must be one of"),
+        (dict(backend="opencv"), "backend='opencv' must be one of"),
+        (dict(repreview={"switch": 9, "steps": 4}), "repreview.switch=9 must be in \\[0, steps=4\\]"),
+        (dict(videos="/nope/videos"), "videos=/nope/videos: no such directory or file"),
+    ],
+)
 def test_bad_settings_are_one_clear_error(tmp_path, kw, msg):
     with pytest.raises(ConfigError, match=msg):
         make_video_pairs(cfg(tmp_path, kw.pop("videos", tmp_path), **kw))
@@ -349,15 +408,44 @@ def test_cli_help_demo_and_error(tmp_path):
     r = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, env=env, capture_output=True, text=True)
     assert r.returncode == 0 and "make_video_pairs: write (preview, target)" in r.stdout
     assert "repreview" in r.stdout and "clips_per_video: 2" in r.stdout
-    r = subprocess.run([sys.executable, script, "base=tiny", f"out_dir={tmp_path}", "frames=9", "buckets=[[64,64]]",
-                        "clips_per_video=1", "demo_videos=2", "progress=false", "mode=nope"],
-                       cwd=ROOT, env=env, capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            script,
+            "base=tiny",
+            f"out_dir={tmp_path}",
+            "frames=9",
+            "buckets=[[64,64]]",
+            "clips_per_video=1",
+            "demo_videos=2",
+            "progress=false",
+            "mode=nope",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2 and "mode='nope' must be one of" in r.stderr + r.stdout
     assert "Traceback" not in r.stderr
     # no videos given: the synthetic demo
-    r = subprocess.run([sys.executable, script, "base=tiny", f"out_dir={tmp_path}", "frames=9", "buckets=[[64,64]]",
-                        "clips_per_video=1", "demo_videos=2", "progress=false"],
-                       cwd=ROOT, env=env, capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            script,
+            "base=tiny",
+            f"out_dir={tmp_path}",
+            "frames=9",
+            "buckets=[[64,64]]",
+            "clips_per_video=1",
+            "demo_videos=2",
+            "progress=false",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
     assert len(list((tmp_path / "demo_videos").glob("*.mp4"))) == 2 and len(samples(tmp_path)) == 2
 
@@ -367,10 +455,17 @@ def test_out_dir_file_and_double_launch_are_one_clear_error(synthetic_videos, tm
     f.write_text("x")
     with pytest.raises(ConfigError, match=f"out_dir={f} is an existing file, not a directory"):
         make_video_pairs(cfg(f, synthetic_videos))
-    r = subprocess.run([sys.executable, str(ROOT / "data_prep/make_video_pairs.py"), "base=tiny", f"out_dir={f}"],
-                       cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True)
-    assert r.returncode == 2 and r.stderr.strip() == f"make_video_pairs: error: out_dir={f} is an existing file, " \
-                                                     f"not a directory"
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "data_prep/make_video_pairs.py"), "base=tiny", f"out_dir={f}"],
+        cwd=ROOT,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        capture_output=True,
+        text=True,
+    )
+    assert (
+        r.returncode == 2
+        and r.stderr.strip() == f"make_video_pairs: error: out_dir={f} is an existing file, not a directory"
+    )
     out = tmp_path / "out"
     with OutDirLock(out, 0):  # another make_video_pairs of rank 0 is writing there
         with pytest.raises(ConfigError, match=f"{lock_path(out, 0)}: rank 0 of {out} is being written by pid"):

@@ -1,4 +1,5 @@
 """Shifted-window attention against references built from token coordinates."""
+
 import itertools
 import math
 
@@ -121,9 +122,9 @@ def test_perturbing_one_token_changes_exactly_its_window(grid, window, token, sh
     # Expected set from coordinates only: windows are cut at s, s + w, ... on each axis.
     wins = clamp_window(grid, window)
     s = [w // 2 if (shift and w < g) else 0 for g, w in zip(grid, wins)]
-    expected = torch.tensor([
-        all((x + w - ss) // w == (y + w - ss) // w for x, y, w, ss in zip(c, token, wins, s)) for c in _coords(grid)
-    ])
+    expected = torch.tensor(
+        [all((x + w - ss) // w == (y + w - ss) // w for x, y, w, ss in zip(c, token, wins, s)) for c in _coords(grid)]
+    )
     assert torch.equal(changed, expected)
     assert 1 < int(expected.sum()) < math.prod(grid)
 

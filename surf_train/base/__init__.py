@@ -1,11 +1,21 @@
 """Frozen flow-matching video DiTs behind one small interface (see `BaseModel`), and the factory that builds one."""
+
 import torch
 
 from surf_train.base.adapter import Acceleration, BaseModel, BaseSpec, Cond, LatentGeometry, Meter, latent_frames
 from surf_train.dist_env import local_rank
 
-__all__ = ["Acceleration", "BaseModel", "BaseSpec", "Cond", "LatentGeometry", "Meter", "adapter_class",
-           "latent_frames", "load_base_model"]
+__all__ = [
+    "Acceleration",
+    "BaseModel",
+    "BaseSpec",
+    "Cond",
+    "LatentGeometry",
+    "Meter",
+    "adapter_class",
+    "latent_frames",
+    "load_base_model",
+]
 
 
 def load_base_model(spec: BaseSpec, device: str | torch.device = "auto") -> BaseModel:
@@ -19,6 +29,8 @@ def adapter_class(family: str) -> type[BaseModel]:
     """The BaseModel subclass of a family (wan | hunyuan)."""
     if family == "wan":
         from surf_train.base.wan import WanBase
+
         return WanBase
     from surf_train.base.hunyuan import HunyuanBase
+
     return HunyuanBase

@@ -7,6 +7,7 @@ family's latent normalisation. Constants (geometry, native size) come from `conf
 scheduler and its shift come from the pipeline (`scheduler/` of a diffusers repository), which the yaml may
 override (`shift`, `scheduler`).
 """
+
 from __future__ import annotations
 
 import os
@@ -23,7 +24,6 @@ from surf_train.errors import ConfigError
 from surf_train.sampling import SCHEDULERS, Schedule, Step, convert_scheduler, scheduler_shift, with_shift
 
 
-
 def latent_frames(frames: int, stride_t: int) -> int:
     """Latent frames of a `frames`-long video: the VAE keeps the first frame and compresses the rest by stride_t."""
     return (frames - 1) // stride_t + 1
@@ -32,6 +32,7 @@ def latent_frames(frames: int, stride_t: int) -> int:
 @dataclass(frozen=True)
 class LatentGeometry:
     """How pixels map to latents and latents to transformer tokens."""
+
     channels: int
     stride_t: int  # VAE temporal compression: frames = stride_t * (F - 1) + 1
     stride_s: int  # VAE spatial compression
@@ -48,8 +49,10 @@ class LatentGeometry:
         mult = self.stride_s * self.patch_s
         for name, val in (("height", height), ("width", width)):
             if not isinstance(val, int) or val <= 0 or val % mult:
-                raise ConfigError(f"{what} {name}={val} must be a positive multiple of {mult} "
-                                  f"(VAE stride {self.stride_s} x patch {self.patch_s})")
+                raise ConfigError(
+                    f"{what} {name}={val} must be a positive multiple of {mult} "
+                    f"(VAE stride {self.stride_s} x patch {self.patch_s})"
+                )
         if frames is not None:
             if not isinstance(frames, int) or frames < 1 or (frames - 1) % self.stride_t:
                 raise ConfigError(f"{what} frames={frames} must be {self.stride_t}*n+1 (VAE temporal stride)")
@@ -60,6 +63,7 @@ class LatentGeometry:
 @dataclass
 class BaseSpec:
     """One base model's constants: the contents of conf/base/<name>.yaml."""
+
     name: str
     family: str  # wan | hunyuan
     pretrained: str | None  # hub id or local directory; None builds the tiny model from configs
@@ -84,7 +88,7 @@ class BaseSpec:
     prompts: str | None = None  # built-in prompts when none are given: None (everyday scenes) | toyworld
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "BaseSpec":
+    def from_dict(cls, d: dict[str, Any]) -> BaseSpec:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -96,17 +100,21 @@ class BaseSpec:
         if d.get("prompts") not in (None, "toyworld"):
             raise ConfigError(f"base model {d.get('name')!r}: prompts={d['prompts']!r} not in [None, 'toyworld']")
         if d.get("scheduler") not in (None, *SCHEDULERS):
-            raise ConfigError(f"base model {d.get('name')!r}: scheduler={d['scheduler']!r} not in "
-                              f"[None, {', '.join(map(repr, SCHEDULERS))}]")
+            raise ConfigError(
+                f"base model {d.get('name')!r}: scheduler={d['scheduler']!r} not in "
+                f"[None, {', '.join(map(repr, SCHEDULERS))}]"
+            )
         if d.get("vae_class") not in (None, "pixel_shuffle"):
-            raise ConfigError(f"base model {d.get('name')!r}: vae_class={d['vae_class']!r} not in [None, 'pixel_shuffle']")
+            raise ConfigError(
+                f"base model {d.get('name')!r}: vae_class={d['vae_class']!r} not in [None, 'pixel_shuffle']"
+            )
         for key in ("dtype", "vae_dtype"):
             if d.get(key, "float32") not in DTYPES:
                 raise ConfigError(f"base model {d.get('name')!r}: {key}={d[key]!r} not in {list(DTYPES)}")
         return cls(**d)
 
     @classmethod
-    def from_name(cls, name: str) -> "BaseSpec":
+    def from_name(cls, name: str) -> BaseSpec:
         """Read conf/base/<name>.yaml."""
         import yaml
 
@@ -139,6 +147,7 @@ class BaseSpec:
 @dataclass
 class Cond:
     """Encoded prompts for a batch: everything the transformer needs besides x and s."""
+
     embeds: torch.Tensor  # (B, L, D)
     negative: torch.Tensor | None = None  # (B, L, D), Wan CFG
     extra: dict[str, torch.Tensor] = field(default_factory=dict)  # family-specific (masks, pooled)
@@ -153,6 +162,7 @@ class Cond:
 @dataclass
 class Acceleration:
     """Acceleration plug-ins on the base model, all off by default (DESIGN 3.2's reshift composes with each)."""
+
     cache_threshold: float | None = None  # diffusers' FirstBlockCache (enable_cache) with this threshold; None: off
     cfg_stop: int | None = None  # no CFG from this step of the schedule on (0: none); None: CFG at every step
     cfg_low: bool = True  # False: no CFG in the low-resolution steps after the switch
@@ -173,6 +183,7 @@ class Acceleration:
 @dataclass
 class Meter:
     """The work the transformer actually did, by latent (h, w), per sample (a forward of a batch of B counts B)."""
+
     forwards: Counter = field(default_factory=Counter)  # (h, w) -> sample forwards (CFG branches count)
     blocks: Counter = field(default_factory=Counter)  # ((h, w), block list name) -> sample blocks run
 
@@ -211,8 +222,9 @@ class BaseModel(ABC):
         self.meter, self._hw, self._batch, self._counting = Meter(), None, 1, False
         net = pipe.transformer
         # transformer blocks per list (FirstBlockCache skips all but the first; FLOPs of each list: flops.block_flops)
-        self.block_lists = {n: len(m) for n, m in net.named_children()
-                            if n in BLOCK_LISTS and isinstance(m, torch.nn.ModuleList)}
+        self.block_lists = {
+            n: len(m) for n, m in net.named_children() if n in BLOCK_LISTS and isinstance(m, torch.nn.ModuleList)
+        }
         for m in (pipe.transformer, pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):
             if m is not None:
                 m.requires_grad_(False).eval()
@@ -220,17 +232,18 @@ class BaseModel(ABC):
 
     def _check_loaded(self) -> None:
         cfg = self.pipe.transformer.config
-        got = (cfg.in_channels, self.pipe.vae_scale_factor_temporal, self.pipe.vae_scale_factor_spatial,
-               *self._patch())
+        got = (cfg.in_channels, self.pipe.vae_scale_factor_temporal, self.pipe.vae_scale_factor_spatial, *self._patch())
         want = (self.spec.channels, self.spec.stride_t, self.spec.stride_s, self.spec.patch_t, self.spec.patch_s)
         if got != want:
-            raise ConfigError(f"base model {self.spec.model_id}: loaded (channels, stride_t, stride_s, patch_t, "
-                              f"patch_s)={got} but conf/base/{self.spec.name}.yaml says {want}")
+            raise ConfigError(
+                f"base model {self.spec.model_id}: loaded (channels, stride_t, stride_s, patch_t, "
+                f"patch_s)={got} but conf/base/{self.spec.name}.yaml says {want}"
+            )
 
     # --- family-specific -------------------------------------------------------------------
     @classmethod
     @abstractmethod
-    def load(cls, spec: BaseSpec, device: torch.device) -> "BaseModel":
+    def load(cls, spec: BaseSpec, device: torch.device) -> BaseModel:
         """Tiny model from configs when spec.pretrained is None, else diffusers from_pretrained."""
 
     @abstractmethod
@@ -246,7 +259,7 @@ class BaseModel(ABC):
         """Guided transformer output for x in the model's dtype, computed as the family's pipeline does."""
 
     # --- shared ----------------------------------------------------------------------------
-    def check_grid(self, latent_hw: tuple[int, int], frames: int) -> None:
+    def check_grid(self, latent_hw: tuple[int, int], frames: int) -> None:  # noqa: B027 (a hook: no-op default)
         """Family limits on the token grid beyond divisibility (none by default)."""
 
     @property
@@ -291,6 +304,7 @@ class BaseModel(ABC):
         def run(*a, **k):
             self.meter.blocks[(self._hw, name)] += self._batch
             return forward(*a, **k)
+
         return run
 
     def _call(self, name: str, step: Step, **kw) -> torch.Tensor:
@@ -303,8 +317,12 @@ class BaseModel(ABC):
                 self.meter.blocks[(self._hw, list_name)] += n * self._batch
         if not getattr(net, "is_cache_enabled", False):
             return net(**kw, return_dict=False)[0]
-        ctx = {"step_index": step.index, "num_inference_steps": step.steps, "sigma": step.sigma,
-               "timestep": step.timestep}
+        ctx = {
+            "step_index": step.index,
+            "num_inference_steps": step.steps,
+            "sigma": step.sigma,
+            "timestep": step.timestep,
+        }
         with net.cache_context(f"{name}:{step.stage}", **ctx):  # one state per branch and latent size
             return net(**kw, return_dict=False)[0]
 
@@ -332,8 +350,9 @@ class BaseModel(ABC):
         return lambda x, step: self.velocity(x, step, cond, guidance if acc.cfg_at(step) else 1.0)
 
     @torch.no_grad()
-    def vae_encode(self, video: torch.Tensor, sample: bool = False,
-                   generator: torch.Generator | None = None) -> torch.Tensor:
+    def vae_encode(
+        self, video: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         """(B, 3, frames, H, W) in [-1, 1] -> normalised latent (B, C, F, H/s, W/s) float32."""
         self.geometry.check(video.shape[2], video.shape[3], video.shape[4], "video")
         return vae_io.encode(self.spec.family, self.pipe.vae, video, self.device, sample, generator)

@@ -1,4 +1,5 @@
 """HunyuanVideo through diffusers' HunyuanVideoPipeline (embedded guidance, no CFG batch)."""
+
 from __future__ import annotations
 
 import torch
@@ -16,15 +17,17 @@ class HunyuanBase(BaseModel):
     cfg_branch = False  # guidance is a transformer input: nothing to truncate
 
     @classmethod
-    def load(cls, spec: BaseSpec, device: torch.device) -> "HunyuanBase":
+    def load(cls, spec: BaseSpec, device: torch.device) -> HunyuanBase:
         from diffusers import HunyuanVideoPipeline
 
         if spec.pretrained is None:
             from surf_train.base.tiny import tiny_hunyuan_pipeline
+
             pipe = tiny_hunyuan_pipeline()
         else:
-            pipe = HunyuanVideoPipeline.from_pretrained(spec.source, vae=load_vae_module(spec), revision=spec.revision,
-                                                        dtype=DTYPES[spec.dtype])
+            pipe = HunyuanVideoPipeline.from_pretrained(
+                spec.source, vae=load_vae_module(spec), revision=spec.revision, dtype=DTYPES[spec.dtype]
+            )
         pipe.to(device)  # dtypes were set at load time (diffusers keeps some modules in float32)
         return cls(spec, pipe, device)
 
@@ -35,9 +38,14 @@ class HunyuanBase(BaseModel):
     @torch.no_grad()
     def encode_prompt(self, prompts: list[str]) -> Cond:
         kw = {} if self.spec.prompt_template is None else {"prompt_template": dict(self.spec.prompt_template)}
-        embeds, pooled, mask = self.pipe.encode_prompt(prompts, prompt_2=prompts, device=self.device,
-                                                       dtype=self.dtype,
-                                                       max_sequence_length=self.spec.max_sequence_length, **kw)
+        embeds, pooled, mask = self.pipe.encode_prompt(
+            prompts,
+            prompt_2=prompts,
+            device=self.device,
+            dtype=self.dtype,
+            max_sequence_length=self.spec.max_sequence_length,
+            **kw,
+        )
         # the pipeline casts all three to the transformer's dtype before its loop
         return Cond(embeds=embeds.to(self.dtype), extra={"pooled": pooled.to(self.dtype), "mask": mask.to(self.dtype)})
 
@@ -46,6 +54,13 @@ class HunyuanBase(BaseModel):
         b = x.shape[0]
         t = step.timestep.to(x.device).expand(b).to(torch.float32)
         g = torch.tensor([guidance] * b, dtype=self.dtype, device=x.device) * 1000.0
-        return self._call("cond", step, hidden_states=x, timestep=t, encoder_hidden_states=cond.embeds,
-                          encoder_attention_mask=cond.extra["mask"], pooled_projections=cond.extra["pooled"],
-                          guidance=g)
+        return self._call(
+            "cond",
+            step,
+            hidden_states=x,
+            timestep=t,
+            encoder_hidden_states=cond.embeds,
+            encoder_attention_mask=cond.extra["mask"],
+            pooled_projections=cond.extra["pooled"],
+            guidance=g,
+        )

@@ -4,6 +4,7 @@ WanPipeline's type check wants AutoencoderKLWan and UMT5EncoderModel; the toy an
 stand-ins: PixelShuffleVAE (the toy world's exact latent) and T5EncoderModel (UMT5's architecture without its
 per-layer position bias). A real Wan repository ships the expected classes and never hits these.
 """
+
 from diffusers.utils import logging as diffusers_logging
 
 STAND_INS = {"vae": "PixelShuffleVAE", "text_encoder": "T5EncoderModel"}
@@ -11,8 +12,9 @@ STAND_INS = {"vae": "PixelShuffleVAE", "text_encoder": "T5EncoderModel"}
 
 def _unexpected(record) -> bool:
     msg = record.getMessage()
-    return not any(msg.startswith(f"Expected types for {kw}:") and msg.endswith(f".{cls}'>.")
-                   for kw, cls in STAND_INS.items())
+    return not any(
+        msg.startswith(f"Expected types for {kw}:") and msg.endswith(f".{cls}'>.") for kw, cls in STAND_INS.items()
+    )
 
 
 diffusers_logging.get_logger("diffusers.pipelines.pipeline_utils").addFilter(_unexpected)

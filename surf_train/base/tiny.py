@@ -3,14 +3,20 @@
 Sizes follow diffusers' own unit tests. The tokenizer is a byte-level BPE trained in memory on a
 fixed corpus, so the whole pipeline exists without any file or network access.
 """
+
 from __future__ import annotations
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-CORPUS = ["a cat playing piano in a sunny room", "a video of waves on the beach at sunset",
-          "low quality, blurry, static", "a red ball rolling across a wooden floor",
-          "city street at night with neon lights", "a bird flying over a mountain lake"]
+CORPUS = [
+    "a cat playing piano in a sunny room",
+    "a video of waves on the beach at sunset",
+    "low quality, blurry, static",
+    "a red ball rolling across a wooden floor",
+    "city street at night with neon lights",
+    "a bird flying over a mountain lake",
+]
 
 
 def tiny_tokenizer(specials=("<pad>", "</s>", "<unk>"), eos="</s>", bos=None, corpus=CORPUS, vocab_size=300):
@@ -20,13 +26,18 @@ def tiny_tokenizer(specials=("<pad>", "</s>", "<unk>"), eos="</s>", bos=None, co
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(specials), show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(specials),
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(corpus, trainer=trainer)
     prefix = f"{bos} " if bos else ""
     special = [(eos, tok.token_to_id(eos))] + ([(bos, tok.token_to_id(bos))] if bos else [])
-    tok.post_processor = processors.TemplateProcessing(single=f"{prefix}$A {eos}", pair=f"{prefix}$A {eos} $B {eos}",
-                                                       special_tokens=special)
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{prefix}$A {eos}", pair=f"{prefix}$A {eos} $B {eos}", special_tokens=special
+    )
     kw = dict(pad_token="<pad>", eos_token=eos, unk_token="<unk>", **({"bos_token": bos} if bos else {}))
     return PreTrainedTokenizerFast(tokenizer_object=tok, **kw)
 
@@ -38,8 +49,9 @@ def tiny_wan_vae(seed: int = 0):
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + 1)
-        return AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-                                temperal_downsample=[False, True, True])
+        return AutoencoderKLWan(
+            base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
+        )
 
 
 def tiny_hunyuan_vae(seed: int = 0):
@@ -48,12 +60,21 @@ def tiny_hunyuan_vae(seed: int = 0):
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + 1)
-        return AutoencoderKLHunyuanVideo(in_channels=3, out_channels=3, latent_channels=4,
-                                         down_block_types=("HunyuanVideoDownBlock3D",) * 4,
-                                         up_block_types=("HunyuanVideoUpBlock3D",) * 4,
-                                         block_out_channels=(8, 8, 8, 8), layers_per_block=1, act_fn="silu",
-                                         norm_num_groups=4, scaling_factor=0.476986, spatial_compression_ratio=8,
-                                         temporal_compression_ratio=4, mid_block_add_attention=True)
+        return AutoencoderKLHunyuanVideo(
+            in_channels=3,
+            out_channels=3,
+            latent_channels=4,
+            down_block_types=("HunyuanVideoDownBlock3D",) * 4,
+            up_block_types=("HunyuanVideoUpBlock3D",) * 4,
+            block_out_channels=(8, 8, 8, 8),
+            layers_per_block=1,
+            act_fn="silu",
+            norm_num_groups=4,
+            scaling_factor=0.476986,
+            spatial_compression_ratio=8,
+            temporal_compression_ratio=4,
+            mid_block_add_attention=True,
+        )
 
 
 def tiny_wan_pipeline(seed: int = 0):
@@ -64,15 +85,41 @@ def tiny_wan_pipeline(seed: int = 0):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         tok = tiny_tokenizer()
-        te = T5EncoderModel(T5Config(vocab_size=len(tok), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
-                                     relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1,
-                                     decoder_start_token_id=0))
-        net = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
-                                    in_channels=16, out_channels=16, text_dim=32, freq_dim=256, ffn_dim=32,
-                                    num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
-                                    rope_max_seq_len=32)
-    return WanPipeline(tokenizer=tok, text_encoder=te.eval(), vae=tiny_wan_vae(seed), transformer=net,
-                       scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
+        te = T5EncoderModel(
+            T5Config(
+                vocab_size=len(tok),
+                d_model=32,
+                d_kv=8,
+                d_ff=37,
+                num_layers=2,
+                num_heads=4,
+                relative_attention_num_buckets=8,
+                pad_token_id=0,
+                eos_token_id=1,
+                decoder_start_token_id=0,
+            )
+        )
+        net = WanTransformer3DModel(
+            patch_size=(1, 2, 2),
+            num_attention_heads=2,
+            attention_head_dim=12,
+            in_channels=16,
+            out_channels=16,
+            text_dim=32,
+            freq_dim=256,
+            ffn_dim=32,
+            num_layers=2,
+            cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads",
+            rope_max_seq_len=32,
+        )
+    return WanPipeline(
+        tokenizer=tok,
+        text_encoder=te.eval(),
+        vae=tiny_wan_vae(seed),
+        transformer=net,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+    )
 
 
 def tiny_hunyuan_pipeline(seed: int = 0):
@@ -83,20 +130,57 @@ def tiny_hunyuan_pipeline(seed: int = 0):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         llama_tok = tiny_tokenizer(specials=("<unk>", "<pad>", "</s>", "<s>"), eos="</s>", bos="<s>")
-        clip_tok = tiny_tokenizer(specials=("<|startoftext|>", "<pad>", "<|endoftext|>", "<unk>"),
-                                  eos="<|endoftext|>", bos="<|startoftext|>")
-        llama = LlamaModel(LlamaConfig(bos_token_id=0, eos_token_id=2, hidden_size=16, intermediate_size=37,
-                                       num_attention_heads=4, num_hidden_layers=2, pad_token_id=1,
-                                       vocab_size=len(llama_tok), hidden_act="gelu"))
-        clip = CLIPTextModel(CLIPTextConfig(bos_token_id=0, eos_token_id=2, hidden_size=8, intermediate_size=37,
-                                            num_attention_heads=4, num_hidden_layers=2, pad_token_id=1,
-                                            vocab_size=len(clip_tok), hidden_act="gelu", projection_dim=32))
-        net = HunyuanVideoTransformer3DModel(in_channels=4, out_channels=4, num_attention_heads=2,
-                                             attention_head_dim=10, num_layers=1, num_single_layers=1,
-                                             num_refiner_layers=1, patch_size=1, patch_size_t=1,
-                                             guidance_embeds=True, text_embed_dim=16, pooled_projection_dim=8,
-                                             rope_axes_dim=(2, 4, 4))
-    return HunyuanVideoPipeline(text_encoder=llama.eval(), tokenizer=llama_tok, transformer=net,
-                                vae=tiny_hunyuan_vae(seed),
-                                scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0), text_encoder_2=clip.eval(),
-                                tokenizer_2=clip_tok)
+        clip_tok = tiny_tokenizer(
+            specials=("<|startoftext|>", "<pad>", "<|endoftext|>", "<unk>"), eos="<|endoftext|>", bos="<|startoftext|>"
+        )
+        llama = LlamaModel(
+            LlamaConfig(
+                bos_token_id=0,
+                eos_token_id=2,
+                hidden_size=16,
+                intermediate_size=37,
+                num_attention_heads=4,
+                num_hidden_layers=2,
+                pad_token_id=1,
+                vocab_size=len(llama_tok),
+                hidden_act="gelu",
+            )
+        )
+        clip = CLIPTextModel(
+            CLIPTextConfig(
+                bos_token_id=0,
+                eos_token_id=2,
+                hidden_size=8,
+                intermediate_size=37,
+                num_attention_heads=4,
+                num_hidden_layers=2,
+                pad_token_id=1,
+                vocab_size=len(clip_tok),
+                hidden_act="gelu",
+                projection_dim=32,
+            )
+        )
+        net = HunyuanVideoTransformer3DModel(
+            in_channels=4,
+            out_channels=4,
+            num_attention_heads=2,
+            attention_head_dim=10,
+            num_layers=1,
+            num_single_layers=1,
+            num_refiner_layers=1,
+            patch_size=1,
+            patch_size_t=1,
+            guidance_embeds=True,
+            text_embed_dim=16,
+            pooled_projection_dim=8,
+            rope_axes_dim=(2, 4, 4),
+        )
+    return HunyuanVideoPipeline(
+        text_encoder=llama.eval(),
+        tokenizer=llama_tok,
+        transformer=net,
+        vae=tiny_hunyuan_vae(seed),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
+        text_encoder_2=clip.eval(),
+        tokenizer_2=clip_tok,
+    )

@@ -5,6 +5,7 @@ It has the interface WanPipeline and WanBase use from AutoencoderKLWan (`encode(
 toy base model goes through the same adapter, normalisation and `from_pretrained` path as Wan 2.1.
 Decoding is the exact inverse of encoding, so the toy world's detector reads generated latents losslessly.
 """
+
 from __future__ import annotations
 
 import torch
@@ -19,17 +20,31 @@ class PixelShuffleVAE(ModelMixin, ConfigMixin):
     """(B, 3, F, H, W) <-> (B, 3 * stride^2, F, H / stride, W / stride); no temporal compression."""
 
     @register_to_config
-    def __init__(self, stride: int = 2, in_channels: int = 3, latents_mean: list[float] | None = None,
-                 latents_std: list[float] | None = None, z_dim: int | None = None,
-                 scale_factor_spatial: int | None = None, scale_factor_temporal: int = 1):
+    def __init__(
+        self,
+        stride: int = 2,
+        in_channels: int = 3,
+        latents_mean: list[float] | None = None,
+        latents_std: list[float] | None = None,
+        z_dim: int | None = None,
+        scale_factor_spatial: int | None = None,
+        scale_factor_temporal: int = 1,
+    ):
         super().__init__()
         z = in_channels * stride * stride
         if (z_dim or z, scale_factor_spatial or stride, scale_factor_temporal) != (z, stride, 1):
-            raise ValueError(f"PixelShuffleVAE config: z_dim={z_dim}, scale_factor_spatial={scale_factor_spatial}, "
-                             f"scale_factor_temporal={scale_factor_temporal} disagree with stride {stride}")
+            raise ValueError(
+                f"PixelShuffleVAE config: z_dim={z_dim}, scale_factor_spatial={scale_factor_spatial}, "
+                f"scale_factor_temporal={scale_factor_temporal} disagree with stride {stride}"
+            )
         # WanPipeline and WanBase read these from the config, as they do from AutoencoderKLWan's
-        self.register_to_config(z_dim=z, scale_factor_spatial=stride, scale_factor_temporal=1,
-                                latents_mean=list(latents_mean or [0.0] * z), latents_std=list(latents_std or [1.0] * z))
+        self.register_to_config(
+            z_dim=z,
+            scale_factor_spatial=stride,
+            scale_factor_temporal=1,
+            latents_mean=list(latents_mean or [0.0] * z),
+            latents_std=list(latents_std or [1.0] * z),
+        )
         # no weights; this buffer carries device and dtype, and gives save_pretrained a weights file to write
         self.register_buffer("anchor", torch.zeros(()))
 

@@ -4,6 +4,7 @@ Validation videos only decode latents, so they load this and never the transform
 (with `+experiment=wan` those are the 14B DiT and umT5-XXL, about 40 GB beside a training Refiner).
 The base-model adapters encode and decode through the same functions.
 """
+
 from __future__ import annotations
 
 import torch
@@ -15,11 +16,14 @@ def vae_class(spec):
     """The diffusers VAE class of a base model (the toy world's exact latent when spec.vae_class says so)."""
     if spec.vae_class == "pixel_shuffle":
         from surf_train.base.toy_vae import PixelShuffleVAE
+
         return PixelShuffleVAE
     if spec.family == "wan":
         from diffusers import AutoencoderKLWan
+
         return AutoencoderKLWan
     from diffusers import AutoencoderKLHunyuanVideo
+
     return AutoencoderKLHunyuanVideo
 
 
@@ -27,9 +31,11 @@ def load_vae_module(spec):
     """The VAE alone: the tiny one from its config (same weights as in the tiny pipeline), else from_pretrained."""
     if spec.pretrained is None:
         from surf_train.base.tiny import tiny_hunyuan_vae, tiny_wan_vae
+
         return tiny_wan_vae() if spec.family == "wan" else tiny_hunyuan_vae()
-    return vae_class(spec).from_pretrained(spec.source, subfolder="vae", revision=spec.revision,
-                                           dtype=DTYPES[spec.vae_dtype])
+    return vae_class(spec).from_pretrained(
+        spec.source, subfolder="vae", revision=spec.revision, dtype=DTYPES[spec.vae_dtype]
+    )
 
 
 def normalise(family: str, vae, z: torch.Tensor) -> torch.Tensor:
@@ -57,8 +63,9 @@ def _wan_stats(vae, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.no_grad()
-def encode(family: str, vae, video: torch.Tensor, device, sample: bool = False,
-           generator: torch.Generator | None = None) -> torch.Tensor:
+def encode(
+    family: str, vae, video: torch.Tensor, device, sample: bool = False, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """(B, 3, frames, H, W) in [-1, 1] -> normalised latent (B, C, F, H/s, W/s) float32."""
     dist = vae.encode(video.to(device, vae.dtype)).latent_dist
     z = dist.sample(generator) if sample else dist.mode()

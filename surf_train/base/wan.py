@@ -1,4 +1,5 @@
 """Wan 2.1 (T2V 1.3B / 14B) through diffusers' WanPipeline."""
+
 from __future__ import annotations
 
 import torch
@@ -14,18 +15,20 @@ class WanBase(BaseModel):
     """Wan: umT5 text, classifier-free guidance with a negative prompt, per-channel latent mean/std."""
 
     @classmethod
-    def load(cls, spec: BaseSpec, device: torch.device) -> "WanBase":
+    def load(cls, spec: BaseSpec, device: torch.device) -> WanBase:
         from diffusers import WanPipeline
 
         import surf_train.base.known_warnings  # noqa: F401  (the toy's stand-in VAE and text encoder)
 
         if spec.pretrained is None:
             from surf_train.base.tiny import tiny_wan_pipeline
+
             pipe = tiny_wan_pipeline()
         else:
             # Wan's VAE is kept in float32 (as in the model card); the rest in spec.dtype
-            pipe = WanPipeline.from_pretrained(spec.source, vae=load_vae_module(spec), revision=spec.revision,
-                                               dtype=DTYPES[spec.dtype])
+            pipe = WanPipeline.from_pretrained(
+                spec.source, vae=load_vae_module(spec), revision=spec.revision, dtype=DTYPES[spec.dtype]
+            )
         pipe.to(device)  # dtypes were set at build/load time (diffusers keeps some modules in float32)
         return cls(spec, pipe, device)
 
@@ -46,10 +49,14 @@ class WanBase(BaseModel):
     def encode_prompt(self, prompts: list[str], negative_prompt: str | None = None) -> Cond:
         """negative_prompt None: the base model's (conf/base)."""
         neg = self.spec.negative_prompt if negative_prompt is None else negative_prompt
-        pos, neg = self.pipe.encode_prompt(prompts, negative_prompt=[neg] * len(prompts),
-                                           do_classifier_free_guidance=True,
-                                           max_sequence_length=self.spec.max_sequence_length,
-                                           device=self.device, dtype=self.dtype)
+        pos, neg = self.pipe.encode_prompt(
+            prompts,
+            negative_prompt=[neg] * len(prompts),
+            do_classifier_free_guidance=True,
+            max_sequence_length=self.spec.max_sequence_length,
+            device=self.device,
+            dtype=self.dtype,
+        )
         return Cond(embeds=pos, negative=neg)  # (B, L, D) each, zero-padded to L
 
     def _forward(self, x: torch.Tensor, step: Step, cond: Cond, guidance: float) -> torch.Tensor:
