@@ -6,22 +6,10 @@ import time
 import pytest
 import torch
 
+from surf_train.base.tiny import TINY_WAN_TRANSFORMER
 from surf_train.refiner import Refiner, RefinerConfig, init_from_wan, num_params, presets
 
-WAN_TINY = dict(
-    patch_size=(1, 2, 2),
-    num_attention_heads=2,
-    attention_head_dim=12,
-    in_channels=16,
-    out_channels=16,
-    text_dim=32,
-    freq_dim=256,
-    ffn_dim=32,
-    num_layers=2,
-    cross_attn_norm=True,
-    qk_norm="rms_norm_across_heads",
-    rope_max_seq_len=32,
-)
+WAN_TINY = TINY_WAN_TRANSFORMER
 
 
 def _perturb(model: Refiner, seed: int = 0) -> Refiner:

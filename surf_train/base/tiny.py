@@ -19,6 +19,23 @@ CORPUS = [
 ]
 
 
+# the tiny Wan transformer's config (sizes of diffusers' own unit tests)
+TINY_WAN_TRANSFORMER = dict(
+    patch_size=(1, 2, 2),
+    num_attention_heads=2,
+    attention_head_dim=12,
+    in_channels=16,
+    out_channels=16,
+    text_dim=32,
+    freq_dim=256,
+    ffn_dim=32,
+    num_layers=2,
+    cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads",
+    rope_max_seq_len=32,
+)
+
+
 def tiny_tokenizer(specials=("<pad>", "</s>", "<unk>"), eos="</s>", bos=None, corpus=CORPUS, vocab_size=300):
     """PreTrainedTokenizerFast from a BPE trained in memory on `corpus` (deterministic)."""
     from transformers import PreTrainedTokenizerFast
@@ -99,20 +116,7 @@ def tiny_wan_pipeline(seed: int = 0):
                 decoder_start_token_id=0,
             )
         )
-        net = WanTransformer3DModel(
-            patch_size=(1, 2, 2),
-            num_attention_heads=2,
-            attention_head_dim=12,
-            in_channels=16,
-            out_channels=16,
-            text_dim=32,
-            freq_dim=256,
-            ffn_dim=32,
-            num_layers=2,
-            cross_attn_norm=True,
-            qk_norm="rms_norm_across_heads",
-            rope_max_seq_len=32,
-        )
+        net = WanTransformer3DModel(**TINY_WAN_TRANSFORMER)
     return WanPipeline(
         tokenizer=tok,
         text_encoder=te.eval(),
