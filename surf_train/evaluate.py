@@ -10,11 +10,19 @@ area-downsampled to their size; identical clips score 99 dB), object position er
 centres (mean
 over frames, fractions of the frame; a frame where only one of the two shows the object counts 0.5), colour /
 shape / direction / background match with the caption, speed error against the reference, measured
-seconds and analytic FLOPs per clip. Paired differences between methods get 95% bootstrap intervals
-over clips. Writes results.json, table.md and fidelity_vs_cost.png to --out-dir.
+seconds and analytic FLOPs per clip, sharpness (mean squared Laplacian of the frames over the reference's:
+1 = as sharp as the base model, blur < 1). Paired differences between methods get 95% bootstrap intervals
+over clips. Writes results.json, table.md, fidelity_vs_cost.png and grid.png (reference | upsampled | surf,
+6 clips) to --out-dir.
+
+--mode sr (super-resolution check, where the answer is determined): the reference's latent area-pooled to the
+preview grid, upsampled back by bilinear, bicubic and the Refiner at each K in --ks; PSNR (also inside the
+reference's object mask grown by --mask-dilate px, and in the flat rest), SSIM, sharpness, gains over bilinear
+with intervals, and a K table (fidelity, ms, GFLOPs). Writes results_sr.json, table_sr.md and grid_sr.png.
 
     python -m surf_train.evaluate --n 64 --refiner runs/tiny/refiner
     python -m surf_train.evaluate --n 16 --refiner none --switches 2 5 10
+    python -m surf_train.evaluate --mode sr --n 64 --refiner runs/tiny/refiner
 """
 
 from __future__ import annotations
@@ -360,7 +368,8 @@ def _sr_metrics(video, ref_video, ref_det, caption, preview_hw, masks) -> dict[s
 
 def evaluate_sr(cfg: EvalConfig) -> dict:
     """Super-resolution check: the native generation's latent area-pooled to the preview grid, upsampled back by
-    each method (bilinear, bicubic, the Refiner at every K in cfg.ks), compared with the native generation."""
+    each method (bilinear, bicubic, the Refiner at every K in cfg.ks), compared with the native generation.
+    Writes results_sr.json, table_sr.md and grid_sr.png (reference | bilinear | Refiner at its stored K)."""
     from surf_train.objective import refine, upsample
     from surf_train.sampling import resize_latent
     from surf_train.toyworld import detect
@@ -369,7 +378,8 @@ def evaluate_sr(cfg: EvalConfig) -> dict:
     net, bridge = st.net, st.bridge
     names = sr_methods(cfg)
     per: dict[str, list[dict]] = {m: [] for m in names}
-    k_show = max(cfg.ks)
+    k_show = cfg.refiner_steps or bridge.get("steps", 10)  # the grid shows the Refiner at its own K, if compared
+    k_show = k_show if k_show in cfg.ks else max(cfg.ks)
     shown_names = ["reference", "bilinear", *([f"refiner@{k_show}"] if net is not None else [])]
     shown: dict[str, list[torch.Tensor]] = {m: [] for m in shown_names}
     for i0 in tqdm(range(0, cfg.n, cfg.batch), desc="evaluate sr", unit="batch", disable=not cfg.progress):
