@@ -10,11 +10,19 @@ area-downsampled to their size; identical clips score 99 dB), object position er
 centres (mean
 over frames, fractions of the frame; a frame where only one of the two shows the object counts 0.5), colour /
 shape / direction / background match with the caption, speed error against the reference, measured
-seconds and analytic FLOPs per clip. Paired differences between methods get 95% bootstrap intervals
-over clips. Writes results.json, table.md and fidelity_vs_cost.png to --out-dir.
+seconds and analytic FLOPs per clip, sharpness (mean squared Laplacian of the frames over the reference's:
+1 = as sharp as the base model, blur < 1). Paired differences between methods get 95% bootstrap intervals
+over clips. Writes results.json, table.md, fidelity_vs_cost.png and grid.png (reference | upsampled | surf,
+6 clips) to --out-dir.
+
+--mode sr (super-resolution check, where the answer is determined): the reference's latent area-pooled to the
+preview grid, upsampled back by bilinear, bicubic and the Refiner at each K in --ks; PSNR (also inside the
+reference's object mask grown by --mask-dilate px, and in the flat rest), SSIM, sharpness, gains over bilinear
+with intervals, and a K table (fidelity, ms, GFLOPs). Writes results_sr.json, table_sr.md and grid_sr.png.
 
     python -m surf_train.evaluate --n 64 --refiner runs/tiny/refiner
     python -m surf_train.evaluate --n 16 --refiner none --switches 2 5 10
+    python -m surf_train.evaluate --mode sr --n 64 --refiner runs/tiny/refiner
 """
 
 from __future__ import annotations
@@ -41,6 +49,8 @@ from surf_train.sampling import RULES, PreviewPlan, finish_preview, scheduler_st
 DEFAULT_REFINER = "runs/tiny/refiner"  # where `make demo` exports the Refiner
 MISSING = 0.5  # position error of a frame where only one of the two clips shows the object
 PSNR_CAP = 99.0  # identical clips (infinite PSNR) score this, so results stay plain JSON
+MODES = ("surf", "sr")
+SR_UPSAMPLERS = ("bilinear", "bicubic")  # latent-space upsamplers the Refiner must beat (bilinear: the baseline)
 
 
 @dataclass
@@ -58,14 +68,23 @@ class EvalConfig:
     refiner_steps: int | None = None  # Refiner steps; None: the K stored with the export
     batch: int = 16  # clips per batch
     bootstrap: int = 2000  # bootstrap resamples for the intervals
-    out_dir: str = "outputs/evaluate"  # where results.json, table.md and the plot go
+    out_dir: str = "outputs/evaluate"  # where results.json, table.md and the plots go
+    mode: str = "surf"  # surf: previews and SURF against the native run; sr: super-resolution of the native run
+    ks: list[int] = field(default_factory=lambda: [1, 2, 4, 10])  # sr: Refiner steps K to compare
+    mask_dilate: int = 2  # sr: pixels the reference's object mask grows by to take its edge
+    grid_clips: int = 6  # clips in grid.png
+    grid_scale: int = 4  # grid.png: nearest-neighbour enlargement of each frame
     progress: bool = True
 
     def check(self) -> None:
+        if self.mode not in MODES:
+            raise ConfigError(f"--mode {self.mode!r}: choose from {list(MODES)}")
+        if not self.ks or min(self.ks) < 1:
+            raise ConfigError(f"--ks {self.ks}: Refiner steps must be at least 1")
         bad = [r for r in [*self.rules, self.surf_rule] if r not in RULES]
         if bad:
             raise ConfigError(f"unknown re-noise rule(s) {bad}; choose from {list(RULES)}")
-        for k in [*self.switches, self.surf_switch]:
+        for k in [*self.switches, self.surf_switch] if self.mode == "surf" else []:  # sr has no previews
             if not 0 < k < self.steps:
                 raise ConfigError(f"switch {k} must be in [1, steps-1={self.steps - 1}] (0 is `direct`)")
         if self.n < 2 or self.batch < 1:
@@ -95,13 +114,46 @@ def _methods(cfg: EvalConfig) -> list[str]:
     return names + ["upsampled"] + (["surf"] if cfg.refiner != "none" else [])
 
 
+_LAPLACIAN = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]])
+
+
+def hf_energy(video: torch.Tensor) -> float:
+    """High-frequency energy of a (3, F, H, W) clip: mean squared Laplacian of its frames (interior pixels)."""
+    x = video.clamp(-1, 1).float().transpose(0, 1).reshape(-1, 1, *video.shape[-2:])  # (F*3, 1, H, W)
+    return float(F.conv2d(x, _LAPLACIAN.view(1, 1, 3, 3)).pow(2).mean())
+
+
+def sharpness(video: torch.Tensor, ref: torch.Tensor) -> float:
+    """hf_energy of the clip over the reference's on the same grid: 1.0 = as sharp as the base model, blur < 1."""
+    return hf_energy(video) / max(hf_energy(ref), 1e-12)
+
+
+def region_masks(ref_video: torch.Tensor, ref_det, dilate: int) -> tuple[np.ndarray, np.ndarray]:
+    """(object, background) (F, H, W) bool masks of the reference that partition it: the detected object
+    (coverage >= 0.5) grown by `dilate` pixels to take its edge, and the flat rest."""
+    from surf_train.toyworld import object_mask
+
+    obj = object_mask(ref_video, ref_det, dilate=dilate)
+    return obj, ~obj
+
+
+def masked_psnr(video: torch.Tensor, ref: torch.Tensor, mask: np.ndarray) -> float | None:
+    """PSNR (data range 2) over the pixels of the (F, H, W) mask, all channels; None for an empty mask."""
+    if not mask.any():
+        return None
+    m = torch.from_numpy(mask)
+    se = (video.clamp(-1, 1) - ref.clamp(-1, 1)).pow(2)[:, m]  # (3, pixels)
+    mse = float(se.mean())
+    return PSNR_CAP if mse == 0 else min(PSNR_CAP, 10 * float(np.log10(4.0 / mse)))
+
+
 def _clip_metrics(
     video: torch.Tensor, ref_video: torch.Tensor, ref_det, caption: str, preview_hw: tuple[int, int] | None = None
 ) -> dict[str, float]:
     """Metrics of one (3, F, h, w) clip against the (3, F, H, W) reference and its detection.
 
     `psnr` is on the clip's own grid; `psnr_lo` on the preview grid `preview_hw` (both area-pooled to
-    it), so previews, upsampled and refined clips compare on one grid.
+    it), so previews, upsampled and refined clips compare on one grid. `sharpness`: see sharpness().
     """
     from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
@@ -121,6 +173,7 @@ def _clip_metrics(
         "psnr": psnr(a, b),
         "psnr_lo": psnr(pool(a), pool(b)),
         "ssim": float(structural_similarity_index_measure(a, b, data_range=2.0, kernel_size=7, sigma=1.0)),
+        "sharpness": sharpness(video, ref),
         "pos_err": float(np.where(np.isnan(gap), MISSING, gap).mean()),
         **{k: float(v) for k, v in m.items()},
         "all3": float(m["colour"] and m["shape"] and m["direction"]),
@@ -141,12 +194,26 @@ def _call_flops(model: BaseModel, lat_shape: tuple[int, ...], guidance: float | 
     )
 
 
-def evaluate(cfg: EvalConfig) -> dict:
-    """Run every method on every clip; returns the summary (also written to cfg.out_dir)."""
+@dataclass
+class _Setup:
+    """What both modes share: the base model, its geometry and schedule, the Refiner and the clips' prompts."""
+
+    spec: BaseSpec
+    model: BaseModel
+    net: object | None  # the Refiner, or None
+    bridge: dict  # the export's bridge settings
+    c: int
+    f_lat: int
+    hi: tuple[int, int]  # native latent grid
+    lo: tuple[int, int]  # preview latent grid
+    preview_px: tuple[int, int]
+    schedule: object
+    prompts: list[str]
+
+
+def _setup(cfg: EvalConfig) -> _Setup:
     from surf_train.export import check_base, load_refiner
-    from surf_train.flops import refiner_flops, total
-    from surf_train.objective import refine, upsample
-    from surf_train.toyworld import all_captions, detect
+    from surf_train.toyworld import all_captions
 
     cfg.check()
     spec = BaseSpec.from_name(cfg.base)
@@ -164,33 +231,80 @@ def evaluate(cfg: EvalConfig) -> dict:
             print(f"warning: {warning}", file=sys.stderr)
     model = load_base_model(spec, "cpu")
     frames, (h, w) = spec.native_frames, spec.native_size
-    c, f_lat = spec.channels, latent_frames(frames, spec.stride_t)
     hi, lo = (h // spec.stride_s, w // spec.stride_s), (h // spec.stride_s // 2, w // spec.stride_s // 2)
     preview_px = (h // 2, w // 2)
     spec.geometry.check(frames, *preview_px, "preview")
-    k_ref = cfg.refiner_steps or bridge.get("steps", 10)
-    schedule = model.schedule(cfg.steps)  # the base model's own scheduler, as its pipeline sets it
-    flops_hi, flops_lo = (_call_flops(model, (c, f_lat, *s), cfg.guidance) for s in (hi, lo))
     caps = all_captions()
     prompts = [caps[(7 * i) % len(caps)] for i in range(cfg.n)]  # 7 is coprime to 72: no early repeats
+    return _Setup(
+        spec=spec,
+        model=model,
+        net=net,
+        bridge=bridge,
+        c=spec.channels,
+        f_lat=latent_frames(frames, spec.stride_t),
+        hi=hi,
+        lo=lo,
+        preview_px=preview_px,
+        schedule=model.schedule(cfg.steps),  # the base model's own scheduler, as its pipeline sets it
+        prompts=prompts,
+    )
+
+
+def _batch(cfg: EvalConfig, st: _Setup, i0: int):
+    """Prompts, generators, native and preview-grid noise, text conditioning and velocity of one batch."""
+    ps = st.prompts[i0 : i0 + cfg.batch]
+    gens = [torch.Generator().manual_seed(cfg.seed + i0 + j) for j in range(len(ps))]
+    noise = torch.stack([torch.randn(st.c, st.f_lat, *st.hi, generator=g) for g in gens])
+    fresh = torch.stack([torch.randn(st.c, st.f_lat, *st.lo, generator=g) for g in gens])
+    cond = st.model.encode_prompt(ps)
+    return ps, gens, noise, fresh, cond, st.model.velocity_fn(cond, cfg.guidance)
+
+
+def _native(cfg: EvalConfig, st: _Setup, rec: Recorder, noise: torch.Tensor, wanted=()) -> tuple[torch.Tensor, dict]:
+    """The full native run (the reference) and its latent at every step in `wanted`."""
+    x, kept = noise, {}
+    sched = st.schedule.start()
+    for k in range(cfg.steps):
+        if k in wanted:
+            kept[k] = x
+        x = scheduler_steps(rec, x, sched, 1, cfg.steps, start=k == 0)
+    return x, kept
+
+
+def _text(net, cond) -> torch.Tensor | None:
+    return cond.embeds.float() if net.cfg.text_dim else None
+
+
+def _refiner_gflops(st: _Setup, k: int) -> float:
+    from surf_train.flops import refiner_flops, total
+
+    text_len = st.spec.max_sequence_length if st.net.cfg.text_dim else 0
+    return k * total(refiner_flops(st.net.cfg, (st.c, st.f_lat, *st.hi), text_len)) / 1e9
+
+
+def evaluate(cfg: EvalConfig) -> dict:
+    """Run every method on every clip; returns the summary (also written to cfg.out_dir)."""
+    if cfg.mode == "sr":
+        return evaluate_sr(cfg)
+    from surf_train.objective import refine, upsample
+    from surf_train.toyworld import detect
+
+    st = _setup(cfg)
+    model, net, bridge, c, f_lat, hi, lo = st.model, st.net, st.bridge, st.c, st.f_lat, st.hi, st.lo
+    k_ref = cfg.refiner_steps or bridge.get("steps", 10)
+    schedule = st.schedule
+    flops_hi, flops_lo = (_call_flops(model, (c, f_lat, *s), cfg.guidance) for s in (hi, lo))
+    prompts = st.prompts
     names = _methods(cfg)
     per: dict[str, list[dict]] = {m: [] for m in names}
+    shown: dict[str, list[torch.Tensor]] = {m: [] for m in ("reference", "upsampled", "surf") if m in names}
     for i0 in tqdm(range(0, cfg.n, cfg.batch), desc="evaluate", unit="batch", disable=not cfg.progress):
-        ps = prompts[i0 : i0 + cfg.batch]
+        ps, gens, noise, fresh, cond, vel = _batch(cfg, st, i0)
         b = len(ps)
-        gens = [torch.Generator().manual_seed(cfg.seed + i0 + j) for j in range(b)]
-        noise = torch.stack([torch.randn(c, f_lat, *hi, generator=g) for g in gens])
-        fresh = torch.stack([torch.randn(c, f_lat, *lo, generator=g) for g in gens])
-        cond = model.encode_prompt(ps)
-        vel = model.velocity_fn(cond, cfg.guidance)
         # reference: the full native run, keeping the latent at every switch step used below
-        rec, x, kept = Recorder(vel), noise, {}
-        wanted = set(cfg.switches) | {cfg.surf_switch}
-        sched = schedule.start()
-        for k in range(cfg.steps):
-            if k in wanted:
-                kept[k] = x
-            x = scheduler_steps(rec, x, sched, 1, cfg.steps, start=k == 0)
+        rec = Recorder(vel)
+        x, kept = _native(cfg, st, rec, noise, set(cfg.switches) | {cfg.surf_switch})
         latents = {"reference": x}
         cost = {"reference": (rec.seconds(), cfg.steps * flops_hi)}
         # direct low-resolution generation = `pool` at switch 0: downsampled noise, resolution-shifted schedule
@@ -215,25 +329,240 @@ def evaluate(cfg: EvalConfig) -> dict:
         latents["upsampled"] = x_up
         cost["upsampled"] = (cost[surf_name][0] + time.perf_counter() - t0, cost[surf_name][1])
         if net is not None:
-            text = cond.embeds.float() if net.cfg.text_dim else None
             t0 = time.perf_counter()
             with torch.no_grad():
-                latents["surf"] = refine(net, x_up, k_ref, float(bridge.get("sigma_aug_eval", 0.0)), text, gens[0])
-            text_len = spec.max_sequence_length if net.cfg.text_dim else 0
+                sig = float(bridge.get("sigma_aug_eval", 0.0))
+                latents["surf"] = refine(net, x_up, k_ref, sig, _text(net, cond), gens[0])
             cost["surf"] = (
                 cost["upsampled"][0] + time.perf_counter() - t0,
-                cost[surf_name][1] + k_ref * total(refiner_flops(net.cfg, (c, f_lat, *hi), text_len)),
+                cost[surf_name][1] + 1e9 * _refiner_gflops(st, k_ref),
             )
         videos = {m: model.vae_decode(latents[m]) for m in names}
+        for m in shown:
+            shown[m] += list(videos[m][: cfg.grid_clips - len(shown[m])])
         for j, p in enumerate(ps):
             ref_det = detect(videos["reference"][j])
             for m in names:
-                row = _clip_metrics(videos[m][j], videos["reference"][j], ref_det, p, preview_px)
+                row = _clip_metrics(videos[m][j], videos["reference"][j], ref_det, p, st.preview_px)
                 row.update(seconds=cost[m][0] / b, gflops=cost[m][1] / 1e9)
                 per[m].append(row)
     result = summarise(cfg, per, names, prompts)
     write_outputs(cfg, result)
+    if cfg.grid_clips > 0:
+        grid_png({m: torch.stack(v) for m, v in shown.items()}, Path(cfg.out_dir) / "grid.png", cfg.grid_scale)
     return result
+
+
+def sr_methods(cfg: EvalConfig) -> list[str]:
+    return [*SR_UPSAMPLERS, *([f"refiner@{k}" for k in cfg.ks] if cfg.refiner != "none" else [])]
+
+
+def _sr_metrics(video, ref_video, ref_det, caption, preview_hw, masks) -> dict[str, float | None]:
+    obj, bg = masks
+    return {
+        **_clip_metrics(video, ref_video, ref_det, caption, preview_hw),
+        "psnr_obj": masked_psnr(video, ref_video, obj),
+        "psnr_bg": masked_psnr(video, ref_video, bg),
+    }
+
+
+def evaluate_sr(cfg: EvalConfig) -> dict:
+    """Super-resolution check: the native generation's latent area-pooled to the preview grid, upsampled back by
+    each method (bilinear, bicubic, the Refiner at every K in cfg.ks), compared with the native generation.
+    Writes results_sr.json, table_sr.md and grid_sr.png (reference | bilinear | Refiner at its stored K)."""
+    from surf_train.objective import refine, upsample
+    from surf_train.sampling import resize_latent
+    from surf_train.toyworld import detect
+
+    st = _setup(cfg)
+    net, bridge = st.net, st.bridge
+    names = sr_methods(cfg)
+    per: dict[str, list[dict]] = {m: [] for m in names}
+    k_show = cfg.refiner_steps or bridge.get("steps", 10)  # the grid shows the Refiner at its own K, if compared
+    k_show = k_show if k_show in cfg.ks else max(cfg.ks)
+    shown_names = ["reference", "bilinear", *([f"refiner@{k_show}"] if net is not None else [])]
+    shown: dict[str, list[torch.Tensor]] = {m: [] for m in shown_names}
+    for i0 in tqdm(range(0, cfg.n, cfg.batch), desc="evaluate sr", unit="batch", disable=not cfg.progress):
+        ps, gens, noise, _, cond, vel = _batch(cfg, st, i0)
+        b = len(ps)
+        x_ref, _ = _native(cfg, st, Recorder(vel), noise)  # (B, C, F, H, W)
+        x_lo = resize_latent(x_ref, st.lo, "area")  # the preview the Refiner would see, without the preview's drift
+        latents, secs = {}, {}
+        for m in SR_UPSAMPLERS:
+            t0 = time.perf_counter()
+            latents[m] = upsample(x_lo, st.hi, m)
+            secs[m] = time.perf_counter() - t0
+        if net is not None:
+            sig, text = float(bridge.get("sigma_aug_eval", 0.0)), _text(net, cond)
+            for k in cfg.ks:
+                t0 = time.perf_counter()
+                x_up = upsample(x_lo, st.hi, bridge.get("up_mode", "bilinear"))
+                with torch.no_grad():
+                    latents[f"refiner@{k}"] = refine(net, x_up, k, sig, text, torch.Generator().manual_seed(cfg.seed))
+                secs[f"refiner@{k}"] = time.perf_counter() - t0
+        ref_videos = st.model.vae_decode(x_ref)
+        videos = {m: st.model.vae_decode(latents[m]) for m in names}
+        for m in shown:
+            shown[m] += list((ref_videos if m == "reference" else videos[m])[: cfg.grid_clips - len(shown[m])])
+        for j, p in enumerate(ps):
+            ref = ref_videos[j]
+            ref_det = detect(ref)
+            masks = region_masks(ref, ref_det, cfg.mask_dilate)
+            for m in names:
+                row = _sr_metrics(videos[m][j], ref, ref_det, p, st.preview_px, masks)
+                k = int(m.split("@")[1]) if m.startswith("refiner@") else 0
+                row.update(
+                    seconds=secs[m] / b,
+                    gflops=_refiner_gflops(st, k) if k else 0.0,
+                    obj_frac=float(masks[0].mean()),
+                )
+                per[m].append(row)
+    result = summarise_sr(cfg, per, names, st.prompts)
+    out = Path(cfg.out_dir)
+    _write(out, {"results_sr.json": json.dumps(result, indent=1), "table_sr.md": format_sr_table(result)})
+    if cfg.grid_clips > 0:
+        grid_png({m: torch.stack(v) for m, v in shown.items()}, out / "grid_sr.png", cfg.grid_scale)
+    return result
+
+
+SR_METRICS = ("psnr", "psnr_obj", "psnr_bg", "psnr_lo", "ssim", "sharpness", "pos_err", "all3")
+
+
+def _values(per: list[dict], key: str) -> np.ndarray:
+    """Per-clip values of one metric; None (an empty region) becomes NaN."""
+    return np.array([np.nan if row[key] is None else row[key] for row in per], float)
+
+
+def paired_gain(a: np.ndarray, b: np.ndarray, n_boot: int) -> dict:
+    """Mean of a - b over the clips where both are defined, with its 95% bootstrap interval."""
+    d = a - b
+    d = d[np.isfinite(d)]
+    if len(d) == 0:
+        return dict(mean=None, ci95=[None, None], separated=False, clips=0)
+    lo, hi = bootstrap_ci(d, n_boot)
+    return dict(
+        mean=round(float(d.mean()), 4),
+        ci95=[round(lo, 4), round(hi, 4)],
+        separated=bool(lo > 0 or hi < 0),
+        clips=len(d),
+    )
+
+
+def summarise_sr(cfg: EvalConfig, per: dict[str, list[dict]], names: list[str], prompts: list[str]) -> dict:
+    """Means per method, sharpness intervals, gains over bilinear with intervals, and the K table."""
+    metrics = list(per[names[0]][0])
+    methods = {}
+    for m in names:
+        v = {k: _values(per[m], k) for k in metrics}
+        methods[m] = {k: (round(float(np.nanmean(x)), 4) if np.isfinite(x).any() else None) for k, x in v.items()}
+        lo, hi = bootstrap_ci(v["sharpness"], cfg.bootstrap)
+        methods[m]["sharpness_ci95"] = [round(lo, 4), round(hi, 4)]
+    paired = [
+        dict(a=m, b="bilinear", metric=k, **paired_gain(_values(per[m], k), _values(per["bilinear"], k), cfg.bootstrap))
+        for m in names
+        if m != "bilinear"
+        for k in SR_METRICS
+    ]
+    k_table = [
+        dict(k=k, **{x: methods[f"refiner@{k}"][x] for x in ("psnr", "psnr_obj", "psnr_bg", "ssim", "sharpness")})
+        | dict(gflops=methods[f"refiner@{k}"]["gflops"], ms=round(1000 * methods[f"refiner@{k}"]["seconds"], 2))
+        for k in cfg.ks
+        if f"refiner@{k}" in methods
+    ]
+    return {
+        "mode": "sr",
+        "config": asdict(cfg),
+        "n": len(prompts),
+        "methods": methods,
+        "paired": paired,
+        "k_table": k_table,
+        "per_clip": {m: per[m] for m in names},
+    }
+
+
+def _f(x, fmt: str) -> str:
+    return "-" if x is None else format(x, fmt)
+
+
+def format_sr_table(result: dict) -> str:
+    cfg = result["config"]
+    lines = [
+        f"Super-resolution check, N = {result['n']} (caption, seed) pairs, base `{cfg['base']}`, {cfg['steps']} steps: "
+        f"the native generation's latent area-pooled to the preview grid, upsampled back, compared with the native "
+        f"generation. Object = the reference's detected object grown by {cfg['mask_dilate']} px; background = the "
+        f"rest. Sharpness = mean squared Laplacian over the reference's (1 = as sharp). Refiner: `{cfg['refiner']}`.",
+        "",
+        "| method | PSNR dB | PSNR object dB | PSNR background dB | PSNR@preview dB | SSIM | sharpness [95% CI] "
+        "| position err | all 3 | GFLOPs | ms/clip |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for m, v in result["methods"].items():
+        ci = v["sharpness_ci95"]
+        lines.append(
+            f"| {m} | {_f(v['psnr'], '.2f')} | {_f(v['psnr_obj'], '.2f')} | {_f(v['psnr_bg'], '.2f')} | "
+            f"{_f(v['psnr_lo'], '.2f')} | {v['ssim']:.3f} | {v['sharpness']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}] | "
+            f"{v['pos_err']:.4f} | {v['all3']:.2f} | {v['gflops']:.3f} | {1000 * v['seconds']:.1f} |"
+        )
+    if result["k_table"]:
+        lines += [
+            "",
+            "Refiner steps K (fidelity and cost; ms measured on this machine, GFLOPs analytic, per clip):",
+            "",
+            "| K | PSNR dB | PSNR object dB | PSNR background dB | SSIM | sharpness | GFLOPs | ms/clip |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for r in result["k_table"]:
+            lines.append(
+                f"| {r['k']} | {_f(r['psnr'], '.2f')} | {_f(r['psnr_obj'], '.2f')} | {_f(r['psnr_bg'], '.2f')} | "
+                f"{r['ssim']:.3f} | {r['sharpness']:.3f} | {r['gflops']:.3f} | {r['ms']:.1f} |"
+            )
+    lines += [
+        "",
+        "Gains over bilinear (a - bilinear, mean over clips, 95% bootstrap interval; higher is better except "
+        "position error; for sharpness nearer 1 is better):",
+        "",
+        "| a | metric | mean | 95% CI | CI excludes 0 |",
+        "|---|---|---|---|---|",
+    ]
+    for d in result["paired"]:
+        lo, hi = d["ci95"]
+        lines.append(
+            f"| {d['a']} | {d['metric']} | {_f(d['mean'], '+.4f')} | [{_f(lo, '+.4f')}, {_f(hi, '+.4f')}] | "
+            f"{'yes' if d['separated'] else 'no'} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def grid_png(
+    columns: dict[str, torch.Tensor], path: Path, scale: int = 4, gap: int = 6, frame_gap: int = 2, header: int = 14
+) -> tuple[int, int]:
+    """PNG of (N, 3, F, H, W) clips in [-1, 1]: one row per clip, one panel per column (its F frames side by side,
+    `frame_gap` gray pixels apart, each enlarged `scale` times with nearest neighbour), the column names on top.
+    Returns its (width, height)."""
+    from PIL import Image, ImageDraw
+
+    vids = list(columns.values())
+    n, _, f, h, w = vids[0].shape
+    fw, fh = f * w * scale + (f - 1) * frame_gap, h * scale  # one panel
+    size = (len(vids) * fw + (len(vids) + 1) * gap, header + n * fh + (n + 1) * gap)
+    img = Image.new("RGB", size, (255, 255, 255))
+    draw = ImageDraw.Draw(img)
+    for c, (name, v) in enumerate(columns.items()):
+        x0 = gap + c * (fw + gap)
+        draw.text((x0, 1), name, fill=(0, 0, 0))
+        # (N, 3, F, H, W) -> (N, F, H*scale, W*scale, 3) uint8
+        u = ((v.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 4, 1)
+        u = u.repeat_interleave(scale, 2).repeat_interleave(scale, 3).numpy()
+        for r in range(n):
+            y0 = header + gap + r * (fh + gap)
+            draw.rectangle((x0, y0, x0 + fw - 1, y0 + fh - 1), fill=(160, 160, 160))  # shows between the frames
+            for k in range(f):
+                img.paste(Image.fromarray(u[r, k]), (x0 + k * (w * scale + frame_gap), y0))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    img.save(tmp)
+    os.replace(tmp, path)
+    return size
 
 
 def bootstrap_ci(diff: np.ndarray, n_boot: int, seed: int = 0) -> tuple[float, float]:
@@ -356,13 +685,17 @@ def plot(result: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def write_outputs(cfg: EvalConfig, result: dict) -> None:
-    out = Path(cfg.out_dir)
+def _write(out: Path, files: dict[str, str]) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    for name, text in (("results.json", json.dumps(result, indent=1)), ("table.md", format_table(result))):
+    for name, text in files.items():
         tmp = out / f".{name}.tmp"
         tmp.write_text(text)
         os.replace(tmp, out / name)
+
+
+def write_outputs(cfg: EvalConfig, result: dict) -> None:
+    out = Path(cfg.out_dir)
+    _write(out, {"results.json": json.dumps(result, indent=1), "table.md": format_table(result)})
     plot(result, out / "fidelity_vs_cost.png")
 
 
@@ -370,7 +703,12 @@ def parse_args(argv: list[str] | None = None) -> EvalConfig:
     ap = argparse.ArgumentParser(
         prog="python -m surf_train.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    add_fields(ap, EvalConfig, rules={"help": f"re-noise rules to compare, from {list(RULES)}"})
+    add_fields(
+        ap,
+        EvalConfig,
+        rules={"help": f"re-noise rules to compare, from {list(RULES)}"},
+        mode={"choices": list(MODES)},
+    )
     return from_args(EvalConfig, ap.parse_args(argv))
 
 
@@ -380,8 +718,14 @@ def main(argv: list[str] | None = None) -> None:
         result = evaluate(cfg)
     except ConfigError as e:
         raise SystemExit(f"error: {e}") from None
-    print(format_table(result))
-    print(f"wrote {cfg.out_dir}/table.md, results.json and fidelity_vs_cost.png")
+    grid = f"grid{'_sr' if cfg.mode == 'sr' else ''}.png" if cfg.grid_clips > 0 else None
+    if cfg.mode == "sr":
+        print(format_sr_table(result))
+        written = ["table_sr.md", "results_sr.json"]
+    else:
+        print(format_table(result))
+        written = ["table.md", "results.json", "fidelity_vs_cost.png"]
+    print(f"wrote {', '.join(written + ([grid] if grid else []))} in {cfg.out_dir}")
 
 
 if __name__ == "__main__":

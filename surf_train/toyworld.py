@@ -189,27 +189,52 @@ class Detection:
         }
 
 
-def detect(video: torch.Tensor | np.ndarray, min_area_px: float = 2.0) -> Detection:
-    """Read colour, shape, background and the per-frame centre of the object in a (3, F, H, W) clip."""
+def _palette_labels(video: torch.Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(F, H, W, 3) colours in [0, 1] and (F, H, W) index of the nearest entry of backgrounds + object colours."""
     v = video.detach().float().cpu().numpy() if isinstance(video, torch.Tensor) else np.asarray(video, float)
     if v.ndim != 4 or v.shape[0] != 3:
         raise ValueError(f"detect expects a (3, F, H, W) clip, got shape {tuple(v.shape)}")
     rgb = np.moveaxis((v + 1) / 2, 0, -1)  # (F, H, W, 3) in [0, 1]
+    palette = np.array([*BACKGROUNDS.values(), *OBJECT_COLOURS.values()])  # (7, 3)
+    return rgb, np.argmin(((rgb[..., None, :] - palette) ** 2).sum(-1), -1)
+
+
+def _alpha(rgb: np.ndarray, label: np.ndarray, background: str, colour: str) -> np.ndarray:
+    """(F, H, W) soft coverage: where each pixel lies between the background and the object colour."""
+    b, o = np.array(BACKGROUNDS[background]), np.array(OBJECT_COLOURS[colour])
+    alpha = np.clip(((rgb - b) @ (o - b)) / ((o - b) @ (o - b)), 0.0, 1.0)
+    other = (label >= len(BACKGROUNDS)) & (label != len(BACKGROUNDS) + list(OBJECT_COLOURS).index(colour))
+    return np.where(other, 0.0, alpha)  # pixels of another object colour are not this object
+
+
+def object_mask(
+    video: torch.Tensor | np.ndarray, det: Detection | None = None, threshold: float = 0.5, dilate: int = 0
+) -> np.ndarray:
+    """(F, H, W) bool: pixels the detected object covers at least `threshold`, grown by `dilate` pixels
+    (a (2 dilate + 1)^2 square, per frame). All False where nothing was detected."""
+    rgb, label = _palette_labels(video)
+    det = detect(video) if det is None else det
+    if det.colour is None:
+        return np.zeros(rgb.shape[:3], bool)
+    mask = _alpha(rgb, label, det.background, det.colour) >= threshold
+    if dilate > 0:
+        m = torch.from_numpy(mask).float()[:, None]  # (F, 1, H, W)
+        mask = torch.nn.functional.max_pool2d(m, 2 * dilate + 1, stride=1, padding=dilate)[:, 0].numpy() > 0
+    return mask
+
+
+def detect(video: torch.Tensor | np.ndarray, min_area_px: float = 2.0) -> Detection:
+    """Read colour, shape, background and the per-frame centre of the object in a (3, F, H, W) clip."""
+    rgb, label = _palette_labels(video)
     frames, height, width = rgb.shape[:3]
     names = list(BACKGROUNDS) + list(OBJECT_COLOURS)
-    palette = np.array([*BACKGROUNDS.values(), *OBJECT_COLOURS.values()])  # (7, 3)
-    label = np.argmin(((rgb[..., None, :] - palette) ** 2).sum(-1), -1)  # (F, H, W) nearest palette entry
     nb = len(BACKGROUNDS)
     background = names[int(np.argmax(np.bincount(label.ravel(), minlength=len(names))[:nb]))]
     obj_counts = np.bincount(label.ravel(), minlength=len(names))[nb:]
     if obj_counts.sum() < min_area_px:
         return Detection(background, None, None, np.full((frames, 2), np.nan), (0.0, 0.0), False)
     colour = names[nb + int(np.argmax(obj_counts))]
-    # soft coverage: where each pixel lies between the background and the object colour
-    b, o = np.array(BACKGROUNDS[background]), np.array(OBJECT_COLOURS[colour])
-    alpha = np.clip(((rgb - b) @ (o - b)) / ((o - b) @ (o - b)), 0.0, 1.0)  # (F, H, W)
-    other = (label >= nb) & (label != names.index(colour))
-    alpha = np.where(other, 0.0, alpha)  # pixels of another object colour are not this object
+    alpha = _alpha(rgb, label, background, colour)
     ys, xs = np.arange(height) + 0.5, np.arange(width) + 0.5
     centres = np.full((frames, 2), np.nan)
     area = alpha.sum((1, 2))

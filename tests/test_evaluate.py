@@ -8,8 +8,21 @@ import torch
 
 from surf_train import CONF_DIR
 from surf_train.errors import ConfigError
-from surf_train.evaluate import MISSING, PSNR_CAP, EvalConfig, _clip_metrics, bootstrap_ci, evaluate, main
-from surf_train.toyworld import detect, render
+from surf_train.evaluate import (
+    MISSING,
+    PSNR_CAP,
+    EvalConfig,
+    _clip_metrics,
+    bootstrap_ci,
+    evaluate,
+    grid_png,
+    main,
+    masked_psnr,
+    paired_gain,
+    region_masks,
+    sharpness,
+)
+from surf_train.toyworld import Caption, coverage, detect, motion, render
 
 CAP = "a yellow pillar moving down on a black background"
 ASSET = CONF_DIR.parent / "assets" / "toy_base"
@@ -21,6 +34,65 @@ def test_identical_clips_are_perfect():
     assert m["psnr"] == m["psnr_lo"] == PSNR_CAP and m["ssim"] == pytest.approx(1.0, abs=1e-6)
     assert m["pos_err"] == 0 and m["speed_err"] == 0
     assert m["colour"] == m["shape"] == m["direction"] == m["background"] == m["all3"] == 1.0
+    assert m["sharpness"] == pytest.approx(1.0)
+
+
+def test_sharpness_sees_blur():
+    ref = render(CAP, 5, (32, 32), 5)
+    assert sharpness(ref, ref) == pytest.approx(1.0)
+    pooled = torch.nn.functional.avg_pool3d(ref[None], (1, 2, 2))[0]  # the 16x16 clip, upsampled back
+    for mode in ("bilinear", "bicubic"):
+        up = torch.nn.functional.interpolate(pooled, size=(32, 32), mode=mode)
+        assert sharpness(up, ref) < 0.7, mode
+    blurred = torch.nn.functional.avg_pool3d(ref[None], (1, 3, 3), stride=1, padding=(0, 1, 1), count_include_pad=False)
+    assert sharpness(blurred[0], ref) < 0.5
+    # blocks are high frequency too: the measure flags them above 1 (why the criterion is a band around 1)
+    assert sharpness(torch.nn.functional.interpolate(pooled, size=(32, 32), mode="nearest"), ref) > 1.0
+
+
+def test_gain_of_a_method_over_itself_is_zero():
+    a = np.random.default_rng(0).normal(25, 2, 16)
+    assert paired_gain(a, a, 200) == dict(mean=0.0, ci95=[0.0, 0.0], separated=False, clips=16)
+    b = a.copy()
+    b[3] = np.nan  # an empty region in one clip: left out, not NaN
+    assert paired_gain(a + 1, b, 200)["mean"] == pytest.approx(1.0) and paired_gain(a + 1, b, 200)["clips"] == 15
+    assert paired_gain(a, np.full(16, np.nan), 200)["mean"] is None
+
+
+@pytest.mark.parametrize("seed", [5, 11])
+def test_object_and_background_masks_partition_the_frame_and_cover_the_object(seed):
+    others = ("a red circle moving right on a gray background", "a blue bar moving down on a white background")
+    for cap_text in (CAP, *others):
+        ref = render(cap_text, seed, (32, 32), 5)
+        det = detect(ref)
+        obj, bg = region_masks(ref, det, dilate=2)
+        assert obj.shape == bg.shape == (5, 32, 32) and obj.dtype == bool
+        assert not (obj & bg).any() and (obj | bg).all()
+        cap, mo = Caption.parse(cap_text), motion(Caption.parse(cap_text), seed)
+        for f, (cx, cy) in enumerate(mo.centres(cap, 5)):
+            cov = coverage(cap.shape, (cx * 32, cy * 32), mo.radius * 32, 32, 32)  # the renderer's own coverage
+            assert obj[f][cov > 0].all()  # the whole object and its partly covered edge pixels
+            assert obj[f].sum() < 4 * (cov > 0).sum()  # grown by 2 px, not the whole frame
+        assert masked_psnr(ref, ref, obj) == masked_psnr(ref, ref, bg) == PSNR_CAP
+        assert masked_psnr(ref, ref, np.zeros_like(obj)) is None
+    empty = torch.full_like(ref, -0.9)  # no object: everything is background
+    obj, bg = region_masks(empty, detect(empty), dilate=2)
+    assert not obj.any() and bg.all()
+
+
+def test_grid_png_has_the_expected_size(tmp_path):
+    from PIL import Image
+
+    clips = torch.stack([render(CAP, s, (32, 32), 5) for s in range(6)])  # (6, 3, 5, 32, 32)
+    cols = {"reference": clips, "upsampled": clips.flip(-1), "SURF": clips}
+    size = grid_png(cols, tmp_path / "grid.png", scale=4, gap=6, frame_gap=2, header=14)
+    panel = 5 * 32 * 4 + 4 * 2
+    assert size == (3 * panel + 4 * 6, 14 + 6 * 32 * 4 + 7 * 6)
+    img = Image.open(tmp_path / "grid.png")
+    assert img.size == size
+    px = np.asarray(img.convert("RGB"))
+    frame = ((clips[0, :, 0].permute(1, 2, 0) + 1) * 127.5).round().to(torch.uint8).numpy()  # first frame, 32x32
+    assert (px[14 + 6 : 14 + 6 + 128 : 4, 6 : 6 + 128 : 4] == frame).all()  # nearest-neighbour enlarged, in place
 
 
 def test_shifted_object_gives_its_shift_as_position_error():
@@ -71,16 +143,25 @@ def test_bad_settings_are_named():
         evaluate(EvalConfig(refiner="/nonexistent", n=2))
 
 
-@pytest.mark.skipif(not (ASSET / "model_index.json").is_file(), reason="assets/toy_base missing")
-def test_small_run_writes_table_plot_and_consistent_numbers(tmp_path, monkeypatch, capsys):
-    """An untrained (zero-output) Refiner returns the upsampled preview, so `surf` must equal `upsampled`."""
+def _tiny_refiner(path):
+    """An untrained Refiner: its output layer starts at zero, so it returns the upsampled input."""
     from surf_train.export import save_refiner
     from surf_train.refiner import Refiner, RefinerConfig
 
-    monkeypatch.chdir(CONF_DIR.parent)
     cfg = RefinerConfig(in_channels=12, dim=32, depth=2, heads=2, text_dim=64, window=(1, 4, 4))
     torch.manual_seed(0)
-    save_refiner(Refiner.from_cfg(cfg).state_dict(), cfg, tmp_path / "refiner", bridge={"steps": 2})
+    save_refiner(Refiner.from_cfg(cfg).state_dict(), cfg, path, bridge={"steps": 2})
+    return path
+
+
+needs_toy_base = pytest.mark.skipif(not (ASSET / "model_index.json").is_file(), reason="assets/toy_base missing")
+
+
+@needs_toy_base
+def test_small_run_writes_table_plot_and_consistent_numbers(tmp_path, monkeypatch, capsys):
+    """An untrained (zero-output) Refiner returns the upsampled preview, so `surf` must equal `upsampled`."""
+    monkeypatch.chdir(CONF_DIR.parent)
+    _tiny_refiner(tmp_path / "refiner")
     out = tmp_path / "eval"
     main(
         [
@@ -107,8 +188,9 @@ def test_small_run_writes_table_plot_and_consistent_numbers(tmp_path, monkeypatc
     meth = res["methods"]
     assert set(meth) == {"reference", "direct", "paper@3", "snr@3", "pool@3", "upsampled", "surf"}
     assert meth["reference"]["pos_err"] == 0 and meth["reference"]["psnr"] == PSNR_CAP
-    for k in ("psnr", "ssim", "pos_err", "all3"):
+    for k in ("psnr", "ssim", "pos_err", "all3", "sharpness"):
         assert meth["surf"][k] == pytest.approx(meth["upsampled"][k], abs=1e-6)
+    assert meth["reference"]["sharpness"] == 1.0 and meth["upsampled"]["sharpness"] < 1.0
     # cost: previews are cheaper than the reference; the later the switch, the closer to it
     assert meth["direct"]["gflops"] < meth["pool@3"]["gflops"] < meth["reference"]["gflops"]
     assert meth["surf"]["gflops"] > meth["upsampled"]["gflops"] == meth["pool@3"]["gflops"]
@@ -119,4 +201,48 @@ def test_small_run_writes_table_plot_and_consistent_numbers(tmp_path, monkeypatc
         ("pool@3", "snr@3", "pos_err"),
     }
     assert (out / "fidelity_vs_cost.png").stat().st_size > 10_000
+    from PIL import Image
+
+    assert Image.open(out / "grid.png").size == (3 * (5 * 128 + 8) + 24, 14 + 4 * 128 + 5 * 6)  # 4 clips: n < 6
     assert "| surf |" in (out / "table.md").read_text() and "| surf |" in capsys.readouterr().out
+
+
+@needs_toy_base
+def test_sr_mode_writes_every_field(tmp_path, monkeypatch, capsys):
+    """Super-resolution mode with the untrained Refiner: every K equals bilinear exactly (gain 0)."""
+    from PIL import Image
+
+    monkeypatch.chdir(CONF_DIR.parent)
+    ref = _tiny_refiner(tmp_path / "refiner")
+    out = tmp_path / "sr"
+    args = ["--mode", "sr", "--n", "3", "--batch", "2", "--steps", "4", "--ks", "1", "3"]
+    main([*args, "--refiner", str(ref), "--out-dir", str(out), "--no-progress", "--bootstrap", "100"])
+    res = json.loads((out / "results_sr.json").read_text())
+    assert set(res) == {"mode", "config", "n", "methods", "paired", "k_table", "per_clip"}
+    assert res["mode"] == "sr" and res["n"] == 3 and res["config"]["ks"] == [1, 3]
+    meth = res["methods"]
+    assert list(meth) == ["bilinear", "bicubic", "refiner@1", "refiner@3"]
+    fields = {"psnr", "psnr_obj", "psnr_bg", "psnr_lo", "ssim", "sharpness", "sharpness_ci95", "pos_err", "all3"}
+    fields |= {"colour", "shape", "direction", "background", "speed_err", "seconds", "gflops", "obj_frac"}
+    for m, v in meth.items():
+        assert set(v) == fields, m
+        assert 0 < v["obj_frac"] < 0.6 and v["psnr_obj"] < v["psnr_bg"]  # the flat background is the easy part
+        assert v["sharpness_ci95"][0] <= v["sharpness"] <= v["sharpness_ci95"][1]
+    for k in ("psnr", "psnr_obj", "psnr_bg", "ssim", "sharpness"):
+        assert meth["refiner@3"][k] == pytest.approx(meth["bilinear"][k], abs=1e-4)
+    assert meth["bilinear"]["sharpness"] < 0.6 and meth["bilinear"]["gflops"] == 0
+    g1, g3 = meth["refiner@1"]["gflops"], meth["refiner@3"]["gflops"]
+    assert 0 < g1 < g3 == pytest.approx(3 * g1, rel=0.01)  # K forward passes (rounded to 4 digits)
+    gains = {(d["a"], d["metric"]): d for d in res["paired"]}
+    assert {d["b"] for d in res["paired"]} == {"bilinear"}
+    for m in ("bicubic", "refiner@1", "refiner@3"):
+        for k in ("psnr", "psnr_obj", "psnr_bg", "ssim", "sharpness"):
+            assert set(gains[m, k]) == {"a", "b", "metric", "mean", "ci95", "separated", "clips"}
+    zero = gains["refiner@1", "psnr"]
+    assert zero["mean"] == pytest.approx(0, abs=1e-4) and not zero["separated"] and zero["clips"] == 3
+    assert [r["k"] for r in res["k_table"]] == [1, 3]
+    assert set(res["k_table"][0]) == {"k", "psnr", "psnr_obj", "psnr_bg", "ssim", "sharpness", "gflops", "ms"}
+    assert all(len(v) == 3 for v in res["per_clip"].values())
+    assert Image.open(out / "grid_sr.png").size == (3 * (5 * 128 + 8) + 24, 14 + 3 * 128 + 4 * 6)
+    table = (out / "table_sr.md").read_text()
+    assert "| refiner@3 |" in table and "| K |" in table and "| refiner@3 |" in capsys.readouterr().out
