@@ -408,19 +408,19 @@ def test_cli_help_demo_and_error(tmp_path):
     r = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, env=env, capture_output=True, text=True)
     assert r.returncode == 0 and "make_video_pairs: write (preview, target)" in r.stdout
     assert "repreview" in r.stdout and "clips_per_video: 2" in r.stdout
+    demo = [
+        sys.executable,
+        script,
+        "base=tiny",
+        f"out_dir={tmp_path}",
+        "frames=9",
+        "buckets=[[64,64]]",
+        "clips_per_video=1",
+        "demo_videos=2",
+        "progress=false",
+    ]
     r = subprocess.run(
-        [
-            sys.executable,
-            script,
-            "base=tiny",
-            f"out_dir={tmp_path}",
-            "frames=9",
-            "buckets=[[64,64]]",
-            "clips_per_video=1",
-            "demo_videos=2",
-            "progress=false",
-            "mode=nope",
-        ],
+        [*demo, "mode=nope"],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -430,17 +430,7 @@ def test_cli_help_demo_and_error(tmp_path):
     assert "Traceback" not in r.stderr
     # no videos given: the synthetic demo
     r = subprocess.run(
-        [
-            sys.executable,
-            script,
-            "base=tiny",
-            f"out_dir={tmp_path}",
-            "frames=9",
-            "buckets=[[64,64]]",
-            "clips_per_video=1",
-            "demo_videos=2",
-            "progress=false",
-        ],
+        demo,
         cwd=ROOT,
         env=env,
         capture_output=True,
