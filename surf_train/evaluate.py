@@ -71,6 +71,7 @@ class EvalConfig:
     out_dir: str = "outputs/evaluate"  # where results.json, table.md and the plots go
     mode: str = "surf"  # surf: previews and SURF against the native run; sr: super-resolution of the native run
     ks: list[int] = field(default_factory=lambda: [1, 2, 4, 10])  # sr: Refiner steps K to compare
+    compare: str | None = None  # sr: a second exported Refiner, run at its own K beside --refiner (as `compare@K`)
     mask_dilate: int = 2  # sr: pixels the reference's object mask grows by to take its edge
     grid_clips: int = 6  # clips in grid.png
     grid_scale: int = 4  # grid.png: nearest-neighbour enlargement of each frame
@@ -212,23 +213,11 @@ class _Setup:
 
 
 def _setup(cfg: EvalConfig) -> _Setup:
-    from surf_train.export import check_base, load_refiner
     from surf_train.toyworld import all_captions
 
     cfg.check()
     spec = BaseSpec.from_name(cfg.base)
-    net, bridge = None, {}
-    if cfg.refiner != "none":
-        if not Path(cfg.refiner).is_dir():
-            raise ConfigError(
-                f"--refiner {cfg.refiner}: no exported Refiner there; run `make demo` (or "
-                f"python -m surf_train.export) first, or pass --refiner none"
-            )
-        net, meta = load_refiner(cfg.refiner)
-        bridge = meta.get("bridge", {})
-        warning = check_base(meta, spec, f"Refiner {cfg.refiner}")
-        if warning:
-            print(f"warning: {warning}", file=sys.stderr)
+    net, bridge = _load_refiner(cfg.refiner, spec) if cfg.refiner != "none" else (None, {})
     model = load_base_model(spec, "cpu")
     frames, (h, w) = spec.native_frames, spec.native_size
     hi, lo = (h // spec.stride_s, w // spec.stride_s), (h // spec.stride_s // 2, w // spec.stride_s // 2)
@@ -276,11 +265,28 @@ def _text(net, cond) -> torch.Tensor | None:
     return cond.embeds.float() if net.cfg.text_dim else None
 
 
-def _refiner_gflops(st: _Setup, k: int) -> float:
+def _refiner_gflops(st: _Setup, k: int, net=None) -> float:
     from surf_train.flops import refiner_flops, total
 
-    text_len = st.spec.max_sequence_length if st.net.cfg.text_dim else 0
-    return k * total(refiner_flops(st.net.cfg, (st.c, st.f_lat, *st.hi), text_len)) / 1e9
+    net = net or st.net
+    text_len = st.spec.max_sequence_length if net.cfg.text_dim else 0
+    return k * total(refiner_flops(net.cfg, (st.c, st.f_lat, *st.hi), text_len)) / 1e9
+
+
+def _load_refiner(path: str, spec: BaseSpec) -> tuple[object, dict]:
+    """An exported Refiner and its bridge settings, checked against the base model (a warning for old exports)."""
+    from surf_train.export import check_base, load_refiner
+
+    if not Path(path).is_dir():
+        raise ConfigError(
+            f"--refiner {path}: no exported Refiner there; run `make toy-refiner` or `make demo` (or "
+            f"python -m surf_train.export) first, or pass --refiner none"
+        )
+    net, meta = load_refiner(path)
+    warning = check_base(meta, spec, f"Refiner {path}")
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
+    return net, meta.get("bridge", {})
 
 
 def evaluate(cfg: EvalConfig) -> dict:
@@ -353,8 +359,9 @@ def evaluate(cfg: EvalConfig) -> dict:
     return result
 
 
-def sr_methods(cfg: EvalConfig) -> list[str]:
-    return [*SR_UPSAMPLERS, *([f"refiner@{k}" for k in cfg.ks] if cfg.refiner != "none" else [])]
+def sr_methods(cfg: EvalConfig, compare_k: int | None = None) -> list[str]:
+    refiners = [f"refiner@{k}" for k in cfg.ks] if cfg.refiner != "none" else []
+    return [*SR_UPSAMPLERS, *refiners, *([f"compare@{compare_k}"] if compare_k else [])]
 
 
 def _sr_metrics(video, ref_video, ref_det, caption, preview_hw, masks) -> dict[str, float | None]:
@@ -376,11 +383,14 @@ def evaluate_sr(cfg: EvalConfig) -> dict:
 
     st = _setup(cfg)
     net, bridge = st.net, st.bridge
-    names = sr_methods(cfg)
+    net2, bridge2 = _load_refiner(cfg.compare, st.spec) if cfg.compare else (None, {})
+    k2 = bridge2.get("steps", 10) if net2 is not None else None
+    names = sr_methods(cfg, k2)
     per: dict[str, list[dict]] = {m: [] for m in names}
     k_show = cfg.refiner_steps or bridge.get("steps", 10)  # the grid shows the Refiner at its own K, if compared
     k_show = k_show if k_show in cfg.ks else max(cfg.ks)
     shown_names = ["reference", "bilinear", *([f"refiner@{k_show}"] if net is not None else [])]
+    shown_names += [f"compare@{k2}"] if net2 is not None else []
     shown: dict[str, list[torch.Tensor]] = {m: [] for m in shown_names}
     for i0 in tqdm(range(0, cfg.n, cfg.batch), desc="evaluate sr", unit="batch", disable=not cfg.progress):
         ps, gens, noise, _, cond, vel = _batch(cfg, st, i0)
@@ -400,6 +410,19 @@ def evaluate_sr(cfg: EvalConfig) -> dict:
                 with torch.no_grad():
                     latents[f"refiner@{k}"] = refine(net, x_up, k, sig, text, torch.Generator().manual_seed(cfg.seed))
                 secs[f"refiner@{k}"] = time.perf_counter() - t0
+        if net2 is not None:
+            t0 = time.perf_counter()
+            x_up = upsample(x_lo, st.hi, bridge2.get("up_mode", "bilinear"))
+            with torch.no_grad():
+                latents[f"compare@{k2}"] = refine(
+                    net2,
+                    x_up,
+                    k2,
+                    float(bridge2.get("sigma_aug_eval", 0.0)),
+                    _text(net2, cond),
+                    torch.Generator().manual_seed(cfg.seed),
+                )
+            secs[f"compare@{k2}"] = time.perf_counter() - t0
         ref_videos = st.model.vae_decode(x_ref)
         videos = {m: st.model.vae_decode(latents[m]) for m in names}
         for m in shown:
@@ -410,10 +433,10 @@ def evaluate_sr(cfg: EvalConfig) -> dict:
             masks = region_masks(ref, ref_det, cfg.mask_dilate)
             for m in names:
                 row = _sr_metrics(videos[m][j], ref, ref_det, p, st.preview_px, masks)
-                k = int(m.split("@")[1]) if m.startswith("refiner@") else 0
+                k = int(m.split("@")[1]) if "@" in m else 0
                 row.update(
                     seconds=secs[m] / b,
-                    gflops=_refiner_gflops(st, k) if k else 0.0,
+                    gflops=_refiner_gflops(st, k, net2 if m.startswith("compare@") else net) if k else 0.0,
                     obj_frac=float(masks[0].mean()),
                 )
                 per[m].append(row)
@@ -490,7 +513,8 @@ def format_sr_table(result: dict) -> str:
         f"Super-resolution check, N = {result['n']} (caption, seed) pairs, base `{cfg['base']}`, {cfg['steps']} steps: "
         f"the native generation's latent area-pooled to the preview grid, upsampled back, compared with the native "
         f"generation. Object = the reference's detected object grown by {cfg['mask_dilate']} px; background = the "
-        f"rest. Sharpness = mean squared Laplacian over the reference's (1 = as sharp). Refiner: `{cfg['refiner']}`.",
+        f"rest. Sharpness = mean squared Laplacian over the reference's (1 = as sharp). Refiner: `{cfg['refiner']}`"
+        + (f"; compare: `{cfg['compare']}` at its own K." if cfg.get("compare") else "."),
         "",
         "| method | PSNR dB | PSNR object dB | PSNR background dB | PSNR@preview dB | SSIM | sharpness [95% CI] "
         "| position err | all 3 | GFLOPs | ms/clip |",

@@ -290,8 +290,8 @@ def refiner_flops(
 
     Components as wan_flops, with self_attn_sdpa the windowed cost: blocks alternate plain (even)
     and shifted (odd) windows, each 4 * pairs * dim (see window_pairs; `impl` defaults to
-    cfg.attn_impl, "auto" meaning "grouped"). text_len = 0 (or cfg.text_dim = 0) drops the text
-    projection and cross-attention.
+    cfg.attn_impl, "auto" meaning "grouped"); ffn_conv is the FFN's depthwise conv (0 without).
+    text_len = 0 (or cfg.text_dim = 0) drops the text projection and cross-attention.
     """
     patch = tuple(cfg.patch_size)
     grid = _grid(latent, patch)  # type: ignore[arg-type]
@@ -311,6 +311,7 @@ def refiner_flops(
         "cross_attn_proj": depth * (2 * _lin(n, d, d) + 2 * _lin(l, d, d)) if l else 0,
         "cross_attn_sdpa": depth * _sdpa(n, l, d) if l else 0,
         "ffn": depth * (_lin(n, d, cfg.ffn_dim) + _lin(n, cfg.ffn_dim, d)),
+        "ffn_conv": depth * 2 * n * cfg.ffn_dim * cfg.ffn_conv**2,  # depthwise k x k on the hidden features
         "proj_out": _lin(n, d, cfg.in_channels * pvol),
     }
     return {k: b * v for k, v in parts.items()}

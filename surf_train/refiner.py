@@ -46,6 +46,7 @@ class RefinerConfig:
     qk_norm: bool = True
     grad_checkpointing: bool = False
     attn_impl: str = "auto"  # "mask" | "grouped" | "auto" (see windows.window_attention)
+    ffn_conv: int = 0  # k > 0: a k x k depthwise conv (per frame) in each FFN, across window cuts; 0: none
 
     def __post_init__(self):
         self.patch_size = tuple(int(p) for p in self.patch_size)  # type: ignore[assignment]
@@ -60,6 +61,8 @@ class RefinerConfig:
             raise ConfigError(f"head_dim {self.head_dim} must be even and >= 6 for 3D RoPE")
         if self.attn_impl not in IMPLS:
             raise ConfigError(f"attn_impl {self.attn_impl!r} not in {IMPLS}")
+        if self.ffn_conv < 0 or (self.ffn_conv and self.ffn_conv % 2 == 0):
+            raise ConfigError(f"ffn_conv must be 0 (none) or an odd kernel size, got {self.ffn_conv}")
         if min(self.in_channels, self.dim, self.depth, self.freq_dim) < 1 or self.text_dim < 0:
             raise ConfigError(f"sizes must be positive: {self}")
 
@@ -245,14 +248,30 @@ class CrossAttention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """tanh-GELU MLP; fc1/fc2 are Wan's ffn.net.0.proj / ffn.net.2."""
+    """tanh-GELU MLP; fc1/fc2 are Wan's ffn.net.0.proj / ffn.net.2.
 
-    def __init__(self, dim: int, hidden: int):
+    With conv = k > 0 the hidden features also get a residual k x k depthwise conv over each frame's token
+    grid (a LeFF-style FFN): the one place where neighbouring tokens of different windows mix, so the
+    window cuts leave no seams. It starts at zero, so a Wan initialisation is unchanged.
+    """
+
+    def __init__(self, dim: int, hidden: int, conv: int = 0):
         super().__init__()
         self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+        self.conv = None
+        if conv:
+            self.conv = nn.Conv2d(hidden, hidden, conv, padding=conv // 2, groups=hidden)
+            nn.init.zeros_(self.conv.weight)
+            nn.init.zeros_(self.conv.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+    def forward(self, x: torch.Tensor, grid: Size3) -> torch.Tensor:
+        h = F.gelu(self.fc1(x), approximate="tanh")  # (B, N, hidden)
+        if self.conv is not None:
+            b, (f, gh, gw) = h.shape[0], grid
+            g = h.transpose(1, 2).reshape(b, -1, f, gh, gw).transpose(1, 2).flatten(0, 1)  # (B*F', hidden, H', W')
+            g = self.conv(g).unflatten(0, (b, f)).permute(0, 1, 3, 4, 2).reshape(h.shape)
+            h = h + g
+        return self.fc2(h)
 
 
 class RefinerBlock(nn.Module):
@@ -267,7 +286,7 @@ class RefinerBlock(nn.Module):
             self.norm2 = FP32LayerNorm(cfg.dim, eps=EPS)
             self.attn2 = CrossAttention(cfg)
         self.norm3 = nn.LayerNorm(cfg.dim, eps=EPS, elementwise_affine=False)
-        self.ffn = FeedForward(cfg.dim, cfg.ffn_dim)
+        self.ffn = FeedForward(cfg.dim, cfg.ffn_dim, cfg.ffn_conv)
         # Rows: shift, scale, gate (self-attn), shift, scale, gate (FFN); added to the time projection.
         self.scale_shift_table = nn.Parameter(torch.randn(1, 6, cfg.dim) / cfg.dim**0.5)
 
@@ -289,7 +308,7 @@ class RefinerBlock(nn.Module):
         if text is not None and self.has_text:
             x = x + self.attn2(self.norm2(x), text, text_mask)
         h = (self.norm3(x) * (1 + scale2) + shift2).to(x.dtype)
-        return x + (gate2 * self.ffn(h)).to(x.dtype)
+        return x + (gate2 * self.ffn(h, grid)).to(x.dtype)
 
 
 class _TimeMLP(nn.Module):
@@ -352,6 +371,7 @@ class Refiner(ModelMixin, ConfigMixin):
         qk_norm: bool = True,
         attn_impl: str = "auto",
         grad_checkpointing: bool = False,
+        ffn_conv: int = 0,
     ):
         super().__init__()
         self._cfg = cfg = RefinerConfig(
@@ -367,6 +387,7 @@ class Refiner(ModelMixin, ConfigMixin):
             rope_theta=rope_theta,
             qk_norm=qk_norm,
             attn_impl=attn_impl,
+            ffn_conv=ffn_conv,
         )  # validates
         c, d = cfg.in_channels, cfg.dim
         self.patch_embedding = nn.Conv3d(2 * c, d, kernel_size=cfg.patch_size, stride=cfg.patch_size)

@@ -246,3 +246,32 @@ def test_sr_mode_writes_every_field(tmp_path, monkeypatch, capsys):
     assert Image.open(out / "grid_sr.png").size == (3 * (5 * 128 + 8) + 24, 14 + 3 * 128 + 4 * 6)
     table = (out / "table_sr.md").read_text()
     assert "| refiner@3 |" in table and "| K |" in table and "| refiner@3 |" in capsys.readouterr().out
+
+
+@needs_toy_base
+def test_sr_compare_runs_a_second_refiner_at_its_own_k(tmp_path, monkeypatch):
+    """--compare: the second Refiner (here the same one, perturbed so it moves the output) at its stored K = 2
+    gives exactly the main Refiner's numbers at K = 2, and shows in the gains and the grid."""
+    from PIL import Image
+
+    from surf_train.export import load_refiner, save_refiner
+
+    monkeypatch.chdir(CONF_DIR.parent)
+    net, _ = load_refiner(_tiny_refiner(tmp_path / "zero"))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    save_refiner(net.state_dict(), net.cfg, tmp_path / "moved", bridge={"steps": 2})
+    out = tmp_path / "sr"
+    args = ["--mode", "sr", "--n", "2", "--batch", "2", "--steps", "4", "--ks", "1", "2", "--bootstrap", "100", "--no-progress"]
+    main([*args, "--refiner", str(tmp_path / "moved"), "--compare", str(tmp_path / "moved"), "--out-dir", str(out)])
+    res = json.loads((out / "results_sr.json").read_text())
+    meth = res["methods"]
+    assert list(meth) == ["bilinear", "bicubic", "refiner@1", "refiner@2", "compare@2"]
+    for k in ("psnr", "psnr_bg", "ssim", "sharpness", "gflops"):
+        assert meth["compare@2"][k] == meth["refiner@2"][k]
+    assert meth["compare@2"]["psnr"] != meth["bilinear"]["psnr"]  # the perturbed Refiner does change the output
+    assert ("compare@2", "psnr") in {(d["a"], d["metric"]) for d in res["paired"]}
+    assert Image.open(out / "grid_sr.png").size[0] == 4 * (5 * 128 + 8) + 5 * 6  # reference | bilinear | both Refiners
+    assert "compare: `" in (out / "table_sr.md").read_text()

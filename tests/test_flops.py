@@ -127,6 +127,14 @@ def test_refiner_matches_flop_counter(latent, window, text_len, batch, impl):
     assert F.total(F.refiner_flops(cfg, latent, text_len, batch=batch)) == counted
 
 
+def test_refiner_with_ffn_conv_matches_flop_counter():
+    cfg = RefinerConfig.preset("tiny", ffn_conv=3)
+    x, t = torch.randn(2, 16, 3, 10, 14), torch.rand(2)
+    counted = _count(lambda: Refiner.from_cfg(cfg).eval()(x, t, x))
+    parts = F.refiner_flops(cfg, (16, 3, 10, 14), batch=2)
+    assert F.total(parts) == counted and parts["ffn_conv"] == 2 * 4 * 2 * 105 * 128 * 9
+
+
 def test_window_pairs_mask_counts_padding_grouped_is_exact():
     grid = (3, 5, 7)
     # exact partition, plain windows (2, 4, 4): pieces t 2+1, h 4+1, w 4+3

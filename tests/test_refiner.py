@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from surf_train.base.tiny import TINY_WAN_TRANSFORMER
+from surf_train.errors import ConfigError
 from surf_train.refiner import Refiner, RefinerConfig, init_from_wan, num_params, presets
 
 WAN_TINY = TINY_WAN_TRANSFORMER
@@ -233,6 +234,22 @@ def test_init_from_wan_reports_shape_mismatch(wan_tiny):
     assert len(report.copied) == 69 - 2 * 3  # fc1 weight, fc1 bias, fc2 weight per block; fc2 bias fits
 
 
+def test_ffn_conv_mixes_across_the_window_cut_and_stays_in_the_frame():
+    """ffn_conv=3: the same one-pixel change also reaches the 3x3 token neighbourhood beyond the window, same frame."""
+    m = _perturb(Refiner.from_cfg(RefinerConfig(depth=1, window=(1, 2, 2), text_dim=0, ffn_conv=3)))
+    x, t, cond, _ = _inputs((1, 16, 2, 8, 8))
+    x2 = x.clone()
+    x2[0, :, 1, 5, 2] += 1.0  # token (1, 2, 1): window tokens rows 2..3, cols 0..1 of frame 1
+    with torch.no_grad():
+        changed = (m(x, t, cond) != m(x2, t, cond)).any(1)[0]  # (F, H, W) latent pixels
+    tokens = changed.unflatten(1, (4, 2)).unflatten(3, (4, 2)).any(4).any(2)  # (F, 4, 4) tokens
+    expected = torch.zeros_like(tokens)
+    expected[1, 1:4, 0:3] = True  # the window's tokens and every 3x3 neighbour of a changed token
+    assert torch.equal(tokens, expected)
+    with pytest.raises(ConfigError, match="ffn_conv"):
+        RefinerConfig(ffn_conv=2)
+
+
 @pytest.mark.parametrize("head_dim", [12, 16])  # 16: RoPE split (8, 4, 4) is not symmetric
 def test_wan_initialised_refiner_with_global_window_equals_wan(wan_tiny, head_dim):
     """Window covering the grid: the refiner is Wan on x_t (cond channels are zero), t scaled by 1000."""
@@ -242,10 +259,12 @@ def test_wan_initialised_refiner_with_global_window_equals_wan(wan_tiny, head_di
     wan = wan_tiny[0] if head_dim == 12 else WanTransformer3DModel(**{**WAN_TINY, "attention_head_dim": head_dim})
     wan.eval()
     ref, _ = Refiner.from_wan_transformer(wan, window=(-1, -1, -1))
+    with_conv, _ = Refiner.from_wan_transformer(wan, window=(-1, -1, -1), ffn_conv=3)  # the conv starts at zero
     x, t, cond, text = _inputs((2, 16, 3, 6, 8))
     with torch.no_grad():
         expected = wan(x, t * 1000, text).sample
         torch.testing.assert_close(ref(x, t, cond, text), expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(with_conv(x, t, cond, text), expected, atol=1e-5, rtol=1e-5)
         windowed, _ = Refiner.from_wan_transformer(wan, window=(1, 2, 2))
         assert not torch.allclose(windowed(x, t, cond, text), expected, atol=1e-3)
 
