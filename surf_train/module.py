@@ -46,11 +46,6 @@ def lr_schedule(opt: torch.optim.Optimizer, o: OptimConfig, total: int) -> torch
     return get_cosine_with_min_lr_schedule_with_warmup(opt, o.warmup_steps, total, min_lr_rate=o.min_lr_ratio)
 
 
-def text_mask(text: torch.Tensor | None) -> torch.Tensor | None:
-    """(B, L) True for real tokens: the encoders' embeddings are zero-padded to a fixed length."""
-    return None if text is None else text.abs().amax(-1) > 0
-
-
 class EMA:
     """Exponential moving average of a network's weights, in float32 and outside the training engine.
 
@@ -140,12 +135,11 @@ class RefinerModule(pl.LightningModule):
 
     # --- training -------------------------------------------------------------------------------
     def _net_fn(self, net: Refiner, text: torch.Tensor | None):
-        mask = text_mask(text)
         dtype = next(net.parameters()).dtype  # the float32 EMA beside a bf16 engine module
 
         def fn(x, t, cond, txt):
             cast = (lambda y: y) if x.dtype == dtype else (lambda y: None if y is None else y.to(dtype))
-            return net(cast(x), cast(t), cast(cond), cast(txt), mask).to(x.dtype)
+            return net(cast(x), cast(t), cast(cond), cast(txt)).to(x.dtype)  # zero text rows: padding
 
         return fn
 

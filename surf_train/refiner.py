@@ -164,6 +164,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2).type_as(x)
 
 
+def text_padding_mask(text: torch.Tensor) -> torch.Tensor:
+    """(B, L) True for real tokens of (B, L, D) text embeddings: the shards, the readers' per-batch padding and the
+    Wan pipeline's encode_prompt all pad with zero rows, so training and generation see the same tokens."""
+    return text.abs().amax(-1) > 0
+
+
 def patch_grid(shape: tuple[int, ...], patch: Size3) -> Size3:
     """Token grid (F', H', W') of a (B, C, F, H, W) shape."""
     return tuple(s // p for s, p in zip(shape[2:], patch))  # type: ignore[return-value]
@@ -474,9 +480,11 @@ class Refiner(ModelMixin, ConfigMixin):
         t: torch.Tensor,  # (B,) in [0, 1]; 1 = x_start, 0 = target
         cond: torch.Tensor,  # (B, C, F, H, W) upsampled preview
         text: torch.Tensor | None = None,  # (B, L, text_dim)
-        text_mask: torch.Tensor | None = None,  # (B, L) bool, True = real token
+        text_mask: torch.Tensor | None = None,  # (B, L) bool, True = real token; None: the non-zero rows of text
     ) -> torch.Tensor:
         self._check(x_t, t, cond, text, text_mask)
+        if text is not None and text_mask is None:
+            text_mask = text_padding_mask(text)
         cfg = self._cfg
         grid = patch_grid(x_t.shape, cfg.patch_size)
         x = self.patch_embedding(torch.cat([x_t, cond], dim=1))  # (B, D, F', H', W')

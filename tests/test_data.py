@@ -377,8 +377,9 @@ def test_text_is_padded_per_batch_and_old_padded_shards_still_read(tmp_path):
 
 def test_refiner_output_does_not_depend_on_text_padding():
     """Stored at its real length and padded per batch, text gives the Refiner the output the zero-padded
-    text gave: all-zero rows are masked (module.text_mask)."""
-    from surf_train.module import RefinerModule, text_mask
+    text gave: all-zero rows are padding, masked by the Refiner itself (refiner.text_padding_mask), so the
+    generation paths, which pass no mask, see the tokens training saw."""
+    from surf_train.module import RefinerModule
 
     torch.manual_seed(0)
     m = RefinerModule(model={"preset": "tiny"})
@@ -390,7 +391,9 @@ def test_refiner_output_does_not_depend_on_text_padding():
     padded[0, :5], padded[1, :9] = torch.randn(5, 32), torch.randn(9, 32)
     trimmed = padded[:, :9]  # what collate gives for this batch
     with torch.no_grad():
-        a = m.net(x, t, cond, padded, text_mask(padded))
-        b = m.net(x, t, cond, trimmed, text_mask(trimmed))
+        a = m.net(x, t, cond, padded)
+        b = m.net(x, t, cond, trimmed)
+        unmasked = m.net(x, t, cond, padded, torch.ones(2, 16, dtype=torch.bool))  # the padding attended to
         other = m.net(x, t, cond, torch.randn(2, 9, 32), None)
     assert torch.allclose(a, b, atol=1e-5) and not torch.allclose(a, other, atol=1e-2)
+    assert not torch.allclose(a, unmasked, atol=1e-3)
