@@ -11,6 +11,7 @@ _PKG = Path(__file__).resolve().parent
 DATA_DIR = _PKG / "_data" if (_PKG / "_data" / "conf").is_dir() else _PKG.parent
 CONF_DIR = DATA_DIR / "conf"  # Hydra config tree; conf/base/*.yaml name shipped weights relative to DATA_DIR
 ASSETS_DIR = DATA_DIR / "assets"
+TOY_REFINER = ASSETS_DIR / "toy_refiner"  # the shipped toy-world Refiner (make toy-refiner): the default one
 
 # Expected, not ours to fix: Lightning (<2.7) builds torch's deprecated LeafSpec in its own pytree helper on
 # every step. Silenced by its exact message so that the warnings left mean something.

@@ -41,12 +41,13 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from surf_train import TOY_REFINER
 from surf_train.base import BaseModel, BaseSpec, latent_frames, load_base_model
 from surf_train.cli_args import add_fields, from_args
 from surf_train.errors import ConfigError
 from surf_train.sampling import RULES, PreviewPlan, finish_preview, scheduler_steps
 
-DEFAULT_REFINER = "runs/tiny/refiner"  # where `make demo` exports the Refiner
+DEFAULT_REFINER = str(TOY_REFINER)  # the shipped toy-world Refiner; `make demo` exports its own to runs/tiny/refiner
 MISSING = 0.5  # position error of a frame where only one of the two clips shows the object
 PSNR_CAP = 99.0  # identical clips (infinite PSNR) score this, so results stay plain JSON
 MODES = ("surf", "sr")

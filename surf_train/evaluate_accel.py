@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from surf_train import TOY_REFINER
 from surf_train.base import Acceleration, BaseSpec, latent_frames, load_base_model
 from surf_train.cli_args import add_fields, from_args
 from surf_train.errors import ConfigError
@@ -39,7 +40,7 @@ METRICS = ("all3", "pos_err", "psnr_lo")
 @dataclass
 class AccelEvalConfig:
     base: str = "toy"  # base model in conf/base with a toy-world caption grammar
-    refiner: str = "runs/tiny/refiner"  # exported Refiner directory
+    refiner: str = str(TOY_REFINER)  # exported Refiner directory (default: the shipped toy-world one)
     n: int = 64  # (caption, seed) pairs
     seed: int = 0  # noise seed of the first clip
     steps: int = 20  # base-model sampling steps

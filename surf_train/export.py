@@ -37,10 +37,19 @@ WEIGHTS_PREFIX = "diffusion_pytorch_model"  # save_pretrained's file (or shards 
 V1_WEIGHTS = "refiner.safetensors"  # version 1: refiner.safetensors + config.json holding all metadata
 
 
-def export(ckpt: str | os.PathLike, out_dir: str | os.PathLike, weights: str = "auto", dtype: str = "float32") -> Path:
-    """Write the Refiner of a training checkpoint to out_dir (atomically); returns out_dir."""
+def export(
+    ckpt: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    weights: str = "auto",
+    dtype: str = "float32",
+    steps: int | None = None,
+) -> Path:
+    """Write the Refiner of a training checkpoint to out_dir (atomically); returns out_dir. `steps` replaces the
+    Refiner steps K that sampling defaults to (the training run's validation K otherwise)."""
     if dtype not in DTYPES:
         raise ConfigError(f"--dtype {dtype!r}: choose from {list(DTYPES)}")
+    if steps is not None and steps < 1:
+        raise ConfigError(f"--steps {steps}: the Refiner needs at least 1 step")
     state, hp, step = read_checkpoint(ckpt)
     tensors, weights = refiner_weights(state, weights, str(ckpt))
     cfg = refiner_config(hp["model"])
@@ -49,7 +58,7 @@ def export(ckpt: str | os.PathLike, out_dir: str | os.PathLike, weights: str = "
         tensors,
         cfg,
         out_dir,
-        bridge=hp.get("bridge") or {},
+        bridge={**(hp.get("bridge") or {}), **({"steps": steps} if steps else {})},
         weights=weights,
         dtype=dtype,
         step=step,
@@ -331,13 +340,23 @@ def main(argv: list[str] | None = None) -> None:
         help="storage dtype of the weights (norms, adaLN tables and the time MLP stay float32)",
     )
     ap.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="Refiner steps K that generation and evaluation default to (default: the run's validation K)",
+    )
+    ap.add_argument(
         "--convert",
         action="store_true",
         help="rewrite an export of the first format (refiner.safetensors + config.json) in this one",
     )
     a = ap.parse_args(argv)
     try:
-        out = convert(a.checkpoint, a.out_dir) if a.convert else export(a.checkpoint, a.out_dir, a.weights, a.dtype)
+        out = (
+            convert(a.checkpoint, a.out_dir)
+            if a.convert
+            else export(a.checkpoint, a.out_dir, a.weights, a.dtype, a.steps)
+        )
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

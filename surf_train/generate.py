@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from surf_train import TOY_REFINER
 from surf_train.base import Acceleration, BaseModel, BaseSpec
 from surf_train.cli_args import add_fields, from_args
 from surf_train.dtypes import DTYPES
@@ -30,7 +31,7 @@ from surf_train.pipeline import MODES, StageClock, SurfPipeline, default_prefix,
 from surf_train.sampling import DOWN_MODES, RULES, SCHEDULERS
 
 DEFAULT_BASE = "toy"  # the trained toy-world model (assets/toy_base); `tiny` is random, for tests
-DEFAULT_REFINER = "runs/tiny/refiner"
+DEFAULT_REFINER = str(TOY_REFINER)  # the shipped toy-world Refiner; `make demo` exports its own to runs/tiny/refiner
 log = logging.getLogger("surf_train")
 
 

@@ -264,7 +264,8 @@ def test_sr_compare_runs_a_second_refiner_at_its_own_k(tmp_path, monkeypatch):
             p.add_(0.05 * torch.randn_like(p))
     save_refiner(net.state_dict(), net.cfg, tmp_path / "moved", bridge={"steps": 2})
     out = tmp_path / "sr"
-    args = ["--mode", "sr", "--n", "2", "--batch", "2", "--steps", "4", "--ks", "1", "2", "--bootstrap", "100", "--no-progress"]
+    args = ["--mode", "sr", "--n", "2", "--batch", "2", "--steps", "4", "--ks", "1", "2", "--bootstrap", "100"]
+    args.append("--no-progress")
     main([*args, "--refiner", str(tmp_path / "moved"), "--compare", str(tmp_path / "moved"), "--out-dir", str(out)])
     res = json.loads((out / "results_sr.json").read_text())
     meth = res["methods"]
