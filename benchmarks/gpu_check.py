@@ -785,9 +785,9 @@ def run_cases(report: Report, deadline: float, jobs: list[tuple[dict, float, Cal
 
 def part_refiner_train(plan: Plan, dev: torch.device, deadline: float, r: dict, report: Report) -> None:
     from surf_train.flops import refiner_flops, total
-    from surf_train.module import text_mask
     from surf_train.objective import BridgeConfig, bridge_loss
     from surf_train.refiner import Refiner, num_params
+    from surf_train.refiner import text_padding_mask as text_mask
 
     lat, prev = tuple(r["latent"]), tuple(r["preview_latent"])
     r["config"] = {**refiner_cfg(plan).to_dict(), "attn_impl": "per case"}
@@ -800,7 +800,7 @@ def part_refiner_train(plan: Plan, dev: torch.device, deadline: float, r: dict, 
             text = torch.randn(1, plan.text_len, cfg.text_dim)  # (1, L, D) umT5-like, all tokens real
         r["params"] = num_params(net)
         opt = torch.optim.AdamW(net.parameters(), lr=5e-5)
-        mask, bridge = text_mask(text), BridgeConfig()  # what RefinerModule passes: a keep-mask over the text
+        mask, bridge = text_mask(text), BridgeConfig()  # what the Refiner derives itself: a keep-mask over the text
         losses: list[torch.Tensor] = []
 
         def step():
@@ -831,9 +831,9 @@ def part_refiner_train(plan: Plan, dev: torch.device, deadline: float, r: dict, 
 
 def part_refiner_sample(plan: Plan, dev: torch.device, deadline: float, r: dict, report: Report) -> None:
     from surf_train.flops import refiner_flops, total
-    from surf_train.module import text_mask
     from surf_train.objective import refine
     from surf_train.refiner import Refiner
+    from surf_train.refiner import text_padding_mask as text_mask
 
     cfg = refiner_cfg(plan, grad_checkpointing=False)
     r["config"] = cfg.to_dict()
@@ -1059,8 +1059,8 @@ def train_overrides(plan: Plan, shards: Path, run_dir: Path) -> list[str]:
 
 def part_lightning_deepspeed(plan: Plan, dev: torch.device, deadline: float, r: dict, report: Report) -> None:
     from surf_train.export import load_refiner, read_checkpoint
-    from surf_train.module import text_mask
     from surf_train.refiner import num_params
+    from surf_train.refiner import text_padding_mask as text_mask
 
     env = {
         **os.environ,

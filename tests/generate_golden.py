@@ -5,6 +5,8 @@
 Each case runs `surf_train.generate.generate` on a tiny base model with a tiny seeded Refiner and captures the
 latent handed to the VAE and the decoded video (float32) by wrapping `surf_train.base.vae.decode`. The recording
 holds the latents themselves (.npz) and sha256 hashes of their and the videos' float32 bytes (.json).
+The three `surf` cases were re-recorded when the Refiner began masking zero text rows itself (issue 14): the
+generation path had attended to the text padding that training masks. The other cases did not change.
 """
 
 from __future__ import annotations
