@@ -360,11 +360,6 @@ def evaluate(cfg: EvalConfig) -> dict:
     return result
 
 
-def sr_methods(cfg: EvalConfig, compare_k: int | None = None) -> list[str]:
-    refiners = [f"refiner@{k}" for k in cfg.ks] if cfg.refiner != "none" else []
-    return [*SR_UPSAMPLERS, *refiners, *([f"compare@{compare_k}"] if compare_k else [])]
-
-
 def _sr_metrics(video, ref_video, ref_det, caption, preview_hw, masks) -> dict[str, float | None]:
     obj, bg = masks
     return {
@@ -384,14 +379,19 @@ def evaluate_sr(cfg: EvalConfig) -> dict:
 
     st = _setup(cfg)
     net, bridge = st.net, st.bridge
-    net2, bridge2 = _load_refiner(cfg.compare, st.spec) if cfg.compare else (None, {})
-    k2 = bridge2.get("steps", 10) if net2 is not None else None
-    names = sr_methods(cfg, k2)
+    # method name -> (Refiner, its bridge settings, K): --refiner at every K in --ks, --compare at its own K
+    refiners = {f"refiner@{k}": (net, bridge, k) for k in cfg.ks} if net is not None else {}
+    if cfg.compare:
+        net2, bridge2 = _load_refiner(cfg.compare, st.spec)
+        k2 = bridge2.get("steps", 10)
+        refiners[f"compare@{k2}"] = (net2, bridge2, k2)
+    names = [*SR_UPSAMPLERS, *refiners]
+    gflops = dict.fromkeys(SR_UPSAMPLERS, 0.0) | {m: _refiner_gflops(st, k, r) for m, (r, _, k) in refiners.items()}
     per: dict[str, list[dict]] = {m: [] for m in names}
     k_show = cfg.refiner_steps or bridge.get("steps", 10)  # the grid shows the Refiner at its own K, if compared
     k_show = k_show if k_show in cfg.ks else max(cfg.ks)
     shown_names = ["reference", "bilinear", *([f"refiner@{k_show}"] if net is not None else [])]
-    shown_names += [f"compare@{k2}"] if net2 is not None else []
+    shown_names += [m for m in refiners if m.startswith("compare@")]
     shown: dict[str, list[torch.Tensor]] = {m: [] for m in shown_names}
     for i0 in tqdm(range(0, cfg.n, cfg.batch), desc="evaluate sr", unit="batch", disable=not cfg.progress):
         ps, gens, noise, _, cond, vel = _batch(cfg, st, i0)
@@ -403,27 +403,13 @@ def evaluate_sr(cfg: EvalConfig) -> dict:
             t0 = time.perf_counter()
             latents[m] = upsample(x_lo, st.hi, m)
             secs[m] = time.perf_counter() - t0
-        if net is not None:
-            sig, text = float(bridge.get("sigma_aug_eval", 0.0)), _text(net, cond)
-            for k in cfg.ks:
-                t0 = time.perf_counter()
-                x_up = upsample(x_lo, st.hi, bridge.get("up_mode", "bilinear"))
-                with torch.no_grad():
-                    latents[f"refiner@{k}"] = refine(net, x_up, k, sig, text, torch.Generator().manual_seed(cfg.seed))
-                secs[f"refiner@{k}"] = time.perf_counter() - t0
-        if net2 is not None:
+        for m, (r, br, k) in refiners.items():
             t0 = time.perf_counter()
-            x_up = upsample(x_lo, st.hi, bridge2.get("up_mode", "bilinear"))
+            x_up = upsample(x_lo, st.hi, br.get("up_mode", "bilinear"))
+            sig, gen = float(br.get("sigma_aug_eval", 0.0)), torch.Generator().manual_seed(cfg.seed)
             with torch.no_grad():
-                latents[f"compare@{k2}"] = refine(
-                    net2,
-                    x_up,
-                    k2,
-                    float(bridge2.get("sigma_aug_eval", 0.0)),
-                    _text(net2, cond),
-                    torch.Generator().manual_seed(cfg.seed),
-                )
-            secs[f"compare@{k2}"] = time.perf_counter() - t0
+                latents[m] = refine(r, x_up, k, sig, _text(r, cond), gen)
+            secs[m] = time.perf_counter() - t0
         ref_videos = st.model.vae_decode(x_ref)
         videos = {m: st.model.vae_decode(latents[m]) for m in names}
         for m in shown:
@@ -434,10 +420,9 @@ def evaluate_sr(cfg: EvalConfig) -> dict:
             masks = region_masks(ref, ref_det, cfg.mask_dilate)
             for m in names:
                 row = _sr_metrics(videos[m][j], ref, ref_det, p, st.preview_px, masks)
-                k = int(m.split("@")[1]) if "@" in m else 0
                 row.update(
                     seconds=secs[m] / b,
-                    gflops=_refiner_gflops(st, k, net2 if m.startswith("compare@") else net) if k else 0.0,
+                    gflops=gflops[m],
                     obj_frac=float(masks[0].mean()),
                 )
                 per[m].append(row)

@@ -257,8 +257,8 @@ class FeedForward(nn.Module):
     """tanh-GELU MLP; fc1/fc2 are Wan's ffn.net.0.proj / ffn.net.2.
 
     With conv = k > 0 the hidden features also get a residual k x k depthwise conv over each frame's token
-    grid (a LeFF-style FFN): the one place where neighbouring tokens of different windows mix, so the
-    window cuts leave no seams. It starts at zero, so a Wan initialisation is unchanged.
+    grid (a LeFF-style FFN): neighbouring tokens of different windows mix there too, not only through the
+    shifted windows. It starts at zero, so a Wan initialisation is unchanged.
     """
 
     def __init__(self, dim: int, hidden: int, conv: int = 0):
