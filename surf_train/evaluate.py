@@ -45,6 +45,7 @@ from surf_train import TOY_REFINER
 from surf_train.base import BaseModel, BaseSpec, latent_frames, load_base_model
 from surf_train.cli_args import add_fields, from_args
 from surf_train.errors import ConfigError
+from surf_train.objective import sampler_settings
 from surf_train.sampling import RULES, PreviewPlan, finish_preview, scheduler_steps
 
 DEFAULT_REFINER = str(TOY_REFINER)  # the shipped toy-world Refiner; `make demo` exports its own to runs/tiny/refiner
@@ -52,6 +53,7 @@ MISSING = 0.5  # position error of a frame where only one of the two clips shows
 PSNR_CAP = 99.0  # identical clips (infinite PSNR) score this, so results stay plain JSON
 MODES = ("surf", "sr")
 SR_UPSAMPLERS = ("bilinear", "bicubic")  # latent-space upsamplers the Refiner must beat (bilinear: the baseline)
+CONSISTENT_BILINEAR = "bilinear+consistency"  # sr with --consistency on: bilinear projected onto the preview
 
 
 @dataclass
@@ -67,6 +69,8 @@ class EvalConfig:
     surf_switch: int = 5  # switch step of SURF's preview
     guidance: float | None = None  # CFG scale; None: the base model's
     refiner_steps: int | None = None  # Refiner steps; None: the K stored with the export
+    start_noise: float | None = None  # Refiner start-point noise (sigma_aug_eval); None: the export's (--refiner only)
+    consistency: str | None = None  # on|off: project refined latents onto the preview; None: each export's
     batch: int = 16  # clips per batch
     bootstrap: int = 2000  # bootstrap resamples for the intervals
     out_dir: str = "outputs/evaluate"  # where results.json, table.md and the plots go
@@ -89,6 +93,8 @@ class EvalConfig:
         for k in [*self.switches, self.surf_switch] if self.mode == "surf" else []:  # sr has no previews
             if not 0 < k < self.steps:
                 raise ConfigError(f"switch {k} must be in [1, steps-1={self.steps - 1}] (0 is `direct`)")
+        if self.start_noise is not None and self.start_noise < 0:
+            raise ConfigError(f"--start-noise {self.start_noise} must be >= 0")
         if self.n < 2 or self.batch < 1:
             raise ConfigError(f"--n must be at least 2 (got {self.n}) and --batch at least 1 (got {self.batch})")
 
@@ -266,6 +272,13 @@ def _text(net, cond) -> torch.Tensor | None:
     return cond.embeds.float() if net.cfg.text_dim else None
 
 
+def _sampler(cfg: EvalConfig, bridge: dict, main: bool = True) -> dict:
+    """refine()'s sampler settings for a Refiner: the export's, with --consistency (every Refiner) and
+    --start-noise (the --refiner one, `main`) where given."""
+    start = cfg.start_noise if main else None
+    return sampler_settings(bridge, start, None if cfg.consistency is None else cfg.consistency == "on")
+
+
 def _refiner_gflops(st: _Setup, k: int, net=None) -> float:
     from surf_train.flops import refiner_flops, total
 
@@ -338,8 +351,10 @@ def evaluate(cfg: EvalConfig) -> dict:
         if net is not None:
             t0 = time.perf_counter()
             with torch.no_grad():
-                sig = float(bridge.get("sigma_aug_eval", 0.0))
-                latents["surf"] = refine(net, x_up, k_ref, sig, _text(net, cond), gens[0])
+                kw = _sampler(cfg, bridge)
+                latents["surf"] = refine(
+                    net, x_up, k_ref, text=_text(net, cond), generator=gens[0], preview=latents[surf_name], **kw
+                )
             cost["surf"] = (
                 cost["upsampled"][0] + time.perf_counter() - t0,
                 cost[surf_name][1] + 1e9 * _refiner_gflops(st, k_ref),
@@ -373,7 +388,7 @@ def evaluate_sr(cfg: EvalConfig) -> dict:
     """Super-resolution check: the native generation's latent area-pooled to the preview grid, upsampled back by
     each method (bilinear, bicubic, the Refiner at every K in cfg.ks), compared with the native generation.
     Writes results_sr.json, table_sr.md and grid_sr.png (reference | bilinear | Refiner at its stored K)."""
-    from surf_train.objective import refine, upsample
+    from surf_train.objective import match_preview, refine, upsample
     from surf_train.sampling import resize_latent
     from surf_train.toyworld import detect
 
@@ -385,8 +400,10 @@ def evaluate_sr(cfg: EvalConfig) -> dict:
         net2, bridge2 = _load_refiner(cfg.compare, st.spec)
         k2 = bridge2.get("steps", 10)
         refiners[f"compare@{k2}"] = (net2, bridge2, k2)
-    names = [*SR_UPSAMPLERS, *refiners]
-    gflops = dict.fromkeys(SR_UPSAMPLERS, 0.0) | {m: _refiner_gflops(st, k, r) for m, (r, _, k) in refiners.items()}
+    # with --consistency on, bilinear projected onto the preview too: the share of the gain that needs no network
+    ups = [*SR_UPSAMPLERS, *([CONSISTENT_BILINEAR] if cfg.consistency == "on" else [])]
+    names = [*ups, *refiners]
+    gflops = dict.fromkeys(ups, 0.0) | {m: _refiner_gflops(st, k, r) for m, (r, _, k) in refiners.items()}
     per: dict[str, list[dict]] = {m: [] for m in names}
     k_show = cfg.refiner_steps or bridge.get("steps", 10)  # the grid shows the Refiner at its own K, if compared
     k_show = k_show if k_show in cfg.ks else max(cfg.ks)
@@ -399,16 +416,18 @@ def evaluate_sr(cfg: EvalConfig) -> dict:
         x_ref, _ = _native(cfg, st, Recorder(vel), noise)  # (B, C, F, H, W)
         x_lo = resize_latent(x_ref, st.lo, "area")  # the preview the Refiner would see, without the preview's drift
         latents, secs = {}, {}
-        for m in SR_UPSAMPLERS:
+        for m in ups:
             t0 = time.perf_counter()
-            latents[m] = upsample(x_lo, st.hi, m)
+            latents[m] = (
+                upsample(x_lo, st.hi, m) if m != CONSISTENT_BILINEAR else match_preview(latents["bilinear"], x_lo)
+            )
             secs[m] = time.perf_counter() - t0
         for m, (r, br, k) in refiners.items():
             t0 = time.perf_counter()
             x_up = upsample(x_lo, st.hi, br.get("up_mode", "bilinear"))
-            sig, gen = float(br.get("sigma_aug_eval", 0.0)), torch.Generator().manual_seed(cfg.seed)
+            kw, gen = _sampler(cfg, br, r is net), torch.Generator().manual_seed(cfg.seed + i0)
             with torch.no_grad():
-                latents[m] = refine(r, x_up, k, sig, _text(r, cond), gen)
+                latents[m] = refine(r, x_up, k, text=_text(r, cond), generator=gen, preview=x_lo, **kw)
             secs[m] = time.perf_counter() - t0
         ref_videos = st.model.vae_decode(x_ref)
         videos = {m: st.model.vae_decode(latents[m]) for m in names}
@@ -466,10 +485,13 @@ def summarise_sr(cfg: EvalConfig, per: dict[str, list[dict]], names: list[str], 
         methods[m] = {k: (round(float(np.nanmean(x)), 4) if np.isfinite(x).any() else None) for k, x in v.items()}
         lo, hi = bootstrap_ci(v["sharpness"], cfg.bootstrap)
         methods[m]["sharpness_ci95"] = [round(lo, 4), round(hi, 4)]
+    # gains over bilinear; with --consistency on also the Refiners' over bilinear+consistency
+    pairs = [(m, "bilinear") for m in names if m != "bilinear"]
+    if CONSISTENT_BILINEAR in names:
+        pairs += [(m, CONSISTENT_BILINEAR) for m in names if m.startswith(("refiner@", "compare@"))]
     paired = [
-        dict(a=m, b="bilinear", metric=k, **paired_gain(_values(per[m], k), _values(per["bilinear"], k), cfg.bootstrap))
-        for m in names
-        if m != "bilinear"
+        dict(a=a, b=b, metric=k, **paired_gain(_values(per[a], k), _values(per[b], k), cfg.bootstrap))
+        for a, b in pairs
         for k in SR_METRICS
     ]
     k_table = [
@@ -528,16 +550,16 @@ def format_sr_table(result: dict) -> str:
             )
     lines += [
         "",
-        "Gains over bilinear (a - bilinear, mean over clips, 95% bootstrap interval; higher is better except "
-        "position error; for sharpness nearer 1 is better):",
+        "Gains (a - b, mean over clips, 95% bootstrap interval; higher is better except position error; for "
+        "sharpness nearer 1 is better):",
         "",
-        "| a | metric | mean | 95% CI | CI excludes 0 |",
-        "|---|---|---|---|---|",
+        "| a | b | metric | mean | 95% CI | CI excludes 0 |",
+        "|---|---|---|---|---|---|",
     ]
     for d in result["paired"]:
         lo, hi = d["ci95"]
         lines.append(
-            f"| {d['a']} | {d['metric']} | {_f(d['mean'], '+.4f')} | [{_f(lo, '+.4f')}, {_f(hi, '+.4f')}] | "
+            f"| {d['a']} | {d['b']} | {d['metric']} | {_f(d['mean'], '+.4f')} | [{_f(lo, '+.4f')}, {_f(hi, '+.4f')}] | "
             f"{'yes' if d['separated'] else 'no'} |"
         )
     return "\n".join(lines) + "\n"
@@ -718,6 +740,7 @@ def parse_args(argv: list[str] | None = None) -> EvalConfig:
         EvalConfig,
         rules={"help": f"re-noise rules to compare, from {list(RULES)}"},
         mode={"choices": list(MODES)},
+        consistency={"choices": ["on", "off"]},
     )
     return from_args(EvalConfig, ap.parse_args(argv))
 

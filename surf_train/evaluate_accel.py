@@ -110,7 +110,7 @@ def evaluate_accel(cfg: AccelEvalConfig) -> dict:
     """Run every method on every clip; returns the summary (also written to cfg.out_dir)."""
     from surf_train.export import load_refiner
     from surf_train.flops import metered_flops, refiner_flops, total
-    from surf_train.objective import refine, upsample
+    from surf_train.objective import refine, sampler_settings, upsample
     from surf_train.sampling import PreviewPlan, preview_sample, sample
     from surf_train.toyworld import all_captions, detect
 
@@ -123,6 +123,7 @@ def evaluate_accel(cfg: AccelEvalConfig) -> dict:
     c, f_lat = spec.channels, latent_frames(frames, spec.stride_t)
     hi, lo = (h // spec.stride_s, w // spec.stride_s), (h // spec.stride_s // 2, w // spec.stride_s // 2)
     k_ref = bridge.get("steps", 10)
+    sampler = sampler_settings(bridge)
     text_len = spec.max_sequence_length if net.cfg.text_dim else 0
     refine_flops = k_ref * total(refiner_flops(net.cfg, (c, f_lat, *hi), text_len))
     caps = all_captions()
@@ -150,8 +151,9 @@ def evaluate_accel(cfg: AccelEvalConfig) -> dict:
                     x = sample(vel, noise, model.schedule(m.steps))
                 else:
                     plan = PreviewPlan(model.schedule(m.steps), switch=m.switch, preview_size=lo, rule=cfg.rule)
-                    x_up = upsample(preview_sample(vel, noise, plan, fresh), hi, bridge.get("up_mode", "bilinear"))
-                    x = refine(net, x_up, k_ref, float(bridge.get("sigma_aug_eval", 0.0)), text, gens[0])
+                    pre = preview_sample(vel, noise, plan, fresh)
+                    x_up = upsample(pre, hi, bridge.get("up_mode", "bilinear"))
+                    x = refine(net, x_up, k_ref, text=text, generator=gens[0], preview=pre, **sampler)
             seconds[m.name].append(time.perf_counter() - t0)
             latents[m.name] = x
             lat = {hw: (c, f_lat, *hw) for hw in model.meter.forwards}

@@ -43,13 +43,18 @@ def export(
     weights: str = "auto",
     dtype: str = "float32",
     steps: int | None = None,
+    start_noise: float | None = None,
+    consistency: bool | None = None,
 ) -> Path:
-    """Write the Refiner of a training checkpoint to out_dir (atomically); returns out_dir. `steps` replaces the
-    Refiner steps K that sampling defaults to (the training run's validation K otherwise)."""
+    """Write the Refiner of a training checkpoint to out_dir (atomically); returns out_dir. `steps`, `start_noise`
+    and `consistency` replace the sampler settings that generation and evaluation default to (bridge steps,
+    sigma_aug_eval and consistency; the training run's validation settings otherwise)."""
     if dtype not in DTYPES:
         raise ConfigError(f"--dtype {dtype!r}: choose from {list(DTYPES)}")
     if steps is not None and steps < 1:
         raise ConfigError(f"--steps {steps}: the Refiner needs at least 1 step")
+    if start_noise is not None and start_noise < 0:
+        raise ConfigError(f"--start-noise {start_noise} must be >= 0")
     state, hp, step = read_checkpoint(ckpt)
     tensors, weights = refiner_weights(state, weights, str(ckpt))
     cfg = refiner_config(hp["model"])
@@ -58,7 +63,12 @@ def export(
         tensors,
         cfg,
         out_dir,
-        bridge={**(hp.get("bridge") or {}), **({"steps": steps} if steps else {})},
+        bridge={
+            **(hp.get("bridge") or {}),
+            **({"steps": steps} if steps else {}),
+            **({"sigma_aug_eval": float(start_noise)} if start_noise is not None else {}),
+            **({"consistency": consistency} if consistency is not None else {}),
+        },
         weights=weights,
         dtype=dtype,
         step=step,
@@ -346,6 +356,18 @@ def main(argv: list[str] | None = None) -> None:
         help="Refiner steps K that generation and evaluation default to (default: the run's validation K)",
     )
     ap.add_argument(
+        "--start-noise",
+        type=float,
+        default=None,
+        help="start-point noise of the sampler (bridge sigma_aug_eval; default: the run's validation value)",
+    )
+    ap.add_argument(
+        "--consistency",
+        choices=["on", "off"],
+        default=None,
+        help="on: the sampler projects its output onto the preview (bridge consistency; default: the run's)",
+    )
+    ap.add_argument(
         "--convert",
         action="store_true",
         help="rewrite an export of the first format (refiner.safetensors + config.json) in this one",
@@ -355,7 +377,15 @@ def main(argv: list[str] | None = None) -> None:
         out = (
             convert(a.checkpoint, a.out_dir)
             if a.convert
-            else export(a.checkpoint, a.out_dir, a.weights, a.dtype, a.steps)
+            else export(
+                a.checkpoint,
+                a.out_dir,
+                a.weights,
+                a.dtype,
+                a.steps,
+                a.start_noise,
+                None if a.consistency is None else a.consistency == "on",
+            )
         )
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -216,9 +216,10 @@ class RefinerModule(pl.LightningModule):
         text = None if text is None else text.float()
         x_up = upsample(preview, tuple(target.shape[-2:]), self.bridge.up_mode)  # (B, C, F, H, W)
         gen = torch.Generator().manual_seed(batch_idx)  # the same start noise at every validation
-        refined = refine(
-            self._net_fn(self.eval_net, text), x_up, self.bridge.steps, self.bridge.sigma_aug_eval, text, gen
-        )
+        net = self._net_fn(self.eval_net, text)
+        br = self.bridge
+        kw = dict(noise_space=br.noise_space, consistency=br.consistency)
+        refined = refine(net, x_up, br.steps, br.sigma_aug_eval, text, gen, preview, **kw)
         b = target.shape[0]
         self.log("val/mse_refiner", F.mse_loss(refined, target), sync_dist=True, batch_size=b)
         self.log("val/mse_upsample", F.mse_loss(x_up, target), sync_dist=True, batch_size=b)

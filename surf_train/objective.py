@@ -1,7 +1,8 @@
 """Bridge flow matching from the upsampled preview to the target (DESIGN 3.3), and its K-step sampler.
 
 x_up = up(preview); x_start = x_up + sigma_aug * eps; x_t = (1 - t) * x_hr + t * x_start;
-target velocity v = x_start - x_hr. Sampling integrates from t = 1 (x_start) to t = 0.
+target velocity v = x_start - x_hr. Sampling integrates from t = 1 (x_start) to t = 0, then (with `consistency`)
+projects the result onto the latents whose area pooling to the preview grid is the preview.
 """
 
 from __future__ import annotations
@@ -13,10 +14,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from surf_train.errors import ConfigError
 from surf_train.sampling import euler_sample, resize_latent
 
 # net(x_t (B,C,F,H,W), t (B,), cond (B,C,F,H,W), text (B,L,D) | None) -> v (B,C,F,H,W)
 RefinerFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+
+
+NOISE_SPACES = ("full", "detail")
 
 
 @dataclass
@@ -27,18 +32,22 @@ class BridgeConfig:
     t_mean: float = 0.0  # logit-normal location
     t_std: float = 1.0  # logit-normal scale
     sigma_aug_max: float = 0.5  # per-sample noise on the start point ~ U(0, sigma_aug_max)
+    noise_space: str = "full"  # start-point noise: full | detail (none on the preview grid: detail_noise)
     sigma_aug_eval: float = 0.0  # start-point noise used by the sampler
     up_mode: str = "bilinear"  # preview -> target grid (per frame; frames never change)
     latent_noise_max: float = 0.0  # latent degradation: extra Gaussian noise ~ U(0, max) on x_up
     latent_blur_max: float = 0.0  # latent degradation: Gaussian blur sigma ~ U(0, max) pixels, per sample
     degrade_prob: float = 0.5  # probability that a sample gets the latent degradations
     steps: int = 10  # K: Euler steps of the sampler
+    consistency: bool = False  # sampler: project the output so that its area pooling is the preview (match_preview)
 
     def __post_init__(self):
         if self.t_dist not in ("logit_normal", "uniform"):
             raise ValueError(f"t_dist={self.t_dist!r}: choose logit_normal or uniform")
         if self.steps < 1:
             raise ValueError(f"steps={self.steps} must be >= 1")
+        if self.noise_space not in NOISE_SPACES:
+            raise ValueError(f"noise_space={self.noise_space!r}: choose from {list(NOISE_SPACES)}")
 
 
 def upsample(preview: torch.Tensor, size: tuple[int, int], mode: str = "bilinear") -> torch.Tensor:
@@ -101,7 +110,7 @@ def bridge_batch(
     b, dev = target.shape[0], target.device
     x_up = augment_cond(upsample(preview, tuple(target.shape[-2:]), cfg.up_mode), cfg, generator)
     sig = cfg.sigma_aug_max * torch.rand(b, generator=generator).to(target).view(b, 1, 1, 1, 1)
-    x_start = x_up + sig * torch.randn(target.shape, generator=generator).to(target)
+    x_start = x_up + sig * start_noise(target.shape, preview.shape[-2:], cfg.noise_space, generator).to(target)
     t = sample_t(b, cfg, generator, dev).to(target.dtype)
     tt = t.view(b, 1, 1, 1, 1)
     return BridgeBatch(x_t=(1 - tt) * target + tt * x_start, t=t, cond=x_up, v=x_start - target)
@@ -120,6 +129,43 @@ def bridge_loss(
     return F.mse_loss(net(bb.x_t, bb.t, bb.cond, text).float(), bb.v.float())
 
 
+def sampler_settings(bridge: dict, start_noise: float | None = None, consistency: bool | None = None) -> dict:
+    """refine()'s keyword arguments for an exported Refiner (its surf.json `bridge`): start-point noise, its space
+    and consistency; `start_noise` and `consistency` replace the stored ones where given."""
+    return {
+        "sigma_aug": float(bridge.get("sigma_aug_eval", 0.0)) if start_noise is None else float(start_noise),
+        "noise_space": bridge.get("noise_space", "full"),
+        "consistency": bool(bridge.get("consistency", False)) if consistency is None else consistency,
+    }
+
+
+def start_noise(
+    shape: tuple[int, ...], preview_hw: tuple[int, int], space: str = "full", generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Unit Gaussian noise of `shape` (B, C, F, H, W); `detail`: minus its area pooling to the preview grid
+    (nearest-repeated), so the noise has no component there and x_up + noise pools to the same preview."""
+    eps = torch.randn(shape, generator=generator)
+    if space == "full":
+        return eps
+    if space != "detail":
+        raise ConfigError(f"noise_space {space!r}: choose from {list(NOISE_SPACES)}")
+    return match_preview(eps, torch.zeros(*shape[:3], *preview_hw))
+
+
+def match_preview(x: torch.Tensor, preview: torch.Tensor) -> torch.Tensor:
+    """The latent nearest to x (B, C, F, H, W) whose r x r area pooling is `preview` (B, C, F, H/r, W/r).
+
+    The orthogonal projection x + A+(preview - A x) onto {A x = preview}, A the area pooling: its pseudo-inverse A+
+    repeats each preview pixel r x r. The refined latent keeps its detail and takes the preview's low band exactly.
+    """
+    (hh, ww), (h, w) = x.shape[-2:], preview.shape[-2:]
+    if hh % h or ww % w:
+        raise ConfigError(
+            f"consistency: the refined latent grid {hh}x{ww} is not an integer multiple of the preview's {h}x{w}"
+        )
+    return x + resize_latent(preview.to(x) - resize_latent(x, (h, w), "area"), (hh, ww), "nearest")
+
+
 @torch.no_grad()
 def refine(
     net: RefinerFn,
@@ -128,12 +174,22 @@ def refine(
     sigma_aug: float = 0.0,
     text: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    preview: torch.Tensor | None = None,
+    noise_space: str = "full",
+    consistency: bool = False,
 ) -> torch.Tensor:
-    """K-step Euler from t = 1 (x_start = x_up + sigma_aug * eps) to t = 0; x_up (B, C, F, H, W)."""
-    x = x_up + sigma_aug * torch.randn(x_up.shape, generator=generator).to(x_up) if sigma_aug > 0 else x_up
+    """K-step Euler from t = 1 (x_start = x_up + sigma_aug * eps) to t = 0; x_up (B, C, F, H, W) upsampled from
+    `preview`, which `noise_space="detail"` (eps: start_noise) and `consistency` (the result projected onto the
+    preview: match_preview) need."""
+    if preview is None and (consistency or (noise_space != "full" and sigma_aug > 0)):
+        raise ValueError(f"refine: noise_space={noise_space!r} and consistency={consistency} need the preview")
+    hw = x_up.shape[-2:] if preview is None else preview.shape[-2:]
+    eps = start_noise(x_up.shape, hw, noise_space, generator).to(x_up) if sigma_aug > 0 else 0
+    x = x_up + sigma_aug * eps
     b = x_up.shape[0]
 
     def velocity(x, s):
         return net(x, torch.full((b,), s, device=x.device, dtype=x.dtype), x_up, text)
 
-    return euler_sample(velocity, x, torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64))
+    x = euler_sample(velocity, x, torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64))
+    return match_preview(x, preview) if consistency else x

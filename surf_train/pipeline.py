@@ -25,7 +25,7 @@ from diffusers.utils import BaseOutput
 
 from surf_train.base import Acceleration, BaseModel, BaseSpec, adapter_class, latent_frames
 from surf_train.errors import ConfigError
-from surf_train.objective import refine, upsample
+from surf_train.objective import refine, sampler_settings, upsample
 from surf_train.sampling import DOWN_MODES, RULES, PreviewPlan, Schedule, preview_sample, sample
 
 MODES = ("surf", "baseline", "preview")
@@ -413,8 +413,8 @@ class SurfPipeline(DiffusionPipeline):
                 def ref_fn(x, t, cnd, txt):
                     return net(x.to(dt), t.to(dt), cnd.to(dt), None if txt is None else txt.to(dt)).float()
 
-                sigma = float(bridge.get("sigma_aug_eval", 0.0))
-                latent = clock.time("refine", refine, ref_fn, x_up, plan.refiner_steps, sigma, text, generator)
+                kw = dict(text=text, generator=generator, preview=preview, **sampler_settings(bridge))
+                latent = clock.time("refine", lambda: refine(ref_fn, x_up, plan.refiner_steps, **kw))
         if output_type == "latent":
             frames = latent
         else:

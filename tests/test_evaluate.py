@@ -19,6 +19,7 @@ from surf_train.evaluate import (
     main,
     masked_psnr,
     paired_gain,
+    parse_args,
     region_masks,
     sharpness,
 )
@@ -246,6 +247,35 @@ def test_sr_mode_writes_every_field(tmp_path, monkeypatch, capsys):
     assert Image.open(out / "grid_sr.png").size == (3 * (5 * 128 + 8) + 24, 14 + 3 * 128 + 4 * 6)
     table = (out / "table_sr.md").read_text()
     assert "| refiner@3 |" in table and "| K |" in table and "| refiner@3 |" in capsys.readouterr().out
+
+
+@needs_toy_base
+def test_sr_start_noise_overrides_the_export(tmp_path, monkeypatch):
+    """--start-noise and --consistency: the zero-output Refiner keeps its start point, so with noise it falls below
+    bilinear (by the noise it leaves) and at 0 it equals bilinear; the --compare Refiner keeps its start noise."""
+    monkeypatch.chdir(CONF_DIR.parent)
+    ref = _tiny_refiner(tmp_path / "refiner")
+    args = ["--mode", "sr", "--n", "2", "--batch", "2", "--steps", "4", "--ks", "1", "--bootstrap", "100"]
+    args += ["--no-progress", "--grid-clips", "0", "--refiner", str(ref), "--compare", str(ref)]
+    res = {}
+    for s, extra in (("0", []), ("0.3", []), ("on", ["--start-noise", "0", "--consistency", "on"])):
+        flags = ["--start-noise", s] if not extra else extra
+        evaluate(parse_args([*args, *flags, "--out-dir", str(tmp_path / s)]))
+        res[s] = json.loads((tmp_path / s / "results_sr.json").read_text())["methods"]
+    assert res["0"]["refiner@1"]["psnr"] == pytest.approx(res["0"]["bilinear"]["psnr"], abs=1e-4)
+    assert res["0.3"]["refiner@1"]["psnr"] < res["0.3"]["bilinear"]["psnr"] - 3
+    assert res["0.3"]["refiner@1"]["sharpness"] > 2 * res["0.3"]["bilinear"]["sharpness"]  # leftover noise
+    assert res["0.3"]["compare@2"]["psnr"] == pytest.approx(res["0.3"]["bilinear"]["psnr"], abs=1e-4)
+    # --consistency on (every Refiner): the bilinear start gets the preview's low band exactly, which moves it; the
+    # zero-output Refiners are then exactly the new `bilinear+consistency` row, the share that needs no network
+    on = res["on"]
+    assert list(on)[:3] == ["bilinear", "bicubic", "bilinear+consistency"]
+    assert abs(on["refiner@1"]["psnr"] - on["bilinear"]["psnr"]) > 0.05
+    for m in ("refiner@1", "compare@2"):
+        assert on[m]["psnr"] == pytest.approx(on["bilinear+consistency"]["psnr"], abs=1e-4)
+    assert "bilinear+consistency" not in res["0"]
+    with pytest.raises(ConfigError, match="--start-noise -1"):
+        parse_args(["--start-noise", "-1"]).check()
 
 
 @needs_toy_base

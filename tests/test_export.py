@@ -64,15 +64,16 @@ def test_exported_refiner_matches_the_checkpoint(plain_ckpt, tmp_path, weights):
 def test_export_dtype_and_cli(plain_ckpt, tmp_path):
     r = subprocess.run(
         [sys.executable, "-m", "surf_train.export", str(plain_ckpt), str(tmp_path / "bf"), "--dtype", "bfloat16"]
-        + ["--steps", "3"],
+        + ["--steps", "3", "--start-noise", "0.25", "--consistency", "on"],
         cwd=ROOT,
         capture_output=True,
         text=True,
     )
     assert r.returncode == 0 and "exported ema weights of step 3 (bfloat16)" in r.stdout
     net, meta = load_refiner(tmp_path / "bf")
-    trained = read_checkpoint(plain_ckpt)[1]["bridge"]  # --steps replaces K and nothing else
-    assert meta["bridge"] == {**trained, "steps": 3} and trained["steps"] != 3
+    trained = read_checkpoint(plain_ckpt)[1]["bridge"]  # the three sampler flags replace those and nothing else
+    assert meta["bridge"] == {**trained, "steps": 3, "sigma_aug_eval": 0.25, "consistency": True}
+    assert trained["steps"] != 3 and trained["sigma_aug_eval"] != 0.25 and not trained["consistency"]
     assert net.dtype == net.patch_embedding.weight.dtype == torch.bfloat16
     # stored and loaded in float32: the modules diffusers keeps in float32 (Refiner._keep_in_fp32_modules)
     from safetensors import safe_open

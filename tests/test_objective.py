@@ -1,0 +1,79 @@
+"""The sampler's consistency with the preview (objective.match_preview) and the sampler settings of an export."""
+
+import pytest
+import torch
+
+from surf_train.errors import ConfigError
+from surf_train.objective import (
+    BridgeConfig,
+    bridge_batch,
+    match_preview,
+    refine,
+    sampler_settings,
+    start_noise,
+    upsample,
+)
+from surf_train.sampling import resize_latent
+
+
+def test_match_preview_is_the_orthogonal_projection_onto_the_preview():
+    g = torch.Generator().manual_seed(0)
+    x, preview = torch.randn(2, 4, 3, 8, 12, generator=g), torch.randn(2, 4, 3, 4, 6, generator=g)
+    p = match_preview(x, preview)
+    torch.testing.assert_close(resize_latent(p, (4, 6), "area"), preview)  # its area pooling is the preview
+    torch.testing.assert_close(match_preview(p, preview), p)  # a projection: idempotent
+    # orthogonal: x - p is perpendicular to every move that keeps the pooling, so p is the nearest such latent
+    z = match_preview(torch.randn(x.shape, generator=g), preview)
+    assert abs(float(((x - p) * (z - p)).sum())) < 1e-3 * float((x - p).norm() * (z - p).norm())
+    assert (x - p).norm() < (x - z).norm()
+    # the preview's own detail-free latent stays: nearest upsampling of the preview is already consistent
+    flat = upsample(preview, (8, 12), "nearest")
+    torch.testing.assert_close(match_preview(flat, preview), flat)
+
+
+def test_match_preview_refuses_a_non_integer_factor():
+    with pytest.raises(ConfigError, match="9x12 is not an integer multiple of the preview's 4x6"):
+        match_preview(torch.zeros(1, 4, 1, 9, 12), torch.zeros(1, 4, 1, 4, 6))
+
+
+def test_refine_with_preview_projects_its_output():
+    """A zero-velocity Refiner returns its start point; with consistency that point takes the preview's low band."""
+    preview = torch.randn(2, 4, 3, 4, 4, generator=torch.Generator().manual_seed(1))
+    x_up = upsample(preview, (8, 8))  # bilinear: its own pooling is not the preview
+    zero = lambda x, t, c, txt: torch.zeros_like(x)  # noqa: E731
+    assert torch.equal(refine(zero, x_up, steps=3), x_up)
+    assert torch.equal(refine(zero, x_up, steps=3, preview=preview), x_up)  # the preview alone changes nothing
+    out = refine(zero, x_up, steps=3, preview=preview, consistency=True)
+    assert not torch.allclose(out, x_up)
+    torch.testing.assert_close(out, match_preview(x_up, preview))
+    torch.testing.assert_close(resize_latent(out, (4, 4), "area"), preview)
+
+
+def test_detail_noise_has_nothing_on_the_preview_grid():
+    g = torch.Generator().manual_seed(2)
+    eps = start_noise((2, 4, 3, 8, 8), (4, 4), "detail", g)
+    assert float(resize_latent(eps, (4, 4), "area").abs().max()) < 1e-6
+    assert 0.8 < float(eps.std()) < 0.92  # 3/4 of unit variance is left (sqrt: 0.866)
+    full = start_noise((2, 4, 3, 8, 8), (4, 4), "full", torch.Generator().manual_seed(2))
+    torch.testing.assert_close(eps, match_preview(full, torch.zeros(2, 4, 3, 4, 4)))  # same draw, projected
+    # training: the bridge's start point pools to the upsampled preview's pooling, whatever the noise level
+    preview, target = torch.randn(4, 4, 3, 4, 4, generator=g), torch.randn(4, 4, 3, 8, 8, generator=g)
+    bb = bridge_batch(preview, target, BridgeConfig(sigma_aug_max=1.0, noise_space="detail"), g)
+    x_start = bb.v + target
+    torch.testing.assert_close(resize_latent(x_start, (4, 4), "area"), resize_latent(bb.cond, (4, 4), "area"))
+    # sampling: a zero-velocity Refiner returns the noisy start, which still pools to the same
+    zero = lambda x, t, c, txt: torch.zeros_like(x)  # noqa: E731
+    x_up = upsample(preview, (8, 8))
+    out = refine(zero, x_up, 2, 0.7, generator=g, preview=preview, noise_space="detail")
+    assert float((out - x_up).std()) > 0.5
+    torch.testing.assert_close(resize_latent(out, (4, 4), "area"), resize_latent(x_up, (4, 4), "area"))
+    with pytest.raises(ValueError, match="need the preview"):
+        refine(zero, x_up, 2, 0.7, noise_space="detail")
+
+
+def test_sampler_settings_read_the_export_and_take_overrides():
+    old = sampler_settings({})  # an export from before these settings: clean start, no projection
+    assert old == {"sigma_aug": 0.0, "noise_space": "full", "consistency": False}
+    bridge = {"sigma_aug_eval": 0.3, "consistency": True, "noise_space": "detail", "steps": 4}
+    assert sampler_settings(bridge) == {"sigma_aug": 0.3, "noise_space": "detail", "consistency": True}
+    assert sampler_settings(bridge, start_noise=0.0, consistency=False)["sigma_aug"] == 0.0
