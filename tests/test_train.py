@@ -11,7 +11,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from procs import free_port, kill_tree
 
-from surf_train import CONF_DIR
+from surf_train import ASSETS_DIR, CONF_DIR
 from surf_train.pairs import PairsConfig, make_pairs
 from surf_train.train import checkpoint_step, newest_checkpoint, register_resolvers, train
 
@@ -115,6 +115,21 @@ def test_experiment_configs(experiment, pairs, tmp_path):
     )
     s = train(cfg)
     assert s["steps"] == 2 and s["val_mse_refiner"] is not None
+
+
+@pytest.mark.skipif(not (ASSETS_DIR / "toy_base" / "transformer").is_dir(), reason="assets/toy_base missing")
+def test_demo_experiment_starts_from_every_toy_base_tensor():
+    """+experiment=demo (make demo): the toy preset is the toy base's shape, so init_from_wan copies every tensor."""
+    from surf_train.module import RefinerModule
+    from surf_train.refiner import Refiner, RefinerConfig
+
+    full = compose_cfg(["+experiment=demo"])
+    assert full.name == "demo" and full.model.preset == "toy" and full.module.bridge.noise_space == "detail"
+    model = {k: v for k, v in full.model.items() if k != "preset"}
+    _, report = Refiner.from_wan_transformer(full.module.init_from_wan, **RefinerConfig(**model).to_dict())
+    assert len(report.copied) == 123 and not report.skipped
+    m = RefinerModule(model=model, init_from_wan=full.module.init_from_wan)
+    assert m.net.cfg == RefinerConfig.preset("toy")
 
 
 def test_bad_config_is_one_clear_error(tmp_path):
