@@ -1,8 +1,8 @@
 """Bridge flow matching from the upsampled preview to the target (DESIGN 3.3), and its K-step sampler.
 
 x_up = up(preview); x_start = x_up + sigma_aug * eps; x_t = (1 - t) * x_hr + t * x_start;
-target velocity v = x_start - x_hr. Sampling integrates from t = 1 (x_start) to t = 0, then (with `consistency`)
-projects the result onto the latents whose area pooling to the preview grid is the preview.
+target velocity v = x_start - x_hr. Sampling integrates from t = 1 (x_start) to t = 0, with `consistency` keeping
+each step's target estimate on the latents whose area pooling to the preview grid is the preview.
 """
 
 from __future__ import annotations
@@ -179,8 +179,10 @@ def refine(
     consistency: bool = False,
 ) -> torch.Tensor:
     """K-step Euler from t = 1 (x_start = x_up + sigma_aug * eps) to t = 0; x_up (B, C, F, H, W) upsampled from
-    `preview`, which `noise_space="detail"` (eps: start_noise) and `consistency` (the result projected onto the
-    preview: match_preview) need."""
+    `preview`, which `noise_space="detail"` (eps: start_noise) and `consistency` need. With `consistency` every
+    step's estimate of the target, x - t * v, is projected onto the preview (match_preview) before the step
+    (range-null-space sampling, as DDNM does): the result is exactly consistent, and the network smooths the
+    projection's block edges in the steps after (projecting only the result left them, measured)."""
     if preview is None and (consistency or (noise_space != "full" and sigma_aug > 0)):
         raise ValueError(f"refine: noise_space={noise_space!r} and consistency={consistency} need the preview")
     hw = x_up.shape[-2:] if preview is None else preview.shape[-2:]
@@ -191,5 +193,11 @@ def refine(
     def velocity(x, s):
         return net(x, torch.full((b,), s, device=x.device, dtype=x.dtype), x_up, text)
 
-    x = euler_sample(velocity, x, torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64))
-    return match_preview(x, preview) if consistency else x
+    ts = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
+    if not consistency:
+        return euler_sample(velocity, x, ts)
+    for t, t_next in zip(ts[:-1].tolist(), ts[1:].tolist()):
+        v = velocity(x, t)
+        x_hr = match_preview(x - t * v, preview)  # the target estimate, on the preview; without it this is Euler
+        x = (1 - t_next) * x_hr + t_next * (x + (1 - t) * v)  # back on the bridge through the same start point
+    return x

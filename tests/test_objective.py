@@ -49,6 +49,24 @@ def test_refine_with_preview_projects_its_output():
     torch.testing.assert_close(resize_latent(out, (4, 4), "area"), preview)
 
 
+def test_consistent_sampler_keeps_every_target_estimate_on_the_preview():
+    """An oracle that always estimates the target z: plain Euler returns z, the consistent sampler its projection
+    (every step's estimate is projected, so the last one is); a consistent z comes back unchanged."""
+    g = torch.Generator().manual_seed(3)
+    preview, z = torch.randn(2, 4, 3, 4, 4, generator=g), torch.randn(2, 4, 3, 8, 8, generator=g)
+    x_up = upsample(preview, (8, 8))
+
+    def oracle(target):
+        return lambda x, t, c, txt: (x - target) / t.view(-1, 1, 1, 1, 1)  # x - t v = target at every step
+
+    for k in (1, 3):
+        torch.testing.assert_close(refine(oracle(z), x_up, k, 0.5, generator=g), z)
+        out = refine(oracle(z), x_up, k, 0.5, generator=g, preview=preview, consistency=True)
+        torch.testing.assert_close(out, match_preview(z, preview))
+        zc = match_preview(z, preview)
+        torch.testing.assert_close(refine(oracle(zc), x_up, k, preview=preview, consistency=True), zc)
+
+
 def test_detail_noise_has_nothing_on_the_preview_grid():
     g = torch.Generator().manual_seed(2)
     eps = start_noise((2, 4, 3, 8, 8), (4, 4), "detail", g)
