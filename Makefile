@@ -21,12 +21,12 @@ venv: $(BIN)/.installed
 # the main job end to end on the toy default: pairs -> training -> export -> generation -> evaluation
 demo: venv
 	$(BIN)/python data_prep/make_pairs.py
-	$(BIN)/python -m surf_train
-	$(BIN)/python -m surf_train.export runs/tiny/checkpoints/last.ckpt runs/tiny/refiner
+	$(BIN)/python -m surf_train +experiment=demo
+	$(BIN)/python -m surf_train.export runs/demo/checkpoints/last.ckpt runs/demo/refiner
 	$(BIN)/python -m surf_train.generate
-	$(BIN)/python -m surf_train.evaluate --n 16 --switches 5 --refiner runs/tiny/refiner --out-dir outputs/evaluate
-	$(BIN)/python -m surf_train.evaluate --mode sr --n 16 --ks 10 --refiner runs/tiny/refiner \
-		--compare assets/toy_refiner --out-dir outputs/evaluate_sr
+	$(BIN)/python -m surf_train.evaluate --n 16 --switches 5 --refiner runs/demo/refiner --out-dir outputs/evaluate
+	$(BIN)/python -m surf_train.evaluate --mode sr --n 16 --ks 10 --refiner runs/demo/refiner \
+		--consistency on --compare assets/toy_refiner --out-dir outputs/evaluate_sr
 
 # the shipped assets/toy_base, rebuilt (about 2 h 20 min on 2 CPU threads; both stages resume when rerun):
 # 16000 steps from random weights, then a warm restart on a fresh 8000-step schedule stopped at step 1688
@@ -37,14 +37,15 @@ toy-base: venv
 
 # the shipped assets/toy_refiner, rebuilt (about 35 min on 2 CPU threads; every step resumes when rerun): 1024
 # super-resolution and 1024 generated pairs of the same native clips, 4000 steps (conf/experiment/toy_refiner.yaml),
-# exported with the K chosen in docs/evaluation.md
+# exported with the K and the start-point noise chosen in docs/evaluation.md
 TOY_REFINER_K ?= 4
+TOY_REFINER_NOISE ?= 0.75
 toy-refiner: venv
 	$(BIN)/python data_prep/make_pairs.py out_dir=runs/toy_refiner/sr_pairs num_pairs=1024 switch=20 seed=100000
 	$(BIN)/python data_prep/make_pairs.py out_dir=runs/toy_refiner/gen_pairs num_pairs=1024 seed=100000
 	$(BIN)/python -m surf_train +experiment=toy_refiner
 	$(BIN)/python -m surf_train.export runs/toy_refiner/train/checkpoints/last.ckpt assets/toy_refiner \
-		--steps $(TOY_REFINER_K)
+		--steps $(TOY_REFINER_K) --start-noise $(TOY_REFINER_NOISE)
 
 test: venv lint
 	$(BIN)/python -m pytest -q

@@ -20,9 +20,19 @@ lever A_tiny model.dim=64 model.mlp_ratio=2.0 module.init_from_wan=null module.o
 lever B_win4
 lever C_conv model.ffn_conv=3
 lever D_win8 'model.window=[2,8,8]'
-# start-point noise at sampling: B's weights with surf.json's sigma_aug_eval changed
+lever E_sig1 model.ffn_conv=3 module.bridge.sigma_aug_max=1.0
+lever F_detail model.ffn_conv=3 module.bridge.sigma_aug_max=1.0 module.bridge.noise_space=detail
+# E and F sampled from a noisy start, and F with the output projected onto the preview (--consistency on)
+for r in E_sig1 F_detail; do
+  for s in 0.5 1.0; do
+    [ -f $L/$r.s$s/results_sr.json ] || $PY -m surf_train.evaluate --mode sr --refiner $L/$r/refiner --n 32 \
+      --start-noise $s --out-dir $L/$r.s$s --no-progress
+  done
+done
+[ -f $L/F_detail.s0.5_on/results_sr.json ] || $PY -m surf_train.evaluate --mode sr --refiner $L/F_detail/refiner \
+  --n 32 --start-noise 0.5 --consistency on --out-dir $L/F_detail.s0.5_on --no-progress
+# start-point noise at sampling, B's weights
 for s in 0.25 0.5; do
-  rm -rf $L/B_sig$s && cp -r $L/B_win4/refiner $L/B_sig$s
-  $PY -c "import json,sys; p=sys.argv[1]+'/surf.json'; d=json.load(open(p)); d['bridge']['sigma_aug_eval']=float(sys.argv[2]); json.dump(d, open(p, 'w'), indent=1)" $L/B_sig$s $s
-  $PY -m surf_train.evaluate --mode sr --refiner $L/B_sig$s --n 32 --out-dir $L/B_sig$s.eval --no-progress
+  [ -f $L/B_sig$s.eval/results_sr.json ] || $PY -m surf_train.evaluate --mode sr --refiner $L/B_win4/refiner --n 32 \
+    --start-noise $s --out-dir $L/B_sig$s.eval --no-progress
 done

@@ -19,10 +19,11 @@ over clips. Writes results.json, table.md, fidelity_vs_cost.png and grid.png (re
 preview grid, upsampled back by bilinear, bicubic and the Refiner at each K in --ks; PSNR (also inside the
 reference's object mask grown by --mask-dilate px, and in the flat rest), SSIM, sharpness, gains over bilinear
 with intervals, and a K table (fidelity, ms, GFLOPs). Writes results_sr.json, table_sr.md and grid_sr.png.
+--consistency on projects the Refiners' outputs onto the preview and adds bilinear projected the same way.
 
     python -m surf_train.evaluate --n 64 --refiner runs/tiny/refiner
     python -m surf_train.evaluate --n 16 --refiner none --switches 2 5 10
-    python -m surf_train.evaluate --mode sr --n 64 --refiner runs/tiny/refiner
+    python -m surf_train.evaluate --mode sr --n 64 --consistency on --refiner runs/demo/refiner
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ from surf_train.errors import ConfigError
 from surf_train.objective import sampler_settings
 from surf_train.sampling import RULES, PreviewPlan, finish_preview, scheduler_steps
 
-DEFAULT_REFINER = str(TOY_REFINER)  # the shipped toy-world Refiner; `make demo` exports its own to runs/tiny/refiner
+DEFAULT_REFINER = str(TOY_REFINER)  # the shipped toy-world Refiner; `make demo` exports its own to runs/demo/refiner
 MISSING = 0.5  # position error of a frame where only one of the two clips shows the object
 PSNR_CAP = 99.0  # identical clips (infinite PSNR) score this, so results stay plain JSON
 MODES = ("surf", "sr")

@@ -31,7 +31,7 @@ from surf_train.pipeline import MODES, StageClock, SurfPipeline, default_prefix,
 from surf_train.sampling import DOWN_MODES, RULES, SCHEDULERS
 
 DEFAULT_BASE = "toy"  # the trained toy-world model (assets/toy_base); `tiny` is random, for tests
-DEFAULT_REFINER = str(TOY_REFINER)  # the shipped toy-world Refiner; `make demo` exports its own to runs/tiny/refiner
+DEFAULT_REFINER = str(TOY_REFINER)  # the shipped toy-world Refiner; `make demo` exports its own to runs/demo/refiner
 log = logging.getLogger("surf_train")
 
 
