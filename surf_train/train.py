@@ -280,8 +280,7 @@ def train(cfg: DictConfig) -> dict:
         print(
             f"[surf_train] requeued at step {requeue.saved_step}; the next job resumes from {requeue.saved}", flush=True
         )
-        if torch.distributed.is_initialized():  # else gloo's threads abort the exit ("terminate called ...")
-            torch.distributed.destroy_process_group()
+        _close_process_group()
         return {"steps": trainer.global_step, "requeued": str(requeue.saved)}
     if trainer.global_step % cfg.ckpt_every:
         _relink_last(trainer, ckpt_dir, trainer.global_step)
@@ -321,7 +320,15 @@ def train(cfg: DictConfig) -> dict:
             f"{_fmt(summary['train_loss_last'])}, {val_txt}{skip_txt}; summary: {run_dir / 'summary.json'}",
             flush=True,
         )
+    _close_process_group()
     return summary
+
+
+def _close_process_group() -> None:
+    """Tear the process group down before the interpreter exits; left to the exit, gloo's threads can abort it
+    ("terminate called without an active exception", exit 6) after a run that finished and saved everything."""
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def _read_summary(run_dir: Path) -> dict:
