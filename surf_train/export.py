@@ -55,6 +55,7 @@ def export(
         raise ConfigError(f"--steps {steps}: the Refiner needs at least 1 step")
     if start_noise is not None and start_noise < 0:
         raise ConfigError(f"--start-noise {start_noise} must be >= 0")
+    sampler = {"steps": steps, "sigma_aug_eval": start_noise, "consistency": consistency}
     state, hp, step = read_checkpoint(ckpt)
     tensors, weights = refiner_weights(state, weights, str(ckpt))
     cfg = refiner_config(hp["model"])
@@ -63,12 +64,7 @@ def export(
         tensors,
         cfg,
         out_dir,
-        bridge={
-            **(hp.get("bridge") or {}),
-            **({"steps": steps} if steps else {}),
-            **({"sigma_aug_eval": float(start_noise)} if start_noise is not None else {}),
-            **({"consistency": consistency} if consistency is not None else {}),
-        },
+        bridge={**(hp.get("bridge") or {}), **{k: v for k, v in sampler.items() if v is not None}},
         weights=weights,
         dtype=dtype,
         step=step,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import collections
 import copy
 import logging
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from surf_train.errors import ConfigError
-from surf_train.objective import BridgeConfig, bridge_loss, refine, upsample
+from surf_train.objective import BridgeConfig, bridge_loss, refine, sampler_settings, upsample
 from surf_train.refiner import Refiner, refiner_config
 
 log = logging.getLogger(__name__)
@@ -216,10 +216,8 @@ class RefinerModule(pl.LightningModule):
         text = None if text is None else text.float()
         x_up = upsample(preview, tuple(target.shape[-2:]), self.bridge.up_mode)  # (B, C, F, H, W)
         gen = torch.Generator().manual_seed(batch_idx)  # the same start noise at every validation
-        net = self._net_fn(self.eval_net, text)
-        br = self.bridge
-        kw = dict(noise_space=br.noise_space, consistency=br.consistency)
-        refined = refine(net, x_up, br.steps, br.sigma_aug_eval, text, gen, preview, **kw)
+        net, kw = self._net_fn(self.eval_net, text), sampler_settings(asdict(self.bridge))
+        refined = refine(net, x_up, self.bridge.steps, text=text, generator=gen, preview=preview, **kw)
         b = target.shape[0]
         self.log("val/mse_refiner", F.mse_loss(refined, target), sync_dist=True, batch_size=b)
         self.log("val/mse_upsample", F.mse_loss(x_up, target), sync_dist=True, batch_size=b)

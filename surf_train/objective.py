@@ -32,14 +32,14 @@ class BridgeConfig:
     t_mean: float = 0.0  # logit-normal location
     t_std: float = 1.0  # logit-normal scale
     sigma_aug_max: float = 0.5  # per-sample noise on the start point ~ U(0, sigma_aug_max)
-    noise_space: str = "full"  # start-point noise: full | detail (none on the preview grid: detail_noise)
+    noise_space: str = "full"  # start-point noise: full | detail (nothing on the preview grid: start_noise)
     sigma_aug_eval: float = 0.0  # start-point noise used by the sampler
     up_mode: str = "bilinear"  # preview -> target grid (per frame; frames never change)
     latent_noise_max: float = 0.0  # latent degradation: extra Gaussian noise ~ U(0, max) on x_up
     latent_blur_max: float = 0.0  # latent degradation: Gaussian blur sigma ~ U(0, max) pixels, per sample
     degrade_prob: float = 0.5  # probability that a sample gets the latent degradations
     steps: int = 10  # K: Euler steps of the sampler
-    consistency: bool = False  # sampler: project the output so that its area pooling is the preview (match_preview)
+    consistency: bool = False  # sampler: keep every step's target estimate on the preview (refine, match_preview)
 
     def __post_init__(self):
         if self.t_dist not in ("logit_normal", "uniform"):
