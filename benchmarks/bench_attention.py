@@ -39,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from surf_train.refiner import Refiner, RefinerConfig
+from surf_train.models.refiner import Refiner, RefinerConfig
 
 PATCH = (1, 2, 2)
 C = 16

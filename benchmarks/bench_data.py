@@ -4,7 +4,7 @@
 
 Loaded: samples/s of full training epochs (worker start-up included) for num_workers 0 and 2, median of
 `repeats` epochs. Consumed: batch_size / (median time of one optimizer step of the tiny Refiner, or a Conv3d
-stand-in when surf_train.refiner is missing or fails) on a batch from the same loader. Ratio > 1: the loader
+stand-in when surf_train.models.refiner is missing or fails) on a batch from the same loader. Ratio > 1: the loader
 keeps up. Loader and step are timed separately; in training they share the CPU cores.
 """
 
@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from surf_train.data import DataConfig, PairDataModule
-from surf_train.pairs import PairsConfig, make_pairs
+from surf_train.data.datamodule import DataConfig, PairDataModule
+from surf_train.data.pairs import PairsConfig, make_pairs
 
 
 def timed(fn, repeats):
@@ -35,8 +35,8 @@ def step_fn(batch):
     """(one optimizer step on `batch`, model description)."""
     text = batch.get("text")
     try:
-        from surf_train.objective import BridgeConfig, bridge_loss
-        from surf_train.refiner import Refiner, RefinerConfig, num_params
+        from surf_train.models.refiner import Refiner, RefinerConfig, num_params
+        from surf_train.training.objective import BridgeConfig, bridge_loss
 
         net = Refiner.from_cfg(
             RefinerConfig.preset(

@@ -41,9 +41,10 @@ import torch
 
 import surf_train.generate as G
 from surf_train.base import load_base_model
-from surf_train.export import load_refiner, save_refiner
 from surf_train.flops import total, wan_flops
-from surf_train.refiner import Refiner, RefinerConfig, num_params
+from surf_train.models.loading import load_refiner
+from surf_train.models.refiner import Refiner, RefinerConfig, num_params
+from surf_train.training.export import save_refiner
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "a red ball rolling across a wooden floor"

@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 from surf_train.base import BaseSpec, load_base_model
-from surf_train.pairs import PairsConfig, make_pairs
-from surf_train.sampling import PreviewPlan, count_calls, pair_sample, preview_sample, sample
+from surf_train.base.sampling import PreviewPlan, count_calls, pair_sample, preview_sample, sample
+from surf_train.data.pairs import PairsConfig, make_pairs
 
 
 def timed(fn, repeats):

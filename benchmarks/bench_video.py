@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 from surf_train.base import BaseSpec, load_base_model
-from surf_train.video import Video, clip_indices, clip_starts, crop_box, to_clip, write_synthetic_video
-from surf_train.video_pairs import VideoPairsConfig, make_video_pairs
+from surf_train.data.video import Video, clip_indices, clip_starts, crop_box, to_clip, write_synthetic_video
+from surf_train.data.video_pairs import VideoPairsConfig, make_video_pairs
 
 BUCKET, FRAMES, FPS, CLIPS = (128, 224), 17, 16.0, 3
 

@@ -20,7 +20,7 @@ missing, and a failure (an OOM included) is recorded and the next part runs:
                       30 at 240p + 10 Refiner steps) composed into seconds, next to the paper's 3497 s -> 278 s and
                       surf_train.flops' prediction (step counts and sizes come from flops.RunSettings).
   lightning_deepspeed `python -m surf_train +experiment=wan` shrunk to a mid-sized Refiner: 5 steps of Lightning's
-                      DeepSpeed ZeRO-2 in bf16-mixed on one GPU on shards written here by surf_train.shards, the
+                      DeepSpeed ZeRO-2 in bf16-mixed on one GPU on shards written here by surf_train.data.shards, the
                       ZeRO checkpoint, `python -m surf_train.export` of it and a load of the export.
 Times: CUDA events after a warm-up (perf_counter on CPU), the median of the repeats the part's deadline
 allows. Peak memory: torch.cuda.max_memory_allocated per case. TFLOP/s: surf_train.flops' analytic count
@@ -100,15 +100,15 @@ PACKAGES = (
     "decord",
 )
 MODULES = (
-    "surf_train.windows",
-    "surf_train.refiner",
+    "surf_train.models.windows",
+    "surf_train.models.refiner",
     "surf_train.flops",
-    "surf_train.objective",
-    "surf_train.shards",
-    "surf_train.data",
-    "surf_train.module",
-    "surf_train.strategies",
-    "surf_train.train",
+    "surf_train.training.objective",
+    "surf_train.data.shards",
+    "surf_train.data.datamodule",
+    "surf_train.training.module",
+    "surf_train.training.strategies",
+    "surf_train.training.train",
     "surf_train.export",
     "surf_train.base",
     "surf_train.generate",
@@ -579,7 +579,7 @@ def record_sdpa(calls: list[dict], label: dict):
 def sdpa_signatures(plan: Plan) -> list[dict]:
     """Attention calls of one Refiner forward per window form (a plain and a shifted block; blocks repeat) and
     of one Wan block, traced on the meta device at the target latent: shapes only, nothing allocated."""
-    from surf_train.refiner import Refiner, RefinerConfig
+    from surf_train.models.refiner import Refiner, RefinerConfig
 
     lat = latent(plan, sizes(plan)["target"])
     calls: list[dict] = []
@@ -763,7 +763,7 @@ def part_environment(plan: Plan, dev: torch.device, deadline: float, r: dict, re
 
 
 def refiner_cfg(plan: Plan, **kw):
-    from surf_train.refiner import RefinerConfig
+    from surf_train.models.refiner import RefinerConfig
 
     return RefinerConfig.preset("paper", **{**plan.refiner, **kw})
 
@@ -785,9 +785,9 @@ def run_cases(report: Report, deadline: float, jobs: list[tuple[dict, float, Cal
 
 def part_refiner_train(plan: Plan, dev: torch.device, deadline: float, r: dict, report: Report) -> None:
     from surf_train.flops import refiner_flops, total
-    from surf_train.objective import BridgeConfig, bridge_loss
-    from surf_train.refiner import Refiner, num_params
-    from surf_train.refiner import text_padding_mask as text_mask
+    from surf_train.models.refiner import Refiner, num_params
+    from surf_train.models.refiner import text_padding_mask as text_mask
+    from surf_train.training.objective import BridgeConfig, bridge_loss
 
     lat, prev = tuple(r["latent"]), tuple(r["preview_latent"])
     r["config"] = {**refiner_cfg(plan).to_dict(), "attn_impl": "per case"}
@@ -831,9 +831,9 @@ def part_refiner_train(plan: Plan, dev: torch.device, deadline: float, r: dict, 
 
 def part_refiner_sample(plan: Plan, dev: torch.device, deadline: float, r: dict, report: Report) -> None:
     from surf_train.flops import refiner_flops, total
-    from surf_train.objective import refine
-    from surf_train.refiner import Refiner
-    from surf_train.refiner import text_padding_mask as text_mask
+    from surf_train.models.refiner import Refiner
+    from surf_train.models.refiner import text_padding_mask as text_mask
+    from surf_train.models.sampler import RefinerSampler
 
     cfg = refiner_cfg(plan, grad_checkpointing=False)
     r["config"] = cfg.to_dict()
@@ -849,10 +849,9 @@ def part_refiner_sample(plan: Plan, dev: torch.device, deadline: float, r: dict,
 
     def sample_case(rec: dict, flop: float) -> None:
         x_up = torch.randn(1, *rec["latent"], device=dev, dtype=torch.bfloat16)  # (1, C, F, H, W) upsampled preview
-        refine(velocity, x_up, 1, text=text)  # warm-up: one Refiner step at this shape; then K steps are timed
-        measure(
-            rec, lambda: refine(velocity, x_up, k, text=text), dev, deadline, max(1, plan.repeats - 1), flop, warmup=0
-        )
+        RefinerSampler(steps=1).refine(velocity, x_up, text=text)  # warm-up: one step at this shape; K timed
+        run = RefinerSampler(steps=k).refine
+        measure(rec, lambda: run(velocity, x_up, text=text), dev, deadline, max(1, plan.repeats - 1), flop, warmup=0)
         rec.update(warmup=1, per_step_ms=rec["ms"] / k)
 
     jobs = []
@@ -1016,8 +1015,8 @@ def part_wan14b(
 
 
 def write_shards(directory: Path, target: tuple[int, ...], text: tuple[int, int], n_shards: int, per_shard: int):
-    """Random (preview, target, text) pairs in the project's shard schema (surf_train.shards)."""
-    from surf_train.shards import ShardWriter, encode_sample
+    """Random (preview, target, text) pairs in the project's shard schema (surf_train.data.shards)."""
+    from surf_train.data.shards import ShardWriter, encode_sample
 
     c, f, h, w = target
     gen = torch.Generator().manual_seed(0)
@@ -1058,9 +1057,10 @@ def train_overrides(plan: Plan, shards: Path, run_dir: Path) -> list[str]:
 
 
 def part_lightning_deepspeed(plan: Plan, dev: torch.device, deadline: float, r: dict, report: Report) -> None:
-    from surf_train.export import load_refiner, read_checkpoint
-    from surf_train.refiner import num_params
-    from surf_train.refiner import text_padding_mask as text_mask
+    from surf_train.models.loading import load_refiner
+    from surf_train.models.refiner import num_params
+    from surf_train.models.refiner import text_padding_mask as text_mask
+    from surf_train.training.checkpoint import read_checkpoint
 
     env = {
         **os.environ,

@@ -14,14 +14,13 @@ from __future__ import annotations
 import argparse
 
 import numpy as np
-import torch
 
 
 def main(argv=None) -> None:
+    from surf_train.base.sampling import resize_latent
+    from surf_train.data.toyworld import detect
     from surf_train.evaluate import EvalConfig, Recorder, _batch, _native, _setup, _text, region_masks
-    from surf_train.objective import refine, upsample
-    from surf_train.sampling import resize_latent
-    from surf_train.toyworld import detect
+    from surf_train.models.sampler import RefinerSampler, upsample
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("refiner")
@@ -30,7 +29,7 @@ def main(argv=None) -> None:
     a = ap.parse_args(argv)
     cfg = EvalConfig(refiner=a.refiner, n=a.n, mode="sr", batch=16, progress=False)
     st = _setup(cfg)
-    k = a.k or st.bridge.get("steps", 10)
+    k = a.k or st.sampler.steps
     ncfg = st.net.cfg
     period = ncfg.window[2] * ncfg.patch_size[2] * st.spec.stride_s  # window width in pixels
     err = {m: np.zeros(period) for m in ("bilinear", "refiner")}
@@ -40,8 +39,8 @@ def main(argv=None) -> None:
         x_ref, _ = _native(cfg, st, Recorder(vel), noise)
         x_lo = resize_latent(x_ref, st.lo, "area")
         x_up = upsample(x_lo, st.hi, "bilinear")
-        with torch.no_grad():
-            out = {"bilinear": x_up, "refiner": refine(st.net, x_up, k, 0.0, _text(st.net, cond))}
+        refined = RefinerSampler(steps=k, up_mode="bilinear").refine(st.net, x_up, text=_text(st.net, cond))
+        out = {"bilinear": x_up, "refiner": refined}
         ref = st.model.vae_decode(x_ref)
         vids = {m: st.model.vae_decode(v) for m, v in out.items()}
         for j in range(len(ps)):

@@ -1,6 +1,6 @@
 """Train the `toy` base model: a small Wan DiT that generates toy-world clips from their captions.
 
-The world (surf_train/toyworld.py) is one flat shape moving over a flat background; the latent is the
+The world (surf_train/data/toyworld.py) is one flat shape moving over a flat background; the latent is the
 exact pixel-unshuffle of surf_train/base/toy_vae.py; the text encoder is a 2-layer T5 trained jointly
 with the ~1.3M-parameter WanTransformer3DModel by rectified flow matching (DESIGN 3.1), with training
 noise levels drawn through the same timestep shift the sampler uses, at the native 32x32 and at the
@@ -65,7 +65,7 @@ def build_pipeline(seed: int):
 
     from surf_train.base.tiny import tiny_tokenizer
     from surf_train.base.toy_vae import PixelShuffleVAE
-    from surf_train.toyworld import all_captions, render_batch
+    from surf_train.data.toyworld import all_captions, render_batch
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -152,8 +152,8 @@ def evaluate(
     import dataclasses
 
     from surf_train.base import BaseSpec, load_base_model
-    from surf_train.sampling import sample
-    from surf_train.toyworld import Caption, all_captions, detect
+    from surf_train.base.sampling import sample
+    from surf_train.data.toyworld import Caption, all_captions, detect
 
     spec = dataclasses.replace(BaseSpec.from_name("toy"), pretrained=str(Path(pipe_dir).resolve()))
     model = load_base_model(spec, "cpu")
@@ -234,7 +234,7 @@ def main(argv=None) -> None:
 def train(args) -> None:
     from tqdm import tqdm
 
-    from surf_train.toyworld import all_captions, render_batch
+    from surf_train.data.toyworld import all_captions, render_batch
 
     pipe = build_pipeline(args.seed)
     nets = {"transformer": pipe.transformer, "text_encoder": pipe.text_encoder}

@@ -8,15 +8,15 @@ import hydra
 from omegaconf import DictConfig
 
 from surf_train import CONF_DIR
-from surf_train.errors import ConfigError
-from surf_train.shards import ShardError
+from surf_train.common.errors import ConfigError
+from surf_train.data.shards import ShardError
 
 log = logging.getLogger("surf_train")
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
 def main(cfg: DictConfig) -> None:
-    from surf_train.train import train
+    from surf_train.training.train import train
 
     try:
         train(cfg)
@@ -26,7 +26,7 @@ def main(cfg: DictConfig) -> None:
 
 
 def cli() -> None:
-    from surf_train.train import register_resolvers
+    from surf_train.training.train import register_resolvers
 
     register_resolvers()
     faulthandler.enable()  # a rank killed by SIGSEGV/SIGABRT/SIGBUS prints its Python stack instead of vanishing

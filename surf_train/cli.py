@@ -9,14 +9,14 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from surf_train import CONF_DIR
-from surf_train.errors import ConfigError
-from surf_train.pairs import out_dir_arg_error
-from surf_train.shards import ShardError
+from surf_train.common.errors import ConfigError
+from surf_train.data.pairs import out_dir_arg_error
+from surf_train.data.shards import ShardError
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="make_pairs")
 def _make_pairs(cfg: DictConfig) -> None:
-    from surf_train.pairs import PairsConfig, make_pairs
+    from surf_train.data.pairs import PairsConfig, make_pairs
 
     try:
         make_pairs(PairsConfig.from_dict(OmegaConf.to_container(cfg, resolve=True)))
@@ -27,7 +27,7 @@ def _make_pairs(cfg: DictConfig) -> None:
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="make_video_pairs")
 def _make_video_pairs(cfg: DictConfig) -> None:
-    from surf_train.video_pairs import VideoPairsConfig, make_video_pairs
+    from surf_train.data.video_pairs import VideoPairsConfig, make_video_pairs
 
     try:
         make_video_pairs(VideoPairsConfig.from_dict(OmegaConf.to_container(cfg, resolve=True)))

@@ -44,10 +44,10 @@ from tqdm import tqdm
 
 from surf_train import TOY_REFINER
 from surf_train.base import BaseModel, BaseSpec, latent_frames, load_base_model
-from surf_train.cli_args import add_fields, from_args
-from surf_train.errors import ConfigError
-from surf_train.objective import sampler_settings
-from surf_train.sampling import RULES, PreviewPlan, finish_preview, scheduler_steps
+from surf_train.base.sampling import RULES, PreviewPlan, finish_preview, scheduler_steps
+from surf_train.common.cli_args import add_fields, from_args
+from surf_train.common.errors import ConfigError
+from surf_train.models.sampler import RefinerSampler, match_preview, upsample
 
 DEFAULT_REFINER = str(TOY_REFINER)  # the shipped toy-world Refiner; `make demo` exports its own to runs/demo/refiner
 MISSING = 0.5  # position error of a frame where only one of the two clips shows the object
@@ -140,7 +140,7 @@ def sharpness(video: torch.Tensor, ref: torch.Tensor) -> float:
 def region_masks(ref_video: torch.Tensor, ref_det, dilate: int) -> tuple[np.ndarray, np.ndarray]:
     """(object, background) (F, H, W) bool masks of the reference that partition it: the detected object
     (coverage >= 0.5) grown by `dilate` pixels to take its edge, and the flat rest."""
-    from surf_train.toyworld import object_mask
+    from surf_train.data.toyworld import object_mask
 
     obj = object_mask(ref_video, ref_det, dilate=dilate)
     return obj, ~obj
@@ -166,7 +166,7 @@ def _clip_metrics(
     """
     from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
-    from surf_train.toyworld import detect
+    from surf_train.data.toyworld import detect
 
     ref = ref_video
     if ref.shape[-2:] != video.shape[-2:]:
@@ -210,7 +210,7 @@ class _Setup:
     spec: BaseSpec
     model: BaseModel
     net: object | None  # the Refiner, or None
-    bridge: dict  # the export's bridge settings
+    sampler: RefinerSampler | None  # the Refiner's, as its export records it
     c: int
     f_lat: int
     hi: tuple[int, int]  # native latent grid
@@ -221,11 +221,11 @@ class _Setup:
 
 
 def _setup(cfg: EvalConfig) -> _Setup:
-    from surf_train.toyworld import all_captions
+    from surf_train.data.toyworld import all_captions
 
     cfg.check()
     spec = BaseSpec.from_name(cfg.base)
-    net, bridge = _load_refiner(cfg.refiner, spec) if cfg.refiner != "none" else (None, {})
+    net, sampler = _load_refiner(cfg.refiner, spec) if cfg.refiner != "none" else (None, None)
     model = load_base_model(spec, "cpu")
     frames, (h, w) = spec.native_frames, spec.native_size
     hi, lo = (h // spec.stride_s, w // spec.stride_s), (h // spec.stride_s // 2, w // spec.stride_s // 2)
@@ -237,7 +237,7 @@ def _setup(cfg: EvalConfig) -> _Setup:
         spec=spec,
         model=model,
         net=net,
-        bridge=bridge,
+        sampler=sampler,
         c=spec.channels,
         f_lat=latent_frames(frames, spec.stride_t),
         hi=hi,
@@ -273,11 +273,11 @@ def _text(net, cond) -> torch.Tensor | None:
     return cond.embeds.float() if net.cfg.text_dim else None
 
 
-def _sampler(cfg: EvalConfig, bridge: dict, main: bool = True) -> dict:
-    """refine()'s sampler settings for a Refiner: the export's, with --consistency (every Refiner) and
-    --start-noise (the --refiner one, `main`) where given."""
-    start = cfg.start_noise if main else None
-    return sampler_settings(bridge, start, None if cfg.consistency is None else cfg.consistency == "on")
+def _sampler(cfg: EvalConfig, sampler: RefinerSampler, steps: int, main: bool = True) -> RefinerSampler:
+    """A Refiner's sampler at K = `steps`: the export's, with --consistency (every Refiner) and --start-noise (the
+    --refiner one, `main`) where given."""
+    consistency = None if cfg.consistency is None else cfg.consistency == "on"
+    return sampler.override(steps=steps, start_noise=cfg.start_noise if main else None, consistency=consistency)
 
 
 def _refiner_gflops(st: _Setup, k: int, net=None) -> float:
@@ -288,9 +288,9 @@ def _refiner_gflops(st: _Setup, k: int, net=None) -> float:
     return k * total(refiner_flops(net.cfg, (st.c, st.f_lat, *st.hi), text_len)) / 1e9
 
 
-def _load_refiner(path: str, spec: BaseSpec) -> tuple[object, dict]:
-    """An exported Refiner and its bridge settings, checked against the base model (a warning for old exports)."""
-    from surf_train.export import check_base, load_refiner
+def _load_refiner(path: str, spec: BaseSpec) -> tuple[object, RefinerSampler]:
+    """An exported Refiner and its sampler, checked against the base model (a warning for old exports)."""
+    from surf_train.models.loading import check_base, load_refiner
 
     if not Path(path).is_dir():
         raise ConfigError(
@@ -301,19 +301,19 @@ def _load_refiner(path: str, spec: BaseSpec) -> tuple[object, dict]:
     warning = check_base(meta, spec, f"Refiner {path}")
     if warning:
         print(f"warning: {warning}", file=sys.stderr)
-    return net, meta.get("bridge", {})
+    return net, RefinerSampler.from_bridge(meta.get("bridge", {}))
 
 
 def evaluate(cfg: EvalConfig) -> dict:
     """Run every method on every clip; returns the summary (also written to cfg.out_dir)."""
     if cfg.mode == "sr":
         return evaluate_sr(cfg)
-    from surf_train.objective import refine, upsample
-    from surf_train.toyworld import detect
+    from surf_train.data.toyworld import detect
 
     st = _setup(cfg)
-    model, net, bridge, c, f_lat, hi, lo = st.model, st.net, st.bridge, st.c, st.f_lat, st.hi, st.lo
-    k_ref = cfg.refiner_steps or bridge.get("steps", 10)
+    model, net, c, f_lat, hi, lo = st.model, st.net, st.c, st.f_lat, st.hi, st.lo
+    sampler = st.sampler or RefinerSampler()  # no Refiner: only its upsampling is used
+    k_ref = cfg.refiner_steps or sampler.steps
     schedule = st.schedule
     flops_hi, flops_lo = (_call_flops(model, (c, f_lat, *s), cfg.guidance) for s in (hi, lo))
     prompts = st.prompts
@@ -346,16 +346,13 @@ def evaluate(cfg: EvalConfig) -> dict:
             )
         surf_name = f"{cfg.surf_rule}@{cfg.surf_switch}"
         t0 = time.perf_counter()
-        x_up = upsample(latents[surf_name], hi, bridge.get("up_mode", "bilinear"))
+        x_up = sampler.upsample(latents[surf_name], hi)
         latents["upsampled"] = x_up
         cost["upsampled"] = (cost[surf_name][0] + time.perf_counter() - t0, cost[surf_name][1])
         if net is not None:
             t0 = time.perf_counter()
-            with torch.no_grad():
-                kw = _sampler(cfg, bridge)
-                latents["surf"] = refine(
-                    net, x_up, k_ref, text=_text(net, cond), generator=gens[0], preview=latents[surf_name], **kw
-                )
+            run = _sampler(cfg, sampler, k_ref)
+            latents["surf"] = run.refine(net, x_up, latents[surf_name], _text(net, cond), gens[0])
             cost["surf"] = (
                 cost["upsampled"][0] + time.perf_counter() - t0,
                 cost[surf_name][1] + 1e9 * _refiner_gflops(st, k_ref),
@@ -389,24 +386,22 @@ def evaluate_sr(cfg: EvalConfig) -> dict:
     """Super-resolution check: the native generation's latent area-pooled to the preview grid, upsampled back by
     each method (bilinear, bicubic, the Refiner at every K in cfg.ks), compared with the native generation.
     Writes results_sr.json, table_sr.md and grid_sr.png (reference | bilinear | Refiner at its stored K)."""
-    from surf_train.objective import match_preview, refine, upsample
-    from surf_train.sampling import resize_latent
-    from surf_train.toyworld import detect
+    from surf_train.base.sampling import resize_latent
+    from surf_train.data.toyworld import detect
 
     st = _setup(cfg)
-    net, bridge = st.net, st.bridge
-    # method name -> (Refiner, its bridge settings, K): --refiner at every K in --ks, --compare at its own K
-    refiners = {f"refiner@{k}": (net, bridge, k) for k in cfg.ks} if net is not None else {}
+    net = st.net
+    # method name -> (Refiner, its sampler at K): --refiner at every K in --ks, --compare at its own K
+    refiners = {f"refiner@{k}": (net, _sampler(cfg, st.sampler, k)) for k in cfg.ks} if net is not None else {}
     if cfg.compare:
-        net2, bridge2 = _load_refiner(cfg.compare, st.spec)
-        k2 = bridge2.get("steps", 10)
-        refiners[f"compare@{k2}"] = (net2, bridge2, k2)
+        net2, sampler2 = _load_refiner(cfg.compare, st.spec)
+        refiners[f"compare@{sampler2.steps}"] = (net2, _sampler(cfg, sampler2, sampler2.steps, main=False))
     # with --consistency on, bilinear projected onto the preview too: the share of the gain that needs no network
     ups = [*SR_UPSAMPLERS, *([CONSISTENT_BILINEAR] if cfg.consistency == "on" else [])]
     names = [*ups, *refiners]
-    gflops = dict.fromkeys(ups, 0.0) | {m: _refiner_gflops(st, k, r) for m, (r, _, k) in refiners.items()}
+    gflops = dict.fromkeys(ups, 0.0) | {m: _refiner_gflops(st, s.steps, r) for m, (r, s) in refiners.items()}
     per: dict[str, list[dict]] = {m: [] for m in names}
-    k_show = cfg.refiner_steps or bridge.get("steps", 10)  # the grid shows the Refiner at its own K, if compared
+    k_show = cfg.refiner_steps or (st.sampler or RefinerSampler()).steps  # the grid: the Refiner at its own K
     k_show = k_show if k_show in cfg.ks else max(cfg.ks)
     shown_names = ["reference", "bilinear", *([f"refiner@{k_show}"] if net is not None else [])]
     shown_names += [m for m in refiners if m.startswith("compare@")]
@@ -423,12 +418,9 @@ def evaluate_sr(cfg: EvalConfig) -> dict:
                 upsample(x_lo, st.hi, m) if m != CONSISTENT_BILINEAR else match_preview(latents["bilinear"], x_lo)
             )
             secs[m] = time.perf_counter() - t0
-        for m, (r, br, k) in refiners.items():
+        for m, (r, s) in refiners.items():
             t0 = time.perf_counter()
-            x_up = upsample(x_lo, st.hi, br.get("up_mode", "bilinear"))
-            kw, gen = _sampler(cfg, br, r is net), torch.Generator().manual_seed(cfg.seed + i0)
-            with torch.no_grad():
-                latents[m] = refine(r, x_up, k, text=_text(r, cond), generator=gen, preview=x_lo, **kw)
+            latents[m] = s(r, x_lo, st.hi, _text(r, cond), torch.Generator().manual_seed(cfg.seed + i0))
             secs[m] = time.perf_counter() - t0
         ref_videos = st.model.vae_decode(x_ref)
         videos = {m: st.model.vae_decode(latents[m]) for m in names}

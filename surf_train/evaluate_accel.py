@@ -30,8 +30,8 @@ from tqdm import tqdm
 
 from surf_train import TOY_REFINER
 from surf_train.base import Acceleration, BaseSpec, latent_frames, load_base_model
-from surf_train.cli_args import add_fields, from_args
-from surf_train.errors import ConfigError
+from surf_train.common.cli_args import add_fields, from_args
+from surf_train.common.errors import ConfigError
 from surf_train.evaluate import _clip_metrics, bootstrap_ci
 
 METRICS = ("all3", "pos_err", "psnr_lo")
@@ -108,24 +108,22 @@ def methods(cfg: AccelEvalConfig) -> list[Method]:
 
 def evaluate_accel(cfg: AccelEvalConfig) -> dict:
     """Run every method on every clip; returns the summary (also written to cfg.out_dir)."""
-    from surf_train.export import load_refiner
+    from surf_train.base.sampling import PreviewPlan, preview_sample, sample
+    from surf_train.data.toyworld import all_captions, detect
     from surf_train.flops import metered_flops, refiner_flops, total
-    from surf_train.objective import refine, sampler_settings, upsample
-    from surf_train.sampling import PreviewPlan, preview_sample, sample
-    from surf_train.toyworld import all_captions, detect
+    from surf_train.models.loading import load_refiner
+    from surf_train.models.sampler import RefinerSampler
 
     cfg.check()
     spec = BaseSpec.from_name(cfg.base)
     net, meta = load_refiner(cfg.refiner)
-    bridge = meta.get("bridge", {})
+    sampler = RefinerSampler.from_bridge(meta.get("bridge", {}))
     model = load_base_model(spec, "cpu")
     frames, (h, w) = spec.native_frames, spec.native_size
     c, f_lat = spec.channels, latent_frames(frames, spec.stride_t)
     hi, lo = (h // spec.stride_s, w // spec.stride_s), (h // spec.stride_s // 2, w // spec.stride_s // 2)
-    k_ref = bridge.get("steps", 10)
-    sampler = sampler_settings(bridge)
     text_len = spec.max_sequence_length if net.cfg.text_dim else 0
-    refine_flops = k_ref * total(refiner_flops(net.cfg, (c, f_lat, *hi), text_len))
+    refine_flops = sampler.steps * total(refiner_flops(net.cfg, (c, f_lat, *hi), text_len))
     caps = all_captions()
     prompts = [caps[(7 * i) % len(caps)] for i in range(cfg.n)]
     ms = methods(cfg)
@@ -152,8 +150,7 @@ def evaluate_accel(cfg: AccelEvalConfig) -> dict:
                 else:
                     plan = PreviewPlan(model.schedule(m.steps), switch=m.switch, preview_size=lo, rule=cfg.rule)
                     pre = preview_sample(vel, noise, plan, fresh)
-                    x_up = upsample(pre, hi, bridge.get("up_mode", "bilinear"))
-                    x = refine(net, x_up, k_ref, text=text, generator=gens[0], preview=pre, **sampler)
+                    x = sampler(net, pre, hi, text, gens[0])
             seconds[m.name].append(time.perf_counter() - t0)
             latents[m.name] = x
             lat = {hw: (c, f_lat, *hw) for hw in model.meter.forwards}

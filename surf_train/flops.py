@@ -27,11 +27,11 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from surf_train.cli_args import add_fields, from_args
-from surf_train.errors import ConfigError
-from surf_train.refiner import RefinerConfig
-from surf_train.sampling import RULES
-from surf_train.windows import IMPLS, Size3, _runs, clamp_window, shift_size
+from surf_train.base.sampling import RULES
+from surf_train.common.cli_args import add_fields, from_args
+from surf_train.common.errors import ConfigError
+from surf_train.models.refiner import RefinerConfig
+from surf_train.models.windows import IMPLS, Size3, _runs, clamp_window, shift_size
 
 PFLOP = 1e15
 

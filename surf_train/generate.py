@@ -24,11 +24,11 @@ from tqdm import tqdm
 
 from surf_train import TOY_REFINER
 from surf_train.base import Acceleration, BaseModel, BaseSpec
-from surf_train.cli_args import add_fields, from_args
-from surf_train.dtypes import DTYPES
-from surf_train.errors import ConfigError
-from surf_train.pipeline import MODES, StageClock, SurfPipeline, default_prefix, plan_sizes  # noqa: F401
-from surf_train.sampling import DOWN_MODES, RULES, SCHEDULERS
+from surf_train.base.sampling import DOWN_MODES, RULES, SCHEDULERS
+from surf_train.common.cli_args import add_fields, from_args
+from surf_train.common.dtypes import DTYPES
+from surf_train.common.errors import ConfigError
+from surf_train.inference.pipeline import MODES, StageClock, SurfPipeline, default_prefix, plan_sizes  # noqa: F401
 
 DEFAULT_BASE = "toy"  # the trained toy-world model (assets/toy_base); `tiny` is random, for tests
 DEFAULT_REFINER = str(TOY_REFINER)  # the shipped toy-world Refiner; `make demo` exports its own to runs/demo/refiner

@@ -3,7 +3,7 @@ import os
 import pytest
 import torch
 
-from surf_train.pairs import PairsConfig, make_pairs
+from surf_train.data.pairs import PairsConfig, make_pairs
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
@@ -80,7 +80,7 @@ VIDEO_SMALL = dict(frames=9, buckets=VIDEO_BUCKETS, shard_size=3, progress=False
 def synthetic_videos(tmp_path_factory):
     """A directory of small mp4s with moving shapes: 4 usable (one of odd size), one too short (6 frames),
     one too small (40x48 for 64-pixel buckets), one corrupt (not a video)."""
-    from surf_train.video import write_synthetic_video
+    from surf_train.data.video import write_synthetic_video
 
     d = tmp_path_factory.mktemp("videos")
     for i, (name, (f, h, w, fps)) in enumerate(VIDEOS.items()):
@@ -93,7 +93,7 @@ def synthetic_videos(tmp_path_factory):
 def video_pairs(tmp_path_factory, synthetic_videos):
     """Degrade-mode pairs of the synthetic videos (64-pixel buckets, 9 frames, one clip per video: 4 pairs in
     2 shards), and the run's summary."""
-    from surf_train.video_pairs import VideoPairsConfig, make_video_pairs
+    from surf_train.data.video_pairs import VideoPairsConfig, make_video_pairs
 
     out = tmp_path_factory.mktemp("video_pairs")
     env = {k: os.environ.pop(k) for k in ("RANK", "WORLD_SIZE") if k in os.environ}

@@ -55,8 +55,8 @@ def sha(x: torch.Tensor) -> str:
 def tiny_refiner(base: str, text_dim: int, out: Path) -> tuple[Path, str]:
     """A seeded tiny Refiner for `base`, exported to `out`; returns the directory and a hash of its weights."""
     from surf_train.base import BaseSpec
-    from surf_train.export import save_refiner
-    from surf_train.refiner import Refiner, RefinerConfig
+    from surf_train.models.refiner import Refiner, RefinerConfig
+    from surf_train.training.export import save_refiner
 
     spec = BaseSpec.from_name(base)
     patch = (1, spec.patch_s, spec.patch_s)

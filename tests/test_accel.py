@@ -6,9 +6,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from surf_train.base import Acceleration, BaseSpec, load_base_model
-from surf_train.errors import ConfigError
+from surf_train.base.sampling import PreviewPlan, pair_sample, sample
+from surf_train.common.errors import ConfigError
 from surf_train.flops import metered_flops
-from surf_train.sampling import PreviewPlan, pair_sample, sample
 
 PROMPT = "a red ball rolling across a wooden floor"
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from surf_train.base import BaseSpec, LatentGeometry, load_base_model
-from surf_train.errors import ConfigError
+from surf_train.common.errors import ConfigError
 
 
 def latent(model, b=2, seed=0):

@@ -1,9 +1,9 @@
-"""surf_train.cli_args: flags from a settings dataclass, help from the fields' comments."""
+"""surf_train.common.cli_args: flags from a settings dataclass, help from the fields' comments."""
 
 import argparse
 from dataclasses import dataclass, field
 
-from surf_train.cli_args import add_fields, field_comments, from_args
+from surf_train.common.cli_args import add_fields, field_comments, from_args
 
 
 @dataclass

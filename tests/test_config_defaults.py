@@ -8,13 +8,13 @@ import pytest
 from omegaconf import OmegaConf
 
 from surf_train import CONF_DIR
-from surf_train.data import DataConfig
-from surf_train.degrade import DegradeConfig
-from surf_train.module import OptimConfig, RefinerModule
-from surf_train.objective import BridgeConfig
-from surf_train.pairs import PairsConfig
-from surf_train.refiner import Refiner, RefinerConfig, num_params, presets
-from surf_train.video_pairs import RepreviewConfig, VideoPairsConfig
+from surf_train.data.datamodule import DataConfig
+from surf_train.data.degrade import DegradeConfig
+from surf_train.data.pairs import PairsConfig
+from surf_train.data.video_pairs import RepreviewConfig, VideoPairsConfig
+from surf_train.models.refiner import Refiner, RefinerConfig, num_params, presets
+from surf_train.training.module import OptimConfig, RefinerModule
+from surf_train.training.objective import BridgeConfig
 
 
 def yaml(name: str, *keys: str) -> dict:
@@ -104,7 +104,7 @@ def test_lr_schedule_is_transformers_warmup_cosine():
 
     import torch
 
-    from surf_train.module import lr_schedule
+    from surf_train.training.module import lr_schedule
 
     o = OptimConfig(lr=1.0, warmup_steps=4, min_lr_ratio=0.1)
     opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=o.lr)

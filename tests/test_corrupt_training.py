@@ -7,8 +7,8 @@ import pytest
 from test_data import _flip_tensor_byte, _truncate
 from test_train import FAST, SHRINK, compose_cfg
 
-from surf_train.shards import ShardError, list_shards, shard_keys
-from surf_train.train import train
+from surf_train.data.shards import ShardError, list_shards, shard_keys
+from surf_train.training.train import train
 
 
 def _run(pairs, tmp_path, *extra):

@@ -10,9 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load, save
 
-from surf_train.data import DataConfig, PairDataModule, resolve_shards
-from surf_train.errors import ConfigError
-from surf_train.shards import ShardError, ShardWriter, encode_sample, list_shards, read_shards
+from surf_train.common.errors import ConfigError
+from surf_train.data.datamodule import DataConfig, PairDataModule, resolve_shards
+from surf_train.data.shards import ShardError, ShardWriter, encode_sample, list_shards, read_shards
 
 C, TEXT = 2, (3, 8)
 
@@ -188,7 +188,7 @@ def test_skip_corrupt_counts_and_keeps_the_rest(tmp_path, caplog, workers):
     junk.write_bytes(b"not a tar " * 100)
     _bad_payload_shard(tmp_path / "pairs-r000-000000x.tar")
     dm = PairDataModule(cfg(tmp_path, skip_corrupt=True, num_workers=workers, samples_per_epoch=40, val_samples=0))
-    with caplog.at_level(logging.WARNING, logger="surf_train.data"):
+    with caplog.at_level(logging.WARNING, logger="surf_train.data.datamodule"):
         seen = {k for ks in epoch_keys(dm) for k in ks}
     assert {"k0000", "k0001", "k0002", "k0003", "k0100", "k0006"} <= seen and not seen & {"k0005", "k0101"}
     assert dm.skipped >= 3  # the junk shard and two samples, once per worker
@@ -379,7 +379,7 @@ def test_refiner_output_does_not_depend_on_text_padding():
     """Stored at its real length and padded per batch, text gives the Refiner the output the zero-padded
     text gave: all-zero rows are padding, masked by the Refiner itself (refiner.text_padding_mask), so the
     generation paths, which pass no mask, see the tokens training saw."""
-    from surf_train.module import RefinerModule
+    from surf_train.training.module import RefinerModule
 
     torch.manual_seed(0)
     m = RefinerModule(model={"preset": "tiny"})

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from surf_train import CONF_DIR
-from surf_train.errors import ConfigError
+from surf_train.common.errors import ConfigError
+from surf_train.data.toyworld import Caption, coverage, detect, motion, render
 from surf_train.evaluate import (
     MISSING,
     PSNR_CAP,
@@ -23,7 +24,6 @@ from surf_train.evaluate import (
     region_masks,
     sharpness,
 )
-from surf_train.toyworld import Caption, coverage, detect, motion, render
 
 CAP = "a yellow pillar moving down on a black background"
 ASSET = CONF_DIR.parent / "assets" / "toy_base"
@@ -146,8 +146,8 @@ def test_bad_settings_are_named():
 
 def _tiny_refiner(path):
     """An untrained Refiner: its output layer starts at zero, so it returns the upsampled input."""
-    from surf_train.export import save_refiner
-    from surf_train.refiner import Refiner, RefinerConfig
+    from surf_train.models.refiner import Refiner, RefinerConfig
+    from surf_train.training.export import save_refiner
 
     cfg = RefinerConfig(in_channels=12, dim=32, depth=2, heads=2, text_dim=64, window=(1, 4, 4))
     torch.manual_seed(0)
@@ -284,7 +284,8 @@ def test_sr_compare_runs_a_second_refiner_at_its_own_k(tmp_path, monkeypatch):
     gives exactly the main Refiner's numbers at K = 2, and shows in the gains and the grid."""
     from PIL import Image
 
-    from surf_train.export import load_refiner, save_refiner
+    from surf_train.models.loading import load_refiner
+    from surf_train.training.export import save_refiner
 
     monkeypatch.chdir(CONF_DIR.parent)
     net, _ = load_refiner(_tiny_refiner(tmp_path / "zero"))

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from surf_train import CONF_DIR
-from surf_train.errors import ConfigError
+from surf_train.common.errors import ConfigError
 from surf_train.evaluate_accel import AccelEvalConfig, main
 
 ASSET = CONF_DIR.parent / "assets" / "toy_base"
@@ -21,8 +21,8 @@ def test_bad_settings_are_named(tmp_path):
 
 @pytest.mark.skipif(not (ASSET / "model_index.json").is_file(), reason="assets/toy_base missing")
 def test_small_run_counts_the_work_each_plug_in_skips(tmp_path, monkeypatch, capsys):
-    from surf_train.export import save_refiner
-    from surf_train.refiner import Refiner, RefinerConfig
+    from surf_train.models.refiner import Refiner, RefinerConfig
+    from surf_train.training.export import save_refiner
 
     monkeypatch.chdir(CONF_DIR.parent)
     cfg = RefinerConfig(in_channels=12, dim=32, depth=2, heads=2, text_dim=64, window=(1, 4, 4))

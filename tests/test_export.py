@@ -9,10 +9,12 @@ import torch
 from procs import free_port, kill_tree
 from test_train import FAST, SHRINK, compose_cfg
 
-from surf_train.errors import ConfigError
-from surf_train.export import export, load_refiner, read_checkpoint
-from surf_train.module import RefinerModule
-from surf_train.train import train
+from surf_train.common.errors import ConfigError
+from surf_train.models.loading import load_refiner
+from surf_train.training.checkpoint import read_checkpoint
+from surf_train.training.export import export
+from surf_train.training.module import RefinerModule
+from surf_train.training.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -89,7 +91,8 @@ def test_export_dtype_and_cli(plain_ckpt, tmp_path):
             [
                 sys.executable,
                 "-c",
-                f"import sys; from surf_train.export import load_refiner; load_refiner({str(tmp_path / 'bf')!r}); "
+                "import sys; from surf_train.models.loading import load_refiner; "
+                f"load_refiner({str(tmp_path / 'bf')!r}); "
                 "print([m for m in ('lightning', 'deepspeed', 'hydra', 'wandb') if m in sys.modules])",
             ],
             cwd=ROOT,
@@ -181,7 +184,7 @@ def test_zero2_checkpoint_exports_deepspeeds_fp32_weights(pairs, tmp_path):
 
 
 def test_export_is_a_diffusers_model_directory_with_a_card(plain_ckpt, tmp_path):
-    from surf_train.refiner import Refiner
+    from surf_train.models.refiner import Refiner
 
     out = export(plain_ckpt, tmp_path / "repo" / "refiner")
     assert sorted(p.name for p in out.iterdir()) == [
@@ -242,7 +245,7 @@ def test_first_format_still_loads_and_converts(plain_ckpt, tmp_path):
     with torch.no_grad():
         assert torch.equal(old(*args), net(*args))
     assert old_meta["version"] == 1 and old_meta["refiner"] == meta["refiner"]
-    from surf_train.refiner import Refiner
+    from surf_train.models.refiner import Refiner
 
     with pytest.raises(ConfigError, match="first SURF format.*--convert"):
         Refiner.from_pretrained(tmp_path, subfolder="old")
@@ -268,17 +271,18 @@ def test_export_and_checkpoint_reading_do_not_import_the_training_module():
     """export.py <-> module.py was an import circle: checkpoint reading lives in checkpoint.py now."""
     import ast
 
-    for name in ("export", "checkpoint", "refiner"):
+    for name in ("training/export", "training/checkpoint", "models/loading", "models/refiner"):
         tree = ast.parse((ROOT / "surf_train" / f"{name}.py").read_text())
         mods = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)} | {
             a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names
         }
-        assert not mods & {"surf_train.module", "surf_train.train"}, name
+        assert not mods & {"surf_train.training.module", "surf_train.training.train"}, name
 
 
 def test_sharded_export_loads(tmp_path):
-    from surf_train.export import is_export, save_refiner
-    from surf_train.refiner import Refiner, RefinerConfig
+    from surf_train.models.loading import is_export
+    from surf_train.models.refiner import Refiner, RefinerConfig
+    from surf_train.training.export import save_refiner
 
     torch.manual_seed(0)
     net = Refiner.from_cfg(RefinerConfig(dim=32, depth=2, heads=2))

@@ -15,8 +15,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from surf_train import flops as F
-from surf_train.errors import ConfigError
-from surf_train.refiner import Refiner, RefinerConfig
+from surf_train.common.errors import ConfigError
+from surf_train.models.refiner import Refiner, RefinerConfig
 
 
 def _count(fn) -> int:

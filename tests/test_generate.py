@@ -7,10 +7,10 @@ import av
 import pytest
 import torch
 
-from surf_train.errors import ConfigError
-from surf_train.export import save_refiner
+from surf_train.common.errors import ConfigError
 from surf_train.generate import GenerateConfig, generate, parse_args
-from surf_train.refiner import Refiner, RefinerConfig
+from surf_train.models.refiner import Refiner, RefinerConfig
+from surf_train.training.export import save_refiner
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(

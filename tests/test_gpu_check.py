@@ -68,7 +68,7 @@ def test_dry_run_runs_every_part_with_the_real_schema(dry_run):
 def test_dry_run_sdpa_table(dry_run):
     """Every traced attention call was tried on each backend; only the mask form's shifted windows carry a mask."""
     env = dry_run[1]["parts"]["environment"]["results"]
-    assert env["project_modules"]["surf_train.train"]["ok"] and env["packages"]["deepspeed"]["version"]
+    assert env["project_modules"]["surf_train.training.train"]["ok"] and env["packages"]["deepspeed"]["version"]
     rows = env["sdpa"]
     assert {(r["model"], r["form"]) for r in rows} == {("refiner", "grouped"), ("refiner", "mask"), ("wan", None)}
     for r in rows:
@@ -181,8 +181,8 @@ def test_real_training_overrides_compose_to_the_wan_experiment(tmp_path):
     from hydra import compose, initialize_config_dir
 
     from surf_train import CONF_DIR
-    from surf_train.refiner import Refiner, num_params, refiner_config
-    from surf_train.train import register_resolvers
+    from surf_train.models.refiner import Refiner, num_params, refiner_config
+    from surf_train.training.train import register_resolvers
 
     register_resolvers()
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):

@@ -1,6 +1,8 @@
-"""The import graph of surf_train has no cycle (DESIGN 4: one room per concept, no circles)."""
+"""The import graph of surf_train: no cycle, and subpackages that import only downward (docs/architecture.md)."""
 
 import ast
+import re
+import sys
 from pathlib import Path
 
 import surf_train
@@ -68,3 +70,58 @@ def test_graph_sees_function_level_imports():
 
 def test_no_import_cycle():
     assert find_cycle(import_graph()) is None
+
+
+def allowed_imports() -> dict[str, set[str]]:
+    """Subpackage -> the subpackages it may import, as its __init__ docstring's "May import `a`, `b`..." says."""
+    out = {}
+    for init in sorted(ROOT.glob("*/__init__.py")):
+        doc = ast.get_docstring(ast.parse(init.read_text())) or ""
+        m = re.search(r"May import (.*?)(?:;|\.$|\.\s)", doc, re.S)
+        assert m, f"{init.relative_to(ROOT.parent)}: the docstring does not say what the package may import"
+        out[init.parent.name] = set(re.findall(r"`(\w+)`", m.group(1)))
+    return out
+
+
+def test_subpackages_import_only_downward_and_nothing_private():
+    """A subpackage imports only the subpackages its docstring allows (never a top-level command module), and no
+    private name (`_x`) of another subpackage; the allowed graph itself has no circle."""
+    allowed = allowed_imports()
+    assert len(allowed) >= 4 and find_cycle({k: v & set(allowed) for k, v in allowed.items()}) is None
+    bad = []
+    for path in sorted(ROOT.rglob("*.py")):
+        parts = path.relative_to(ROOT).parts
+        if len(parts) == 1:  # top-level command modules may import any subpackage
+            continue
+        pkg = parts[0]
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.ImportFrom) or not (node.module or "").startswith("surf_train."):
+                continue
+            target = node.module.split(".")[1]
+            where = f"{path.relative_to(ROOT)}:{node.lineno} imports {node.module}"
+            if target == pkg:
+                continue
+            if target not in allowed:
+                bad.append(f"{where} (a top-level command module)")
+            elif target not in allowed[pkg]:
+                bad.append(f"{where} ({pkg} may import {sorted(allowed[pkg])})")
+            bad += [f"{where} (private name {a.name})" for a in node.names if a.name.startswith("_")]
+    assert not bad, "\n".join(bad)
+
+
+def test_layer_check_catches_an_upward_import(tmp_path, monkeypatch):
+    """The check above fails on a module of `base` that imports `training`."""
+    import shutil
+
+    fake = tmp_path / "surf_train"
+    for init in ROOT.glob("*/__init__.py"):
+        (fake / init.parent.name).mkdir(parents=True)
+        shutil.copy(init, fake / init.parent.name / "__init__.py")
+    (fake / "base" / "bad.py").write_text("from surf_train.training.module import RefinerModule\n")
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", fake)
+    try:
+        test_subpackages_import_only_downward_and_nothing_private()
+    except AssertionError as e:
+        assert "base/bad.py:1 imports surf_train.training.module" in str(e)
+    else:
+        raise AssertionError("an upward import passed the layer check")

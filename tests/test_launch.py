@@ -23,9 +23,9 @@ from hydra.utils import instantiate
 from procs import free_port
 
 from surf_train import CONF_DIR
-from surf_train.dist_env import rank_world
-from surf_train.shards import shard_keys
-from surf_train.train import checkpoint_step, newest_checkpoint, register_resolvers
+from surf_train.common.dist_env import rank_world
+from surf_train.data.shards import shard_keys
+from surf_train.training.train import checkpoint_step, newest_checkpoint, register_resolvers
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = ROOT / "launch"
@@ -94,7 +94,7 @@ FAKE_PYTHON = r'''#!{python}
 """Stands in for python in a launched task: records argv and the rank make_pairs.py would get."""
 import json, os, sys
 sys.path.insert(0, {root!r})
-from surf_train.dist_env import rank_world
+from surf_train.common.dist_env import rank_world
 with open(os.environ["STUB_LOG"], "a") as f:
     f.write(json.dumps({{"prog": "python", "args": sys.argv[1:], "rank_world": rank_world()}}) + "\n")
 '''
@@ -356,7 +356,7 @@ def agent_command(sweep, point) -> list[str]:
 def test_sweep_definition():
     sweep = load_sweep()
     assert sweep["method"] == "grid" and sweep["metric"]["goal"] == "minimize"
-    assert sweep["metric"]["name"] in (ROOT / "surf_train/module.py").read_text()  # a key the module logs
+    assert sweep["metric"]["name"] in (ROOT / "surf_train/training/module.py").read_text()  # a key the module logs
     assert (ROOT / sweep["program"]).is_file()
     assert {"${program}", "${args_no_hyphens}"} <= set(sweep["command"])
     params = sweep["parameters"]
@@ -538,7 +538,7 @@ def test_simulated_slurm_tasks_get_rank_and_world_size(procid, trainer, clean_en
     simulate_task(procid)
     assert rank_world() == (procid, 2)  # what make_pairs.py uses
     cfg = compose_train([*trainer, "trainer.devices=2"])
-    t = instantiate(cfg.trainer, callbacks=[], logger=False, plugins=[])  # as surf_train.train builds it
+    t = instantiate(cfg.trainer, callbacks=[], logger=False, plugins=[])  # as surf_train.training.train builds it
     env = t.strategy.cluster_environment
     assert isinstance(env, SLURMEnvironment) and env.auto_requeue and env.requeue_signal == signal.SIGUSR1
     assert (t.global_rank, t.local_rank, t.node_rank, t.world_size) == (procid, procid, 0, 2)

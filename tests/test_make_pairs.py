@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from surf_train.errors import ConfigError
-from surf_train.pairs import (
+from surf_train.common.errors import ConfigError
+from surf_train.data.pairs import (
     BUILTIN_PROMPTS,
     PairsConfig,
     base_fingerprint,
@@ -20,7 +20,7 @@ from surf_train.pairs import (
     read_prompts,
     weights_digest,
 )
-from surf_train.shards import list_shards, lock_path, read_shards, shard_keys
+from surf_train.data.shards import list_shards, lock_path, read_shards, shard_keys
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(height=64, width=64, frames=9, steps=4, switch=1, shard_size=2, progress=False)
@@ -154,7 +154,7 @@ def test_retrained_local_base_is_a_different_configuration(tmp_path, monkeypatch
     with pytest.raises(ConfigError, match=r"different configuration \(weights: '[0-9a-f]{16}' -> '[0-9a-f]{16}'\)"):
         check_fingerprint(tmp_path / "pairs", base_fingerprint(spec))
     # large files are hashed by size and their ends: a change in the first MiB still shows
-    monkeypatch.setattr("surf_train.pairs.WHOLE_FILE", 1000)
+    monkeypatch.setattr("surf_train.data.pairs.WHOLE_FILE", 1000)
     big = bytearray(3 << 20)
     (model / "transformer" / "weights.safetensors").write_bytes(big)
     d = weights_digest(str(model))
@@ -273,7 +273,7 @@ def test_two_ranks_cover_every_sample_once(tmp_path):
 
 def test_sample_bytes_matches_real_tiny_shards(pairs):
     """shards.sample_bytes (the README's bytes-per-pair table) against the shards make_pairs wrote."""
-    from surf_train.shards import sample_bytes
+    from surf_train.data.shards import sample_bytes
 
     for shard in list_shards(pairs):
         got = list(read_shards([shard]))

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from surf_train.data import DataConfig, PairDataModule
-from surf_train.errors import ConfigError
-from surf_train.shards import ShardWriter, encode_sample
+from surf_train.common.errors import ConfigError
+from surf_train.data.datamodule import DataConfig, PairDataModule
+from surf_train.data.shards import ShardWriter, encode_sample
 
 
 def write(directory, shards, per_shard, tag):

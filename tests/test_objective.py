@@ -1,19 +1,13 @@
-"""The sampler's consistency with the preview (objective.match_preview) and the sampler settings of an export."""
+"""The Refiner's sampler (surf_train.models.sampler): consistency with the preview, detail start noise, and the
+settings of an export read into one RefinerSampler; the training objective's start point."""
 
 import pytest
 import torch
 
-from surf_train.errors import ConfigError
-from surf_train.objective import (
-    BridgeConfig,
-    bridge_batch,
-    match_preview,
-    refine,
-    sampler_settings,
-    start_noise,
-    upsample,
-)
-from surf_train.sampling import resize_latent
+from surf_train.base.sampling import resize_latent
+from surf_train.common.errors import ConfigError
+from surf_train.models.sampler import RefinerSampler, match_preview, start_noise, upsample
+from surf_train.training.objective import BridgeConfig, bridge_batch
 
 
 def test_match_preview_is_the_orthogonal_projection_onto_the_preview():
@@ -41,9 +35,9 @@ def test_refine_with_preview_projects_its_output():
     preview = torch.randn(2, 4, 3, 4, 4, generator=torch.Generator().manual_seed(1))
     x_up = upsample(preview, (8, 8))  # bilinear: its own pooling is not the preview
     zero = lambda x, t, c, txt: torch.zeros_like(x)  # noqa: E731
-    assert torch.equal(refine(zero, x_up, steps=3), x_up)
-    assert torch.equal(refine(zero, x_up, steps=3, preview=preview), x_up)  # the preview alone changes nothing
-    out = refine(zero, x_up, steps=3, preview=preview, consistency=True)
+    assert torch.equal(RefinerSampler(steps=3).refine(zero, x_up), x_up)
+    assert torch.equal(RefinerSampler(steps=3).refine(zero, x_up, preview), x_up)  # the preview alone changes nothing
+    out = RefinerSampler(steps=3, consistency=True).refine(zero, x_up, preview)
     assert not torch.allclose(out, x_up)
     torch.testing.assert_close(out, match_preview(x_up, preview))
     torch.testing.assert_close(resize_latent(out, (4, 4), "area"), preview)
@@ -60,11 +54,12 @@ def test_consistent_sampler_keeps_every_target_estimate_on_the_preview():
         return lambda x, t, c, txt: (x - target) / t.view(-1, 1, 1, 1, 1)  # x - t v = target at every step
 
     for k in (1, 3):
-        torch.testing.assert_close(refine(oracle(z), x_up, k, 0.5, generator=g), z)
-        out = refine(oracle(z), x_up, k, 0.5, generator=g, preview=preview, consistency=True)
+        noisy = RefinerSampler(steps=k, start_noise=0.5)
+        torch.testing.assert_close(noisy.refine(oracle(z), x_up, generator=g), z)
+        out = noisy.override(consistency=True).refine(oracle(z), x_up, preview, generator=g)
         torch.testing.assert_close(out, match_preview(z, preview))
         zc = match_preview(z, preview)
-        torch.testing.assert_close(refine(oracle(zc), x_up, k, preview=preview, consistency=True), zc)
+        torch.testing.assert_close(RefinerSampler(k, consistency=True).refine(oracle(zc), x_up, preview), zc)
 
 
 def test_detail_noise_has_nothing_on_the_preview_grid():
@@ -82,16 +77,34 @@ def test_detail_noise_has_nothing_on_the_preview_grid():
     # sampling: a zero-velocity Refiner returns the noisy start, which still pools to the same
     zero = lambda x, t, c, txt: torch.zeros_like(x)  # noqa: E731
     x_up = upsample(preview, (8, 8))
-    out = refine(zero, x_up, 2, 0.7, generator=g, preview=preview, noise_space="detail")
+    detail = RefinerSampler(steps=2, start_noise=0.7, noise_space="detail")
+    out = detail.refine(zero, x_up, preview, generator=g)
     assert float((out - x_up).std()) > 0.5
     torch.testing.assert_close(resize_latent(out, (4, 4), "area"), resize_latent(x_up, (4, 4), "area"))
-    with pytest.raises(ValueError, match="need the preview"):
-        refine(zero, x_up, 2, 0.7, noise_space="detail")
+    with pytest.raises(ConfigError, match="need the preview"):
+        detail.refine(zero, x_up)
 
 
-def test_sampler_settings_read_the_export_and_take_overrides():
-    old = sampler_settings({})  # an export from before these settings: clean start, no projection
-    assert old == {"sigma_aug": 0.0, "noise_space": "full", "consistency": False}
-    bridge = {"sigma_aug_eval": 0.3, "consistency": True, "noise_space": "detail", "steps": 4}
-    assert sampler_settings(bridge) == {"sigma_aug": 0.3, "noise_space": "detail", "consistency": True}
-    assert sampler_settings(bridge, start_noise=0.0, consistency=False)["sigma_aug"] == 0.0
+def test_sampler_reads_the_export_and_takes_overrides():
+    old = RefinerSampler.from_bridge({})  # an export from before these settings: K 10, clean start, no projection
+    assert old == RefinerSampler(steps=10, up_mode="bilinear", start_noise=0.0, noise_space="full", consistency=False)
+    bridge = {"sigma_aug_eval": 0.3, "consistency": True, "noise_space": "detail", "steps": 4, "t_dist": "uniform"}
+    s = RefinerSampler.from_bridge(bridge)
+    assert (s.steps, s.start_noise, s.noise_space, s.consistency) == (4, 0.3, "detail", True)
+    assert s.override(start_noise=0.0, consistency=None, steps=None) == RefinerSampler(
+        4, "bilinear", 0.0, "detail", True
+    )
+    assert RefinerSampler.from_bridge(s.bridge_record()) == s  # what an export stores reads back the same
+    assert BridgeConfig(steps=4, sigma_aug_eval=0.3, noise_space="detail", consistency=True).sampler() == s
+    for bad in ({"steps": 0}, {"up_mode": "cubic"}, {"noise_space": "half"}, {"start_noise": -1.0}):
+        with pytest.raises(ConfigError, match=next(iter(bad)).replace("_", ".")):
+            RefinerSampler(**bad)
+
+
+def test_sampler_call_is_upsample_then_refine():
+    preview = torch.randn(2, 4, 3, 4, 4, generator=torch.Generator().manual_seed(5))
+    net = lambda x, t, c, txt: 0.1 * (x - c) + t.view(-1, 1, 1, 1, 1)  # noqa: E731
+    s = RefinerSampler(steps=3, up_mode="bicubic", start_noise=0.2, noise_space="detail", consistency=True)
+    x_up = upsample(preview, (8, 8), "bicubic")
+    want = s.refine(net, x_up, preview, generator=torch.Generator().manual_seed(9))
+    assert torch.equal(s(net, preview, (8, 8), generator=torch.Generator().manual_seed(9)), want)

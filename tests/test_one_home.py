@@ -5,19 +5,20 @@ import re
 from pathlib import Path
 
 import surf_train
-from surf_train import degrade, objective
-from surf_train.dtypes import DTYPES
-from surf_train.sampling import DOWN_MODES, RULES, SCHEDULERS, UP_MODES
-from surf_train.windows import IMPLS
+from surf_train.base.sampling import DOWN_MODES, RULES, SCHEDULERS, UP_MODES
+from surf_train.common.dtypes import DTYPES
+from surf_train.data import degrade
+from surf_train.models.windows import IMPLS
+from surf_train.training import objective
 
 ROOT = Path(surf_train.__file__).parent
 CHOICES = {  # choice list -> the module that defines it
-    frozenset(RULES): "sampling.py",
-    frozenset(DOWN_MODES): "sampling.py",
-    frozenset(UP_MODES): "sampling.py",
-    frozenset(SCHEDULERS): "sampling.py",
-    frozenset(IMPLS): "windows.py",
-    frozenset(DTYPES): "dtypes.py",
+    frozenset(RULES): "base/sampling.py",
+    frozenset(DOWN_MODES): "base/sampling.py",
+    frozenset(UP_MODES): "base/sampling.py",
+    frozenset(SCHEDULERS): "base/sampling.py",
+    frozenset(IMPLS): "models/windows.py",
+    frozenset(DTYPES): "common/dtypes.py",
 }
 
 
@@ -74,4 +75,4 @@ def test_frames_come_from_diffusers_video_processor():
     assert frames.shape == (2, 5, 4, 6, 3)
     assert torch.equal(torch.from_numpy(frames), (video / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 4, 1))
     assert "VideoProcessor" in (ROOT / "base" / "vae.py").read_text()
-    assert "permute(1, 2, 3, 0) + 1) / 2" not in (ROOT / "module.py").read_text()
+    assert "permute(1, 2, 3, 0) + 1) / 2" not in (ROOT / "training" / "module.py").read_text()

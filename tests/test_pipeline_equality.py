@@ -84,7 +84,7 @@ def test_baseline_equals_the_pipeline(base, scheduler, tmp_path, monkeypatch):
 def test_unipc_is_configured_like_the_wan_repositories(tiny_wan):
     """The UniPC that `scheduler: UniPCMultistepScheduler` builds from a FlowMatchEuler config has the settings
     of Wan-AI/Wan2.1-T2V-*-Diffusers' scheduler_config.json (flow prediction and sigmas, order 2, bh2)."""
-    from surf_train.sampling import convert_scheduler
+    from surf_train.base.sampling import convert_scheduler
 
     u = convert_scheduler(tiny_wan.pipe.scheduler, "UniPCMultistepScheduler").config
     want = dict(
@@ -109,7 +109,7 @@ def test_baseline_with_first_block_cache_equals_the_pipeline_with_it(base):
     on the transformer both give the same latents, and it really skips (the output differs from no cache)."""
     from diffusers.hooks import FirstBlockCacheConfig
 
-    from surf_train.sampling import sample
+    from surf_train.base.sampling import sample
 
     size, steps = CASES[base], 8
     model = load_base_model(BaseSpec.from_name(base), "cpu")

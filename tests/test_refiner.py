@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from surf_train.base.tiny import TINY_WAN_TRANSFORMER
-from surf_train.errors import ConfigError
-from surf_train.refiner import Refiner, RefinerConfig, init_from_wan, num_params, presets
+from surf_train.common.errors import ConfigError
+from surf_train.models.refiner import Refiner, RefinerConfig, init_from_wan, num_params, presets
 
 WAN_TINY = TINY_WAN_TRANSFORMER
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 from test_train import FAST, ROOT, SHRINK, compose_cfg
 
-from surf_train.callbacks import hpc_checkpoints, prune_hpc_checkpoints
-from surf_train.errors import ConfigError
-from surf_train.train import resume_checkpoint, train
+from surf_train.common.errors import ConfigError
+from surf_train.training.callbacks import hpc_checkpoints, prune_hpc_checkpoints
+from surf_train.training.train import resume_checkpoint, train
 
 
 def _base(pairs, run_dir):
@@ -73,7 +73,7 @@ def test_foreign_last_checkpoint_with_nothing_older_is_one_clear_error(pairs, tm
 
 def test_ema_stays_float32_under_bf16_mixed_deepspeed(pairs, tmp_path):
     """DeepSpeed casts its module to bf16; an EMA with decay 0.9999 must still move (it cannot in bf16)."""
-    from surf_train.export import read_checkpoint
+    from surf_train.training.checkpoint import read_checkpoint
 
     cfg = compose_cfg(
         _base(pairs, tmp_path)
@@ -100,7 +100,7 @@ def test_ema_stays_float32_under_bf16_mixed_deepspeed(pairs, tmp_path):
     assert max(moved) > 0
     # a ZeRO checkpoint directory is resumable (its optimizer shards hold DeepSpeed classes that weights_only
     # refuses); a truncated optimizer shard (a kill mid-save) is not, and the rerun falls back to an older one
-    from surf_train.train import _unreadable
+    from surf_train.training.train import _unreadable
 
     last = (tmp_path / "checkpoints" / "last.ckpt").resolve()
     assert last.is_dir() and _unreadable(last) is None
@@ -110,7 +110,7 @@ def test_ema_stays_float32_under_bf16_mixed_deepspeed(pairs, tmp_path):
 
 
 def test_ema_checkpoint_round_trip_and_old_format(tmp_path):
-    from surf_train.module import RefinerModule
+    from surf_train.training.module import RefinerModule
 
     m = RefinerModule(
         model={
@@ -210,7 +210,7 @@ def run_ckpt(pairs, tmp_path_factory):
 
 
 def test_export_refuses_a_directory_it_did_not_write(run_ckpt, tmp_path):
-    from surf_train.export import export
+    from surf_train.training.export import export
 
     ckpt = run_ckpt / "checkpoints" / "last.ckpt"
     before = sorted(p.relative_to(run_ckpt) for p in run_ckpt.rglob("*"))
@@ -240,8 +240,8 @@ def test_export_refuses_a_directory_it_did_not_write(run_ckpt, tmp_path):
 
 
 def test_export_records_the_base_model_and_generate_refuses_another(run_ckpt, tmp_path):
-    from surf_train.export import export
     from surf_train.generate import GenerateConfig, generate
+    from surf_train.training.export import export
 
     out = export(run_ckpt / "checkpoints" / "last.ckpt", tmp_path / "ref")
     meta = json.loads((out / "surf.json").read_text())

@@ -7,8 +7,7 @@ from diffusers import (
     UniPCMultistepScheduler,
 )
 
-from surf_train.errors import ConfigError
-from surf_train.sampling import (
+from surf_train.base.sampling import (
     RULES,
     PreviewPlan,
     Schedule,
@@ -26,6 +25,7 @@ from surf_train.sampling import (
     shift_sigma,
     with_shift,
 )
+from surf_train.common.errors import ConfigError
 
 HR, LR = (16, 16), (8, 8)
 FLOW = dict(prediction_type="flow_prediction", use_flow_sigmas=True)

@@ -6,8 +6,8 @@ import tarfile
 import pytest
 import torch
 
-from surf_train.errors import ConfigError
-from surf_train.shards import (
+from surf_train.common.errors import ConfigError
+from surf_train.data.shards import (
     OutDirLock,
     ShardError,
     ShardWriter,
@@ -258,7 +258,7 @@ def test_out_dir_lock_refuses_a_live_owner_and_takes_over_a_stale_one(tmp_path, 
     dead.wait()
     for owner in ({"host": host, "pid": dead.pid}, {"host": host, "pid": os.getppid(), "started": "0"}):  # reused pid
         lock.write_text(json.dumps(owner))
-        with caplog.at_level("WARNING", logger="surf_train.shards"), OutDirLock(tmp_path, 0):
+        with caplog.at_level("WARNING", logger="surf_train.data.shards"), OutDirLock(tmp_path, 0):
             assert json.loads(lock.read_text())["pid"] == os.getpid()
         assert f"{lock}: taking over the stale lock of pid {owner['pid']} on {host} (no longer running)" in caplog.text
     lock.write_text(json.dumps({"host": "another-node", "pid": dead.pid}))  # cannot be checked from here

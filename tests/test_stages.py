@@ -5,10 +5,10 @@ import torch
 from omegaconf import OmegaConf
 from test_train import FAST, SHRINK, compose_cfg
 
-from surf_train.data import DataConfig, PairDataModule
-from surf_train.errors import ConfigError
-from surf_train.module import RefinerModule
-from surf_train.train import train
+from surf_train.common.errors import ConfigError
+from surf_train.data.datamodule import DataConfig, PairDataModule
+from surf_train.training.module import RefinerModule
+from surf_train.training.train import train
 
 FAST = [*FAST, "data.val_samples=2", "trainer.val_check_interval=1000"]
 
@@ -92,7 +92,7 @@ def test_init_from_errors(tmp_path):
     with pytest.raises(ConfigError, match="other.ckpt: weights do not match the Refiner config"):
         m.init_weights(str(path))
     # the module's own weights after loading are the file's (an exported Refiner directory)
-    from surf_train.export import save_refiner
+    from surf_train.training.export import save_refiner
 
     save_refiner(other.net.state_dict(), other.model_cfg, tmp_path / "exported")
     again = RefinerModule(model={"preset": "tiny", "dim": 32, "heads": 2, "text_dim": 32})

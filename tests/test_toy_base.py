@@ -9,9 +9,9 @@ import torch
 
 from surf_train import CONF_DIR
 from surf_train.base import BaseSpec, load_base_model
+from surf_train.base.sampling import PreviewPlan, pair_sample, sample
 from surf_train.base.toy_vae import PixelShuffleVAE
-from surf_train.sampling import PreviewPlan, pair_sample, sample
-from surf_train.toyworld import all_captions, detect, render_batch
+from surf_train.data.toyworld import all_captions, detect, render_batch
 
 ROOT = CONF_DIR.parent
 ASSET = ROOT / "assets" / "toy_base"

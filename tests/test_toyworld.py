@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from surf_train.base.toy_vae import PixelShuffleVAE
-from surf_train.toyworld import (
+from surf_train.data.toyworld import (
     BACKGROUNDS,
     EXTENT,
     OBJECT_COLOURS,

@@ -12,8 +12,8 @@ from omegaconf import OmegaConf
 from procs import free_port, kill_tree
 
 from surf_train import ASSETS_DIR, CONF_DIR
-from surf_train.pairs import PairsConfig, make_pairs
-from surf_train.train import checkpoint_step, newest_checkpoint, register_resolvers, train
+from surf_train.data.pairs import PairsConfig, make_pairs
+from surf_train.training.train import checkpoint_step, newest_checkpoint, register_resolvers, train
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["logger=none", "module.decode_base=null", "trainer.enable_progress_bar=false", "data.batch_size=4"]
@@ -71,13 +71,13 @@ def test_default_training_beats_upsampling_on_default_pairs(tmp_path, monkeypatc
 
 def test_untrained_refiner_returns_the_upsampled_preview():
     """Zero-initialised output: before training the K-step sampler is exactly the upsampling baseline."""
-    from surf_train.module import RefinerModule
-    from surf_train.objective import refine, upsample
+    from surf_train.models.sampler import RefinerSampler, upsample
+    from surf_train.training.module import RefinerModule
 
     m = RefinerModule(model={"preset": "tiny"})
     preview, text = torch.randn(2, 16, 3, 4, 4), torch.randn(2, 5, 32)
     x_up = upsample(preview, (8, 8))
-    out = refine(m._net_fn(m.net, text), x_up, steps=4, sigma_aug=0.0, text=text)
+    out = RefinerSampler(steps=4).refine(m._net_fn(m.net, text), x_up, text=text)
     assert torch.equal(out, x_up)
 
 
@@ -120,8 +120,8 @@ def test_experiment_configs(experiment, pairs, tmp_path):
 @pytest.mark.skipif(not (ASSETS_DIR / "toy_base" / "transformer").is_dir(), reason="assets/toy_base missing")
 def test_demo_experiment_starts_from_every_toy_base_tensor():
     """+experiment=demo (make demo): the toy preset is the toy base's shape, so init_from_wan copies every tensor."""
-    from surf_train.module import RefinerModule
-    from surf_train.refiner import Refiner, RefinerConfig
+    from surf_train.models.refiner import Refiner, RefinerConfig
+    from surf_train.training.module import RefinerModule
 
     full = compose_cfg(["+experiment=demo"])
     assert full.name == "demo" and full.model.preset == "toy" and full.module.bridge.noise_space == "detail"
@@ -174,7 +174,7 @@ def _exit_report(p, log, log_dir) -> str:
 @pytest.mark.parametrize("strategy", ["ddp", "deepspeed"])
 def test_two_process_train_kill_resume(strategy, pairs, tmp_path, launched):
     """2 CPU ranks train and checkpoint, get killed (-9), and the same command resumes at the right step."""
-    from surf_train.train import resume_checkpoint
+    from surf_train.training.train import resume_checkpoint
 
     trainer = (
         ["trainer=deepspeed", "trainer.accelerator=cpu", "trainer.precision=32-true"]

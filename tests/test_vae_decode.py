@@ -55,7 +55,7 @@ def test_validation_videos_load_no_transformer(pairs, tmp_path, built):
     """A training run with validation videos on the tiny Wan: the decode builds AutoencoderKLWan and nothing else."""
     from test_train import SHRINK, compose_cfg
 
-    from surf_train.train import train
+    from surf_train.training.train import train
 
     cfg = compose_cfg(
         [

@@ -9,12 +9,12 @@ import pytest
 import torch
 from conftest import VIDEO_SMALL, VIDEOS
 
-from surf_train import video as video_mod
-from surf_train.degrade import DegradeConfig, degrade_pixels, sample_params
-from surf_train.errors import ConfigError
-from surf_train.sampling import euler_schedule, resize_latent
-from surf_train.shards import OutDirLock, list_shards, lock_path, read_shards, shard_keys
-from surf_train.video import (
+from surf_train.base.sampling import euler_schedule, resize_latent
+from surf_train.common.errors import ConfigError
+from surf_train.data import video as video_mod
+from surf_train.data.degrade import DegradeConfig, degrade_pixels, sample_params
+from surf_train.data.shards import OutDirLock, list_shards, lock_path, read_shards, shard_keys
+from surf_train.data.video import (
     Video,
     VideoError,
     clip_indices,
@@ -25,7 +25,7 @@ from surf_train.video import (
     pick_bucket,
     to_clip,
 )
-from surf_train.video_pairs import Bucket, VideoPairsConfig, make_video_pairs, plan_video
+from surf_train.data.video_pairs import Bucket, VideoPairsConfig, make_video_pairs, plan_video
 
 ROOT = Path(__file__).resolve().parents[1]
 USABLE = ["square.mp4", "sub/odd.mp4", "tall.mp4", "wide.mp4"]
@@ -85,7 +85,7 @@ def test_auto_falls_back_to_pyav(synthetic_videos, monkeypatch, caplog):
     monkeypatch.setattr(video_mod._Decord, "read", broken)
     v = Video(path)  # opens with decord, fails on reading, continues with PyAV
     assert v.backend == "decord"
-    with caplog.at_level(logging.INFO, logger="surf_train.video"):
+    with caplog.at_level(logging.INFO, logger="surf_train.data.video"):
         assert np.array_equal(v.read([0, 5, 47]), want)
     assert v.backend == "pyav" and "decord failed on frames 0-47; reading with PyAV" in caplog.text
     with pytest.raises(VideoError, match="wide.mp4: decord cannot decode frames 0-47 .*decord exploded"):
@@ -224,7 +224,7 @@ def test_degrade_pairs_counts_shapes_metadata_and_skips(video_pairs, synthetic_v
 
 def test_skipped_videos_are_logged_and_counted(synthetic_videos, tmp_path, caplog):
     videos = subset(synthetic_videos, tmp_path / "v", "short.mp4", "small.mp4", "corrupt.mp4", "square.mp4")
-    with caplog.at_level(logging.INFO, logger="surf_train.video_pairs"):
+    with caplog.at_level(logging.INFO, logger="surf_train.data.video_pairs"):
         s = make_video_pairs(cfg(tmp_path / "out", videos, clips_per_video=1))
     assert s["pairs"] == 1 and s["videos_skipped"] == {"too_short": 1, "too_small": 1, "unreadable": 1}
     text = caplog.text

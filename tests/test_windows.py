@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from surf_train.windows import (
+from surf_train.models.windows import (
     clamp_window,
     shift_size,
     window_attention,

@@ -1,9 +1,12 @@
-"""Frozen flow-matching video DiTs behind one small interface (see `BaseModel`), and the factory that builds one."""
+"""Frozen flow-matching video DiTs behind one small interface (`adapter.BaseModel`, one adapter per family:
+`wan`, `hunyuan`), the factory that builds one, their VAEs (`vae`, `toy_vae`), tiny download-free components
+(`tiny`), and sampling with the base model's own scheduler, noise reshifting included (`sampling`).
+May import `common` only."""
 
 import torch
 
 from surf_train.base.adapter import Acceleration, BaseModel, BaseSpec, Cond, LatentGeometry, Meter, latent_frames
-from surf_train.dist_env import local_rank
+from surf_train.common.dist_env import local_rank
 
 __all__ = [
     "Acceleration",

@@ -19,9 +19,9 @@ from typing import Any
 import torch
 
 from surf_train.base import vae as vae_io
-from surf_train.dtypes import DTYPES
-from surf_train.errors import ConfigError
-from surf_train.sampling import SCHEDULERS, Schedule, Step, convert_scheduler, scheduler_shift, with_shift
+from surf_train.base.sampling import SCHEDULERS, Schedule, Step, convert_scheduler, scheduler_shift, with_shift
+from surf_train.common.dtypes import DTYPES
+from surf_train.common.errors import ConfigError
 
 
 def latent_frames(frames: int, stride_t: int) -> int:
@@ -340,7 +340,7 @@ class BaseModel(ABC):
         return self._forward(x.to(self.device, self.dtype), step, cond, g).float()
 
     def velocity_fn(self, cond: Cond, guidance: float | None = None, acc: Acceleration | None = None):
-        """The callable `velocity(x, step)` that the samplers in surf_train.sampling take.
+        """The callable `velocity(x, step)` that the samplers in surf_train.base.sampling take.
 
         acc: CFG truncation (the conditional branch alone where `acc.cfg_at(step)` is false).
         """

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from surf_train.dtypes import DTYPES
+from surf_train.common.dtypes import DTYPES
 
 
 def vae_class(spec):

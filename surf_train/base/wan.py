@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 
 from surf_train.base.adapter import BaseModel, BaseSpec, Cond
+from surf_train.base.sampling import Step
 from surf_train.base.vae import load_vae_module
-from surf_train.dtypes import DTYPES
-from surf_train.errors import ConfigError
-from surf_train.sampling import Step
+from surf_train.common.dtypes import DTYPES
+from surf_train.common.errors import ConfigError
 
 
 class WanBase(BaseModel):

@@ -5,16 +5,16 @@ from __future__ import annotations
 import collections
 import copy
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 
-from surf_train.errors import ConfigError
-from surf_train.objective import BridgeConfig, bridge_loss, refine, sampler_settings, upsample
-from surf_train.refiner import Refiner, refiner_config
+from surf_train.common.errors import ConfigError
+from surf_train.models.refiner import Refiner, refiner_config
+from surf_train.training.objective import BridgeConfig, bridge_loss
 
 log = logging.getLogger(__name__)
 LOSS_WINDOW = 10
@@ -119,8 +119,8 @@ class RefinerModule(pl.LightningModule):
     def init_weights(self, path: str) -> str:
         """Load another run's Refiner weights into this fresh module (progressive stage 2); returns "ema",
         "raw" or "exported". Reads a .ckpt, a ZeRO-2 directory or an exported Refiner, never unpickling."""
-        from surf_train.checkpoint import check_weights, read_checkpoint, refiner_weights, shapes
-        from surf_train.export import load_refiner
+        from surf_train.models.loading import check_weights, load_refiner, shapes
+        from surf_train.training.checkpoint import read_checkpoint, refiner_weights
 
         p = Path(path)
         if p.is_dir() and not (p / "checkpoint").is_dir():  # not a ZeRO directory: an export (either format)
@@ -214,10 +214,10 @@ class RefinerModule(pl.LightningModule):
         preview, target = batch["preview"].float(), batch["target"].float()  # metrics in float32
         text = self._text(batch)
         text = None if text is None else text.float()
-        x_up = upsample(preview, tuple(target.shape[-2:]), self.bridge.up_mode)  # (B, C, F, H, W)
+        sampler = self.bridge.sampler()
+        x_up = sampler.upsample(preview, tuple(target.shape[-2:]))  # (B, C, F, H, W)
         gen = torch.Generator().manual_seed(batch_idx)  # the same start noise at every validation
-        net, kw = self._net_fn(self.eval_net, text), sampler_settings(asdict(self.bridge))
-        refined = refine(net, x_up, self.bridge.steps, text=text, generator=gen, preview=preview, **kw)
+        refined = sampler.refine(self._net_fn(self.eval_net, text), x_up, preview, text, gen)
         b = target.shape[0]
         self.log("val/mse_refiner", F.mse_loss(refined, target), sync_dist=True, batch_size=b)
         self.log("val/mse_upsample", F.mse_loss(x_up, target), sync_dist=True, batch_size=b)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from surf_train.errors import ConfigError
+from surf_train.common.errors import ConfigError
 
 EMA_PREFIX, NET_PREFIX = "ema.module.", "net."
 
@@ -18,7 +18,7 @@ EMA_PREFIX, NET_PREFIX = "ema.module.", "net."
 def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict, int]:
     """(state dict of the LightningModule, its hyper-parameters, global step) from a .ckpt or ZeRO dir.
 
-    The float32 EMA kept beside the module (surf_train.module.EMA) appears as ema.module.* entries."""
+    The float32 EMA kept beside the module (surf_train.training.module.EMA) appears as ema.module.* entries."""
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"checkpoint not found: {path}")
@@ -69,26 +69,3 @@ def refiner_weights(
         )
     prefix = EMA_PREFIX if weights == "ema" else NET_PREFIX
     return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}, weights
-
-
-def check_weights(want: dict[str, tuple[int, ...]], got: dict[str, tuple[int, ...]], where: str) -> None:
-    """Raise ConfigError naming the keys and shapes where weights (`got`) and the config's shapes (`want`)
-    disagree."""
-    missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
-    bad = sorted(k for k in set(want) & set(got) if tuple(want[k]) != tuple(got[k]))
-    if missing or extra or bad:
-        detail = "; ".join(
-            filter(
-                None,
-                [
-                    f"missing {missing[:4]}{'...' if len(missing) > 4 else ''}" if missing else "",
-                    f"unexpected {extra[:4]}{'...' if len(extra) > 4 else ''}" if extra else "",
-                    ", ".join(f"{k}: weights {tuple(got[k])} vs config {tuple(want[k])}" for k in bad[:4]),
-                ],
-            )
-        )
-        raise ConfigError(f"{where}: weights do not match the Refiner config ({detail})")
-
-
-def shapes(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
-    return {k: tuple(v.shape) for k, v in tensors.items()}

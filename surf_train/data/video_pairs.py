@@ -6,7 +6,7 @@ target is the VAE latent of the clip. The preview is made in one of two ways:
   degrade    pixel chain (blur, downscale, noise, JPEG) -> VAE at preview size -> latent blur and noise
   repreview  target latent noised to the switch level s_k -> noise reshifting to preview size -> the base
              model's remaining steps there (the base model's own low-resolution signature, real target)
-Shards, resume and rank slicing are those of generated pairs (surf_train.pairs); ranks split the videos.
+Shards, resume and rank slicing are those of generated pairs (surf_train.data.pairs); ranks split the videos.
 """
 
 from __future__ import annotations
@@ -24,11 +24,12 @@ import torch
 
 from surf_train import __version__
 from surf_train.base import BaseModel, BaseSpec, latent_frames, load_base_model
-from surf_train.degrade import DegradeConfig, degrade_latent, degrade_pixels, sample_params
-from surf_train.dist_env import rank_world
-from surf_train.dtypes import DTYPES
-from surf_train.errors import ConfigError, known_keys
-from surf_train.pairs import (
+from surf_train.base.sampling import PreviewPlan, finish_preview
+from surf_train.common.dist_env import rank_world
+from surf_train.common.dtypes import DTYPES
+from surf_train.common.errors import ConfigError, known_keys
+from surf_train.data.degrade import DegradeConfig, degrade_latent, degrade_pixels, sample_params
+from surf_train.data.pairs import (
     base_fingerprint,
     base_meta,
     check_schedule,
@@ -37,9 +38,8 @@ from surf_train.pairs import (
     settings,
     write_samples,
 )
-from surf_train.sampling import PreviewPlan, finish_preview
-from surf_train.shards import OutDirLock
-from surf_train.video import (
+from surf_train.data.shards import OutDirLock
+from surf_train.data.video import (
     BACKENDS,
     CROPS,
     Video,

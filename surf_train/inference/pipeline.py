@@ -24,9 +24,9 @@ from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
 
 from surf_train.base import Acceleration, BaseModel, BaseSpec, adapter_class, latent_frames
-from surf_train.errors import ConfigError
-from surf_train.objective import refine, sampler_settings, upsample
-from surf_train.sampling import DOWN_MODES, RULES, PreviewPlan, Schedule, preview_sample, sample
+from surf_train.base.sampling import DOWN_MODES, RULES, PreviewPlan, Schedule, preview_sample, sample
+from surf_train.common.errors import ConfigError
+from surf_train.models.sampler import RefinerSampler
 
 MODES = ("surf", "baseline", "preview")
 OUTPUT_TYPES = ("np", "pil", "pt", "latent")
@@ -235,6 +235,11 @@ class SurfPipeline(DiffusionPipeline):
     def spec(self) -> BaseSpec:
         return self.base.spec
 
+    @property
+    def sampler(self) -> RefinerSampler:
+        """The Refiner's sampler as its export records it (the `bridge` config entry)."""
+        return RefinerSampler.from_bridge(self.config.bridge)
+
     @classmethod
     def from_base(cls, model: BaseModel, refiner=None, bridge: dict | None = None) -> SurfPipeline:
         """Around a loaded base-model adapter (its modules, not copies); the Refiner moved to its device and dtype."""
@@ -265,7 +270,7 @@ class SurfPipeline(DiffusionPipeline):
     ) -> SurfPipeline:
         """A conf/base model (tiny, toy, wan2.1_t2v_14b, ...) and an exported Refiner directory (or None)."""
         from surf_train.base import load_base_model
-        from surf_train.export import check_base, load_refiner
+        from surf_train.models.loading import check_base, load_refiner
 
         spec = BaseSpec.from_name(base) if isinstance(base, str) else base
         if dtype is not None:
@@ -313,7 +318,7 @@ class SurfPipeline(DiffusionPipeline):
         for k in ("target", "prefix", "preview"):
             self.base.check_grid(lat[k], f_lat)
         schedule = self.base.schedule(num_inference_steps, shift)  # the pipeline's own scheduler (shift: override)
-        k_ref = self.config.bridge.get("steps", 10) if refiner_steps is None else refiner_steps
+        k_ref = self.sampler.steps if refiner_steps is None else refiner_steps
         # stage of each base-model call, by the latent size it runs at (the prefix wins if sizes coincide)
         names = (
             {lat["target"]: "full_res"} if mode == "baseline" else {lat["preview"]: "low_res", lat["prefix"]: "prefix"}
@@ -403,8 +408,8 @@ class SurfPipeline(DiffusionPipeline):
             pp = PreviewPlan(plan.schedule, switch=switch, preview_size=lat["preview"], rule=rule, down=down)
             fresh = torch.randn((b, c, plan.f_lat, *lat["preview"]), generator=generator).to(dev)
             preview = clock.span("sampler", preview_sample, vel, noise, pp, fresh)
-            bridge = self.config.bridge
-            x_up = clock.span("upsample", upsample, preview, lat["target"], bridge.get("up_mode", "bilinear"))
+            sampler = self.sampler
+            x_up = clock.span("upsample", sampler.upsample, preview, lat["target"])
             if mode == "preview":
                 latent = x_up
             else:
@@ -413,8 +418,8 @@ class SurfPipeline(DiffusionPipeline):
                 def ref_fn(x, t, cnd, txt):
                     return net(x.to(dt), t.to(dt), cnd.to(dt), None if txt is None else txt.to(dt)).float()
 
-                kw = dict(text=text, generator=generator, preview=preview, **sampler_settings(bridge))
-                latent = clock.time("refine", lambda: refine(ref_fn, x_up, plan.refiner_steps, **kw))
+                sampler = sampler.override(steps=plan.refiner_steps)
+                latent = clock.time("refine", sampler.refine, ref_fn, x_up, preview, text, generator)
         if output_type == "latent":
             frames = latent
         else:

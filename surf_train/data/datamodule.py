@@ -1,4 +1,4 @@
-"""Training and validation data from (preview, target) pair shards (schema: surf_train.shards).
+"""Training and validation data from (preview, target) pair shards (schema: surf_train.data.shards).
 
 Training is an endless stream of shards drawn with replacement, cut to the same number of batches per
 epoch on every rank: uneven per-rank sample counts hang DDP (DESIGN 5). Validation is a fixed set
@@ -22,8 +22,8 @@ import webdataset as wds
 from braceexpand import braceexpand
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
-from surf_train.errors import ConfigError
-from surf_train.shards import ShardError, decode_sample, list_shards, raise_named, shard_keys
+from surf_train.common.errors import ConfigError
+from surf_train.data.shards import ShardError, decode_sample, list_shards, raise_named, shard_keys
 
 log = logging.getLogger(__name__)
 

@@ -21,11 +21,11 @@ from tqdm import tqdm
 
 from surf_train import __version__
 from surf_train.base import Acceleration, BaseModel, BaseSpec, latent_frames, load_base_model
-from surf_train.dist_env import rank_world
-from surf_train.dtypes import DTYPES
-from surf_train.errors import ConfigError, known_keys
-from surf_train.sampling import DOWN_MODES, RULES, PreviewPlan, pair_sample
-from surf_train.shards import (
+from surf_train.base.sampling import DOWN_MODES, RULES, PreviewPlan, pair_sample
+from surf_train.common.dist_env import rank_world
+from surf_train.common.dtypes import DTYPES
+from surf_train.common.errors import ConfigError, known_keys
+from surf_train.data.shards import (
     OutDirLock,
     ShardWriter,
     encode_sample,
@@ -246,7 +246,7 @@ def builtin_prompts(base: BaseSpec | None = None) -> list[str]:
     """The prompts used when none are given: the toy world's caption grammar for a base model trained on
     it (`prompts: toyworld` in its yaml), else a fixed list of 16 everyday scenes."""
     if base is not None and base.prompts == "toyworld":
-        from surf_train.toyworld import all_captions
+        from surf_train.data.toyworld import all_captions
 
         return all_captions()
     return list(BUILTIN_PROMPTS)

@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 
-from surf_train.errors import ConfigError
-from surf_train.windows import IMPLS, Size3, window_attention
+from surf_train.common.errors import ConfigError
+from surf_train.models.windows import IMPLS, Size3, window_attention
 
 EPS = 1e-6  # Wan's eps for every norm
 T_SCALE = 1000.0  # t in [0, 1] is embedded as Wan's timestep t * 1000, so Wan's time MLP transfers

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from surf_train.errors import ConfigError
+from surf_train.common.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -14,18 +14,19 @@ import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from surf_train.errors import ConfigError
+from surf_train.common.errors import ConfigError
 
 Rule = Literal["paper", "snr", "pool"]
-RULES = ("paper", "snr", "pool")
-DOWN_MODES = ("area", "bilinear", "bicubic")
-UP_MODES = ("nearest", "bilinear", "bicubic")
+Rule = Literal["paper", "snr", "pool"]  # re-noise rule at the switch (docs/method.md)
+DownMode = Literal["area", "bilinear", "bicubic"]
+UpMode = Literal["nearest", "bilinear", "bicubic"]
+RULES, DOWN_MODES, UP_MODES = get_args(Rule), get_args(DownMode), get_args(UpMode)
 # supported scheduler classes -> the config key of their timestep shift
 SCHEDULERS = {
     "FlowMatchEulerDiscreteScheduler": "shift",

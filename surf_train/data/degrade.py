@@ -9,14 +9,15 @@ so a clip's preview is reproducible from (seed, key), and the drawn values go in
 from __future__ import annotations
 
 import io
+import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
-from surf_train.errors import ConfigError, known_keys
-from surf_train.objective import gaussian_blur
-from surf_train.sampling import DOWN_MODES, resize_latent
+from surf_train.base.sampling import DOWN_MODES, resize_latent
+from surf_train.common.errors import ConfigError, known_keys
 
 
 @dataclass
@@ -56,6 +57,24 @@ class DegradeConfig:
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+
+def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Per-sample separable Gaussian blur over H and W of (B, C, F, H, W); sigma (B,) in latent pixels."""
+    smax = float(sigma.max())
+    if smax <= 0:
+        return x
+    r = max(1, math.ceil(3 * smax))
+    taps = torch.arange(-r, r + 1, dtype=x.dtype, device=x.device)  # (K,)
+    k = torch.exp(-0.5 * (taps[None] / sigma.clamp_min(1e-6)[:, None].to(x.dtype)) ** 2)  # (B, K)
+    k = torch.where(sigma[:, None] > 0, k, (taps[None] == 0).to(x.dtype))
+    k = k / k.sum(1, keepdim=True)
+    b, c, f, h, w = x.shape
+    y = x.permute(0, 2, 1, 3, 4).reshape(1, b * f * c, h, w)  # grouped conv: one group per (sample, frame, chan)
+    kk = k.repeat_interleave(f * c, 0)  # (B*F*C, K)
+    y = F.conv2d(F.pad(y, (0, 0, r, r), mode="replicate"), kk[:, None, :, None], groups=b * f * c)
+    y = F.conv2d(F.pad(y, (r, r, 0, 0), mode="replicate"), kk[:, None, None, :], groups=b * f * c)
+    return y.reshape(b, f, c, h, w).permute(0, 2, 1, 3, 4)
 
 
 def _u(gen: torch.Generator, lo: float, hi: float) -> float:

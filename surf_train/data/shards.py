@@ -31,7 +31,7 @@ import webdataset as wds
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from surf_train.errors import ConfigError
+from surf_train.common.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

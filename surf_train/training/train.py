@@ -17,9 +17,9 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
-from surf_train.callbacks import PlainProgress, SlurmRequeue, prune_hpc_checkpoints
-from surf_train.data import DataConfig, PairDataModule
-from surf_train.errors import ConfigError
+from surf_train.common.errors import ConfigError
+from surf_train.data.datamodule import DataConfig, PairDataModule
+from surf_train.training.callbacks import PlainProgress, SlurmRequeue, prune_hpc_checkpoints
 
 log = logging.getLogger("surf_train")
 
@@ -172,8 +172,8 @@ def fill_from_data(cfg: DictConfig, data_cfg: DataConfig) -> None:
     first training sample: its latent channels, its text width (0 without text) and the base model named in
     its metadata. So the default config trains on whatever base model the pairs came from. The base model
     and the sizes of that sample are also recorded (`module.trained_on`), so an export names them."""
-    from surf_train.data import split_shards
-    from surf_train.shards import read_shards
+    from surf_train.data.datamodule import split_shards
+    from surf_train.data.shards import read_shards
 
     m = cfg.model
     train_shards, _ = split_shards(data_cfg)

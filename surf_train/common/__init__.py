@@ -1,0 +1,4 @@
+"""What every stage shares and nothing else: the one error type the entry points print as one line
+(`errors`), dtype names (`dtypes`), rank and world size from the launcher's environment (`dist_env`) and command-line
+flags from a settings dataclass (`cli_args`).
+May import no other subpackage."""

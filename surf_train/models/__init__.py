@@ -1,0 +1,3 @@
+"""The Refiner network and everything needed to run an exported one: shifted-window attention as pure functions
+(`windows`), the Refiner DiT (`refiner`) and loading an exported Refiner directory (`loading`).
+May import `common` and `base`; never data, training, inference or evaluation."""

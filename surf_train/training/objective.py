@@ -1,0 +1,103 @@
+"""The Refiner's training objective: bridge flow matching from the upsampled preview to the target
+(docs/method.md, "Refiner"); its sampler is surf_train.models.sampler.
+
+x_up = up(preview); x_start = x_up + sigma_aug * eps; x_t = (1 - t) * x_hr + t * x_start;
+target velocity v = x_start - x_hr.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from surf_train.data.degrade import gaussian_blur
+from surf_train.models.sampler import NOISE_SPACES, RefinerFn, RefinerSampler, start_noise, upsample
+
+
+@dataclass
+class BridgeConfig:
+    """How training pairs become bridge-flow samples, and how the sampler runs."""
+
+    t_dist: str = "logit_normal"  # logit_normal | uniform
+    t_mean: float = 0.0  # logit-normal location
+    t_std: float = 1.0  # logit-normal scale
+    sigma_aug_max: float = 0.5  # per-sample noise on the start point ~ U(0, sigma_aug_max)
+    noise_space: str = "full"  # start-point noise: full | detail (nothing on the preview grid: start_noise)
+    sigma_aug_eval: float = 0.0  # start-point noise used by the sampler
+    up_mode: str = "bilinear"  # preview -> target grid (per frame; frames never change)
+    latent_noise_max: float = 0.0  # latent degradation: extra Gaussian noise ~ U(0, max) on x_up
+    latent_blur_max: float = 0.0  # latent degradation: Gaussian blur sigma ~ U(0, max) pixels, per sample
+    degrade_prob: float = 0.5  # probability that a sample gets the latent degradations
+    steps: int = 10  # K: Euler steps of the sampler
+    consistency: bool = False  # sampler: keep every step's target estimate on the preview (refine, match_preview)
+
+    def __post_init__(self):
+        if self.t_dist not in ("logit_normal", "uniform"):
+            raise ValueError(f"t_dist={self.t_dist!r}: choose logit_normal or uniform")
+        if self.steps < 1:
+            raise ValueError(f"steps={self.steps} must be >= 1")
+        if self.noise_space not in NOISE_SPACES:
+            raise ValueError(f"noise_space={self.noise_space!r}: choose from {list(NOISE_SPACES)}")
+
+    def sampler(self) -> RefinerSampler:
+        """The sampler these settings describe (validation's; an export stores them for generation)."""
+        return RefinerSampler.from_bridge(dataclasses.asdict(self))
+
+
+def sample_t(
+    n: int, cfg: BridgeConfig, generator: torch.Generator | None = None, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """(n,) bridge times in (0, 1)."""
+    if cfg.t_dist == "uniform":
+        return torch.rand(n, generator=generator).to(device)
+    return torch.sigmoid(cfg.t_mean + cfg.t_std * torch.randn(n, generator=generator)).to(device)
+
+
+def augment_cond(x: torch.Tensor, cfg: BridgeConfig, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Latent-level degradations of the upsampled preview (blur, noise), per sample, under a seed."""
+    b = x.shape[0]
+    if cfg.latent_blur_max <= 0 and cfg.latent_noise_max <= 0:
+        return x
+    on = (torch.rand(b, generator=generator) < cfg.degrade_prob).float()  # (B,)
+    blur = on * cfg.latent_blur_max * torch.rand(b, generator=generator)
+    noise = on * cfg.latent_noise_max * torch.rand(b, generator=generator)
+    eps = torch.randn(x.shape, generator=generator).to(x)
+    x = gaussian_blur(x, blur.to(x.device))
+    return x + noise.to(x).view(b, 1, 1, 1, 1) * eps
+
+
+@dataclass
+class BridgeBatch:
+    x_t: torch.Tensor  # (B, C, F, H, W)
+    t: torch.Tensor  # (B,)
+    cond: torch.Tensor  # (B, C, F, H, W) the (degraded) upsampled preview
+    v: torch.Tensor  # (B, C, F, H, W) target velocity
+
+
+def bridge_batch(
+    preview: torch.Tensor, target: torch.Tensor, cfg: BridgeConfig, generator: torch.Generator | None = None
+) -> BridgeBatch:
+    """Training inputs and target for one batch of pairs."""
+    b, dev = target.shape[0], target.device
+    x_up = augment_cond(upsample(preview, tuple(target.shape[-2:]), cfg.up_mode), cfg, generator)
+    sig = cfg.sigma_aug_max * torch.rand(b, generator=generator).to(target).view(b, 1, 1, 1, 1)
+    x_start = x_up + sig * start_noise(target.shape, preview.shape[-2:], cfg.noise_space, generator).to(target)
+    t = sample_t(b, cfg, generator, dev).to(target.dtype)
+    tt = t.view(b, 1, 1, 1, 1)
+    return BridgeBatch(x_t=(1 - tt) * target + tt * x_start, t=t, cond=x_up, v=x_start - target)
+
+
+def bridge_loss(
+    net: RefinerFn,
+    preview: torch.Tensor,
+    target: torch.Tensor,
+    cfg: BridgeConfig,
+    text: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """MSE between the predicted and the bridge velocity."""
+    bb = bridge_batch(preview, target, cfg, generator)
+    return F.mse_loss(net(bb.x_t, bb.t, bb.cond, text).float(), bb.v.float())
