@@ -363,27 +363,41 @@ class SurfPipeline(DiffusionPipeline):
             raise ConfigError(f"output_type {output_type!r}: choose from {OUTPUT_TYPES}")
         if rule not in RULES or down not in DOWN_MODES:
             raise ConfigError(f"--rule must be one of {RULES} and --down one of {DOWN_MODES}")
-        plan = self.plan(
-            height,
-            width,
-            num_frames,
-            num_inference_steps,
-            switch,
-            (prefix_height, prefix_width),
-            (preview_height, preview_width),
-            refiner_steps,
-            mode,
-            shift,
-        )
-        model, net = self.base, self.refiner if mode == "surf" else None
-        model.device, model.dtype = self.transformer.device, self.transformer.dtype  # after pipe.to(...)
-        acc = acceleration or Acceleration()
+        prefix, preview = (prefix_height, prefix_width), (preview_height, preview_width)
+        steps = (num_inference_steps, switch)
+        plan = self.plan(height, width, num_frames, *steps, prefix, preview, refiner_steps, mode, shift)
+        model, acc = self.base, acceleration or Acceleration()
+        self._prepare(acc)
+        clock = clock or StageClock(model.device)
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        cond, text = self._encode(prompts, negative_prompt, mode, clock)
+        model.meter.reset()
+        vel = clock.wrap(model.velocity_fn(cond, guidance_scale, acc), lambda x: plan.names[tuple(x.shape[-2:])])
+        noise = self._start_noise(plan, len(prompts), latents, generator)
+        if mode == "baseline":
+            latent = clock.span("sampler", sample, vel, noise, plan.schedule)  # the pipeline's own output
+        else:
+            latent = self._preview_and_refine(plan, vel, noise, text, (switch, rule, down), generator, clock)
+        frames = latent if output_type == "latent" else self._decode(latent, output_type, clock)
+        self.maybe_free_model_hooks()
+        return SurfPipelineOutput(frames=frames, plan=plan) if return_dict else (frames,)
+
+    def _prepare(self, acc: Acceleration) -> None:
+        """The adapter follows the modules' device and dtype (after pipe.to(...)) and takes the acceleration."""
+        model = self.base
+        model.device, model.dtype = self.transformer.device, self.transformer.dtype
         try:
             model.accelerate(acc)
         except ConfigError as e:
             raise ConfigError(f"--cache-threshold/--cfg-stop/--no-cfg-low: {e}") from None
-        clock = clock or StageClock(model.device)
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+
+    def _decode(self, latent: torch.Tensor, output_type: str, clock: StageClock):
+        video = clock.time("decode", self.base.vae_decode, latent)  # (B, 3, frames, H, W) in [-1, 1]
+        return self.base.pipe.video_processor.postprocess_video(video, output_type=output_type)
+
+    def _encode(self, prompts: list[str], negative_prompt, mode: str, clock: StageClock):
+        """The base model's conditioning and the Refiner's text (B, L, D) (None without a text-conditioned one)."""
+        model, net = self.base, self.refiner if mode == "surf" else None
         if negative_prompt is not None and model.spec.family != "wan":
             raise ConfigError(f"negative_prompt: {model.spec.family} embeds its guidance (no negative branch)")
         args = () if negative_prompt is None else (negative_prompt,)
@@ -393,40 +407,35 @@ class SurfPipeline(DiffusionPipeline):
             raise ConfigError(
                 f"Refiner expects {net.cfg.text_dim}-wide text embeddings, {model.spec.name} gives {text.shape[-1]}"
             )
-        model.meter.reset()
-        lat, names = plan.lat, plan.names
-        vel = clock.wrap(model.velocity_fn(cond, guidance_scale, acc), lambda x: names[tuple(x.shape[-2:])])
-        b, c, dev = len(prompts), model.spec.channels, model.device
-        start = "target" if mode == "baseline" else "prefix"
-        shape = (b, c, plan.f_lat, *lat[start])
+        return cond, text
+
+    def _start_noise(self, plan: SurfPlan, b: int, latents, generator) -> torch.Tensor:
+        """(B, C, F, h, w) start noise at the prefix size (the target size for mode="baseline")."""
+        start = "target" if plan.mode == "baseline" else "prefix"
+        shape = (b, self.spec.channels, plan.f_lat, *plan.lat[start])
         if latents is not None and tuple(latents.shape) != shape:
             raise ConfigError(f"latents {tuple(latents.shape)}: expected {shape} (the {start} size)")
-        noise = (torch.randn(shape, generator=generator) if latents is None else latents.float()).to(dev)
-        if mode == "baseline":
-            latent = clock.span("sampler", sample, vel, noise, plan.schedule)  # the pipeline's own output
-        else:
-            pp = PreviewPlan(plan.schedule, switch=switch, preview_size=lat["preview"], rule=rule, down=down)
-            fresh = torch.randn((b, c, plan.f_lat, *lat["preview"]), generator=generator).to(dev)
-            preview = clock.span("sampler", preview_sample, vel, noise, pp, fresh)
-            sampler = self.sampler
-            x_up = clock.span("upsample", sampler.upsample, preview, lat["target"])
-            if mode == "preview":
-                latent = x_up
-            else:
-                dt = model.dtype
+        return (torch.randn(shape, generator=generator) if latents is None else latents.float()).to(self.base.device)
 
-                def ref_fn(x, t, cnd, txt):
-                    return net(x.to(dt), t.to(dt), cnd.to(dt), None if txt is None else txt.to(dt)).float()
+    def _preview_and_refine(self, plan, vel, noise, text, reshift, generator, clock: StageClock) -> torch.Tensor:
+        """The preview with noise reshifting (`reshift`: switch, rule, down), upsampled, then refined (mode "surf")
+        -> target latent."""
+        model, lat, (switch, rule, down) = self.base, plan.lat, reshift
+        b, c = noise.shape[:2]
+        pp = PreviewPlan(plan.schedule, switch=switch, preview_size=lat["preview"], rule=rule, down=down)
+        fresh = torch.randn((b, c, plan.f_lat, *lat["preview"]), generator=generator).to(model.device)
+        preview = clock.span("sampler", preview_sample, vel, noise, pp, fresh)
+        sampler = self.sampler
+        x_up = clock.span("upsample", sampler.upsample, preview, lat["target"])
+        if plan.mode == "preview":
+            return x_up
+        net, dt = self.refiner, model.dtype
 
-                sampler = sampler.override(steps=plan.refiner_steps)
-                latent = clock.time("refine", sampler.refine, ref_fn, x_up, preview, text, generator)
-        if output_type == "latent":
-            frames = latent
-        else:
-            video = clock.time("decode", model.vae_decode, latent)  # (B, 3, frames, H, W) in [-1, 1]
-            frames = self.base.pipe.video_processor.postprocess_video(video, output_type=output_type)
-        self.maybe_free_model_hooks()
-        return SurfPipelineOutput(frames=frames, plan=plan) if return_dict else (frames,)
+        def ref_fn(x, t, cnd, txt):
+            return net(x.to(dt), t.to(dt), cnd.to(dt), None if txt is None else txt.to(dt)).float()
+
+        sampler = sampler.override(steps=plan.refiner_steps)
+        return clock.time("refine", sampler.refine, ref_fn, x_up, preview, text, generator)
 
 
 __all__ = [
