@@ -240,11 +240,29 @@ class BaseModel(ABC):
                 f"patch_s)={got} but conf/base/{self.spec.name}.yaml says {want}"
             )
 
-    # --- family-specific -------------------------------------------------------------------
     @classmethod
-    @abstractmethod
     def load(cls, spec: BaseSpec, device: torch.device) -> BaseModel:
-        """Tiny model from configs when spec.pretrained is None, else diffusers from_pretrained."""
+        """Tiny model from configs when spec.pretrained is None, else diffusers from_pretrained (the VAE as
+        vae.load_vae_module loads it: Wan's stays float32, as in its model card; the rest in spec.dtype)."""
+        if spec.pretrained is None:
+            pipe = cls.tiny_pipeline()
+        else:
+            pipe = cls.pipeline_class().from_pretrained(
+                spec.source, vae=vae_io.load_vae_module(spec), revision=spec.revision, dtype=DTYPES[spec.dtype]
+            )
+        pipe.to(device)  # dtypes were set at build/load time (diffusers keeps some modules in float32)
+        return cls(spec, pipe, device)
+
+    # --- family-specific -------------------------------------------------------------------
+    @staticmethod
+    @abstractmethod
+    def pipeline_class() -> type:
+        """The family's diffusers pipeline class (imported on use: diffusers is slow to import)."""
+
+    @staticmethod
+    @abstractmethod
+    def tiny_pipeline():
+        """The family's tiny download-free pipeline (surf_train.base.tiny)."""
 
     @abstractmethod
     def _patch(self) -> tuple[int, int]:

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from surf_train.base.adapter import BaseModel, BaseSpec, Cond
+from surf_train.base.adapter import BaseModel, Cond
 from surf_train.base.sampling import Step
-from surf_train.base.vae import load_vae_module
-from surf_train.common.dtypes import DTYPES
 
 
 class HunyuanBase(BaseModel):
@@ -16,20 +14,17 @@ class HunyuanBase(BaseModel):
     custom_sigmas = True  # HunyuanVideoPipeline passes sigmas=linspace(1, 0, N + 1)[:-1] to set_timesteps
     cfg_branch = False  # guidance is a transformer input: nothing to truncate
 
-    @classmethod
-    def load(cls, spec: BaseSpec, device: torch.device) -> HunyuanBase:
+    @staticmethod
+    def pipeline_class() -> type:
         from diffusers import HunyuanVideoPipeline
 
-        if spec.pretrained is None:
-            from surf_train.base.tiny import tiny_hunyuan_pipeline
+        return HunyuanVideoPipeline
 
-            pipe = tiny_hunyuan_pipeline()
-        else:
-            pipe = HunyuanVideoPipeline.from_pretrained(
-                spec.source, vae=load_vae_module(spec), revision=spec.revision, dtype=DTYPES[spec.dtype]
-            )
-        pipe.to(device)  # dtypes were set at load time (diffusers keeps some modules in float32)
-        return cls(spec, pipe, device)
+    @staticmethod
+    def tiny_pipeline():
+        from surf_train.base.tiny import tiny_hunyuan_pipeline
+
+        return tiny_hunyuan_pipeline()
 
     def _patch(self) -> tuple[int, int]:
         c = self.pipe.transformer.config

@@ -22,7 +22,6 @@ import torch.nn.functional as F
 
 from surf_train.common.errors import ConfigError
 
-Rule = Literal["paper", "snr", "pool"]
 Rule = Literal["paper", "snr", "pool"]  # re-noise rule at the switch (docs/method.md)
 DownMode = Literal["area", "bilinear", "bicubic"]
 UpMode = Literal["nearest", "bilinear", "bicubic"]
@@ -358,7 +357,7 @@ class PreviewPlan:
     switch: int  # k: steps run before the switch
     preview_size: tuple[int, int]  # latent (h, w) of the preview
     rule: Rule = "pool"
-    down: str = "area"
+    down: DownMode = "area"
 
     def __post_init__(self):
         if not 0 <= self.switch <= self.steps:

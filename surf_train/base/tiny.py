@@ -126,6 +126,18 @@ def tiny_wan_pipeline(seed: int = 0):
     )
 
 
+# what HunyuanVideo's tiny Llama and CLIP text encoders share (diffusers' own HunyuanVideo pipeline test sizes)
+TINY_TEXT_ENCODER = dict(
+    bos_token_id=0,
+    eos_token_id=2,
+    intermediate_size=37,
+    num_attention_heads=4,
+    num_hidden_layers=2,
+    pad_token_id=1,
+    hidden_act="gelu",
+)
+
+
 def tiny_hunyuan_pipeline(seed: int = 0):
     """HunyuanVideoPipeline with one double and one single block, tiny Llama and CLIP encoders."""
     from diffusers import FlowMatchEulerDiscreteScheduler, HunyuanVideoPipeline, HunyuanVideoTransformer3DModel
@@ -137,32 +149,9 @@ def tiny_hunyuan_pipeline(seed: int = 0):
         clip_tok = tiny_tokenizer(
             specials=("<|startoftext|>", "<pad>", "<|endoftext|>", "<unk>"), eos="<|endoftext|>", bos="<|startoftext|>"
         )
-        llama = LlamaModel(
-            LlamaConfig(
-                bos_token_id=0,
-                eos_token_id=2,
-                hidden_size=16,
-                intermediate_size=37,
-                num_attention_heads=4,
-                num_hidden_layers=2,
-                pad_token_id=1,
-                vocab_size=len(llama_tok),
-                hidden_act="gelu",
-            )
-        )
+        llama = LlamaModel(LlamaConfig(**TINY_TEXT_ENCODER, hidden_size=16, vocab_size=len(llama_tok)))
         clip = CLIPTextModel(
-            CLIPTextConfig(
-                bos_token_id=0,
-                eos_token_id=2,
-                hidden_size=8,
-                intermediate_size=37,
-                num_attention_heads=4,
-                num_hidden_layers=2,
-                pad_token_id=1,
-                vocab_size=len(clip_tok),
-                hidden_act="gelu",
-                projection_dim=32,
-            )
+            CLIPTextConfig(**TINY_TEXT_ENCODER, hidden_size=8, vocab_size=len(clip_tok), projection_dim=32)
         )
         net = HunyuanVideoTransformer3DModel(
             in_channels=4,

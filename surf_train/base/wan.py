@@ -6,31 +6,29 @@ import torch
 
 from surf_train.base.adapter import BaseModel, BaseSpec, Cond
 from surf_train.base.sampling import Step
-from surf_train.base.vae import load_vae_module
-from surf_train.common.dtypes import DTYPES
 from surf_train.common.errors import ConfigError
 
 
 class WanBase(BaseModel):
     """Wan: umT5 text, classifier-free guidance with a negative prompt, per-channel latent mean/std."""
 
-    @classmethod
-    def load(cls, spec: BaseSpec, device: torch.device) -> WanBase:
+    @staticmethod
+    def pipeline_class() -> type:
         from diffusers import WanPipeline
 
+        return WanPipeline
+
+    @staticmethod
+    def tiny_pipeline():
+        from surf_train.base.tiny import tiny_wan_pipeline
+
+        return tiny_wan_pipeline()
+
+    @classmethod
+    def load(cls, spec: BaseSpec, device: torch.device) -> WanBase:
         import surf_train.base.known_warnings  # noqa: F401  (the toy's stand-in VAE and text encoder)
 
-        if spec.pretrained is None:
-            from surf_train.base.tiny import tiny_wan_pipeline
-
-            pipe = tiny_wan_pipeline()
-        else:
-            # Wan's VAE is kept in float32 (as in the model card); the rest in spec.dtype
-            pipe = WanPipeline.from_pretrained(
-                spec.source, vae=load_vae_module(spec), revision=spec.revision, dtype=DTYPES[spec.dtype]
-            )
-        pipe.to(device)  # dtypes were set at build/load time (diffusers keeps some modules in float32)
-        return cls(spec, pipe, device)
+        return super().load(spec, device)
 
     def _patch(self) -> tuple[int, int]:
         pt, ph, pw = self.pipe.transformer.config.patch_size

@@ -327,7 +327,6 @@ def generate_pairs(model: BaseModel, cfg: PairsConfig, jobs: list[Job]) -> list[
     vel = model.velocity_fn(cond, cfg.guidance, cfg.acceleration())
     previews, targets = pair_sample(vel, torch.cat(noise).to(model.device), plan, torch.cat(fresh).to(model.device))
     dt = DTYPES[cfg.dtype]
-    s_k = float(plan.sigmas[plan.switch])
     out = []
     for i, job in enumerate(jobs):
         tensors = {"preview": previews[i].to(dt), "target": targets[i].to(dt)}
@@ -341,17 +340,29 @@ def generate_pairs(model: BaseModel, cfg: PairsConfig, jobs: list[Job]) -> list[
             "base": base_meta(cfg.base),
             "target_size": [cfg.frames, cfg.height, cfg.width],
             "preview_size": [cfg.frames, cfg.preview_height, cfg.preview_width],
-            "schedule": {
-                "steps": cfg.steps,
-                "shift": plan.schedule.shift,
-                "guidance": cfg.guidance,
-                "scheduler": type(plan.schedule.scheduler).__name__,
-            },
-            "reshift": {"switch": cfg.switch, "sigma_switch": s_k, "rule": cfg.rule, "down": cfg.down},
+            **schedule_meta(plan, cfg.steps, cfg.guidance),
             "dtype": cfg.dtype,
         }
         out.append((tensors, meta))
     return out
+
+
+def schedule_meta(plan: PreviewPlan, steps: int, guidance: float) -> dict:
+    """A pair's `schedule` and `reshift` metadata: how the base model ran and where it switched to the preview."""
+    return {
+        "schedule": {
+            "steps": steps,
+            "shift": plan.schedule.shift,
+            "guidance": guidance,
+            "scheduler": type(plan.schedule.scheduler).__name__,
+        },
+        "reshift": {
+            "switch": plan.switch,
+            "sigma_switch": float(plan.sigmas[plan.switch]),
+            "rule": plan.rule,
+            "down": plan.down,
+        },
+    }
 
 
 def out_dir_arg_error(argv: list[str]) -> str | None:

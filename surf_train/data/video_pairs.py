@@ -35,6 +35,7 @@ from surf_train.data.pairs import (
     check_schedule,
     check_storage,
     open_out_dir,
+    schedule_meta,
     settings,
     write_samples,
 )
@@ -252,7 +253,7 @@ def clip_pair(
     model: BaseModel, cfg: VideoPairsConfig, clip: Clip, frames: np.ndarray, backend: str, cond
 ) -> tuple[dict, dict]:
     """One clip's (preview, target) -> (tensors, metadata) for the shard schema."""
-    b, s = clip.bucket, cfg.base.stride_s
+    b = clip.bucket
     video = to_clip(frames, clip.box, (b.height, b.width), model.device)  # (1, 3, F, H, W) in [0, 1]
     target = model.vae_encode(video * 2 - 1)  # (1, C, F', H/s, W/s)
     gen = torch.Generator().manual_seed(clip_seed(cfg.seed, clip.key))
@@ -262,34 +263,38 @@ def clip_pair(
         preview = degrade_latent(model.vae_encode(low * 2 - 1), p, gen)  # (1, C, F', h/s, w/s)
         detail = {"degradation": p}
     else:
-        r = cfg.repreview
-        plan = PreviewPlan(
-            model.schedule(r.steps, r.shift),
-            switch=r.switch,
-            rule=r.rule,
-            down=r.down,
-            preview_size=(b.preview_height // s, b.preview_width // s),
-        )
-        s_k = float(plan.sigmas[plan.switch])
-        eps = torch.randn(target.shape, generator=gen).to(target)
-        fresh = torch.randn((*target.shape[:3], *plan.preview_size), generator=gen).to(target)
-        x = (1 - s_k) * target + s_k * eps  # the real latent at the switch level
-        preview = finish_preview(model.velocity_fn(cond, r.guidance), x, plan, fresh)
-        detail = {
-            "schedule": {
-                "steps": r.steps,
-                "shift": plan.schedule.shift,
-                "guidance": r.guidance,
-                "scheduler": type(plan.schedule.scheduler).__name__,
-            },
-            "reshift": {"switch": r.switch, "sigma_switch": s_k, "rule": r.rule, "down": r.down},
-        }
+        preview, detail = _repreview(model, cfg, b, target, cond, gen)
     dt = DTYPES[cfg.dtype]
     tensors = {"preview": preview[0].to(dt), "target": target[0].to(dt)}
     if cfg.store_text:
         tensors["text"] = cond.text(0).to(dt)  # (L, D) zero-padded; stored at its real length
-    i = clip.info
-    meta = {
+    return tensors, {**_clip_meta(cfg, clip, backend), **detail}
+
+
+def _repreview(
+    model: BaseModel, cfg: VideoPairsConfig, b, target: torch.Tensor, cond, gen
+) -> tuple[torch.Tensor, dict]:
+    """The base model's own preview of a real latent (B, C, F', H, W): noised to the switch level, then finished
+    at the preview size; with its schedule metadata."""
+    r, s = cfg.repreview, cfg.base.stride_s
+    plan = PreviewPlan(
+        model.schedule(r.steps, r.shift),
+        switch=r.switch,
+        rule=r.rule,
+        down=r.down,
+        preview_size=(b.preview_height // s, b.preview_width // s),
+    )
+    s_k = float(plan.sigmas[plan.switch])
+    eps = torch.randn(target.shape, generator=gen).to(target)
+    fresh = torch.randn((*target.shape[:3], *plan.preview_size), generator=gen).to(target)
+    x = (1 - s_k) * target + s_k * eps  # the real latent at the switch level
+    return finish_preview(model.velocity_fn(cond, r.guidance), x, plan, fresh), schedule_meta(plan, r.steps, r.guidance)
+
+
+def _clip_meta(cfg: VideoPairsConfig, clip: Clip, backend: str) -> dict:
+    """A video pair's metadata: its source video, clip and sizes (the preview's own detail comes beside)."""
+    i, b = clip.info, clip.bucket
+    return {
         "source": "video",
         "preview_mode": cfg.mode,
         "prompt": clip.video.caption or cfg.prompt,
@@ -313,9 +318,7 @@ def clip_pair(
         "target_size": [cfg.frames, b.height, b.width],
         "preview_size": [cfg.frames, b.preview_height, b.preview_width],
         "dtype": cfg.dtype,
-        **detail,
     }
-    return tensors, meta
 
 
 def demo_videos(directory: Path, n: int) -> str:
@@ -374,21 +377,7 @@ def _make_video_pairs(cfg: VideoPairsConfig, rank: int, world: int) -> dict:
     videos = list_videos(spec, cfg.caption_column)
     done = open_out_dir(out, cfg.fingerprint(), rank, PREFIX)
     mine = videos[rank::world]
-    clips: list[Clip] = []
-    skipped = Counter({r: 0 for r in SKIP_REASONS})
-    for v in mine:
-        try:
-            with Video(v.path, cfg.backend) as video:
-                info = video.info
-        except VideoError as e:
-            skipped["unreadable"] += 1
-            log.warning("skipped video %s: unreadable (%s)", v.id, e)
-            continue
-        planned, reason, why = plan_video(v, info, cfg)
-        if reason:
-            skipped[reason] += 1
-            log.warning("skipped video %s: %s (%s)", v.id, reason.replace("_", " "), why)
-        clips += planned
+    clips, skipped = _plan_clips(mine, cfg)
     todo = [c for c in clips if c.key not in done]
     log.info(
         "rank %d/%d: %d videos assigned, %d skipped (%s), %d clips, %d already done, %d to make in %s",
@@ -404,12 +393,8 @@ def _make_video_pairs(cfg: VideoPairsConfig, rank: int, world: int) -> dict:
     )
 
     model = load_base_model(cfg.base, cfg.device) if todo else None
-    if model is not None and cfg.mode == "repreview":  # the transformer runs at the preview sizes
-        s, lat_f = cfg.base.stride_s, latent_frames(cfg.frames, cfg.base.stride_t)
-        for b in {c.bucket for c in todo}:
-            model.check_grid((b.preview_height // s, b.preview_width // s), lat_f)
-            if cfg.repreview.rule != "pool" and cfg.repreview.switch < cfg.repreview.steps:
-                model.check_grid((b.height // s, b.width // s), lat_f)  # v at the switch, at the target size
+    if model is not None and cfg.mode == "repreview":
+        _check_repreview_grids(model, cfg, todo)
     failed: list[str] = []
     summary = write_samples(
         out,
@@ -433,6 +418,35 @@ def _make_video_pairs(cfg: VideoPairsConfig, rank: int, world: int) -> dict:
         len(failed),
     )
     return summary
+
+
+def _plan_clips(videos: list, cfg: VideoPairsConfig) -> tuple[list[Clip], Counter]:
+    """The clips of these videos, and how many videos were skipped for each reason (one warning each)."""
+    clips: list[Clip] = []
+    skipped = Counter({r: 0 for r in SKIP_REASONS})
+    for v in videos:
+        try:
+            with Video(v.path, cfg.backend) as video:
+                info = video.info
+        except VideoError as e:
+            skipped["unreadable"] += 1
+            log.warning("skipped video %s: unreadable (%s)", v.id, e)
+            continue
+        planned, reason, why = plan_video(v, info, cfg)
+        if reason:
+            skipped[reason] += 1
+            log.warning("skipped video %s: %s (%s)", v.id, reason.replace("_", " "), why)
+        clips += planned
+    return clips, skipped
+
+
+def _check_repreview_grids(model: BaseModel, cfg: VideoPairsConfig, todo: list[Clip]) -> None:
+    """Re-previewing runs the transformer at each bucket's preview size (and, off `pool`, at its target size)."""
+    s, lat_f = cfg.base.stride_s, latent_frames(cfg.frames, cfg.base.stride_t)
+    for b in {c.bucket for c in todo}:
+        model.check_grid((b.preview_height // s, b.preview_width // s), lat_f)
+        if cfg.repreview.rule != "pool" and cfg.repreview.switch < cfg.repreview.steps:
+            model.check_grid((b.height // s, b.width // s), lat_f)  # v at the switch, at the target size
 
 
 def _reasons(skipped: Counter) -> str:

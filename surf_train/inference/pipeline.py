@@ -147,12 +147,6 @@ class SurfPipelineOutput(BaseOutput):
     plan: SurfPlan | None = None
 
 
-def _base_pipeline_class(family: str):
-    from diffusers import HunyuanVideoPipeline, WanPipeline
-
-    return WanPipeline if family == "wan" else HunyuanVideoPipeline
-
-
 def _spec_dict(spec: BaseSpec) -> dict:
     d = dataclasses.asdict(spec)
     d["native_size"] = list(d["native_size"])
@@ -213,7 +207,8 @@ class SurfPipeline(DiffusionPipeline):
         if spec.family == "hunyuan":
             names.update(text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2)
         # the family's own pipeline around the same modules: the adapter computes the velocity exactly as it does
-        self.base = adapter_class(spec.family)(spec, _base_pipeline_class(spec.family)(**names), transformer.device)
+        adapter = adapter_class(spec.family)
+        self.base = adapter(spec, adapter.pipeline_class()(**names), transformer.device)
         self.register_modules(
             **{**names, "scheduler": self.base.pipe.scheduler},
             refiner=refiner,
