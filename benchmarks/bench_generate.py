@@ -41,7 +41,7 @@ import torch
 
 import surf_train.generate as G
 from surf_train.base import load_base_model
-from surf_train.flops import total, wan_flops
+from surf_train.cost import total, wan_flops
 from surf_train.models.loading import load_refiner
 from surf_train.models.refiner import Refiner, RefinerConfig, num_params
 from surf_train.training.export import save_refiner
@@ -95,7 +95,7 @@ def decode_gflops(model, latent) -> float:
 
 def paper_shape() -> dict:
     """The same comparison for Wan 2.1 14B at 1280x720x81 from surf_train.flops (40 vs 10+30 steps, with decode)."""
-    from surf_train.flops import RunSettings, run_costs
+    from surf_train.cost import RunSettings, run_costs
 
     r = run_costs(RunSettings(steps=40, surf_steps=40, switch=10, vae=True))
     st = {(x["run"], x["stage"]): x for x in r["stages"]}

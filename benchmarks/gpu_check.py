@@ -199,14 +199,14 @@ class Plan:
 
 def run_settings():
     """The paper's Wan 2.1 14B runs as surf_train.flops models them (50 steps vs 10 + 30 + 10)."""
-    from surf_train.flops import RunSettings
+    from surf_train.cost import RunSettings
 
     return RunSettings()
 
 
 def sizes(plan: Plan) -> dict[str, tuple[int, int]]:
     """Pixel sizes of the stages: target, large (Refiner only), prefix (480p) and preview (240p)."""
-    from surf_train.flops import PREFIX
+    from surf_train.cost import PREFIX
 
     s = run_settings()
     if plan.dry_run:  # the same 3 : 2 : 1 ladder of heights, tiny
@@ -216,7 +216,7 @@ def sizes(plan: Plan) -> dict[str, tuple[int, int]]:
 
 def latent(plan: Plan, size: tuple[int, int]) -> tuple[int, int, int, int]:
     """(C, F, H, W) Wan latent of a video of plan.frames frames at `size` (width, height)."""
-    from surf_train.flops import BaseArch
+    from surf_train.cost import BaseArch
 
     return BaseArch.from_name("wan2.1_t2v_14b").latent(plan.frames, size)
 
@@ -601,7 +601,7 @@ def sdpa_signatures(plan: Plan) -> list[dict]:
     try:  # Wan's own attention through diffusers' dispatcher; one block is every block
         from diffusers import WanTransformer3DModel
 
-        from surf_train.flops import ARCH
+        from surf_train.cost import ARCH
 
         with torch.device("meta"):
             wan = WanTransformer3DModel(**{**ARCH["wan2.1_t2v_14b"], **plan.wan, "num_layers": 1})
@@ -784,7 +784,7 @@ def run_cases(report: Report, deadline: float, jobs: list[tuple[dict, float, Cal
 
 
 def part_refiner_train(plan: Plan, dev: torch.device, deadline: float, r: dict, report: Report) -> None:
-    from surf_train.flops import refiner_flops, total
+    from surf_train.cost import refiner_flops, total
     from surf_train.models.refiner import Refiner, num_params
     from surf_train.models.refiner import text_padding_mask as text_mask
     from surf_train.training.objective import BridgeConfig, bridge_loss
@@ -830,7 +830,7 @@ def part_refiner_train(plan: Plan, dev: torch.device, deadline: float, r: dict, 
 
 
 def part_refiner_sample(plan: Plan, dev: torch.device, deadline: float, r: dict, report: Report) -> None:
-    from surf_train.flops import refiner_flops, total
+    from surf_train.cost import refiner_flops, total
     from surf_train.models.refiner import Refiner
     from surf_train.models.refiner import text_padding_mask as text_mask
     from surf_train.models.sampler import RefinerSampler
@@ -950,7 +950,7 @@ def part_wan14b(
     refiner_step_s: float | None,
     refiner_why: str,
 ) -> None:
-    from surf_train.flops import ARCH, PAPER, run_costs, total, wan_flops
+    from surf_train.cost import ARCH, PAPER, run_costs, total, wan_flops
 
     settings = run_settings()
     costs = run_costs(settings)

@@ -37,25 +37,13 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from surf_train.base.tiny import TOY_WAN_TRANSFORMER as TRANSFORMER  # noqa: E402
+
 NEGATIVE = ""  # conf/base/toy.yaml negative_prompt: the CFG "unconditional" caption
 MAX_LEN = 16  # conf/base/toy.yaml max_sequence_length
 NATIVE, PREVIEW, FRAMES = 32, 16, 5  # conf/base/toy.yaml native_size / native_frames
 SHIFT = 2.0  # conf/base/toy.yaml shift: training noise levels use the sampler's own shift
 TEXT = dict(d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4, relative_attention_num_buckets=8)
-TRANSFORMER = dict(
-    patch_size=(1, 2, 2),
-    num_attention_heads=4,
-    attention_head_dim=32,
-    in_channels=12,
-    out_channels=12,
-    text_dim=64,
-    freq_dim=256,
-    ffn_dim=512,
-    num_layers=4,
-    cross_attn_norm=True,
-    qk_norm="rms_norm_across_heads",
-    rope_max_seq_len=32,
-)
 
 
 def build_pipeline(seed: int):

@@ -182,7 +182,7 @@ def _report(cfg, spec, sizes, frames, prompt, seed, k_ref, clock: StageClock, pa
 def stage_flops(model: BaseModel, net, names: dict, lat: dict, f_lat: int, k_ref: int) -> dict:
     """Analytic forward FLOPs per stage (surf_train.flops) of the transformer work actually done: the forwards
     made (CFG branches included, so CFG truncation counts) less the blocks a cache skipped; decode not counted."""
-    from surf_train.flops import metered_flops, refiner_flops, total
+    from surf_train.cost import metered_flops, refiner_flops, total
 
     spec, m = model.spec, model.meter
     latents = {hw: (spec.channels, f_lat, *hw) for hw in m.forwards}

@@ -8,7 +8,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from surf_train.base import Acceleration, BaseSpec, load_base_model
 from surf_train.base.sampling import PreviewPlan, pair_sample, sample
 from surf_train.common.errors import ConfigError
-from surf_train.flops import metered_flops
+from surf_train.cost import metered_flops
 
 PROMPT = "a red ball rolling across a wooden floor"
 

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import gpu_check as G  # noqa: E402
 
-from surf_train import flops  # noqa: E402
+from surf_train import cost  # noqa: E402
 
 
 def schema_diff(skel, doc, path=""):
@@ -90,7 +90,7 @@ def test_dry_run_composition_and_training(dry_run):
     sample = dry_run[1]["parts"]["refiner_sample"]["results"]["cases"]["target"]
     assert by["refine"]["s_per_step"] == pytest.approx(sample["per_step_ms"] / 1e3)
     assert comp["speedup"] == pytest.approx(comp["baseline_s"] / comp["surf_s"])
-    costs = flops.run_costs(flops.RunSettings())
+    costs = cost.run_costs(cost.RunSettings())
     assert w["flops_prediction"]["speedup"] == pytest.approx(costs["speedup"])
     assert w["paper"] == {"baseline_s": 3497, "surf_s": 278, "speedup": 12.58}
     ld = dry_run[1]["parts"]["lightning_deepspeed"]["results"]
@@ -102,7 +102,7 @@ def test_dry_run_composition_and_training(dry_run):
 def test_compose_matches_hand_computation():
     """Baseline 50 x 20 s; SURF 10 x 5 + 30 x 1 + 10 x 0.5 = 85 s (the paper's plan; one step = one CFG forward)."""
     step = {"base": 20.0, "prefix": 5.0, "preview": 1.0, "refine": 0.5}
-    c = G.compose(flops.run_costs(flops.RunSettings()), step)
+    c = G.compose(cost.run_costs(cost.RunSettings()), step)
     assert c["baseline_s"] == pytest.approx(1000.0) and c["surf_s"] == pytest.approx(85.0)
     assert c["speedup"] == pytest.approx(1000 / 85)
     assert [(r["stage"], r["steps"]) for r in c["stages"]] == [
@@ -112,12 +112,12 @@ def test_compose_matches_hand_computation():
         ("refine", 10),
     ]
     # rule `paper` evaluates the velocity once more at the switch: 11 prefix steps
-    c = G.compose(flops.run_costs(flops.RunSettings(rule="paper")), step)
+    c = G.compose(cost.run_costs(cost.RunSettings(rule="paper")), step)
     assert c["surf_s"] == pytest.approx(11 * 5 + 30 * 1 + 10 * 0.5)
 
 
 def test_compose_without_a_stage_says_why():
-    c = G.compose(flops.run_costs(flops.RunSettings()), {"base": 20.0, "prefix": 5.0, "preview": 1.0, "refine": None})
+    c = G.compose(cost.run_costs(cost.RunSettings()), {"base": 20.0, "prefix": 5.0, "preview": 1.0, "refine": None})
     assert c["baseline_s"] == pytest.approx(1000.0) and c["surf_s"] is None and c["speedup"] is None
     assert "refine" in c["null_reasons"]["surf_s"] and G.unexplained_nulls(c) == []
 
@@ -200,7 +200,7 @@ def test_real_training_overrides_compose_to_the_wan_experiment(tmp_path):
 def test_wan_14b_builds_like_from_pretrained_on_meta():
     """The released config at full size on the meta device: 14.3B parameters, bf16 but for the modules diffusers
     keeps in float32, RoPE tables rebuilt."""
-    from surf_train.flops import ARCH
+    from surf_train.cost import ARCH
 
     net = G.wan_on_device(ARCH["wan2.1_t2v_14b"], torch.device("meta"), torch.bfloat16)
     assert 14.2e9 < sum(p.numel() for p in net.parameters()) < 14.4e9

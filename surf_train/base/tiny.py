@@ -34,6 +34,18 @@ TINY_WAN_TRANSFORMER = dict(
     qk_norm="rms_norm_across_heads",
     rope_max_seq_len=32,
 )
+# the toy base's transformer: the tiny one, wider and deeper, on the toy VAE's 12 latent channels
+# (data_prep/train_toy_base.py trains it; assets/toy_base/transformer/config.json is the shipped one)
+TOY_WAN_TRANSFORMER = {
+    **TINY_WAN_TRANSFORMER,
+    "num_attention_heads": 4,
+    "attention_head_dim": 32,
+    "in_channels": 12,
+    "out_channels": 12,
+    "text_dim": 64,
+    "ffn_dim": 512,
+    "num_layers": 4,
+}
 
 
 def tiny_tokenizer(specials=("<pad>", "</s>", "<unk>"), eos="</s>", bos=None, corpus=CORPUS, vocab_size=300):

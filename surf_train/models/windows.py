@@ -139,23 +139,23 @@ def _sdpa_windows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch
     return o.reshape(b, nw, h, lw, d).permute(0, 1, 3, 2, 4)
 
 
-def _runs(g: int, w: int, s: int) -> list[tuple[int, int, int]]:
+def runs(g: int, w: int, s: int) -> list[tuple[int, int, int]]:
     """Cut one axis at s, s + w, s + 2w, ...; return runs of equal-size pieces as (start, stop, size)."""
     cuts = sorted({0, g} | {c for c in range(s, g, w) if 0 < c < g})
-    runs: list[tuple[int, int, int]] = []
+    out: list[tuple[int, int, int]] = []
     for a, z in zip(cuts[:-1], cuts[1:]):
-        if runs and runs[-1][2] == z - a and runs[-1][1] == a:
-            runs[-1] = (runs[-1][0], z, z - a)
+        if out and out[-1][2] == z - a and out[-1][1] == a:
+            out[-1] = (out[-1][0], z, z - a)
         else:
-            runs.append((a, z, z - a))
-    return runs
+            out.append((a, z, z - a))
+    return out
 
 
 def _grouped_attention(q, k, v, grid: Size3, window: Size3, shift: Size3) -> torch.Tensor:
     """Mask-free shifted-window attention: boxes of equal-size windows, one SDPA call per window size."""
     b, _, h, d = q.shape
     qg, kg, vg = (y.reshape(b, *grid, h, d) for y in (q, k, v))
-    axes = [_runs(g, w, s) for g, w, s in zip(grid, window, shift)]
+    axes = [runs(g, w, s) for g, w, s in zip(grid, window, shift)]
     boxes = [(rt, rh, rw) for rt in axes[0] for rh in axes[1] for rw in axes[2]]
     groups: dict[Size3, list[int]] = {}
     parts = []  # per box: (q, k, v) windows (B, nW, Lw, heads, d)

@@ -1,0 +1,109 @@
+"""The published base models the cost model knows by name: their transformer configs, text lengths, CFG use,
+the paper's reported numbers, and their VAE decode cost."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from surf_train.common.errors import ConfigError
+from surf_train.cost.formulas import HUNYUAN_DEFAULTS, WAN_DEFAULTS, hunyuan_flops, wan_flops
+
+# Transformer configs of the released checkpoints (transformer/config.json on the public model cards;
+# nothing is downloaded here), with the keys diffusers' WanTransformer3DModel and
+# HunyuanVideoTransformer3DModel take.
+ARCH: dict[str, dict[str, Any]] = {
+    # Wan-AI/Wan2.1-T2V-1.3B-Diffusers: dim 1536 = 12 x 128, ffn 8960, 30 layers.
+    "wan2.1_t2v_1.3b": {**WAN_DEFAULTS, "num_attention_heads": 12, "ffn_dim": 8960, "num_layers": 30},
+    # Wan-AI/Wan2.1-T2V-14B-Diffusers: dim 5120 = 40 x 128, ffn 13824, 40 layers.
+    "wan2.1_t2v_14b": dict(WAN_DEFAULTS),
+    # hunyuanvideo-community/HunyuanVideo: 20 double + 40 single blocks, 24 x 128, Llama 4096, CLIP 768.
+    "hunyuan_video": dict(HUNYUAN_DEFAULTS),
+}
+# Text tokens each transformer call sees: the pipelines pad the prompt to these lengths and attention
+# runs over the padded length (masked for HunyuanVideo), so the padded length is what is computed.
+TEXT_LEN = {"wan": 512, "hunyuan": 256}
+CFG_FAMILIES = {"wan"}  # HunyuanVideo embeds the guidance scale: one call per step, no CFG batch.
+
+# Paper numbers (SURF, arXiv 2603.21002, Table 1 and abstract; Wan 2.1 14B, 720p, 81 frames).
+PAPER = {
+    "wan2.1_t2v_14b": {
+        "baseline_pflops": 658.46,
+        "surf_pflops": 34.3,
+        "baseline_s": 3497,
+        "surf_s": 278,
+        "speedup_time": 12.58,
+    },
+    "hunyuan_video": {"speedup_time": 8.7},
+}
+
+
+@dataclass(frozen=True)
+class BaseArch:
+    """What the cost model needs of a base model: family, transformer config and VAE geometry."""
+
+    name: str
+    family: str
+    config: dict[str, Any]
+    channels: int
+    stride_t: int
+    stride_s: int
+    patch_t: int
+    patch_s: int
+
+    @classmethod
+    def from_name(cls, name: str) -> BaseArch:
+        """Geometry from conf/base/<name>.yaml, transformer config from ARCH."""
+        from surf_train.base.adapter import BaseSpec
+
+        if name not in ARCH:
+            raise ConfigError(f"no architecture constants for base model {name!r}; known: {sorted(ARCH)}")
+        spec = BaseSpec.from_name(name)
+        return cls(
+            name, spec.family, ARCH[name], spec.channels, spec.stride_t, spec.stride_s, spec.patch_t, spec.patch_s
+        )
+
+    @property
+    def text_len(self) -> int:
+        return TEXT_LEN[self.family]
+
+    @property
+    def cfg_factor(self) -> int:
+        return 2 if self.family in CFG_FAMILIES else 1
+
+    def latent(self, frames: int, size: tuple[int, int]) -> tuple[int, int, int, int]:
+        """(C, F, H, W) latent of a video of `frames` frames and size (width, height) in pixels."""
+        from surf_train.base.adapter import LatentGeometry
+
+        w, h = size
+        geo = LatentGeometry(self.channels, self.stride_t, self.stride_s, self.patch_t, self.patch_s)
+        return geo.latent_shape(frames, h, w)
+
+    def flops(self, latent: Sequence[int], text_len: int | None = None) -> dict[str, int]:
+        """One transformer call (one CFG branch)."""
+        fn = wan_flops if self.family == "wan" else hunyuan_flops
+        return fn(self.config, latent, self.text_len if text_len is None else text_len)
+
+
+def vae_decode_flops(name: str, latent: Sequence[int]) -> int:
+    """Matmul/conv FLOPs of one VAE decode, counted by FlopCounterMode on the meta device.
+
+    Builds diffusers' AutoencoderKLWan / AutoencoderKLHunyuanVideo with their default configs (those of
+    the released VAEs) on the meta device, so nothing is allocated; untiled decode. Takes a few seconds.
+    """
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    family = BaseArch.from_name(name).family
+    if family == "wan":
+        from diffusers import AutoencoderKLWan as Vae
+    else:
+        from diffusers import AutoencoderKLHunyuanVideo as Vae
+    with torch.device("meta"):
+        vae = Vae()
+    z = torch.empty(1, *latent, device="meta")
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        vae.decode(z, return_dict=False)
+    return int(counter.get_total_flops())
