@@ -46,8 +46,9 @@ TWINS = [  # (the code's defaults, the YAML file and key path, keys that are not
     (RepreviewConfig, ("make_video_pairs.yaml", "repreview"), set()),
     (DataConfig, ("data/pairs.yaml",), set()),
     (OptimConfig, ("train.yaml", "module", "optim"), set()),
-    # the tiny preset's sizes left null are read from the shards in training
-    (RefinerConfig, ("model/tiny.yaml",), {"preset", "in_channels", "text_dim"}),
+    # Refiner.__init__'s signature is the Refiner's settings; the tiny preset's sizes left null are read from the
+    # shards in training
+    (Refiner, ("model/tiny.yaml",), {"preset", "in_channels", "text_dim"}),
     (BridgeConfig, ("train.yaml", "module", "bridge"), set()),
     # decode_base: auto is resolved by train.py from the shards before the module is built (None: no videos)
     (RefinerModule, ("train.yaml", "module"), {"_target_", "model", "bridge", "optim", "decode_base"}),

@@ -272,15 +272,66 @@ def test_wan_initialised_refiner_with_global_window_equals_wan(wan_tiny, head_di
 # --- the Refiner as a diffusers model ----------------------------------------------------------
 
 
-def test_init_defaults_are_refiner_config_defaults():
+def test_refiner_config_is_derived_from_the_init_signature():
+    """Refiner.__init__'s keyword arguments are the one list of settings: RefinerConfig has exactly them, in order,
+    with their defaults and types (attn_impl's Literal choices are windows.IMPLS)."""
     import dataclasses
     import inspect
+    import typing
 
-    params = inspect.signature(Refiner.__init__).parameters
-    fields = {f.name: f.default for f in dataclasses.fields(RefinerConfig)}
-    assert set(params) - {"self"} == set(fields)
-    assert {k: params[k].default for k in fields} == fields
+    from surf_train.models.windows import IMPLS
+
+    params = list(inspect.signature(Refiner.__init__).parameters.values())[1:]
+    fields = dataclasses.fields(RefinerConfig)
+    assert [(p.name, p.default) for p in params] == [(f.name, f.default) for f in fields]
+    assert typing.get_args({f.name: f.type for f in fields}["attn_impl"]) == IMPLS
     assert Refiner().cfg == RefinerConfig()
+    # to_dict keeps the field order that surf.json and the cost reports were written with
+    assert list(RefinerConfig().to_dict())[-4:] == ["qk_norm", "grad_checkpointing", "attn_impl", "ffn_conv"]
+
+
+@pytest.mark.parametrize(
+    "bad, field",
+    [
+        ({"attn_impl": "flash"}, "attn_impl"),
+        ({"heads": 0}, "heads"),
+        ({"text_dim": -1}, "text_dim"),
+        ({"dim": 30, "heads": 4}, "dim"),
+        ({"patch_size": (1, 2)}, "patch_size"),
+        ({"window": (2, 4)}, "window"),
+        ({"ffn_conv": 2}, "ffn_conv"),
+    ],
+)
+def test_invalid_setting_is_a_config_error_naming_the_field(bad, field):
+    with pytest.raises(ConfigError, match=field):
+        RefinerConfig(**bad)
+    with pytest.raises(ConfigError, match=field):
+        Refiner(**bad)
+
+
+def test_presets_are_the_composed_model_node(monkeypatch):
+    """presets() composes conf/model like training does; a node Hydra composed is read as it is (no second reading
+    of the YAML), a partial one (tests, older checkpoints) is filled from its preset."""
+    from hydra import compose, initialize_config_dir
+
+    from surf_train import CONF_DIR
+    from surf_train.models import refiner as R
+
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        node = compose("train", overrides=["model=toy"]).model
+        assert R.presets()["toy"] == R.refiner_config(node).to_dict() | {"patch_size": (1, 2, 2), "window": (2, 4, 4)}
+    assert sorted(presets()) == ["paper", "tiny", "toy"]
+    full, paper = RefinerConfig.preset("paper").to_dict(), RefinerConfig.preset("paper")
+    with monkeypatch.context() as m:
+        m.setattr(R, "presets", lambda: pytest.fail("a complete node read the presets"))
+        assert R.refiner_config({"preset": "paper", **full}) == paper
+    old = {k: v for k, v in full.items() if k not in ("freq_dim", "rope_theta")}
+    assert R.refiner_config({"preset": "paper", **old}) == paper
+    assert R.refiner_config({"preset": "toy", "dim": 64}) == RefinerConfig.preset("toy", dim=64)
+    with pytest.raises(ConfigError, match="unknown refiner preset"):
+        R.refiner_config({"preset": "huge"})
+    with pytest.raises(ConfigError, match="model.in_channels"):
+        R.refiner_config({"preset": "tiny", "in_channels": None})
 
 
 def test_from_pretrained_round_trips_bit_for_bit(tiny, tmp_path):

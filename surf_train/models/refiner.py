@@ -1,167 +1,38 @@
-"""The SURF Refiner: a DiT with shifted-window self-attention on the target latent grid (DESIGN 1, 3.3, 3.4).
+"""The SURF Refiner: a DiT with shifted-window self-attention on the target latent grid (docs/method.md, "Refiner
+objective" and "Shifted-window attention"), its config and its presets.
 
 Input is the channel concat of the bridge state x_t and the upsampled preview `cond`; output is the
-velocity v = x_start - x_hr. Blocks mirror diffusers' WanTransformerBlock (adaLN table + shared time
+velocity v = x_start - x_hr. Blocks (`blocks`) mirror diffusers' WanTransformerBlock (adaLN table + shared time
 projection, qk RMSNorm across heads, interleaved 3D RoPE, optional text cross-attention, tanh-GELU FFN)
 with parameter names that match Wan's, so `init_from_wan` is a near one-to-one copy. Even blocks
 attend in plain windows, odd blocks in windows shifted by half a window.
+
+The Refiner's settings are listed once, as the `register_to_config` signature of `Refiner.__init__` (diffusers
+saves them as config.json); `RefinerConfig` is a dataclass derived from that signature. The presets `tiny`, `toy`
+and `paper` live in conf/model/<name>.yaml and are read by Hydra only: training gets them as its composed `model`
+node, other code through `presets()`, which composes the same group.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import math
+import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 
 from surf_train.common.errors import ConfigError
-from surf_train.models.windows import IMPLS, Size3, window_attention
-
-EPS = 1e-6  # Wan's eps for every norm
-T_SCALE = 1000.0  # t in [0, 1] is embedded as Wan's timestep t * 1000, so Wan's time MLP transfers
-
-
-@dataclass
-class RefinerConfig:
-    """Refiner hyper-parameters; defaults are the `tiny` preset."""
-
-    in_channels: int = 16  # latent channels C (output has C too; input is 2C: x_t and cond)
-    patch_size: Size3 = (1, 2, 2)  # (pt, ph, pw) latent pixels per token
-    dim: int = 64
-    depth: int = 4
-    heads: int = 4
-    mlp_ratio: float = 2.0  # ffn_dim = round(dim * mlp_ratio)
-    window: Size3 = (2, 4, 4)  # (wt, wh, ww) in tokens; >= grid extent or <= 0: whole axis
-    text_dim: int = 32  # text encoder width; 0 = no text cross-attention
-    freq_dim: int = 256  # sinusoidal timestep features
-    rope_theta: float = 10000.0
-    qk_norm: bool = True
-    grad_checkpointing: bool = False
-    attn_impl: str = "auto"  # "mask" | "grouped" | "auto" (see windows.window_attention)
-    ffn_conv: int = 0  # k > 0: a k x k depthwise conv (per frame) in each FFN, across window cuts; 0: none
-
-    def __post_init__(self):
-        self.patch_size = tuple(int(p) for p in self.patch_size)  # type: ignore[assignment]
-        self.window = tuple(int(w) for w in self.window)  # type: ignore[assignment]
-        if len(self.patch_size) != 3 or min(self.patch_size) < 1:
-            raise ConfigError(f"patch_size must be 3 positive ints, got {self.patch_size}")
-        if len(self.window) != 3:
-            raise ConfigError(f"window must be 3 ints (wt, wh, ww), got {self.window}")
-        if self.dim % self.heads:
-            raise ConfigError(f"dim {self.dim} is not divisible by heads {self.heads}")
-        if self.head_dim % 2 or self.head_dim < 6:
-            raise ConfigError(f"head_dim {self.head_dim} must be even and >= 6 for 3D RoPE")
-        if self.attn_impl not in IMPLS:
-            raise ConfigError(f"attn_impl {self.attn_impl!r} not in {IMPLS}")
-        if self.ffn_conv < 0 or (self.ffn_conv and self.ffn_conv % 2 == 0):
-            raise ConfigError(f"ffn_conv must be 0 (none) or an odd kernel size, got {self.ffn_conv}")
-        if min(self.in_channels, self.dim, self.depth, self.freq_dim) < 1 or self.text_dim < 0:
-            raise ConfigError(f"sizes must be positive: {self}")
-
-    @property
-    def head_dim(self) -> int:
-        return self.dim // self.heads
-
-    @property
-    def ffn_dim(self) -> int:
-        return int(round(self.dim * self.mlp_ratio))
-
-    @property
-    def rope_dims(self) -> Size3:
-        """head_dim split over (t, h, w) as in Wan: h = w = 2 * (head_dim // 6), t gets the rest."""
-        hw = 2 * (self.head_dim // 6)
-        return (self.head_dim - 2 * hw, hw, hw)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict (tuples as lists)."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> RefinerConfig:
-        """Inverse of to_dict; unknown keys are an error."""
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ConfigError(f"unknown RefinerConfig keys: {sorted(unknown)}")
-        return cls(**d)
-
-    @classmethod
-    def preset(cls, name: str, **overrides: Any) -> RefinerConfig:
-        """A named preset (conf/model/<name>.yaml) with field overrides."""
-        if name not in presets():
-            raise ConfigError(f"unknown refiner preset {name!r}; choose from {sorted(presets())}")
-        return cls(**{**presets()[name], **overrides})
-
-
-def refiner_config(model: dict) -> RefinerConfig:
-    """The training config's `model` group {"preset": name, **overrides} -> RefinerConfig."""
-    model = dict(model)
-    unset = [k for k in ("in_channels", "text_dim") if k in model and model[k] is None]
-    if unset:
-        raise ConfigError(
-            f"model.{' and model.'.join(unset)} unset (null): `python -m surf_train` reads them from "
-            f"the shards; elsewhere give them explicitly"
-        )
-    return RefinerConfig.preset(model.pop("preset", "tiny"), **model)
-
-
-@functools.cache
-def presets() -> dict[str, dict[str, Any]]:
-    """The named Refiner presets: conf/model/<name>.yaml (their one home), less `preset` and the sizes left null
-    there (read from the shards in training; the dataclass defaults elsewhere)."""
-    import yaml
-
-    from surf_train import CONF_DIR
-
-    out = {}
-    for path in sorted((CONF_DIR / "model").glob("*.yaml")):
-        d = yaml.safe_load(path.read_text())
-        name = d.pop("preset")
-        out[name] = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if v is not None}
-    return out
-
-
-# --- pure functions ----------------------------------------------------------------------------
-
-
-def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal features [cos, sin] of t (B,) -> (B, dim), as diffusers' Timesteps(flip_sin_to_cos=True)."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-    args = t.float()[:, None] * freqs[None]  # (B, half)
-    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-
-
-def rope_angles(grid: Size3, dims: Size3, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin (N, sum(dims) // 2) of 3D RoPE at global token positions, axes (t, h, w) in that order."""
-    per_axis = []
-    for n, d in zip(grid, dims):
-        freqs = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64, device=device) / d)  # (d/2,)
-        per_axis.append(torch.arange(n, dtype=torch.float64, device=device)[:, None] * freqs[None])  # (n, d/2)
-    t, h, w = grid
-    ang = torch.cat(
-        [
-            per_axis[0][:, None, None].expand(t, h, w, -1),
-            per_axis[1][None, :, None].expand(t, h, w, -1),
-            per_axis[2][None, None, :].expand(t, h, w, -1),
-        ],
-        dim=-1,
-    ).reshape(t * h * w, -1)  # (N, head_dim/2)
-    return ang.cos().float(), ang.sin().float()
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs (x[2i], x[2i+1]) of x (B, N, heads, d) by angles (N, d/2)."""
-    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # (B, N, heads, d/2) each
-    cos, sin = cos[:, None], sin[:, None]  # (N, 1, d/2)
-    return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2).type_as(x)
+from surf_train.models.blocks import EPS, ConditionEmbedder, RefinerBlock, rope_angles
+from surf_train.models.windows import IMPLS, Size3
 
 
 def text_padding_mask(text: torch.Tensor) -> torch.Tensor:
@@ -172,7 +43,7 @@ def text_padding_mask(text: torch.Tensor) -> torch.Tensor:
 
 def patch_grid(shape: tuple[int, ...], patch: Size3) -> Size3:
     """Token grid (F', H', W') of a (B, C, F, H, W) shape."""
-    return tuple(s // p for s, p in zip(shape[2:], patch))  # type: ignore[return-value]
+    return tuple(s // p for s, p in zip(shape[2:], patch))
 
 
 def unpatchify(x: torch.Tensor, grid: Size3, patch: Size3) -> torch.Tensor:
@@ -187,172 +58,12 @@ def num_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-# --- modules -----------------------------------------------------------------------------------
-
-
-class FP32RMSNorm(nn.RMSNorm):
-    """RMSNorm computed in float32, output in the input's dtype (its weight may be float32 beside bf16 layers)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = None if self.weight is None else self.weight.float()
-        return F.rms_norm(x.float(), self.normalized_shape, w, self.eps).type_as(x)
-
-
-class FP32LayerNorm(nn.LayerNorm):
-    """LayerNorm computed in float32, output in the input's dtype (as diffusers' FP32LayerNorm)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = None if self.weight is None else self.weight.float()
-        b = None if self.bias is None else self.bias.float()
-        return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).type_as(x)
-
-
-def _qk_norm(cfg: RefinerConfig) -> nn.Module:
-    # Wan's "rms_norm_across_heads": one RMSNorm over all heads together.
-    return FP32RMSNorm(cfg.dim, eps=EPS) if cfg.qk_norm else nn.Identity()
-
-
-class SelfAttention(nn.Module):
-    """Window self-attention with RoPE; names as Wan's attn1 (to_out is Wan's to_out.0)."""
-
-    def __init__(self, cfg: RefinerConfig, shift: bool):
-        super().__init__()
-        self.heads, self.window, self.shift, self.impl = cfg.heads, cfg.window, shift, cfg.attn_impl
-        self.to_q, self.to_k, self.to_v, self.to_out = (nn.Linear(cfg.dim, cfg.dim) for _ in range(4))
-        self.norm_q, self.norm_k = _qk_norm(cfg), _qk_norm(cfg)
-
-    def forward(self, x: torch.Tensor, grid: Size3, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        q = apply_rope(self.norm_q(self.to_q(x)).unflatten(-1, (self.heads, -1)), *rope)  # (B, N, heads, d)
-        k = apply_rope(self.norm_k(self.to_k(x)).unflatten(-1, (self.heads, -1)), *rope)
-        v = self.to_v(x).unflatten(-1, (self.heads, -1))
-        o = window_attention(q, k, v, grid, self.window, self.shift, self.impl)  # (B, N, heads, d)
-        return self.to_out(o.flatten(2))
-
-
-class CrossAttention(nn.Module):
-    """Attention from video tokens to projected text tokens; names as Wan's attn2."""
-
-    def __init__(self, cfg: RefinerConfig):
-        super().__init__()
-        self.heads = cfg.heads
-        self.to_q, self.to_k, self.to_v, self.to_out = (nn.Linear(cfg.dim, cfg.dim) for _ in range(4))
-        self.norm_q, self.norm_k = _qk_norm(cfg), _qk_norm(cfg)
-
-    def forward(self, x: torch.Tensor, ctx: torch.Tensor, ctx_mask: torch.Tensor | None) -> torch.Tensor:
-        q = self.norm_q(self.to_q(x)).unflatten(-1, (self.heads, -1)).transpose(1, 2)  # (B, heads, N, d)
-        k = self.norm_k(self.to_k(ctx)).unflatten(-1, (self.heads, -1)).transpose(1, 2)  # (B, heads, L, d)
-        v = self.to_v(ctx).unflatten(-1, (self.heads, -1)).transpose(1, 2)
-        mask = None
-        if ctx_mask is not None:
-            has_text = ctx_mask.any(-1)  # (B,)
-            # A sample with no valid text token attends to all (no NaN row) and its output is zeroed.
-            mask = (ctx_mask | ~has_text[:, None])[:, None, None, :]  # (B, 1, 1, L)
-        o = self.to_out(F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).flatten(2))  # (B, N, D)
-        if ctx_mask is not None:
-            o = o * has_text[:, None, None].to(o.dtype)  # as if text were None for that sample
-        return o
-
-
-class FeedForward(nn.Module):
-    """tanh-GELU MLP; fc1/fc2 are Wan's ffn.net.0.proj / ffn.net.2.
-
-    With conv = k > 0 the hidden features also get a residual k x k depthwise conv over each frame's token
-    grid (a LeFF-style FFN): neighbouring tokens of different windows mix there too, not only through the
-    shifted windows. It starts at zero, so a Wan initialisation is unchanged.
-    """
-
-    def __init__(self, dim: int, hidden: int, conv: int = 0):
-        super().__init__()
-        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
-        self.conv = None
-        if conv:
-            self.conv = nn.Conv2d(hidden, hidden, conv, padding=conv // 2, groups=hidden)
-            nn.init.zeros_(self.conv.weight)
-            nn.init.zeros_(self.conv.bias)
-
-    def forward(self, x: torch.Tensor, grid: Size3) -> torch.Tensor:
-        h = F.gelu(self.fc1(x), approximate="tanh")  # (B, N, hidden)
-        if self.conv is not None:
-            b, (f, gh, gw) = h.shape[0], grid
-            g = h.transpose(1, 2).reshape(b, -1, f, gh, gw).transpose(1, 2).flatten(0, 1)  # (B*F', hidden, H', W')
-            g = self.conv(g).unflatten(0, (b, f)).permute(0, 1, 3, 4, 2).reshape(h.shape)
-            h = h + g
-        return self.fc2(h)
-
-
-class RefinerBlock(nn.Module):
-    """adaLN block: window self-attention, optional text cross-attention, FFN."""
-
-    def __init__(self, cfg: RefinerConfig, index: int):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(cfg.dim, eps=EPS, elementwise_affine=False)
-        self.attn1 = SelfAttention(cfg, shift=index % 2 == 1)
-        self.has_text = bool(cfg.text_dim)
-        if self.has_text:
-            self.norm2 = FP32LayerNorm(cfg.dim, eps=EPS)
-            self.attn2 = CrossAttention(cfg)
-        self.norm3 = nn.LayerNorm(cfg.dim, eps=EPS, elementwise_affine=False)
-        self.ffn = FeedForward(cfg.dim, cfg.ffn_dim, cfg.ffn_conv)
-        # Rows: shift, scale, gate (self-attn), shift, scale, gate (FFN); added to the time projection.
-        self.scale_shift_table = nn.Parameter(torch.randn(1, 6, cfg.dim) / cfg.dim**0.5)
-
-    def forward(
-        self,
-        x: torch.Tensor,  # (B, N, D)
-        mod: torch.Tensor,  # (B, 6, D) time projection
-        grid: Size3,
-        rope: tuple[torch.Tensor, torch.Tensor],
-        text: torch.Tensor | None,  # (B, L, D) projected
-        text_mask: torch.Tensor | None,  # (B, L) bool
-    ) -> torch.Tensor:
-        # The modulation runs in the table's dtype (float32 when loaded with torch_dtype=bf16, see
-        # Refiner._keep_in_fp32_modules); the residual stream stays in x's dtype. All no-ops in one dtype.
-        mod = (self.scale_shift_table + mod).unsqueeze(2)  # (B, 6, 1, D)
-        shift1, scale1, gate1, shift2, scale2, gate2 = mod.unbind(1)  # (B, 1, D) each
-        h = (self.norm1(x) * (1 + scale1) + shift1).to(x.dtype)
-        x = x + (gate1 * self.attn1(h, grid, rope)).to(x.dtype)
-        if text is not None and self.has_text:
-            x = x + self.attn2(self.norm2(x), text, text_mask)
-        h = (self.norm3(x) * (1 + scale2) + shift2).to(x.dtype)
-        return x + (gate2 * self.ffn(h, grid)).to(x.dtype)
-
-
-class _TimeMLP(nn.Module):
-    def __init__(self, d_in: int, dim: int, act: nn.Module):
-        super().__init__()
-        self.linear_1, self.act, self.linear_2 = nn.Linear(d_in, dim), act, nn.Linear(dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear_2(self.act(self.linear_1(x)))
-
-
-class ConditionEmbedder(nn.Module):
-    """Timestep MLP, shared adaLN time projection and text projection (Wan's condition_embedder)."""
-
-    def __init__(self, cfg: RefinerConfig):
-        super().__init__()
-        self.freq_dim = cfg.freq_dim
-        self.time_embedder = _TimeMLP(cfg.freq_dim, cfg.dim, nn.SiLU())
-        self.time_proj = nn.Linear(cfg.dim, 6 * cfg.dim)
-        if cfg.text_dim:
-            self.text_embedder = _TimeMLP(cfg.text_dim, cfg.dim, nn.GELU(approximate="tanh"))
-
-    def forward(self, t: torch.Tensor, text: torch.Tensor | None):
-        """t (B,) in [0, 1] -> temb (B, D), mod (B, 6, D), text (B, L, D) | None."""
-        # time_embedder may be float32 beside a bf16 time_proj (Refiner._keep_in_fp32_modules)
-        temb = self.time_embedder(
-            timestep_embedding(t * T_SCALE, self.freq_dim).to(self.time_embedder.linear_1.weight.dtype)
-        )
-        mod = self.time_proj(F.silu(temb).to(self.time_proj.weight.dtype)).unflatten(1, (6, -1))
-        return temb, mod, (self.text_embedder(text) if text is not None else None)
-
-
 class Refiner(ModelMixin, ConfigMixin):
     """Shifted-window DiT: (x_t, t, cond, text) -> velocity, all latents (B, C, F, H, W).
 
-    A diffusers model (save_pretrained / from_pretrained); its config is RefinerConfig's fields, built from
-    one with `Refiner.from_cfg`. `grad_checkpointing` is a training switch (enable_gradient_checkpointing),
-    not part of the saved config.
+    A diffusers model (save_pretrained / from_pretrained). The keyword arguments of `__init__` are the one list
+    of its settings and their defaults (the `tiny` preset, text 32 wide); `RefinerConfig` is derived from them.
+    `grad_checkpointing` is a training switch (enable_gradient_checkpointing), not part of the saved config.
     """
 
     _supports_gradient_checkpointing = True
@@ -364,41 +75,30 @@ class Refiner(ModelMixin, ConfigMixin):
     @register_to_config
     def __init__(
         self,
-        in_channels: int = 16,  # defaults: RefinerConfig's (a test checks they agree)
-        patch_size: Size3 = (1, 2, 2),
+        in_channels: int = 16,  # latent channels C (output has C too; input is 2C: x_t and cond)
+        patch_size: Size3 = (1, 2, 2),  # (pt, ph, pw) latent pixels per token
         dim: int = 64,
         depth: int = 4,
         heads: int = 4,
-        mlp_ratio: float = 2.0,
-        window: Size3 = (2, 4, 4),
-        text_dim: int = 32,
-        freq_dim: int = 256,
+        mlp_ratio: float = 2.0,  # ffn_dim = round(dim * mlp_ratio)
+        window: Size3 = (2, 4, 4),  # (wt, wh, ww) in tokens; >= grid extent or <= 0: whole axis
+        text_dim: int = 32,  # text encoder width; 0 = no text cross-attention
+        freq_dim: int = 256,  # sinusoidal timestep features
         rope_theta: float = 10000.0,
         qk_norm: bool = True,
-        attn_impl: str = "auto",
         grad_checkpointing: bool = False,
-        ffn_conv: int = 0,
+        attn_impl: Literal[IMPLS] = "auto",  # "mask" | "grouped" | "auto", see windows.window_attention
+        ffn_conv: int = 0,  # k > 0: a k x k depthwise conv (per frame) in each FFN, across window cuts; 0: none
     ):
         super().__init__()
-        self._cfg = cfg = RefinerConfig(
-            in_channels=in_channels,
-            patch_size=patch_size,
-            dim=dim,
-            depth=depth,
-            heads=heads,
-            mlp_ratio=mlp_ratio,
-            window=window,
-            text_dim=text_dim,
-            freq_dim=freq_dim,
-            rope_theta=rope_theta,
-            qk_norm=qk_norm,
-            attn_impl=attn_impl,
-            ffn_conv=ffn_conv,
-        )  # validates
+        # register_to_config has stored every argument but grad_checkpointing as self.config (config.json)
+        self._cfg = cfg = RefinerConfig.from_dict({k: v for k, v in self.config.items() if not k.startswith("_")})
         c, d = cfg.in_channels, cfg.dim
         self.patch_embedding = nn.Conv3d(2 * c, d, kernel_size=cfg.patch_size, stride=cfg.patch_size)
-        self.condition_embedder = ConditionEmbedder(cfg)
-        self.blocks = nn.ModuleList(RefinerBlock(cfg, i) for i in range(cfg.depth))
+        self.condition_embedder = ConditionEmbedder(cfg.freq_dim, d, cfg.text_dim)
+        kw = {k: getattr(cfg, k) for k in ("window", "attn_impl", "qk_norm", "text_dim", "ffn_conv")}
+        blocks = (RefinerBlock(d, cfg.heads, cfg.ffn_dim, shift=i % 2 == 1, **kw) for i in range(cfg.depth))
+        self.blocks = nn.ModuleList(blocks)  # odd blocks attend in shifted windows
         self.norm_out = nn.LayerNorm(d, eps=EPS, elementwise_affine=False)
         self.proj_out = nn.Linear(d, c * math.prod(cfg.patch_size))
         self.scale_shift_table = nn.Parameter(torch.randn(1, 2, d) / d**0.5)  # final (shift, scale)
@@ -511,6 +211,131 @@ class Refiner(ModelMixin, ConfigMixin):
             wan = WanTransformer3DModel.from_pretrained(wan)
         model = cls.from_cfg(config_from_wan(dict(wan.config), **overrides))
         return model, init_from_wan(model, wan.state_dict())
+
+
+# --- config and presets ------------------------------------------------------------------------
+
+
+class _RefinerConfigRules:
+    """What RefinerConfig adds to its fields (Refiner.__init__'s): checks, derived sizes, the dict round trip."""
+
+    def __post_init__(self):
+        self.patch_size = tuple(int(p) for p in self.patch_size)
+        self.window = tuple(int(w) for w in self.window)
+        for f in dataclasses.fields(self):
+            choices = typing.get_args(f.type) if typing.get_origin(f.type) is Literal else ()
+            if choices and getattr(self, f.name) not in choices:
+                raise ConfigError(f"{f.name} {getattr(self, f.name)!r} not in {choices}")
+        self._check_sizes()
+
+    def _check_sizes(self) -> None:
+        for name in ("in_channels", "dim", "depth", "heads", "freq_dim"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.text_dim < 0:
+            raise ConfigError(f"text_dim must be >= 0 (0: no text cross-attention), got {self.text_dim}")
+        if len(self.patch_size) != 3 or min(self.patch_size) < 1:
+            raise ConfigError(f"patch_size must be 3 positive ints, got {self.patch_size}")
+        if len(self.window) != 3:
+            raise ConfigError(f"window must be 3 ints (wt, wh, ww), got {self.window}")
+        if self.dim % self.heads:
+            raise ConfigError(f"dim {self.dim} is not divisible by heads {self.heads}")
+        if self.head_dim % 2 or self.head_dim < 6:
+            raise ConfigError(f"dim / heads = head_dim {self.head_dim} must be even and >= 6 for 3D RoPE")
+        if self.ffn_conv < 0 or (self.ffn_conv and self.ffn_conv % 2 == 0):
+            raise ConfigError(f"ffn_conv must be 0 (none) or an odd kernel size, got {self.ffn_conv}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.heads
+
+    @property
+    def ffn_dim(self) -> int:
+        return int(round(self.dim * self.mlp_ratio))
+
+    @property
+    def rope_dims(self) -> Size3:
+        """head_dim split over (t, h, w) as in Wan: h = w = 2 * (head_dim // 6), t gets the rest."""
+        hw = 2 * (self.head_dim // 6)
+        return (self.head_dim - 2 * hw, hw, hw)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (tuples as lists)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]):
+        """Inverse of to_dict; unknown keys are an error."""
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ConfigError(f"unknown RefinerConfig keys: {sorted(unknown)}")
+        return cls(**d)
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any):
+        """A named preset (conf/model/<name>.yaml) with field overrides."""
+        if name not in presets():
+            raise ConfigError(f"unknown refiner preset {name!r}; choose from {sorted(presets())}")
+        return cls.from_dict({**presets()[name], **overrides})
+
+
+def _signature_fields(init: Any) -> list[tuple[str, Any, Any]]:
+    """(name, type, default) of each keyword argument of `init`, in order."""
+    hints = typing.get_type_hints(init)
+    return [(p.name, hints[p.name], p.default) for p in list(inspect.signature(init).parameters.values())[1:]]
+
+
+RefinerConfig = dataclasses.make_dataclass(
+    "RefinerConfig",
+    _signature_fields(Refiner.__init__),
+    bases=(_RefinerConfigRules,),
+    namespace={"__module__": __name__, "__doc__": "Refiner.__init__'s settings as a dataclass; defaults: `tiny`."},
+)
+
+
+def refiner_config(model: Mapping[str, Any]) -> RefinerConfig:
+    """The training config's `model` node {"preset": name, **fields} -> RefinerConfig.
+
+    Hydra composed the node from conf/model/<name>.yaml, which names every field, so it is taken as it is; a
+    partial one (tests; checkpoints saved before freq_dim and rope_theta were in the YAML) takes the fields it
+    leaves out from its preset."""
+    model = dict(model)
+    name = model.pop("preset", "tiny")
+    unset = [k for k in ("in_channels", "text_dim") if k in model and model[k] is None]
+    if unset:
+        raise ConfigError(
+            f"model.{' and model.'.join(unset)} unset (null): `python -m surf_train` reads them from "
+            f"the shards; elsewhere give them explicitly"
+        )
+    if {f.name for f in dataclasses.fields(RefinerConfig)} <= set(model):
+        return RefinerConfig.from_dict(model)
+    return RefinerConfig.preset(name, **model)
+
+
+@functools.cache
+def presets() -> dict[str, dict[str, Any]]:
+    """The named Refiner presets as Hydra composes the `model` group (conf/model/<name>.yaml, their one home),
+    less `preset` and the sizes left null there (read from the shards in training; Refiner's defaults elsewhere).
+    Any Hydra already initialised (an app, a compose block) is set aside meanwhile and put back."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.initialize import get_gh_backup, restore_gh_from_backup
+    from omegaconf import OmegaConf
+
+    from surf_train import CONF_DIR
+
+    backup = get_gh_backup()
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+            names = GlobalHydra.instance().config_loader().get_group_options("model")
+            nodes = {n: OmegaConf.to_container(compose(overrides=[f"+model={n}"]).model) for n in names}
+    finally:
+        restore_gh_from_backup(backup)
+    return {
+        name: {k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k != "preset" and v is not None}
+        for name, d in nodes.items()
+    }
 
 
 # --- initialisation from Wan -------------------------------------------------------------------

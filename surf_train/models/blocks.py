@@ -1,0 +1,221 @@
+"""The Refiner's building blocks, named as diffusers' Wan modules so `init_from_wan` is a near one-to-one copy:
+timestep features, interleaved 3D RoPE, float32 norms, window self-attention, text cross-attention, the tanh-GELU
+FFN, the adaLN block and the condition embedder (docs/method.md, "Shifted-window attention"). The Refiner that
+stacks them, and its config, are in `refiner`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from surf_train.models.windows import Size3, window_attention
+
+EPS = 1e-6  # Wan's eps for every norm
+T_SCALE = 1000.0  # t in [0, 1] is embedded as Wan's timestep t * 1000, so Wan's time MLP transfers
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal features [cos, sin] of t (B,) -> (B, dim), as diffusers' Timesteps(flip_sin_to_cos=True)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]  # (B, half)
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+def rope_angles(grid: Size3, dims: Size3, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin (N, sum(dims) // 2) of 3D RoPE at global token positions, axes (t, h, w) in that order."""
+    per_axis = []
+    for n, d in zip(grid, dims):
+        freqs = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64, device=device) / d)  # (d/2,)
+        per_axis.append(torch.arange(n, dtype=torch.float64, device=device)[:, None] * freqs[None])  # (n, d/2)
+    t, h, w = grid
+    ang = torch.cat(
+        [
+            per_axis[0][:, None, None].expand(t, h, w, -1),
+            per_axis[1][None, :, None].expand(t, h, w, -1),
+            per_axis[2][None, None, :].expand(t, h, w, -1),
+        ],
+        dim=-1,
+    ).reshape(t * h * w, -1)  # (N, head_dim/2)
+    return ang.cos().float(), ang.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (x[2i], x[2i+1]) of x (B, N, heads, d) by angles (N, d/2)."""
+    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # (B, N, heads, d/2) each
+    cos, sin = cos[:, None], sin[:, None]  # (N, 1, d/2)
+    return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2).type_as(x)
+
+
+class FP32RMSNorm(nn.RMSNorm):
+    """RMSNorm computed in float32, output in the input's dtype (its weight may be float32 beside bf16 layers)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = None if self.weight is None else self.weight.float()
+        return F.rms_norm(x.float(), self.normalized_shape, w, self.eps).type_as(x)
+
+
+class FP32LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in float32, output in the input's dtype (as diffusers' FP32LayerNorm)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = None if self.weight is None else self.weight.float()
+        b = None if self.bias is None else self.bias.float()
+        return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).type_as(x)
+
+
+def _qk_norm(dim: int, on: bool) -> nn.Module:
+    # Wan's "rms_norm_across_heads": one RMSNorm over all heads together.
+    return FP32RMSNorm(dim, eps=EPS) if on else nn.Identity()
+
+
+class SelfAttention(nn.Module):
+    """Window self-attention with RoPE; names as Wan's attn1 (to_out is Wan's to_out.0)."""
+
+    def __init__(self, dim: int, heads: int, window: Size3, shift: bool, impl: str, qk_norm: bool):
+        super().__init__()
+        self.heads, self.window, self.shift, self.impl = heads, window, shift, impl
+        self.to_q, self.to_k, self.to_v, self.to_out = (nn.Linear(dim, dim) for _ in range(4))
+        self.norm_q, self.norm_k = _qk_norm(dim, qk_norm), _qk_norm(dim, qk_norm)
+
+    def forward(self, x: torch.Tensor, grid: Size3, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        q = apply_rope(self.norm_q(self.to_q(x)).unflatten(-1, (self.heads, -1)), *rope)  # (B, N, heads, d)
+        k = apply_rope(self.norm_k(self.to_k(x)).unflatten(-1, (self.heads, -1)), *rope)
+        v = self.to_v(x).unflatten(-1, (self.heads, -1))
+        o = window_attention(q, k, v, grid, self.window, self.shift, self.impl)  # (B, N, heads, d)
+        return self.to_out(o.flatten(2))
+
+
+class CrossAttention(nn.Module):
+    """Attention from video tokens to projected text tokens; names as Wan's attn2."""
+
+    def __init__(self, dim: int, heads: int, qk_norm: bool):
+        super().__init__()
+        self.heads = heads
+        self.to_q, self.to_k, self.to_v, self.to_out = (nn.Linear(dim, dim) for _ in range(4))
+        self.norm_q, self.norm_k = _qk_norm(dim, qk_norm), _qk_norm(dim, qk_norm)
+
+    def forward(self, x: torch.Tensor, ctx: torch.Tensor, ctx_mask: torch.Tensor | None) -> torch.Tensor:
+        q = self.norm_q(self.to_q(x)).unflatten(-1, (self.heads, -1)).transpose(1, 2)  # (B, heads, N, d)
+        k = self.norm_k(self.to_k(ctx)).unflatten(-1, (self.heads, -1)).transpose(1, 2)  # (B, heads, L, d)
+        v = self.to_v(ctx).unflatten(-1, (self.heads, -1)).transpose(1, 2)
+        mask = None
+        if ctx_mask is not None:
+            has_text = ctx_mask.any(-1)  # (B,)
+            # A sample with no valid text token attends to all (no NaN row) and its output is zeroed.
+            mask = (ctx_mask | ~has_text[:, None])[:, None, None, :]  # (B, 1, 1, L)
+        o = self.to_out(F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).flatten(2))  # (B, N, D)
+        if ctx_mask is not None:
+            o = o * has_text[:, None, None].to(o.dtype)  # as if text were None for that sample
+        return o
+
+
+class FeedForward(nn.Module):
+    """tanh-GELU MLP; fc1/fc2 are Wan's ffn.net.0.proj / ffn.net.2.
+
+    With conv = k > 0 the hidden features also get a residual k x k depthwise conv over each frame's token
+    grid (a LeFF-style FFN): neighbouring tokens of different windows mix there too, not only through the
+    shifted windows. It starts at zero, so a Wan initialisation is unchanged.
+    """
+
+    def __init__(self, dim: int, hidden: int, conv: int = 0):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+        self.conv = None
+        if conv:
+            self.conv = nn.Conv2d(hidden, hidden, conv, padding=conv // 2, groups=hidden)
+            nn.init.zeros_(self.conv.weight)
+            nn.init.zeros_(self.conv.bias)
+
+    def forward(self, x: torch.Tensor, grid: Size3) -> torch.Tensor:
+        h = F.gelu(self.fc1(x), approximate="tanh")  # (B, N, hidden)
+        if self.conv is not None:
+            b, (f, gh, gw) = h.shape[0], grid
+            g = h.transpose(1, 2).reshape(b, -1, f, gh, gw).transpose(1, 2).flatten(0, 1)  # (B*F', hidden, H', W')
+            g = self.conv(g).unflatten(0, (b, f)).permute(0, 1, 3, 4, 2).reshape(h.shape)
+            h = h + g
+        return self.fc2(h)
+
+
+class RefinerBlock(nn.Module):
+    """adaLN block: window self-attention (windows shifted by half with `shift`), optional text cross-attention
+    (text_dim > 0), FFN."""
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        ffn_dim: int,
+        *,
+        window: Size3,
+        shift: bool,
+        attn_impl: str,
+        qk_norm: bool,
+        text_dim: int,
+        ffn_conv: int,
+    ):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=EPS, elementwise_affine=False)
+        self.attn1 = SelfAttention(dim, heads, window, shift, attn_impl, qk_norm)
+        self.has_text = bool(text_dim)
+        if self.has_text:
+            self.norm2 = FP32LayerNorm(dim, eps=EPS)
+            self.attn2 = CrossAttention(dim, heads, qk_norm)
+        self.norm3 = nn.LayerNorm(dim, eps=EPS, elementwise_affine=False)
+        self.ffn = FeedForward(dim, ffn_dim, ffn_conv)
+        # Rows: shift, scale, gate (self-attn), shift, scale, gate (FFN); added to the time projection.
+        self.scale_shift_table = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
+
+    def forward(
+        self,
+        x: torch.Tensor,  # (B, N, D)
+        mod: torch.Tensor,  # (B, 6, D) time projection
+        grid: Size3,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        text: torch.Tensor | None,  # (B, L, D) projected
+        text_mask: torch.Tensor | None,  # (B, L) bool
+    ) -> torch.Tensor:
+        # The modulation runs in the table's dtype (float32 when loaded with torch_dtype=bf16, see
+        # Refiner._keep_in_fp32_modules); the residual stream stays in x's dtype. All no-ops in one dtype.
+        mod = (self.scale_shift_table + mod).unsqueeze(2)  # (B, 6, 1, D)
+        shift1, scale1, gate1, shift2, scale2, gate2 = mod.unbind(1)  # (B, 1, D) each
+        h = (self.norm1(x) * (1 + scale1) + shift1).to(x.dtype)
+        x = x + (gate1 * self.attn1(h, grid, rope)).to(x.dtype)
+        if text is not None and self.has_text:
+            x = x + self.attn2(self.norm2(x), text, text_mask)
+        h = (self.norm3(x) * (1 + scale2) + shift2).to(x.dtype)
+        return x + (gate2 * self.ffn(h, grid)).to(x.dtype)
+
+
+class _TimeMLP(nn.Module):
+    def __init__(self, d_in: int, dim: int, act: nn.Module):
+        super().__init__()
+        self.linear_1, self.act, self.linear_2 = nn.Linear(d_in, dim), act, nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(self.act(self.linear_1(x)))
+
+
+class ConditionEmbedder(nn.Module):
+    """Timestep MLP, shared adaLN time projection and text projection (Wan's condition_embedder)."""
+
+    def __init__(self, freq_dim: int, dim: int, text_dim: int):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.time_embedder = _TimeMLP(freq_dim, dim, nn.SiLU())
+        self.time_proj = nn.Linear(dim, 6 * dim)
+        if text_dim:
+            self.text_embedder = _TimeMLP(text_dim, dim, nn.GELU(approximate="tanh"))
+
+    def forward(self, t: torch.Tensor, text: torch.Tensor | None):
+        """t (B,) in [0, 1] -> temb (B, D), mod (B, 6, D), text (B, L, D) | None."""
+        # time_embedder may be float32 beside a bf16 time_proj (Refiner._keep_in_fp32_modules)
+        temb = self.time_embedder(
+            timestep_embedding(t * T_SCALE, self.freq_dim).to(self.time_embedder.linear_1.weight.dtype)
+        )
+        mod = self.time_proj(F.silu(temb).to(self.time_proj.weight.dtype)).unflatten(1, (6, -1))
+        return temb, mod, (self.text_embedder(text) if text is not None else None)
