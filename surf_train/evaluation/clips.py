@@ -148,6 +148,7 @@ def refine_flops(st: Setup, k: int, net=None) -> int:
 
 
 def refine_gflops(st: Setup, k: int, net=None) -> float:
+    """refine_flops in GFLOPs."""
     return refine_flops(st, k, net) / 1e9
 
 
