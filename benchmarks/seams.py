@@ -19,7 +19,9 @@ import numpy as np
 def main(argv=None) -> None:
     from surf_train.base.sampling import resize_latent
     from surf_train.data.toyworld import detect
-    from surf_train.evaluate import EvalConfig, Recorder, _batch, _native, _setup, _text, region_masks
+    from surf_train.evaluate import EvalConfig
+    from surf_train.evaluation.clips import Recorder, batch, native_run, refiner_text, setup
+    from surf_train.evaluation.metrics import region_masks
     from surf_train.models.sampler import RefinerSampler, upsample
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -28,22 +30,22 @@ def main(argv=None) -> None:
     ap.add_argument("--k", type=int, default=None, help="Refiner steps (default: the export's K)")
     a = ap.parse_args(argv)
     cfg = EvalConfig(refiner=a.refiner, n=a.n, mode="sr", batch=16, progress=False)
-    st = _setup(cfg)
+    st = setup(cfg)
     k = a.k or st.sampler.steps
     ncfg = st.net.cfg
     period = ncfg.window[2] * ncfg.patch_size[2] * st.spec.stride_s  # window width in pixels
     err = {m: np.zeros(period) for m in ("bilinear", "refiner")}
     count = np.zeros(period)
     for i0 in range(0, cfg.n, cfg.batch):
-        ps, _, noise, _, cond, vel = _batch(cfg, st, i0)
-        x_ref, _ = _native(cfg, st, Recorder(vel), noise)
+        b = batch(st, i0, cfg.batch, cfg.seed)
+        x_ref, _ = native_run(st, Recorder(st.model.velocity_fn(b.cond, cfg.guidance)), b.noise)
         x_lo = resize_latent(x_ref, st.lo, "area")
         x_up = upsample(x_lo, st.hi, "bilinear")
-        refined = RefinerSampler(steps=k, up_mode="bilinear").refine(st.net, x_up, text=_text(st.net, cond))
+        refined = RefinerSampler(steps=k, up_mode="bilinear").refine(st.net, x_up, text=refiner_text(st.net, b.cond))
         out = {"bilinear": x_up, "refiner": refined}
         ref = st.model.vae_decode(x_ref)
         vids = {m: st.model.vae_decode(v) for m, v in out.items()}
-        for j in range(len(ps)):
+        for j in range(len(b.prompts)):
             bg = region_masks(ref[j], detect(ref[j]), cfg.mask_dilate)[1]  # (F, H, W)
             for m, v in vids.items():
                 se = (v[j].clamp(-1, 1) - ref[j].clamp(-1, 1)).pow(2).mean(0).numpy()  # (F, H, W)

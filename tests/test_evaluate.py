@@ -9,21 +9,10 @@ import torch
 from surf_train import CONF_DIR
 from surf_train.common.errors import ConfigError
 from surf_train.data.toyworld import Caption, coverage, detect, motion, render
-from surf_train.evaluate import (
-    MISSING,
-    PSNR_CAP,
-    EvalConfig,
-    _clip_metrics,
-    bootstrap_ci,
-    evaluate,
-    grid_png,
-    main,
-    masked_psnr,
-    paired_gain,
-    parse_args,
-    region_masks,
-    sharpness,
-)
+from surf_train.evaluate import EvalConfig, evaluate, main, parse_args
+from surf_train.evaluation.metrics import MISSING, PSNR_CAP, clip_metrics, masked_psnr, region_masks, sharpness
+from surf_train.evaluation.report import grid_png
+from surf_train.evaluation.stats import bootstrap_ci, paired_gain
 
 CAP = "a yellow pillar moving down on a black background"
 ASSET = CONF_DIR.parent / "assets" / "toy_base"
@@ -31,7 +20,7 @@ ASSET = CONF_DIR.parent / "assets" / "toy_base"
 
 def test_identical_clips_are_perfect():
     v = render(CAP, 5, (32, 32), 5)
-    m = _clip_metrics(v, v, detect(v), CAP, (16, 16))
+    m = clip_metrics(v, v, detect(v), CAP, (16, 16))
     assert m["psnr"] == m["psnr_lo"] == PSNR_CAP and m["ssim"] == pytest.approx(1.0, abs=1e-6)
     assert m["pos_err"] == 0 and m["speed_err"] == 0
     assert m["colour"] == m["shape"] == m["direction"] == m["background"] == m["all3"] == 1.0
@@ -99,7 +88,7 @@ def test_grid_png_has_the_expected_size(tmp_path):
 def test_shifted_object_gives_its_shift_as_position_error():
     ref = render(CAP, 5, (32, 32), 5)
     moved = torch.roll(ref, shifts=(2, 1), dims=(-1, -2))  # 2 px right, 1 px down (seed 5: stays inside the frame)
-    m = _clip_metrics(moved, ref, detect(ref), CAP, (16, 16))
+    m = clip_metrics(moved, ref, detect(ref), CAP, (16, 16))
     assert m["pos_err"] == pytest.approx(np.hypot(2 / 32, 1 / 32), abs=1e-3)
     assert m["psnr"] < m["psnr_lo"] < 40  # pooling blurs the shift a little but does not hide it
     assert m["psnr"] < 30 and m["ssim"] < 0.99 and m["speed_err"] < 1e-6 and m["all3"] == 1.0
@@ -107,10 +96,10 @@ def test_shifted_object_gives_its_shift_as_position_error():
 
 def test_low_resolution_clip_is_compared_to_the_downsampled_reference():
     ref, low = render(CAP, 5, (32, 32), 5), render(CAP, 5, (16, 16), 5)
-    m = _clip_metrics(low, ref, detect(ref), CAP, (16, 16))
+    m = clip_metrics(low, ref, detect(ref), CAP, (16, 16))
     assert m["psnr"] > 60 and m["psnr_lo"] > 60  # the 16x16 render is the area-downsampled 32x32 one
     up = torch.nn.functional.interpolate(low, size=(32, 32), mode="nearest")
-    m_up = _clip_metrics(up, ref, detect(ref), CAP, (16, 16))
+    m_up = clip_metrics(up, ref, detect(ref), CAP, (16, 16))
     assert m_up["psnr_lo"] > 60 > m_up["psnr"]  # same content on the preview grid, blockier at 32x32
     assert m["pos_err"] < 0.01 and m["all3"] == 1.0
 
@@ -118,10 +107,10 @@ def test_low_resolution_clip_is_compared_to_the_downsampled_reference():
 def test_wrong_content_and_missing_object():
     ref = render(CAP, 5, (32, 32), 5)
     other = render("a red bar moving right on a white background", 5, (32, 32), 5)
-    m = _clip_metrics(other, ref, detect(ref), CAP)
+    m = clip_metrics(other, ref, detect(ref), CAP)
     assert m["colour"] == m["shape"] == m["direction"] == m["background"] == m["all3"] == 0.0
     empty = torch.full_like(ref, -0.9)  # black, no object
-    m = _clip_metrics(empty, ref, detect(ref), CAP)
+    m = clip_metrics(empty, ref, detect(ref), CAP)
     assert m["pos_err"] == MISSING and m["colour"] == 0.0 and m["background"] == 1.0
 
 
