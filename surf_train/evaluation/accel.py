@@ -17,7 +17,7 @@ from surf_train.base import Acceleration, BaseSpec
 from surf_train.common.errors import ConfigError
 from surf_train.evaluation.clips import Batch, Setup, batch, load_setup, refine_flops, refiner_text
 from surf_train.evaluation.metrics import score_batch
-from surf_train.evaluation.report import save_figure, two_panels, write_files
+from surf_train.evaluation.report import save_figure, table_head, two_panels, write_files
 from surf_train.evaluation.stats import mean_ci
 from surf_train.models.sampler import RefinerSampler
 
@@ -62,7 +62,7 @@ def methods(cfg) -> list[Method]:
 def _run(cfg, st: Setup, m: Method, b: Batch) -> tuple[torch.Tensor, float, float]:
     """One method on one batch: its latent, wall seconds, and base-model FLOPs actually done per clip."""
     from surf_train.base.sampling import PreviewPlan, preview_sample, sample
-    from surf_train.flops import metered_flops
+    from surf_train.cost import metered_flops
 
     model, spec = st.model, st.spec
     model.accelerate(m.acc)
@@ -190,9 +190,21 @@ def format_table(result: dict) -> str:
         f"Reference: the plain native run. Wall time measured in this one run (batches of {cfg['batch']}, "
         f"methods in rotated order); intervals are 95% bootstrap (clips; batches for the time ratio).",
         "",
-        "| method | all 3 match | vs surf | shape | direction | position err | vs surf | PSNR@preview dB | blocks run "
-        "| GFLOPs/clip | ms/clip | speedup vs surf | meets bar |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        *table_head(
+            "method",
+            "all 3 match",
+            "vs surf",
+            "shape",
+            "direction",
+            "position err",
+            "vs surf",
+            "PSNR@preview dB",
+            "blocks run",
+            "GFLOPs/clip",
+            "ms/clip",
+            "speedup vs surf",
+            "meets bar",
+        ),
     ]
     for name, r in result["methods"].items():
         clips = result["per_clip"][name]

@@ -140,7 +140,7 @@ def sampler_at(
 
 def refine_flops(st: Setup, k: int, net=None) -> int:
     """Analytic FLOPs of `k` Refiner passes (st.net's, or `net`'s) on one native clip."""
-    from surf_train.flops import refiner_flops, total
+    from surf_train.cost import refiner_flops, total
 
     net = net or st.net
     text_len = st.spec.max_sequence_length if net.cfg.text_dim else 0

@@ -38,7 +38,7 @@ def method_names(cfg) -> list[str]:
 
 def call_flops(model: BaseModel, lat_shape: tuple[int, ...], guidance: float | None) -> int:
     """Analytic FLOPs of one velocity call on one clip's latent (two forwards under CFG)."""
-    from surf_train.flops import total, wan_flops
+    from surf_train.cost import total, wan_flops
 
     if model.spec.family != "wan":
         raise ConfigError(

@@ -10,6 +10,11 @@ from pathlib import Path
 import torch
 
 
+def table_head(*columns: str) -> list[str]:
+    """A markdown table's header and separator lines."""
+    return ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+
+
 def _f(x, fmt: str) -> str:
     return "-" if x is None else format(x, fmt)
 
@@ -25,9 +30,20 @@ def format_table(result: dict) -> str:
         "PSNR and SSIM are on each method's own grid (previews at the preview size, against the reference "
         "area-pooled to it); PSNR@preview is every method and the reference area-pooled to the preview grid.",
         "",
-        "| method | PSNR dB | PSNR@preview dB | SSIM | position err | colour | shape | direction | all 3 | speed err "
-        "| GFLOPs | ms/clip |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        *table_head(
+            "method",
+            "PSNR dB",
+            "PSNR@preview dB",
+            "SSIM",
+            "position err",
+            "colour",
+            "shape",
+            "direction",
+            "all 3",
+            "speed err",
+            "GFLOPs",
+            "ms/clip",
+        ),
     ]
     for m, v in result["methods"].items():
         psnr, psnr_lo = ("ref", "ref") if m == "reference" else (f"{v['psnr']:.2f}", f"{v['psnr_lo']:.2f}")
@@ -41,8 +57,7 @@ def format_table(result: dict) -> str:
         "Paired differences (a - b, mean over clips, 95% bootstrap interval; lower is better for position "
         "error, higher for PSNR/SSIM):",
         "",
-        "| a | b | metric | mean | 95% CI | CI excludes 0 |",
-        "|---|---|---|---|---|---|",
+        *table_head("a", "b", "metric", "mean", "95% CI", "CI excludes 0"),
     ]
     for d in result["paired"]:
         lines.append(
@@ -62,9 +77,19 @@ def format_sr_table(result: dict) -> str:
         f"rest. Sharpness = mean squared Laplacian over the reference's (1 = as sharp). Refiner: `{cfg['refiner']}`"
         + (f"; compare: `{cfg['compare']}` at its own K." if cfg.get("compare") else "."),
         "",
-        "| method | PSNR dB | PSNR object dB | PSNR background dB | PSNR@preview dB | SSIM | sharpness [95% CI] "
-        "| position err | all 3 | GFLOPs | ms/clip |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        *table_head(
+            "method",
+            "PSNR dB",
+            "PSNR object dB",
+            "PSNR background dB",
+            "PSNR@preview dB",
+            "SSIM",
+            "sharpness [95% CI]",
+            "position err",
+            "all 3",
+            "GFLOPs",
+            "ms/clip",
+        ),
     ]
     for m, v in result["methods"].items():
         ci = v["sharpness_ci95"]
@@ -78,8 +103,9 @@ def format_sr_table(result: dict) -> str:
             "",
             "Refiner steps K (fidelity and cost; ms measured on this machine, GFLOPs analytic, per clip):",
             "",
-            "| K | PSNR dB | PSNR object dB | PSNR background dB | SSIM | sharpness | GFLOPs | ms/clip |",
-            "|---|---|---|---|---|---|---|---|",
+            *table_head(
+                "K", "PSNR dB", "PSNR object dB", "PSNR background dB", "SSIM", "sharpness", "GFLOPs", "ms/clip"
+            ),
         ]
         for r in result["k_table"]:
             lines.append(
@@ -91,8 +117,7 @@ def format_sr_table(result: dict) -> str:
         "Gains (a - b, mean over clips, 95% bootstrap interval; higher is better except position error; for "
         "sharpness nearer 1 is better):",
         "",
-        "| a | b | metric | mean | 95% CI | CI excludes 0 |",
-        "|---|---|---|---|---|---|",
+        *table_head("a", "b", "metric", "mean", "95% CI", "CI excludes 0"),
     ]
     for d in result["paired"]:
         lo, hi = d["ci95"]
