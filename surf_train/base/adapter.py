@@ -1,8 +1,8 @@
 """The base-model interface shared by pair generation, validation and generation.
 
 A `BaseModel` wraps a diffusers pipeline (WanPipeline, HunyuanVideoPipeline): it encodes prompts,
-gives the guided velocity of DESIGN 3.1 exactly as its pipeline computes it (same timestep, same CFG, same
-cache contexts), hands out the pipeline's own scheduler as a `Schedule`, and VAE-encodes/decodes with the
+gives the guided velocity (docs/method.md#flow-matching) exactly as its pipeline computes it (same timestep,
+same CFG, same cache contexts), hands out the pipeline's own scheduler as a `Schedule`, and VAE-encodes/decodes with the
 family's latent normalisation. Constants (geometry, native size) come from `conf/base/<name>.yaml`; the
 scheduler and its shift come from the pipeline (`scheduler/` of a diffusers repository), which the yaml may
 override (`shift`, `scheduler`).
@@ -161,7 +161,7 @@ class Cond:
 
 @dataclass
 class Acceleration:
-    """Acceleration plug-ins on the base model, all off by default (DESIGN 3.2's reshift composes with each)."""
+    """Acceleration plug-ins on the base model, all off by default (noise reshifting composes with each)."""
 
     cache_threshold: float | None = None  # diffusers' FirstBlockCache (enable_cache) with this threshold; None: off
     cfg_stop: int | None = None  # no CFG from this step of the schedule on (0: none); None: CFG at every step

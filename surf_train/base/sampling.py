@@ -1,11 +1,12 @@
-"""Flow-matching sampling with the base model's own diffusers scheduler, and noise reshifting (DESIGN 3.1, 3.2).
+"""Flow-matching sampling with the base model's own diffusers scheduler, and noise reshifting (docs/method.md).
 
 Convention: x_s = (1 - s) * x0 + s * eps, the network predicts v = eps - x0, so x0 = x_s - s * v.
 Latents are (B, C, F, H, W); resampling touches H and W only, never the frame count.
 The base-model samplers take the network as a callable `velocity(x, step) -> v` (`step`: a `Step`, what the
 pipeline tells the transformer and its cache hooks) and the scheduler as a `Schedule` (the pipeline's own
 scheduler and the `set_timesteps` call that pipeline makes), both as parameters, so an oracle velocity and any
-flow-matching scheduler test them. `euler_sample` is the plain Euler loop the Refiner's bridge uses (DESIGN 3.3).
+flow-matching scheduler test them. `euler_sample` is the plain Euler loop the Refiner's bridge uses
+(docs/method.md#refiner-objective).
 """
 
 from __future__ import annotations
@@ -318,7 +319,7 @@ def reshift(
     noise: torch.Tensor | None = None,
     down: str = "area",
 ) -> Reshift:
-    """Switch a latent at noise level `s` from (H, W) to `size` with one of the DESIGN 3.2 rules.
+    """Switch a latent at noise level `s` from (H, W) to `size` by a rule of docs/method.md#noise-reshifting.
 
     x: (B, C, F, H, W) noisy latent; v: velocity at (x, s) (unused by `pool`);
     noise: fresh unit noise of the low-resolution shape (unused by `pool`).

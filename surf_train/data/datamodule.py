@@ -1,8 +1,9 @@
 """Training and validation data from (preview, target) pair shards (schema: surf_train.data.shards).
 
 Training is an endless stream of shards drawn with replacement, cut to the same number of batches per
-epoch on every rank: uneven per-rank sample counts hang DDP (DESIGN 5). Validation is a fixed set
-held in memory. Entries are decoded by `decode_sample` only, so nothing in a shard is unpickled.
+epoch on every rank: uneven per-rank sample counts hang DDP (docs/architecture.md#facts-the-code-relies-on).
+Validation is a fixed set held in memory. Entries are decoded by `decode_sample` only, so nothing in a shard is
+unpickled.
 """
 
 from __future__ import annotations

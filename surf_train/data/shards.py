@@ -52,7 +52,7 @@ class ShardError(RuntimeError):
 def trim_text(text: torch.Tensor) -> torch.Tensor:
     """(L, D) text -> its first rows up to the last one that is not all zero (at least one row).
 
-    Encoders pad with zero rows and the Refiner masks all-zero rows (module.text_mask), so padding the
+    Encoders pad with zero rows and the Refiner masks all-zero rows (models.refiner.text_padding_mask), so padding the
     trimmed text with zeros again gives the same mask and the same attention.
     """
     rows = (text != 0).any(-1).nonzero()  # (n, 1): indices of the rows with a non-zero value

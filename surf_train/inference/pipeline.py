@@ -1,4 +1,4 @@
-"""`SurfPipeline`: a diffusers pipeline of a base model's components plus the Refiner (DESIGN 2, 3.2, 3.3).
+"""`SurfPipeline`: a diffusers pipeline of a base model's components plus the Refiner (docs/generation.md).
 
     pipe = SurfPipeline.from_surf("tiny", "runs/tiny/refiner")       # a conf/base name + an exported Refiner
     video = pipe("a red ball rolling", generator=torch.Generator().manual_seed(0)).frames[0]  # (F, H, W, 3)
@@ -7,8 +7,9 @@
 The components are the base pipeline's (WanPipeline or HunyuanVideoPipeline) and `refiner`; model_index.json also
 holds `base_spec` (the conf/base record: geometry, native size, guidance, prompts' settings) and `bridge` (the
 Refiner's sampler settings from its surf.json). A call runs the same code as `surf-generate`: the base-model adapter
-(its pipeline's own scheduler, CFG, cache), `sampling.preview_sample` and `objective.refine`. `clock` (a StageClock)
-times each stage; `surf_train.generate` and `benchmarks/bench_generate.py` read their reports from it.
+(its pipeline's own scheduler, CFG, cache), `sampling.preview_sample` and the Refiner's `RefinerSampler`.
+`clock` (a StageClock) times each stage; `surf_train.generate` and `benchmarks/bench_generate.py` read their
+reports from it.
 """
 
 from __future__ import annotations
@@ -95,7 +96,7 @@ def plan_sizes(
     mode: str = "surf",
     switch: int = 1,
 ) -> dict[str, tuple[int, int]]:
-    """Pixel (h, w) of the target, prefix and preview; None: the base model's defaults (DESIGN 3.2)."""
+    """Pixel (h, w) of the target, prefix and preview; None: the base model's defaults (docs/method.md)."""
     h, w = height or spec.native_size[0], width or spec.native_size[1]
     g = spec.geometry
     m = g.stride_s * g.patch_s

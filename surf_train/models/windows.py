@@ -1,4 +1,5 @@
-"""Shifted-window self-attention on a (F', H', W') token grid as pure functions (DESIGN 3.4).
+"""Shifted-window self-attention on a (F', H', W') token grid as pure functions
+(docs/method.md#shifted-window-attention).
 
 Tokens are flat in row-major grid order: x is (B, N, *rest) with N = F' * H' * W' and token
 (f, h, w) at index (f * H' + h) * W' + w, the order of `conv3d(...).flatten(2)`. q, k, v are

@@ -1,7 +1,8 @@
 """Training strategies: Lightning's DeepSpeedStrategy, made to run on CPU for tests.
 
 Lightning refuses DeepSpeed without CUDA. `CPUDeepSpeedStrategy` removes exactly the three CUDA-only
-guards (DESIGN 5); it touches Lightning internals, so lightning is pinned in pyproject and tested.
+guards (docs/architecture.md#facts-the-code-relies-on); it touches Lightning internals, so lightning is pinned
+in pyproject and tested.
 """
 
 from __future__ import annotations
