@@ -133,8 +133,7 @@ def _fmt(x) -> str:
 
 def model_card(cfg: RefinerConfig, meta: dict, run: dict | None, n_params: int) -> str:
     """README.md of an export: base model, data, steps, validation figures (from the run's summary.json)."""
-    on = meta.get("trained_on") or {}
-    base = on.get("base") or {}
+    base = (meta.get("trained_on") or {}).get("base") or {}
     front = ["---", "library_name: diffusers", "tags: [surf, video, super-resolution, refiner]"]
     if base.get("id") and "/" in str(base["id"]):
         front.append(f"base_model: {base['id']}")
@@ -147,45 +146,11 @@ def model_card(cfg: RefinerConfig, meta: dict, run: dict | None, n_params: int) 
         "Maps an upsampled low-resolution preview latent of a frozen video DiT to its high-resolution latent "
         "by a few Euler steps of a bridge flow (SURF, arXiv 2603.21002). Trained with `surf_train`.",
         "",
-        "| | |",
-        "|---|---|",
-    ]
-    if base:
-        rev = f" @ `{base['revision']}`" if base.get("revision") else ""
-        lines.append(f"| base model | {base.get('name')} (`{base.get('id')}`{rev}, {base.get('family')} family) |")
-    else:
-        lines.append("| base model | not recorded |")
-    if on.get("preview_latent"):
-        lines.append(
-            f"| data | preview latent {on.get('preview_latent')} -> target latent {on.get('target_latent')} "
-            f"(F, H, W; {on.get('latent_channels')} channels), preview size {on.get('preview_size')} -> "
-            f"target size {on.get('target_size')} |"
-        )
-    lines += [
-        f"| steps | {meta.get('step')} ({meta.get('weights', 'given')} weights, stored as {meta['dtype']}) |",
-        f"| architecture | {n_params / 1e6:.2f}M parameters: dim {cfg.dim}, depth {cfg.depth}, heads "
-        f"{cfg.heads}, window {list(cfg.window)}, patch {list(cfg.patch_size)}, text_dim {cfg.text_dim} |",
-        f"| sampler | {RefinerSampler.from_bridge(meta.get('bridge', {})).steps} Euler steps |",
+        *_card_table(cfg, meta, n_params),
         "",
         "## Validation",
         "",
-    ]
-    if run:
-        ref, up = run.get("val_mse_refiner"), run.get("val_mse_upsample")
-        ratio = f" (ratio {ref / up:.3f})" if isinstance(ref, float) and isinstance(up, float) and up > 0 else ""
-        val = (
-            f"validation latent MSE refiner {_fmt(ref)} vs upsampled preview {_fmt(up)}{ratio}"
-            if ref is not None
-            else "no validation"
-        )
-        lines += [
-            f"From the run's summary.json at step {run.get('steps')}: {val}; training loss "
-            f"{_fmt(run.get('train_loss_first'))} -> {_fmt(run.get('train_loss_last'))}. Against generated "
-            f"pairs latent MSE is a weak signal: judge with `python -m surf_train.evaluate` too."
-        ]
-    else:
-        lines.append("No summary.json beside the checkpoint's run: no validation figures.")
-    lines += [
+        _card_validation(run),
         "",
         "## Use",
         "",
@@ -201,6 +166,48 @@ def model_card(cfg: RefinerConfig, meta: dict, run: dict | None, n_params: int) 
         "",
     ]
     return "\n".join(lines)
+
+
+def _card_table(cfg: RefinerConfig, meta: dict, n_params: int) -> list[str]:
+    """The model card's table: base model, data, steps, architecture, sampler."""
+    on = meta.get("trained_on") or {}
+    base = on.get("base") or {}
+    lines = ["| | |", "|---|---|"]
+    if base:
+        rev = f" @ `{base['revision']}`" if base.get("revision") else ""
+        lines.append(f"| base model | {base.get('name')} (`{base.get('id')}`{rev}, {base.get('family')} family) |")
+    else:
+        lines.append("| base model | not recorded |")
+    if on.get("preview_latent"):
+        lines.append(
+            f"| data | preview latent {on.get('preview_latent')} -> target latent {on.get('target_latent')} "
+            f"(F, H, W; {on.get('latent_channels')} channels), preview size {on.get('preview_size')} -> "
+            f"target size {on.get('target_size')} |"
+        )
+    return lines + [
+        f"| steps | {meta.get('step')} ({meta.get('weights', 'given')} weights, stored as {meta['dtype']}) |",
+        f"| architecture | {n_params / 1e6:.2f}M parameters: dim {cfg.dim}, depth {cfg.depth}, heads "
+        f"{cfg.heads}, window {list(cfg.window)}, patch {list(cfg.patch_size)}, text_dim {cfg.text_dim} |",
+        f"| sampler | {RefinerSampler.from_bridge(meta.get('bridge', {})).steps} Euler steps |",
+    ]
+
+
+def _card_validation(run: dict | None) -> str:
+    """The model card's validation line, from the run's summary.json."""
+    if not run:
+        return "No summary.json beside the checkpoint's run: no validation figures."
+    ref, up = run.get("val_mse_refiner"), run.get("val_mse_upsample")
+    ratio = f" (ratio {ref / up:.3f})" if isinstance(ref, float) and isinstance(up, float) and up > 0 else ""
+    val = (
+        f"validation latent MSE refiner {_fmt(ref)} vs upsampled preview {_fmt(up)}{ratio}"
+        if ref is not None
+        else "no validation"
+    )
+    return (
+        f"From the run's summary.json at step {run.get('steps')}: {val}; training loss "
+        f"{_fmt(run.get('train_loss_first'))} -> {_fmt(run.get('train_loss_last'))}. Against generated "
+        f"pairs latent MSE is a weak signal: judge with `python -m surf_train.evaluate` too."
+    )
 
 
 def convert(old: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
