@@ -25,7 +25,8 @@ from procs import free_port
 from surf_train import CONF_DIR
 from surf_train.common.dist_env import rank_world
 from surf_train.data.shards import shard_keys
-from surf_train.training.train import checkpoint_step, newest_checkpoint, register_resolvers
+from surf_train.training.checkpoint import checkpoint_step, newest_checkpoint
+from surf_train.training.train import register_resolvers
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = ROOT / "launch"

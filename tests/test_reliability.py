@@ -9,8 +9,8 @@ import torch
 from test_train import FAST, ROOT, SHRINK, compose_cfg
 
 from surf_train.common.errors import ConfigError
-from surf_train.training.callbacks import hpc_checkpoints, prune_hpc_checkpoints
-from surf_train.training.train import resume_checkpoint, train
+from surf_train.training.checkpoint import hpc_checkpoints, prune_hpc_checkpoints, resume_checkpoint
+from surf_train.training.train import train
 
 
 def _base(pairs, run_dir):
@@ -100,7 +100,7 @@ def test_ema_stays_float32_under_bf16_mixed_deepspeed(pairs, tmp_path):
     assert max(moved) > 0
     # a ZeRO checkpoint directory is resumable (its optimizer shards hold DeepSpeed classes that weights_only
     # refuses); a truncated optimizer shard (a kill mid-save) is not, and the rerun falls back to an older one
-    from surf_train.training.train import _unreadable
+    from surf_train.training.checkpoint import _unreadable
 
     last = (tmp_path / "checkpoints" / "last.ckpt").resolve()
     assert last.is_dir() and _unreadable(last) is None

@@ -13,7 +13,8 @@ from procs import free_port, kill_tree
 
 from surf_train import ASSETS_DIR, CONF_DIR
 from surf_train.data.pairs import PairsConfig, make_pairs
-from surf_train.training.train import checkpoint_step, newest_checkpoint, register_resolvers, train
+from surf_train.training.checkpoint import checkpoint_step, newest_checkpoint
+from surf_train.training.train import register_resolvers, train
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["logger=none", "module.decode_base=null", "trainer.enable_progress_bar=false", "data.batch_size=4"]
@@ -174,7 +175,7 @@ def _exit_report(p, log, log_dir) -> str:
 @pytest.mark.parametrize("strategy", ["ddp", "deepspeed"])
 def test_two_process_train_kill_resume(strategy, pairs, tmp_path, launched):
     """2 CPU ranks train and checkpoint, get killed (-9), and the same command resumes at the right step."""
-    from surf_train.training.train import resume_checkpoint
+    from surf_train.training.checkpoint import resume_checkpoint
 
     trainer = (
         ["trainer=deepspeed", "trainer.accelerator=cpu", "trainer.precision=32-true"]

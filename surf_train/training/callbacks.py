@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -16,31 +15,9 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 
+from surf_train.training.checkpoint import hpc_checkpoints, prune_hpc_checkpoints
+
 log = logging.getLogger("surf_train")
-
-
-def hpc_checkpoints(run_dir: Path) -> list[Path]:
-    """run_dir/hpc_ckpt_<n>.ckpt, oldest (smallest n) first."""
-    found = [
-        (int(m.group(1)), p)
-        for p in Path(run_dir).glob("hpc_ckpt_*.ckpt")
-        if (m := re.fullmatch(r"hpc_ckpt_(\d+)\.ckpt", p.name))
-    ]
-    return [p for _, p in sorted(found)]
-
-
-def prune_hpc_checkpoints(run_dir: Path, keep: int, protect: Path | None = None) -> list[Path]:
-    """Delete all but the newest `keep` hpc checkpoints, never `protect` (what a rerun resumes from)."""
-    import shutil
-
-    old = hpc_checkpoints(run_dir)[:-keep] if keep > 0 else hpc_checkpoints(run_dir)
-    gone = []
-    for p in old:
-        if protect is not None and p.resolve() == Path(protect).resolve():
-            continue
-        shutil.rmtree(p) if p.is_dir() else p.unlink()  # a ZeRO checkpoint is a directory
-        gone.append(p)
-    return gone
 
 
 def slurm_job_id() -> str | None:

@@ -7,19 +7,24 @@ import logging
 import os
 import sys
 import uuid
-import zipfile
 from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
 from hydra.utils import instantiate
-from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
 
 from surf_train.common.errors import ConfigError
 from surf_train.data.datamodule import DataConfig, PairDataModule
-from surf_train.training.callbacks import PlainProgress, SlurmRequeue, prune_hpc_checkpoints
+from surf_train.training.callbacks import PlainProgress, SlurmRequeue
+from surf_train.training.checkpoint import (
+    AtomicCheckpointIO,
+    prune_hpc_checkpoints,
+    relink_last,
+    resume_checkpoint,
+    step_checkpoints,
+)
 
 log = logging.getLogger("surf_train")
 
@@ -35,121 +40,6 @@ def wandb_offline() -> bool:
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("wandb_offline"):
         OmegaConf.register_new_resolver("wandb_offline", wandb_offline)
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Writes a checkpoint file under a temporary name and renames it: a crash never leaves a torn file."""
-
-    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
-        tmp = f"{path}.tmp"
-        super().save_checkpoint(checkpoint, tmp, storage_options)
-        os.replace(tmp, path)
-
-
-def _load_meta(f: Path) -> dict:
-    # mmap: reads the archive's index and the small objects, not the tensor bytes (checkpoints can be GBs)
-    ck = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
-    if not isinstance(ck, dict) or "global_step" not in ck:
-        raise ValueError("no global_step")
-    return ck
-
-
-def checkpoint_step(path: Path) -> int:
-    """Global step stored in a Lightning checkpoint file or DeepSpeed checkpoint directory (no unpickling)."""
-    path = Path(path)
-    f = path / "checkpoint" / "mp_rank_00_model_states.pt" if path.is_dir() else path
-    if not f.is_file():
-        raise ConfigError(f"{path}: not a Lightning or DeepSpeed checkpoint (no {f.name})")
-    try:
-        return int(_load_meta(f)["global_step"])
-    except Exception as e:
-        raise ConfigError(f"{path}: unreadable checkpoint ({type(e).__name__}: {str(e)[:80]})") from None
-
-
-def _complete(p: Path) -> bool:
-    # checkpoint files are written under a temporary name; DeepSpeed writes `latest` after the shards
-    return p.is_file() or (p / "latest").is_file()
-
-
-def checkpoint_candidates(run_dir: Path) -> list[Path]:
-    """Checkpoints a rerun could resume from, newest first: last.ckpt, step*.ckpt, SLURM hpc_ckpt_*.ckpt.
-
-    last.ckpt links to the newest complete step checkpoint; if a kill left the link dangling (Lightning
-    removes the old step before moving the link), the step checkpoints are still there.
-    """
-    ckpt_dir = run_dir / "checkpoints"
-    last = ckpt_dir / "last.ckpt"
-    steps = sorted((p for p in ckpt_dir.glob("step*.ckpt") if _complete(p)), key=lambda p: p.name, reverse=True)
-    hpc = [p for p in run_dir.glob("hpc_ckpt_*.ckpt") if _complete(p)]
-    cands, seen = [], set()
-    # newest first by mtime; last.ckpt before the step file it links to (same target, the name users know)
-    for p in sorted(
-        [*([last] if _complete(last) else []), *steps, *hpc], key=lambda p: (p.stat().st_mtime, p == last), reverse=True
-    ):
-        if p.resolve() not in seen:
-            seen.add(p.resolve())
-            cands.append(p)
-    return cands
-
-
-def newest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest complete-looking checkpoint (see checkpoint_candidates), unread."""
-    cands = checkpoint_candidates(run_dir)
-    return cands[0] if cands else None
-
-
-def _unreadable(p: Path) -> str | None:
-    """Why checkpoint `p` cannot be resumed from (truncated, foreign, ...), or None when it looks whole.
-
-    The file holding global_step (Lightning's, or ZeRO's mp_rank_00_model_states.pt) is loaded with
-    weights_only; ZeRO's optimizer shards hold DeepSpeed classes that weights_only refuses, so for them the
-    zip directory at the end of the file is read: a kill mid-write leaves none."""
-    files = [p] if p.is_file() else sorted((p / "checkpoint").glob("*.pt"))
-    if not files:
-        return "no checkpoint files"
-    for f in files:
-        try:
-            if f.name in (p.name, "mp_rank_00_model_states.pt"):
-                ck = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
-                if not isinstance(ck, dict) or "global_step" not in ck:
-                    return f"{f.name}: not a training checkpoint (no global_step)"
-            else:
-                with zipfile.ZipFile(f) as z:
-                    z.namelist()
-        except Exception as e:
-            return f"{f.name}: {type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}"
-    return None
-
-
-def resume_checkpoint(run_dir: Path) -> tuple[Path, int] | None:
-    """(checkpoint, step) a rerun resumes from: the newest readable one, with one line per skipped one."""
-    cands = checkpoint_candidates(run_dir)
-    skipped = []
-    for p in cands:
-        why = _unreadable(p)
-        if why is None:
-            for q, r in skipped:
-                log.warning("%s is unreadable (%s); resuming from the older %s", q, r, p)
-            return p, checkpoint_step(p)
-        skipped.append((p, why))
-    if skipped:
-        q, r = skipped[0]
-        raise ConfigError(
-            f"{run_dir}: none of its {len(skipped)} checkpoint(s) can be resumed from (newest {q}: "
-            f"{r}); remove them or run with resume=false"
-        )
-    return None
-
-
-def _relink_last(trainer: pl.Trainer, ckpt_dir: Path, step: int) -> None:
-    """Save step<step>.ckpt (all ranks: ZeRO writes shards), then point last.ckpt at it atomically."""
-    target = ckpt_dir / f"step{step:08d}.ckpt"
-    trainer.save_checkpoint(target, weights_only=False)
-    if trainer.is_global_zero:
-        tmp = ckpt_dir / f"last.ckpt.{os.getpid()}.tmp"
-        os.symlink(target.name, tmp)
-        os.replace(tmp, ckpt_dir / "last.ckpt")
-    trainer.strategy.barrier()
 
 
 def _logger(cfg: DictConfig, run_dir: Path):
@@ -228,23 +118,38 @@ def train(cfg: DictConfig) -> dict:
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(cfg.seed, workers=True)
+    data, module = _data_and_module(cfg)
+    trainer = _trainer(cfg, run_dir, data.cfg)
+    requeue = _requeue_callback(trainer, cfg, run_dir)
+    resume, init = _start_point(cfg, run_dir, module, requeue)
+    _fit(trainer, module, data, resume, requeue)
+    if requeue is not None and requeue.saved is not None:
+        # the job is requeued and will resume from this checkpoint: no final save, validation or summary
+        print(
+            f"[surf_train] requeued at step {requeue.saved_step}; the next job resumes from {requeue.saved}", flush=True
+        )
+        _close_process_group()
+        return {"steps": trainer.global_step, "requeued": str(requeue.saved)}
+    if trainer.global_step % cfg.ckpt_every:
+        relink_last(trainer, run_dir / "checkpoints", trainer.global_step)
+    summary = _summary(trainer, module, data, run_dir, resume, init)
+    if trainer.is_global_zero:
+        _write_summary(summary, run_dir, data)
+    _close_process_group()
+    return summary
 
+
+def _data_and_module(cfg: DictConfig) -> tuple[PairDataModule, pl.LightningModule]:
+    """The datamodule and the LightningModule, with the model sizes the config leaves null read from the data."""
     data_cfg = DataConfig(**OmegaConf.to_container(cfg.data, resolve=True))
     fill_from_data(cfg, data_cfg)
     data = PairDataModule(data_cfg)
-    module = instantiate(cfg.module, _convert_="all")
-    # every checkpoint gets its own step-named file or ZeRO directory; last.ckpt is a link that moves only
-    # after a save completed, so a job killed mid-save resumes from the previous complete checkpoint
-    ckpt_dir = run_dir / "checkpoints"
-    # (no monitor: a monitored checkpoint on an epoch's last batch is deferred to a validation that may not run)
-    ckpt = ModelCheckpoint(
-        dirpath=ckpt_dir,
-        filename="step{step:08d}",
-        auto_insert_metric_name=False,
-        every_n_train_steps=cfg.ckpt_every,
-        save_top_k=1,
-        save_last="link",
-    )
+    return data, instantiate(cfg.module, _convert_="all")
+
+
+def _trainer(cfg: DictConfig, run_dir: Path, data_cfg: DataConfig) -> pl.Trainer:
+    """The configured Trainer with step checkpoints, the logger, and plain progress lines in a log file."""
+    ckpt = step_checkpoints(run_dir / "checkpoints", cfg.ckpt_every)
     logger = _logger(cfg, run_dir)
     callbacks = [ckpt] + ([LearningRateMonitor("step")] if logger else [])
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
@@ -255,9 +160,13 @@ def train(cfg: DictConfig) -> dict:
         extra["enable_progress_bar"] = False
     is_deepspeed = "deepspeed" in str(trainer_cfg.get("strategy", ""))
     plugins = [] if is_deepspeed else [AtomicCheckpointIO()]
-    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger, plugins=plugins, **extra)
-    requeue = _requeue_callback(trainer, cfg, run_dir)
+    return instantiate(cfg.trainer, callbacks=callbacks, logger=logger, plugins=plugins, **extra)
 
+
+def _start_point(
+    cfg: DictConfig, run_dir: Path, module: pl.LightningModule, requeue: SlurmRequeue | None
+) -> tuple[Path | None, str | None]:
+    """(checkpoint to resume from, init_from weights loaded instead); resuming prunes old requeue checkpoints."""
     found = resume_checkpoint(run_dir) if cfg.resume else None
     resume = found[0] if found else None
     init = cfg.get("init_from") if resume is None else None
@@ -267,6 +176,17 @@ def train(cfg: DictConfig) -> dict:
             prune_hpc_checkpoints(run_dir, requeue.keep, protect=resume)
     elif init:
         log.info("initialised from %s (%s weights)", init, module.init_weights(init))
+    return resume, init
+
+
+def _fit(
+    trainer: pl.Trainer,
+    module: pl.LightningModule,
+    data: PairDataModule,
+    resume: Path | None,
+    requeue: SlurmRequeue | None,
+) -> None:
+    """trainer.fit with our requeue signal handler installed for its duration."""
     if requeue is not None:
         requeue.install()
     try:
@@ -275,15 +195,17 @@ def train(cfg: DictConfig) -> dict:
     finally:
         if requeue is not None:
             requeue.uninstall()
-    if requeue is not None and requeue.saved is not None:
-        # the job is requeued and will resume from this checkpoint: no final save, validation or summary
-        print(
-            f"[surf_train] requeued at step {requeue.saved_step}; the next job resumes from {requeue.saved}", flush=True
-        )
-        _close_process_group()
-        return {"steps": trainer.global_step, "requeued": str(requeue.saved)}
-    if trainer.global_step % cfg.ckpt_every:
-        _relink_last(trainer, ckpt_dir, trainer.global_step)
+
+
+def _summary(
+    trainer: pl.Trainer,
+    module: pl.LightningModule,
+    data: PairDataModule,
+    run_dir: Path,
+    resume: Path | None,
+    init: str | None,
+) -> dict:
+    """Validate the final weights and gather summary.json's keys (all ranks validate)."""
     # [] when every validation shard was corrupt and skipped
     val = (trainer.validate(module, datamodule=data, verbose=False) if data.cfg.val_samples else None) or [{}]
     previous = _read_summary(run_dir)
@@ -294,7 +216,7 @@ def train(cfg: DictConfig) -> dict:
             trainer.global_step,
             trainer.max_steps,
         )
-    summary = {
+    return {
         "steps": trainer.global_step,
         "resumed_from": str(resume) if resume else None,
         "initialised_from": str(init) if init else None,
@@ -304,24 +226,25 @@ def train(cfg: DictConfig) -> dict:
         "val_mse_refiner": val[0].get("val/mse_refiner"),
         "val_mse_upsample": val[0].get("val/mse_upsample"),
         "world_size": trainer.world_size,
-        "checkpoint": str((ckpt_dir / "last.ckpt").resolve()),
+        "checkpoint": str((run_dir / "checkpoints" / "last.ckpt").resolve()),
         "data_skipped": data.skipped,  # skips of corrupt shards/samples on rank 0 (data.skip_corrupt); a sample
         # drawn again in a later epoch by restarted DataLoader workers counts again
     }
-    if trainer.is_global_zero:
-        tmp = run_dir / "summary.json.tmp"
-        tmp.write_text(json.dumps(summary, indent=1))
-        os.replace(tmp, run_dir / "summary.json")
-        ref, up = summary["val_mse_refiner"], summary["val_mse_upsample"]
-        val_txt = f"val mse refiner {_fmt(ref)} vs upsample {_fmt(up)}" if ref is not None else "no validation"
-        skip_txt = f", {data.skipped} skip(s) of corrupt shards/samples" if data.cfg.skip_corrupt else ""
-        print(
-            f"[surf_train] {summary['steps']} steps, train loss {_fmt(summary['train_loss_first'])} -> "
-            f"{_fmt(summary['train_loss_last'])}, {val_txt}{skip_txt}; summary: {run_dir / 'summary.json'}",
-            flush=True,
-        )
-    _close_process_group()
-    return summary
+
+
+def _write_summary(summary: dict, run_dir: Path, data: PairDataModule) -> None:
+    """summary.json (atomically) and its one-line digest on stdout."""
+    tmp = run_dir / "summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=1))
+    os.replace(tmp, run_dir / "summary.json")
+    ref, up = summary["val_mse_refiner"], summary["val_mse_upsample"]
+    val_txt = f"val mse refiner {_fmt(ref)} vs upsample {_fmt(up)}" if ref is not None else "no validation"
+    skip_txt = f", {data.skipped} skip(s) of corrupt shards/samples" if data.cfg.skip_corrupt else ""
+    print(
+        f"[surf_train] {summary['steps']} steps, train loss {_fmt(summary['train_loss_first'])} -> "
+        f"{_fmt(summary['train_loss_last'])}, {val_txt}{skip_txt}; summary: {run_dir / 'summary.json'}",
+        flush=True,
+    )
 
 
 def _close_process_group() -> None:
