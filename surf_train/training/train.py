@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from surf_train.common.errors import ConfigError
 from surf_train.data.datamodule import DataConfig, PairDataModule
 from surf_train.training.callbacks import PlainProgress, SlurmRequeue, prune_hpc_checkpoints
+from surf_train.training.config import RunConfig  # also puts conf/train.yaml's schema into Hydra's ConfigStore
 
 log = logging.getLogger("surf_train")
 
@@ -217,7 +218,7 @@ def _requeue_callback(trainer: pl.Trainer, cfg: DictConfig, run_dir: Path) -> Sl
     env = trainer._accelerator_connector.cluster_environment  # what Lightning's own signal handler reads
     if not (isinstance(env, SLURMEnvironment) and env.auto_requeue):
         return None
-    cb = SlurmRequeue(run_dir, env.requeue_signal, keep=cfg.get("keep_hpc", 2))
+    cb = SlurmRequeue(run_dir, env.requeue_signal, keep=cfg.keep_hpc)
     trainer.callbacks.append(cb)
     return cb
 
@@ -225,6 +226,7 @@ def _requeue_callback(trainer: pl.Trainer, cfg: DictConfig, run_dir: Path) -> Sl
 def train(cfg: DictConfig) -> dict:
     """Fit, validate once more with the final (EMA) weights, write summary.json; returns the summary."""
     register_resolvers()
+    RunConfig.from_cfg(cfg)  # the run-level keys checked: one ConfigError
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(cfg.seed, workers=True)
@@ -249,7 +251,7 @@ def train(cfg: DictConfig) -> dict:
     callbacks = [ckpt] + ([LearningRateMonitor("step")] if logger else [])
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     extra = {}
-    every = cfg.get("progress_every", 0)
+    every = cfg.progress_every
     if every and not sys.stdout.isatty():  # a log file (SLURM output): plain lines instead of a progress bar
         callbacks.append(PlainProgress(every, data_cfg.batch_size))
         extra["enable_progress_bar"] = False
@@ -260,7 +262,7 @@ def train(cfg: DictConfig) -> dict:
 
     found = resume_checkpoint(run_dir) if cfg.resume else None
     resume = found[0] if found else None
-    init = cfg.get("init_from") if resume is None else None
+    init = cfg.init_from if resume is None else None
     if resume is not None:
         log.info("resuming from %s (step %d)", resume, found[1])
         if requeue is not None:
