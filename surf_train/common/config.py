@@ -62,18 +62,19 @@ def _type_ok(v: Any, tp) -> bool:
 
 def check(obj, where: str = "") -> None:
     """ConfigError naming the field when a value of dataclass `obj` has the wrong type or is not one of its
-    `Literal` choices; `where`: the key prefix in messages (e.g. "optim.")."""
+    `Literal` choices; `where`: the key prefix in messages (e.g. "optim."; "--": command-line flags)."""
     for name, tp in typing.get_type_hints(type(obj)).items():
         if name not in {f.name for f in dataclasses.fields(obj)}:
             continue
         v, allowed = getattr(obj, name), choices(tp)
+        said = f"--{name.replace('_', '-')} {v!r}" if where == "--" else f"{where}{name}={v!r}"
         if not _type_ok(v, tp):
-            raise ConfigError(f"{where}{name}={v!r}: expected {_describe(tp)}")
+            raise ConfigError(f"{said}: expected {_describe(tp)}")
         if allowed is None or v is None:
             continue
         bad = [x for x in (v if isinstance(v, (list, tuple)) else [v]) if x not in allowed]
         if bad:
-            raise ConfigError(f"{where}{name}={v!r} must be one of {' | '.join(map(str, allowed))}")
+            raise ConfigError(f"{said} must be one of {' | '.join(map(str, allowed))}")
 
 
 def _describe(tp) -> str:

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from surf_train.common.config import check
-from surf_train.common.errors import ConfigError
+from surf_train.common.errors import ConfigError, known_keys
 from surf_train.models.refiner import Refiner, refiner_config
 from surf_train.training.objective import BridgeConfig, bridge_loss
 
@@ -99,8 +99,8 @@ class RefinerModule(pl.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.model_cfg = refiner_config(model)
-        self.bridge = BridgeConfig(**(bridge or {}))
-        self.optim = OptimConfig(**(optim or {}))
+        self.bridge = BridgeConfig(**known_keys(bridge, BridgeConfig, "module.bridge"))
+        self.optim = OptimConfig(**known_keys(optim, OptimConfig, "module.optim"))
         if init_from_wan:
             self.net, report = Refiner.from_wan_transformer(init_from_wan, **self.model_cfg.to_dict())
             log.info(
