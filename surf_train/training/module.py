@@ -1,4 +1,4 @@
-"""The LightningModule that trains a Refiner with the bridge objective (DESIGN 3.3)."""
+"""The LightningModule that trains a Refiner with the bridge objective (docs/method.md, "Refiner")."""
 
 from __future__ import annotations
 
