@@ -20,9 +20,21 @@ def main(cfg: DictConfig) -> None:
 
     try:
         train(cfg)
-    except (ConfigError, ShardError) as e:
-        log.error("%s", e)
+    except Exception as e:
+        user = user_error(e)
+        if user is None:
+            raise
+        log.debug("%r", e)  # the log file keeps which call refused it
+        print(f"error: {user}", file=sys.stderr)
         sys.exit(2)
+
+
+def user_error(e: BaseException) -> Exception | None:
+    """The ConfigError or ShardError behind `e`: Hydra's instantiate wraps one raised in a constructor (e.g.
+    RefinerModule's OptimConfig) in an InstantiationException whose cause it is."""
+    while e is not None and not isinstance(e, (ConfigError, ShardError)):
+        e = e.__cause__
+    return e
 
 
 def cli() -> None:

@@ -15,60 +15,49 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass
+from typing import Literal
 
-from surf_train.common.dtypes import DTYPES
+from surf_train.common.cli_args import add_fields, from_args
+from surf_train.common.config import check
+from surf_train.common.dtypes import DType
 from surf_train.common.errors import ConfigError
 from surf_train.models.loading import META
 from surf_train.training.export import convert, export
 
 
-def main(argv: list[str] | None = None) -> None:
+@dataclass
+class ExportSettings:
+    """The command line of one export (or --convert)."""
+
+    checkpoint: str  # Lightning .ckpt file or DeepSpeed checkpoint directory (e.g. runs/tiny/checkpoints/last.ckpt);
+    #                  with --convert: an earlier export
+    out_dir: str  # output directory: new, empty, or an earlier export (which is replaced)
+    weights: Literal["auto", "ema", "raw"] = "auto"  # EMA or raw weights (auto: EMA when the checkpoint has it)
+    dtype: DType = "float32"  # storage dtype of the weights (norms, adaLN tables and the time MLP stay float32)
+    steps: int | None = None  # Refiner steps K that generation and evaluation default to (default: the run's
+    #                           validation K)
+    start_noise: float | None = None  # start-point noise of the sampler (bridge sigma_aug_eval; default: the run's
+    #                                   validation value)
+    consistency: Literal["on", "off"] | None = None  # on: the sampler projects its output onto the preview (bridge
+    #                                                  consistency; default: the run's)
+    convert: bool = False  # rewrite an export of the first format (refiner.safetensors + config.json) in this one
+
+    def __post_init__(self):
+        check(self, "--")
+
+
+def parse_args(argv: list[str] | None = None) -> ExportSettings:
     ap = argparse.ArgumentParser(
         prog="python -m surf_train.export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument(
-        "checkpoint",
-        help="Lightning .ckpt file or DeepSpeed checkpoint directory "
-        "(e.g. runs/tiny/checkpoints/last.ckpt); with --convert: an earlier export",
-    )
-    ap.add_argument("out_dir", help="output directory: new, empty, or an earlier export (which is replaced)")
-    ap.add_argument(
-        "--weights",
-        default="auto",
-        choices=["auto", "ema", "raw"],
-        help="EMA or raw weights (auto: EMA when the checkpoint has it)",
-    )
-    ap.add_argument(
-        "--dtype",
-        default="float32",
-        choices=list(DTYPES),
-        help="storage dtype of the weights (norms, adaLN tables and the time MLP stay float32)",
-    )
-    ap.add_argument(
-        "--steps",
-        type=int,
-        default=None,
-        help="Refiner steps K that generation and evaluation default to (default: the run's validation K)",
-    )
-    ap.add_argument(
-        "--start-noise",
-        type=float,
-        default=None,
-        help="start-point noise of the sampler (bridge sigma_aug_eval; default: the run's validation value)",
-    )
-    ap.add_argument(
-        "--consistency",
-        choices=["on", "off"],
-        default=None,
-        help="on: the sampler projects its output onto the preview (bridge consistency; default: the run's)",
-    )
-    ap.add_argument(
-        "--convert",
-        action="store_true",
-        help="rewrite an export of the first format (refiner.safetensors + config.json) in this one",
-    )
-    a = ap.parse_args(argv)
+    add_fields(ap, ExportSettings)
+    return from_args(ExportSettings, ap.parse_args(argv))
+
+
+def main(argv: list[str] | None = None) -> None:
     try:
+        a = parse_args(argv)
         out = (
             convert(a.checkpoint, a.out_dir)
             if a.convert

@@ -18,20 +18,23 @@ import os
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 from tqdm import tqdm
 
 from surf_train import TOY_REFINER
 from surf_train.base import Acceleration, BaseModel, BaseSpec
-from surf_train.base.sampling import DOWN_MODES, RULES, SCHEDULERS
+from surf_train.base.sampling import DOWN_MODES, RULES, SCHEDULERS, DownMode, Rule
 from surf_train.common.cli_args import add_fields, from_args
-from surf_train.common.dtypes import DTYPES
+from surf_train.common.config import check
+from surf_train.common.dtypes import DType
 from surf_train.common.errors import ConfigError
 from surf_train.inference.pipeline import MODES, StageClock, SurfPipeline, default_prefix, plan_sizes  # noqa: F401
 
 DEFAULT_BASE = "toy"  # the trained toy-world model (assets/toy_base); `tiny` is random, for tests
 DEFAULT_REFINER = str(TOY_REFINER)  # the shipped toy-world Refiner; `make demo` exports its own to runs/demo/refiner
+SCHEDULER_NAMES = tuple(sorted(SCHEDULERS))
 log = logging.getLogger("surf_train")
 
 
@@ -41,7 +44,7 @@ class GenerateConfig:
 
     base: str = DEFAULT_BASE  # base model config in conf/base
     refiner: str = DEFAULT_REFINER  # exported Refiner directory (python -m surf_train.export)
-    mode: str = "surf"
+    mode: Literal[MODES] = "surf"
     prompts: list[str] = field(default_factory=lambda: ["a red circle moving right on a gray background"])
     seeds: list[int] = field(default_factory=lambda: [0])
     height: int | None = None  # target height in pixels; None: the base model's
@@ -54,19 +57,24 @@ class GenerateConfig:
     steps: int = 20  # base-model steps in total
     switch: int = 5  # steps at the prefix size before the switch
     shift: float | None = None  # timestep shift; None: the base model's (its scheduler's, unless its yaml overrides it)
-    scheduler: str | None = None  # replace the pipeline's scheduler class, same shift; None: the pipeline's own
+    scheduler: Literal[SCHEDULER_NAMES] | None = (
+        None  # replace the pipeline's scheduler class, same shift; None: the pipeline's own
+    )
     guidance: float | None = None  # guidance scale; None: the base model's
-    rule: str = "pool"  # re-noise rule at the switch: the make_pairs default the Refiner was trained on
-    down: str = "area"  # latent downsampling kernel
+    rule: Rule = "pool"  # re-noise rule at the switch: the make_pairs default the Refiner was trained on
+    down: DownMode = "area"  # latent downsampling kernel
     refiner_steps: int | None = None  # Refiner Euler steps; None: the K the Refiner was trained with
     cache_threshold: float | None = None  # FirstBlockCache threshold on the base model (e.g. 0.05); None: off
     cfg_stop: int | None = None  # no CFG from this base-model step on; None: CFG at every step
     cfg_low: bool = True  # CFG in the low-resolution steps
-    dtype: str = "float32"
+    dtype: DType = "float32"
     device: str = "auto"  # auto, cpu, cuda, cuda:1, ...
     out_dir: str = "outputs/generate"  # output directory
     progress: bool = True
     force: bool = False  # use a Refiner trained on another base model
+
+    def __post_init__(self):
+        check(self, "--")
 
 
 def _sizes(cfg: GenerateConfig, spec: BaseSpec) -> dict[str, tuple[int, int]]:
@@ -210,11 +218,6 @@ def parse_args(argv: list[str] | None = None) -> GenerateConfig:
         ap,
         GenerateConfig,
         skip=("prompts", "seeds"),
-        mode={"choices": MODES},
-        scheduler={"choices": sorted(SCHEDULERS)},
-        rule={"choices": RULES},
-        down={"choices": DOWN_MODES},
-        dtype={"choices": list(DTYPES)},
         out_dir={"flag": "--out"},
     )
     a = vars(ap.parse_args(argv))

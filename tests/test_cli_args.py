@@ -2,6 +2,9 @@
 
 import argparse
 from dataclasses import dataclass, field
+from typing import Literal
+
+import pytest
 
 from surf_train.common.cli_args import add_fields, field_comments, from_args
 
@@ -46,3 +49,21 @@ def test_help_from_comments():
     text = parser().format_help()
     assert "where results go (100% of them) (default out)" in " ".join(text.split())
     assert "--no-progress" in text and "off: a progress bar" in text and "(default 1 2)" in text
+
+
+@dataclass
+class Positional:
+    src: str  # input file; with --convert: an earlier
+    #           export
+    kind: Literal["a", "b"] | None = None  # which kind
+    dtype: Literal["float32", "float16"] = "float32"
+
+
+def test_positional_literal_choices_and_continued_comments():
+    ap = argparse.ArgumentParser()
+    add_fields(ap, Positional)
+    assert field_comments(Positional)["src"] == "input file; with --convert: an earlier export"
+    assert from_args(Positional, ap.parse_args(["x", "--kind", "b"])) == Positional("x", "b")
+    with pytest.raises(SystemExit):
+        ap.parse_args(["x", "--dtype", "float64"])  # argparse: invalid choice (exit status 2)
+    assert "{float32,float16}" in ap.format_help() and "(default float32)" in ap.format_help()

@@ -210,7 +210,7 @@ def test_double_launch_is_refused_and_loses_nothing(tmp_path):
     assert sorted(keys) == sorted({j.key for j in make_jobs(read_prompts(None), 96, 0)}) and len(shards) == 48
     assert running, "the first run ended before the second was refused: make it longer"
     assert second.returncode == 2 and "Traceback" not in second.stderr, second.stderr
-    errors = [line for line in (second.stderr + second.stdout).splitlines() if "ERROR" in line]
+    errors = [line for line in (second.stderr + second.stdout).splitlines() if "error: " in line]
     assert len(errors) == 1 and f"{lock}: rank 0 of {tmp_path} is being written by pid {first.pid}" in errors[0]
     assert not list(tmp_path.glob("*.tmp")) and not lock.exists()
     again = cli(*args)

@@ -1,4 +1,5 @@
 """What every stage shares and nothing else: the one error type the entry points print as one line
-(`errors`), dtype names (`dtypes`), rank and world size from the launcher's environment (`dist_env`) and command-line
-flags from a settings dataclass (`cli_args`).
+(`errors`), settings dataclasses as the one source of defaults and choices with their Hydra schemas (`config`),
+dtype names (`dtypes`), rank and world size from the launcher's environment (`dist_env`) and command-line flags
+from a settings dataclass (`cli_args`).
 May import no other subpackage."""

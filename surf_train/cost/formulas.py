@@ -17,9 +17,12 @@ HunyuanVideo at 1280x720x129, untiled).
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
+
+from diffusers import HunyuanVideoTransformer3DModel, WanTransformer3DModel
 
 from surf_train.common.errors import ConfigError
 from surf_train.models.refiner import RefinerConfig
@@ -27,37 +30,25 @@ from surf_train.models.windows import IMPLS, Size3, clamp_window, runs, shift_si
 
 PFLOP = 1e15
 
-# diffusers' WanTransformer3DModel and HunyuanVideoTransformer3DModel constructor defaults, which are the
-# Wan 2.1 14B and HunyuanVideo values (checked in tests/test_flops.py): they fill in the keys a partial
-# config leaves out.
-WAN_DEFAULTS: dict[str, Any] = dict(
-    patch_size=(1, 2, 2),
-    num_attention_heads=40,
-    attention_head_dim=128,
-    in_channels=16,
-    out_channels=16,
-    text_dim=4096,
-    freq_dim=256,
-    ffn_dim=13824,
-    num_layers=40,
-    image_dim=None,
-    added_kv_proj_dim=None,
+
+def constructor_defaults(cls: type, keys: str) -> dict[str, Any]:
+    """`cls.__init__`'s defaults for the space-separated `keys` (a diffusers model's config keys)."""
+    params = inspect.signature(cls.__init__).parameters
+    return {k: params[k].default for k in keys.split()}
+
+
+# diffusers' WanTransformer3DModel and HunyuanVideoTransformer3DModel constructor defaults are the Wan 2.1 14B and
+# HunyuanVideo values (tests/test_flops.py checks them against the published configs): they fill in the keys a
+# partial config leaves out.
+WAN_DEFAULTS = constructor_defaults(
+    WanTransformer3DModel,
+    "patch_size num_attention_heads attention_head_dim in_channels out_channels text_dim freq_dim ffn_dim num_layers "
+    "image_dim added_kv_proj_dim",
 )
-HUNYUAN_DEFAULTS: dict[str, Any] = dict(
-    in_channels=16,
-    out_channels=16,
-    num_attention_heads=24,
-    attention_head_dim=128,
-    num_layers=20,
-    num_single_layers=40,
-    num_refiner_layers=2,
-    mlp_ratio=4.0,
-    patch_size=2,
-    patch_size_t=1,
-    guidance_embeds=True,
-    text_embed_dim=4096,
-    pooled_projection_dim=768,
-    image_condition_type=None,
+HUNYUAN_DEFAULTS = constructor_defaults(
+    HunyuanVideoTransformer3DModel,
+    "in_channels out_channels num_attention_heads attention_head_dim num_layers num_single_layers num_refiner_layers "
+    "mlp_ratio patch_size patch_size_t guidance_embeds text_embed_dim pooled_projection_dim image_condition_type",
 )
 
 

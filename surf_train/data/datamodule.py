@@ -23,6 +23,7 @@ import webdataset as wds
 from braceexpand import braceexpand
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
+from surf_train.common.config import check
 from surf_train.common.errors import ConfigError
 from surf_train.data.shards import ShardError, decode_sample, list_shards, raise_named, shard_keys
 
@@ -50,6 +51,7 @@ class DataConfig:
     sources: dict[str, dict] | None = None
 
     def __post_init__(self):
+        check(self, "data.")
         if self.sources is not None:
             if not isinstance(self.sources, Mapping) or not self.sources:
                 raise ConfigError(

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import io
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from surf_train.base.sampling import DOWN_MODES, resize_latent
+from surf_train.base.sampling import DOWN_MODES, DownMode, resize_latent
+from surf_train.common.config import check
 from surf_train.common.errors import ConfigError, known_keys
 
 
@@ -26,7 +27,7 @@ class DegradeConfig:
 
     blur_prob: float = 0.7
     blur_sigma: tuple[float, float] = (0.4, 2.0)  # pixels at the target size
-    down_modes: tuple[str, ...] = DOWN_MODES  # downscale kernel, one drawn per clip
+    down_modes: tuple[DownMode, ...] = DOWN_MODES  # downscale kernel, one drawn per clip
     noise_prob: float = 0.5
     noise_std: tuple[float, float] = (0.0, 0.03)  # pixel values in [0, 1], at the preview size
     jpeg_prob: float = 0.7
@@ -34,12 +35,16 @@ class DegradeConfig:
     latent_blur: tuple[float, float] = (0.0, 0.5)  # sigma in latent pixels
     latent_noise: tuple[float, float] = (0.0, 0.05)  # std in normalised latent units
 
+    def __post_init__(self):
+        for f in fields(self):  # YAML lists -> tuples
+            if isinstance(getattr(self, f.name), list):
+                setattr(self, f.name, tuple(getattr(self, f.name)))
+        check(self, "degrade.")
+        self.validate()
+
     @classmethod
     def from_dict(cls, d: dict | None) -> DegradeConfig:
-        d = known_keys(d, cls, "degrade")
-        c = cls(**{k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in d.items()})
-        c.validate()
-        return c
+        return cls(**known_keys(d, cls, "degrade"))
 
     def validate(self) -> None:
         for name in ("blur_prob", "noise_prob", "jpeg_prob"):

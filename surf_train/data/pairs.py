@@ -21,9 +21,10 @@ from tqdm import tqdm
 
 from surf_train import __version__
 from surf_train.base import Acceleration, BaseModel, BaseSpec, latent_frames, load_base_model
-from surf_train.base.sampling import DOWN_MODES, RULES, PreviewPlan, pair_sample
+from surf_train.base.sampling import DOWN_MODES, RULES, DownMode, PreviewPlan, Rule, pair_sample
+from surf_train.common.config import check
 from surf_train.common.dist_env import rank_world
-from surf_train.common.dtypes import DTYPES
+from surf_train.common.dtypes import DTYPES, DType
 from surf_train.common.errors import ConfigError, known_keys
 from surf_train.data.shards import (
     OutDirLock,
@@ -89,7 +90,7 @@ class PairsConfig:
     """Settings of one make_pairs run (the Hydra config, minus Hydra)."""
 
     base: BaseSpec
-    out_dir: str = "data/pairs"
+    out_dir: str = "data/pairs"  # shards + pairs_config.json; a rerun resumes, another config is refused
     num_pairs: int | None = 128  # None: one pair per prompt entry
     prompts: str | None = None  # .txt (one per line) or .jsonl ({"prompt": ..., "seed": ...}); None: built-in
     height: int | None = None  # target size in pixels; None: the base model's native size
@@ -97,22 +98,25 @@ class PairsConfig:
     frames: int | None = None
     preview_height: int | None = None  # None: half the target
     preview_width: int | None = None
-    steps: int = 20
-    switch: int = 5
+    steps: int = 20  # base-model sampling steps
+    switch: int = 5  # steps shared at target resolution before the switch to preview size
     shift: float | None = None  # None: the base model's (its pipeline scheduler's, unless its yaml overrides it)
-    guidance: float | None = None
-    rule: str = "pool"  # closest previews, measured (README)
-    down: str = "area"
+    guidance: float | None = None  # CFG scale (Wan) or embedded guidance (HunyuanVideo); None: the base model's
+    rule: Rule = "pool"  # re-noise rule at the switch; pool: closest previews, measured (README)
+    down: DownMode = "area"  # latent downsampling kernel
     cache_threshold: float | None = None  # acceleration plug-ins on the base model (base.Acceleration)
-    cfg_stop: int | None = None
-    cfg_low: bool = True
-    seed: int = 0
-    dtype: str = "float16"  # storage dtype of the latents
-    store_text: bool = True
-    shard_size: int = 8
+    cfg_stop: int | None = None  # no CFG from this base-model step on; None: CFG at every step
+    cfg_low: bool = True  # false: no CFG in the preview branch's low-resolution steps
+    seed: int = 0  # seed of pair n is seed + n unless the jsonl entry gives one
+    dtype: DType = "float16"  # storage dtype of the latents
+    store_text: bool = True  # store the prompt's text embeddings for a text-conditioned Refiner
+    shard_size: int = 8  # samples per shard
     batch_size: int = 8  # pairs sampled together (speed only: not part of the fingerprint)
-    device: str = "auto"
+    device: str = "auto"  # auto: cuda if available
     progress: bool = True
+
+    def __post_init__(self):
+        check(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> PairsConfig:

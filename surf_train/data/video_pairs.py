@@ -18,15 +18,17 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 
 from surf_train import __version__
 from surf_train.base import BaseModel, BaseSpec, latent_frames, load_base_model
-from surf_train.base.sampling import PreviewPlan, finish_preview
+from surf_train.base.sampling import DownMode, PreviewPlan, Rule, finish_preview
+from surf_train.common.config import check
 from surf_train.common.dist_env import rank_world
-from surf_train.common.dtypes import DTYPES
+from surf_train.common.dtypes import DTYPES, DType
 from surf_train.common.errors import ConfigError, known_keys
 from surf_train.data.degrade import DegradeConfig, degrade_latent, degrade_pixels, sample_params
 from surf_train.data.pairs import (
@@ -72,8 +74,12 @@ class RepreviewConfig:
     switch: int = 5
     shift: float | None = None  # None: the base model's default
     guidance: float | None = None
-    rule: str = "paper"
-    down: str = "area"
+    rule: Rule = "paper"  # re-noise rule at the switch
+    down: DownMode = "area"
+
+    def __post_init__(self):
+        check(self, "repreview.")
+        check_schedule(self.steps, self.switch, self.rule, self.down, "repreview.")
 
     @classmethod
     def from_dict(cls, d: dict | None) -> RepreviewConfig:
@@ -97,26 +103,29 @@ class VideoPairsConfig:
     base: BaseSpec
     videos: str | None = None  # directory, .txt list or .csv (path[, caption]); None: synthetic demo videos
     out_dir: str = "data/video_pairs"
-    mode: str = "degrade"  # degrade | repreview
+    mode: Literal[MODES] = "degrade"  # degrade: degraded clip; repreview: the base model's own low-resolution finish
     frames: int | None = None  # clip length at `fps`; None: the base model's native frame count
     fps: float | None = None  # None: the base model's frame rate
     buckets: list | None = None  # [[H, W] or [H, W, h, w], ...]; None: [native size]
     preview_scale: float = 0.5  # preview size of [H, W] buckets, floored to what the VAE/patchifier accept
     clips_per_video: int = 2
     max_upscale: float = 1.0  # videos whose crop must be enlarged more than this are skipped (too small)
-    crop: str = "center"  # center | random (seeded per clip)
-    backend: str = "auto"  # auto (decord, PyAV where it fails) | decord | pyav
+    crop: Literal[CROPS] = "center"  # random: seeded per clip
+    backend: Literal[BACKENDS] = "auto"  # auto: decord, PyAV where decord is missing or fails
     caption_column: str = "caption"  # in a .csv list
     prompt: str = ""  # text for videos without a caption
     degrade: DegradeConfig = field(default_factory=DegradeConfig)
     repreview: RepreviewConfig = field(default_factory=RepreviewConfig)
     seed: int = 0  # degradation draws and re-preview noise: seeded by (seed, clip key)
-    dtype: str = "float16"
-    store_text: bool = True
+    dtype: DType = "float16"  # storage dtype of the latents
+    store_text: bool = True  # store the caption's (or prompt's) text embeddings
     shard_size: int = 8
     device: str = "auto"
     progress: bool = True
     demo_videos: int = 4  # synthetic videos written to out_dir/demo_videos when videos is None
+
+    def __post_init__(self):
+        check(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> VideoPairsConfig:
@@ -158,9 +167,6 @@ class VideoPairsConfig:
         return c
 
     def validate(self) -> None:
-        for name, allowed in (("mode", MODES), ("crop", CROPS), ("backend", BACKENDS)):
-            if getattr(self, name) not in allowed:
-                raise ConfigError(f"{name}={getattr(self, name)!r} must be one of {allowed}")
         if self.fps <= 0:
             raise ConfigError(f"fps={self.fps} must be > 0")
         if self.clips_per_video < 1:
@@ -169,8 +175,6 @@ class VideoPairsConfig:
             raise ConfigError(f"max_upscale={self.max_upscale} must be > 0")
         if self.demo_videos < 1:
             raise ConfigError(f"demo_videos={self.demo_videos} must be >= 1")
-        r = self.repreview
-        check_schedule(r.steps, r.switch, r.rule, r.down, "repreview.")
         check_storage(self.dtype, self.shard_size)
         self.degrade.validate()
 

@@ -7,12 +7,14 @@ import copy
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 
-from surf_train.common.errors import ConfigError
+from surf_train.common.config import check
+from surf_train.common.errors import ConfigError, known_keys
 from surf_train.models.refiner import Refiner, refiner_config
 from surf_train.training.objective import BridgeConfig, bridge_loss
 
@@ -28,13 +30,12 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.0
     warmup_steps: int = 20
-    decay: str = "cosine"  # cosine | constant
-    min_lr_ratio: float = 0.1
+    decay: Literal["cosine", "constant"] = "cosine"
+    min_lr_ratio: float = 0.1  # cosine decay ends at min_lr_ratio * lr
 
     def __post_init__(self):
         self.betas = tuple(self.betas)
-        if self.decay not in ("cosine", "constant"):
-            raise ConfigError(f"optim.decay={self.decay!r}: choose cosine or constant")
+        check(self, "optim.")
 
 
 def lr_schedule(opt: torch.optim.Optimizer, o: OptimConfig, total: int) -> torch.optim.lr_scheduler.LambdaLR:
@@ -98,8 +99,8 @@ class RefinerModule(pl.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.model_cfg = refiner_config(model)
-        self.bridge = BridgeConfig(**(bridge or {}))
-        self.optim = OptimConfig(**(optim or {}))
+        self.bridge = BridgeConfig(**known_keys(bridge, BridgeConfig, "module.bridge"))
+        self.optim = OptimConfig(**known_keys(optim, OptimConfig, "module.optim"))
         if init_from_wan:
             self.net, report = Refiner.from_wan_transformer(init_from_wan, **self.model_cfg.to_dict())
             log.info(

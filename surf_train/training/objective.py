@@ -9,38 +9,40 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
+from surf_train.base.sampling import UpMode
+from surf_train.common.config import check
+from surf_train.common.errors import ConfigError
 from surf_train.data.degrade import gaussian_blur
-from surf_train.models.sampler import NOISE_SPACES, RefinerFn, RefinerSampler, start_noise, upsample
+from surf_train.models.sampler import NoiseSpace, RefinerFn, RefinerSampler, start_noise, upsample
 
 
 @dataclass
 class BridgeConfig:
     """How training pairs become bridge-flow samples, and how the sampler runs."""
 
-    t_dist: str = "logit_normal"  # logit_normal | uniform
-    t_mean: float = 0.0  # logit-normal location
-    t_std: float = 1.0  # logit-normal scale
-    sigma_aug_max: float = 0.5  # per-sample noise on the start point ~ U(0, sigma_aug_max)
-    noise_space: str = "full"  # start-point noise: full | detail (nothing on the preview grid: start_noise)
-    sigma_aug_eval: float = 0.0  # start-point noise used by the sampler
-    up_mode: str = "bilinear"  # preview -> target grid (per frame; frames never change)
+    # the first nine fields in the order exports have recorded them (surf.json "bridge")
+    t_dist: Literal["logit_normal", "uniform"] = "logit_normal"
+    sigma_aug_max: float = 0.5  # per-sample noise on the start point ~ U(0, sigma_aug_max): regularises (0.1 overfits)
+    sigma_aug_eval: float = 0.0  # start-point noise used by the sampler (0: the clean upsampled preview)
+    noise_space: NoiseSpace = "full"  # start-point noise; detail: nothing on the preview grid (start_noise)
+    up_mode: UpMode = "bilinear"  # preview -> target grid (per frame; frames never change)
     latent_noise_max: float = 0.0  # latent degradation: extra Gaussian noise ~ U(0, max) on x_up
     latent_blur_max: float = 0.0  # latent degradation: Gaussian blur sigma ~ U(0, max) pixels, per sample
-    degrade_prob: float = 0.5  # probability that a sample gets the latent degradations
-    steps: int = 10  # K: Euler steps of the sampler
+    steps: int = 10  # K: Euler steps of the sampler (validation and generation)
     consistency: bool = False  # sampler: keep every step's target estimate on the preview (refine, match_preview)
+    t_mean: float = 0.0  # logit-normal location
+    t_std: float = 1.0  # logit-normal scale
+    degrade_prob: float = 0.5  # probability that a sample gets the latent degradations
 
     def __post_init__(self):
-        if self.t_dist not in ("logit_normal", "uniform"):
-            raise ValueError(f"t_dist={self.t_dist!r}: choose logit_normal or uniform")
+        check(self, "bridge.")
         if self.steps < 1:
-            raise ValueError(f"steps={self.steps} must be >= 1")
-        if self.noise_space not in NOISE_SPACES:
-            raise ValueError(f"noise_space={self.noise_space!r}: choose from {list(NOISE_SPACES)}")
+            raise ConfigError(f"bridge.steps={self.steps} must be >= 1")
 
     def sampler(self) -> RefinerSampler:
         """The sampler these settings describe (validation's; an export stores them for generation)."""

@@ -25,6 +25,7 @@ from surf_train.training.checkpoint import (
     resume_checkpoint,
     step_checkpoints,
 )
+from surf_train.training.config import RunConfig  # also puts conf/train.yaml's schema into Hydra's ConfigStore
 
 log = logging.getLogger("surf_train")
 
@@ -107,7 +108,7 @@ def _requeue_callback(trainer: pl.Trainer, cfg: DictConfig, run_dir: Path) -> Sl
     env = trainer._accelerator_connector.cluster_environment  # what Lightning's own signal handler reads
     if not (isinstance(env, SLURMEnvironment) and env.auto_requeue):
         return None
-    cb = SlurmRequeue(run_dir, env.requeue_signal, keep=cfg.get("keep_hpc", 2))
+    cb = SlurmRequeue(run_dir, env.requeue_signal, keep=cfg.keep_hpc)
     trainer.callbacks.append(cb)
     return cb
 
@@ -115,6 +116,7 @@ def _requeue_callback(trainer: pl.Trainer, cfg: DictConfig, run_dir: Path) -> Sl
 def train(cfg: DictConfig) -> dict:
     """Fit, validate once more with the final (EMA) weights, write summary.json; returns the summary."""
     register_resolvers()
+    RunConfig.from_cfg(cfg)  # the run-level keys checked: one ConfigError
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(cfg.seed, workers=True)
@@ -154,7 +156,7 @@ def _trainer(cfg: DictConfig, run_dir: Path, data_cfg: DataConfig) -> pl.Trainer
     callbacks = [ckpt] + ([LearningRateMonitor("step")] if logger else [])
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     extra = {}
-    every = cfg.get("progress_every", 0)
+    every = cfg.progress_every
     if every and not sys.stdout.isatty():  # a log file (SLURM output): plain lines instead of a progress bar
         callbacks.append(PlainProgress(every, data_cfg.batch_size))
         extra["enable_progress_bar"] = False
@@ -169,7 +171,7 @@ def _start_point(
     """(checkpoint to resume from, init_from weights loaded instead); resuming prunes old requeue checkpoints."""
     found = resume_checkpoint(run_dir) if cfg.resume else None
     resume = found[0] if found else None
-    init = cfg.get("init_from") if resume is None else None
+    init = cfg.init_from if resume is None else None
     if resume is not None:
         log.info("resuming from %s (step %d)", resume, found[1])
         if requeue is not None:
