@@ -5,19 +5,13 @@ work from any directory in a checkout, an editable install or a wheel."""
 import sys
 
 import hydra
-from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from surf_train import CONF_DIR
-from surf_train.common.config import schema
 from surf_train.common.errors import ConfigError
 from surf_train.data.pairs import PairsConfig, out_dir_arg_error
 from surf_train.data.shards import ShardError
 from surf_train.data.video_pairs import VideoPairsConfig
-
-# the settings dataclasses give every default; conf/make_pairs.yaml and conf/make_video_pairs.yaml extend these
-ConfigStore.instance().store(name="make_pairs_schema", node=schema(PairsConfig))
-ConfigStore.instance().store(name="make_video_pairs_schema", node=schema(VideoPairsConfig))
 
 
 def _run(prog: str, fn, cls, cfg: DictConfig) -> None:

@@ -314,6 +314,7 @@ def test_presets_are_the_composed_model_node(monkeypatch):
     of the YAML), a partial one (tests, older checkpoints) is filled from its preset."""
     from hydra import compose, initialize_config_dir
 
+    import surf_train.training.config  # noqa: F401  (puts train.yaml's schema into Hydra's ConfigStore)
     from surf_train import CONF_DIR
     from surf_train.models import refiner as R
 

@@ -17,12 +17,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from hydra.core.config_store import ConfigStore
 from tqdm import tqdm
 
 from surf_train import __version__
 from surf_train.base import Acceleration, BaseModel, BaseSpec, latent_frames, load_base_model
 from surf_train.base.sampling import DOWN_MODES, RULES, DownMode, PreviewPlan, Rule, pair_sample
-from surf_train.common.config import check
+from surf_train.common.config import check, schema
 from surf_train.common.dist_env import rank_world
 from surf_train.common.dtypes import DTYPES, DType
 from surf_train.common.errors import ConfigError, known_keys
@@ -190,6 +191,10 @@ class PairsConfig:
             },
             **({"acceleration": asdict(self.acceleration())} if self.acceleration() != Acceleration() else {}),
         }
+
+
+# the settings dataclass gives every default; conf/make_pairs.yaml extends this schema (Hydra resolves it by name)
+ConfigStore.instance().store(name="make_pairs_schema", node=schema(PairsConfig))
 
 
 def base_fingerprint(b: BaseSpec) -> dict:

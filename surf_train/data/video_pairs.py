@@ -22,11 +22,12 @@ from typing import Literal
 
 import numpy as np
 import torch
+from hydra.core.config_store import ConfigStore
 
 from surf_train import __version__
 from surf_train.base import BaseModel, BaseSpec, latent_frames, load_base_model
 from surf_train.base.sampling import DownMode, PreviewPlan, Rule, finish_preview
-from surf_train.common.config import check
+from surf_train.common.config import check, schema
 from surf_train.common.dist_env import rank_world
 from surf_train.common.dtypes import DTYPES, DType
 from surf_train.common.errors import ConfigError, known_keys
@@ -200,6 +201,10 @@ class VideoPairsConfig:
             "buckets": [list(asdict(b).values()) for b in self.buckets],
             **mode,
         }
+
+
+# the settings dataclass gives every default; conf/make_video_pairs.yaml extends this schema (Hydra resolves it by name)
+ConfigStore.instance().store(name="make_video_pairs_schema", node=schema(VideoPairsConfig))
 
 
 @dataclass(frozen=True)
