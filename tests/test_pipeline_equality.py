@@ -1,6 +1,7 @@
 """`surf-generate --mode baseline` is the base model's own pipeline: same latents as WanPipeline /
 HunyuanVideoPipeline(output_type="latent", latents=the same noise), for FlowMatchEuler and for UniPC configured
-as the Wan 2.1 diffusers repositories ship it. diffusers' pipeline is the external reference."""
+as the Wan 2.1 diffusers repositories ship it, and for the two-expert Wan 2.2 (WanPipeline with transformer_2,
+boundary_ratio and guidance_scale_2). diffusers' pipeline is the external reference."""
 
 import dataclasses
 
@@ -16,6 +17,7 @@ TOL = 1e-5  # relative L2 difference, float32
 CASES = {
     "tiny": dict(height=64, width=64, frames=9),
     "tiny_hunyuan": dict(height=64, width=64, frames=9),
+    "tiny_wan22": dict(height=64, width=64, frames=9),  # two experts: 3 of the 6 steps on each
     "toy": dict(height=32, width=32, frames=5),
 }
 PROMPT = "a red ball rolling across a wooden floor"
@@ -25,6 +27,8 @@ def pipeline_latent(model, noise, steps, size):
     spec, kw = model.spec, {}
     if spec.family == "wan":
         kw = dict(negative_prompt=spec.negative_prompt)
+        if spec.boundary is not None:
+            kw["guidance_scale_2"] = spec.guidance_2
     elif spec.prompt_template is not None:
         kw = dict(prompt_template=dict(spec.prompt_template))
     return model.pipe(
@@ -103,7 +107,7 @@ def test_unipc_is_configured_like_the_wan_repositories(tiny_wan):
     assert {k: u[k] for k in want} == want
 
 
-@pytest.mark.parametrize("base", ["tiny", "tiny_hunyuan"])
+@pytest.mark.parametrize("base", ["tiny", "tiny_hunyuan", "tiny_wan22"])
 def test_baseline_with_first_block_cache_equals_the_pipeline_with_it(base):
     """The cache plug-in: our loop opens the cache contexts the pipeline opens, so with diffusers' FirstBlockCache
     on the transformer both give the same latents, and it really skips (the output differs from no cache)."""
@@ -120,8 +124,9 @@ def test_baseline_with_first_block_cache_equals_the_pipeline_with_it(base):
     ours = sample(model.velocity_fn(model.encode_prompt([PROMPT])), noise, model.schedule(steps))
     skipped = 1 - model.meter.block_fraction(None, model.block_lists)
     model.disable_cache()
-    model.pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=0.2))
+    for net in model.experts.values():  # each expert with its own cache, as the pipeline's loop uses them
+        net.enable_cache(FirstBlockCacheConfig(threshold=0.2))
     ref = pipeline_latent(model, noise, steps, size)
-    model.pipe.transformer.disable_cache()
+    model.disable_cache()
     assert float((ours - ref).norm() / ref.norm()) <= TOL
     assert skipped > 0.1 and float((ref - plain).norm() / plain.norm()) > 1e-4

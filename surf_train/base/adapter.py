@@ -29,6 +29,11 @@ def latent_frames(frames: int, stride_t: int) -> int:
     return (frames - 1) // stride_t + 1
 
 
+def expert_at(timestep: torch.Tensor | float, boundary_timestep: float | None) -> str:
+    """WanPipeline's rule: transformer (high noise) while t >= boundary_ratio * T, else transformer_2."""
+    return "transformer" if boundary_timestep is None or bool(timestep >= boundary_timestep) else "transformer_2"
+
+
 @dataclass(frozen=True)
 class LatentGeometry:
     """How pixels map to latents and latents to transformer tokens."""
@@ -75,7 +80,9 @@ class BaseSpec:
     native_size: tuple[int, int]  # (height, width) in pixels
     native_frames: int
     fps: int
-    guidance: float
+    guidance: float  # CFG scale; with two experts, the high-noise one's (WanPipeline's guidance_scale)
+    boundary: float | None = None  # Wan 2.2 A14B: transformer while t >= boundary * T, else transformer_2; None: one
+    guidance_2: float | None = None  # the low-noise expert's CFG scale (guidance_scale_2); None: = guidance
     shift: float | None = None  # None: the pipeline scheduler's own (its config); else an override, e.g. per size
     scheduler: str | None = None  # None: the pipeline's scheduler class; else a class in sampling.SCHEDULERS
     revision: str | None = None
@@ -111,6 +118,7 @@ class BaseSpec:
         for key in ("dtype", "vae_dtype"):
             if d.get(key, "float32") not in DTYPES:
                 raise ConfigError(f"base model {d.get('name')!r}: {key}={d[key]!r} not in {list(DTYPES)}")
+        _check_experts(d)
         return cls(**d)
 
     @classmethod
@@ -142,6 +150,15 @@ class BaseSpec:
     @property
     def model_id(self) -> str:
         return self.pretrained or f"tiny:{self.name}"
+
+
+def _check_experts(d: dict[str, Any]) -> None:
+    """`boundary` and `guidance_2`: two experts are a Wan 2.2 pipeline's; guidance_2 needs the boundary."""
+    where, b = f"base model {d.get('name')!r}", d.get("boundary")
+    if b is not None and (d["family"] != "wan" or not 0 < b < 1):
+        raise ConfigError(f"{where}: boundary={b} needs family wan and 0 < boundary < 1 (or null: one expert)")
+    if d.get("guidance_2") is not None and b is None:
+        raise ConfigError(f"{where}: guidance_2 needs a boundary (two experts), as WanPipeline's guidance_scale_2")
 
 
 @dataclass
@@ -186,10 +203,12 @@ class Meter:
 
     forwards: Counter = field(default_factory=Counter)  # (h, w) -> sample forwards (CFG branches count)
     blocks: Counter = field(default_factory=Counter)  # ((h, w), block list name) -> sample blocks run
+    experts: Counter = field(default_factory=Counter)  # expert ("transformer", "transformer_2") -> sample forwards
 
     def reset(self) -> None:
         self.forwards.clear()
         self.blocks.clear()
+        self.experts.clear()
 
     def block_fraction(self, hw: tuple[int, int] | None = None, sizes: dict[str, int] | None = None) -> float:
         """Blocks run / blocks a full forward runs, over the forwards at `hw` (None: all)."""
@@ -200,6 +219,7 @@ class Meter:
 
 
 BLOCK_LISTS = ("blocks", "transformer_blocks", "single_transformer_blocks")  # Wan; HunyuanVideo double, single
+EXPERTS = ("transformer", "transformer_2")  # Wan 2.2 A14B: the high-noise expert, the low-noise one
 
 
 class BaseModel(ABC):
@@ -220,15 +240,19 @@ class BaseModel(ABC):
             raise ConfigError(f"base model {spec.model_id}: {e}") from None
         pipe.set_progress_bar_config(disable=True)
         self.meter, self._hw, self._batch, self._counting = Meter(), None, 1, False
-        net = pipe.transformer
+        # the experts the pipeline holds (one, or Wan 2.2's two), each with its own cache hooks and state
+        self.experts = {n: getattr(pipe, n) for n in EXPERTS if getattr(pipe, n, None) is not None}
         # transformer blocks per list (FirstBlockCache skips all but the first; FLOPs of each list: flops.block_flops)
-        self.block_lists = {
-            n: len(m) for n, m in net.named_children() if n in BLOCK_LISTS and isinstance(m, torch.nn.ModuleList)
-        }
-        for m in (pipe.transformer, pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):
+        self.block_lists = self._blocks(pipe.transformer)
+        for m in (*self.experts.values(), pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):
             if m is not None:
                 m.requires_grad_(False).eval()
         self._check_loaded()
+        self._check_experts()
+
+    @staticmethod
+    def _blocks(net: torch.nn.Module) -> dict[str, int]:
+        return {n: len(m) for n, m in net.named_children() if n in BLOCK_LISTS and isinstance(m, torch.nn.ModuleList)}
 
     def _check_loaded(self) -> None:
         cfg = self.pipe.transformer.config
@@ -239,6 +263,23 @@ class BaseModel(ABC):
                 f"base model {self.spec.model_id}: loaded (channels, stride_t, stride_s, patch_t, "
                 f"patch_s)={got} but conf/base/{self.spec.name}.yaml says {want}"
             )
+
+    def _check_experts(self) -> None:
+        """The loaded pipeline's experts and boundary_ratio are the ones conf/base names; both experts alike."""
+        where = f"base model {self.spec.model_id}"
+        got = (self.pipe.config.get("boundary_ratio"), len(self.experts))
+        want = (self.spec.boundary, 1 if self.spec.boundary is None else 2)
+        if got != want:
+            raise ConfigError(
+                f"{where}: loaded (boundary_ratio, experts)={got} but conf/base/{self.spec.name}.yaml says {want}"
+            )
+        if "transformer_2" in self.experts:
+            a, b = self.pipe.transformer.config, self.experts["transformer_2"].config
+            keys = ("in_channels", "out_channels", "patch_size")
+            if [a[k] for k in keys] != [b[k] for k in keys] or self._blocks(self.experts["transformer_2"]) != (
+                self.block_lists
+            ):
+                raise ConfigError(f"{where}: transformer_2 differs from transformer in {keys} or its blocks")
 
     @classmethod
     def load(cls, spec: BaseSpec, device: torch.device) -> BaseModel:
@@ -294,22 +335,27 @@ class BaseModel(ABC):
         return Schedule(with_shift(self.pipe.scheduler, shift), steps, self.custom_sigmas)
 
     def enable_cache(self, threshold: float) -> None:
-        """diffusers' FirstBlockCache on the transformer; from now on the Meter counts the blocks that really run."""
+        """diffusers' FirstBlockCache on every expert; from now on the Meter counts the blocks that really run."""
         from diffusers.hooks import FirstBlockCacheConfig
 
-        net = self.pipe.transformer
-        if getattr(net, "is_cache_enabled", False):
+        if self._cache_on():
             raise ConfigError(f"base model {self.spec.model_id}: a cache is already enabled")
         if not self._counting:  # under the hooks, so a block the cache skips is never counted
-            for name in self.block_lists:
-                for block in getattr(net, name):
-                    block.forward = self._counted(block.forward, name)
+            for net in self.experts.values():
+                for name in self.block_lists:
+                    for block in getattr(net, name):
+                        block.forward = self._counted(block.forward, name)
             self._counting = True
-        net.enable_cache(FirstBlockCacheConfig(threshold=threshold))
+        for net in self.experts.values():  # one hook set, so one cache state, per expert (as the pipeline's)
+            net.enable_cache(FirstBlockCacheConfig(threshold=threshold))
+
+    def _cache_on(self) -> bool:
+        return getattr(self.pipe.transformer, "is_cache_enabled", False)
 
     def disable_cache(self) -> None:
-        if getattr(self.pipe.transformer, "is_cache_enabled", False):
-            self.pipe.transformer.disable_cache()
+        for net in self.experts.values():
+            if getattr(net, "is_cache_enabled", False):
+                net.disable_cache()
 
     def accelerate(self, acc: Acceleration) -> None:
         """Install the model-side plug-ins of `acc` (the cache); CFG truncation is applied by velocity_fn."""
@@ -325,11 +371,32 @@ class BaseModel(ABC):
 
         return run
 
+    @property
+    def boundary_timestep(self) -> float | None:
+        """boundary * num_train_timesteps, as WanPipeline computes it; None: one expert."""
+        b = self.spec.boundary
+        return None if b is None else b * self.pipe.scheduler.config.num_train_timesteps
+
+    def expert(self, timestep: torch.Tensor | float) -> str:
+        """The expert WanPipeline runs at a scheduler timestep."""
+        return expert_at(timestep, self.boundary_timestep)
+
+    def guidances(self, guidance: float | None = None, guidance_2: float | None = None) -> tuple[float, float]:
+        """(transformer's, transformer_2's) guidance; None: the base model's (guidance_2's own default: guidance).
+
+        CFG runs only where the high-noise guidance asks for it (WanPipeline's do_classifier_free_guidance reads
+        guidance_scale alone), so guidance <= 1 turns it off for both experts."""
+        g = self.spec.guidance if guidance is None else guidance
+        g2 = self.spec.guidance_2 if guidance_2 is None else guidance_2
+        return g, ((g if g2 is None else g2) if g > 1.0 else 1.0)
+
     def _call(self, name: str, step: Step, **kw) -> torch.Tensor:
-        """One transformer forward, inside the cache context the pipeline opens for it when a cache is enabled."""
-        net = self.pipe.transformer
+        """One forward of the expert the step's timestep selects, inside the cache context the pipeline opens."""
+        expert = self.expert(step.timestep)
+        net = self.experts[expert]
         self._hw, self._batch = tuple(kw["hidden_states"].shape[-2:]), kw["hidden_states"].shape[0]
         self.meter.forwards[self._hw] += self._batch
+        self.meter.experts[expert] += self._batch
         if not self._counting:  # no hooks: every block runs
             for list_name, n in self.block_lists.items():
                 self.meter.blocks[(self._hw, list_name)] += n * self._batch
@@ -341,31 +408,51 @@ class BaseModel(ABC):
             "sigma": step.sigma,
             "timestep": step.timestep,
         }
-        with net.cache_context(f"{name}:{step.stage}", **ctx):  # one state per branch and latent size
+        with net.cache_context(f"{name}:{step.stage}", **ctx):  # one state per expert, branch and latent size
             return net(**kw, return_dict=False)[0]
 
     @torch.no_grad()
-    def velocity(self, x: torch.Tensor, s: float | Step, cond: Cond, guidance: float | None = None) -> torch.Tensor:
+    def velocity(
+        self,
+        x: torch.Tensor,
+        s: float | Step,
+        cond: Cond,
+        guidance: float | None = None,
+        guidance_2: float | None = None,
+    ) -> torch.Tensor:
         """Guided velocity v = eps - x0 for x (B, C, F, H, W); returned in float32.
 
-        s: a sampler's `Step` (its timestep goes to the transformer as the pipeline passes it), or a bare noise
-        level (timestep s * 1000, the schedulers' scale).
+        s: a sampler's `Step` (its timestep goes to the transformer as the pipeline passes it, and selects the
+        expert), or a bare noise level (timestep s * 1000, the schedulers' scale). guidance/guidance_2: see
+        `guidances`.
         """
-        g = self.spec.guidance if guidance is None else guidance
         step = s if isinstance(s, Step) else Step(float(s), torch.tensor(float(s) * 1000.0), 0, 1)
-        if step.start and getattr(self.pipe.transformer, "is_cache_enabled", False):
-            self.pipe.transformer._reset_stateful_cache()  # a new sampler run: nothing cached may carry over
+        g, g2 = self.guidances(guidance, guidance_2)
+        if step.start and self._cache_on():
+            for net in self.experts.values():  # a new sampler run: nothing cached may carry over
+                net._reset_stateful_cache()
+        g = g if self.expert(step.timestep) == "transformer" else g2
         return self._forward(x.to(self.device, self.dtype), step, cond, g).float()
 
-    def velocity_fn(self, cond: Cond, guidance: float | None = None, acc: Acceleration | None = None):
+    def velocity_fn(
+        self,
+        cond: Cond,
+        guidance: float | None = None,
+        acc: Acceleration | None = None,
+        guidance_2: float | None = None,
+    ):
         """The callable `velocity(x, step)` that the samplers in surf_train.base.sampling take.
 
         acc: CFG truncation (the conditional branch alone where `acc.cfg_at(step)` is false).
         """
         if acc is None or (acc.cfg_stop is None and acc.cfg_low):
-            return lambda x, step: self.velocity(x, step, cond, guidance)
+            return lambda x, step: self.velocity(x, step, cond, guidance, guidance_2)
         acc.check(self.cfg_branch)
-        return lambda x, step: self.velocity(x, step, cond, guidance if acc.cfg_at(step) else 1.0)
+        return lambda x, step: (
+            self.velocity(x, step, cond, guidance, guidance_2)
+            if acc.cfg_at(step)
+            else self.velocity(x, step, cond, 1.0)
+        )
 
     @torch.no_grad()
     def vae_encode(

@@ -138,6 +138,19 @@ def tiny_wan_pipeline(seed: int = 0):
     )
 
 
+def tiny_wan22_pipeline(seed: int = 0, boundary: float = 0.875):
+    """The tiny Wan as a two-expert Wan 2.2 A14B: transformer (high-noise) as tiny_wan_pipeline's, transformer_2
+    (low-noise) the same config with other weights, and WanPipeline's boundary_ratio."""
+    from diffusers import WanPipeline, WanTransformer3DModel
+
+    one = tiny_wan_pipeline(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 2)  # seed + 1 is the VAE's
+        low = WanTransformer3DModel(**TINY_WAN_TRANSFORMER)
+    parts = {k: v for k, v in one.components.items() if k != "transformer_2"}
+    return WanPipeline(**parts, transformer_2=low, boundary_ratio=boundary)
+
+
 # what HunyuanVideo's tiny Llama and CLIP text encoders share (diffusers' own HunyuanVideo pipeline test sizes)
 TINY_TEXT_ENCODER = dict(
     bos_token_id=0,

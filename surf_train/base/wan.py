@@ -1,11 +1,11 @@
-"""Wan 2.1 (T2V 1.3B / 14B) through diffusers' WanPipeline."""
+"""Wan 2.1 (T2V 1.3B / 14B) and Wan 2.2 T2V-A14B (two experts) through diffusers' WanPipeline."""
 
 from __future__ import annotations
 
 import torch
 
-from surf_train.base.adapter import BaseModel, BaseSpec, Cond
-from surf_train.base.sampling import Step
+from surf_train.base.adapter import BaseModel, BaseSpec, Cond, expert_at
+from surf_train.base.sampling import PreviewPlan, Step, low_res_sigmas, noise_gain, scheduler_on
 from surf_train.common.errors import ConfigError
 
 
@@ -28,6 +28,10 @@ class WanBase(BaseModel):
     def load(cls, spec: BaseSpec, device: torch.device) -> WanBase:
         import surf_train.base.known_warnings  # noqa: F401  (the toy's stand-in VAE and text encoder)
 
+        if spec.pretrained is None and spec.boundary is not None:  # the tiny two-expert Wan 2.2
+            from surf_train.base.tiny import tiny_wan22_pipeline
+
+            return cls(spec, tiny_wan22_pipeline(boundary=spec.boundary).to(device), device)
         return super().load(spec, device)
 
     def _patch(self) -> tuple[int, int]:
@@ -66,3 +70,18 @@ class WanBase(BaseModel):
             return out
         neg = self._call("uncond", step, hidden_states=x, timestep=t, encoder_hidden_states=cond.negative)
         return neg + guidance * (out - neg)
+
+
+def branch_experts(plan: PreviewPlan, prefix_hw: tuple[int, int], boundary: float | None) -> dict[str, list[str]]:
+    """The expert of each base-model call of a noise-reshifting run, read off its schedules (docs/method.md).
+
+    prefix: steps 0..k-1 at the prefix size; target: steps k..N-1 there (the pair's branch A, and the switch
+    call `paper`/`snr` make); preview: the low-resolution steps, whose timesteps are the reshifted levels' (with
+    `pool`/`snr` below the native ones, so the low-noise expert may take over earlier).
+    """
+    sched = plan.schedule.start()
+    bt = None if boundary is None else boundary * sched.config.num_train_timesteps
+    k, names = plan.switch, lambda ts: [expert_at(t, bt) for t in ts]
+    levels = low_res_sigmas(plan.sigmas, k, plan.rule, noise_gain(tuple(prefix_hw), plan.preview_size, plan.down))
+    low = scheduler_on(plan.schedule.scheduler, levels).timesteps if len(levels) > 1 else []
+    return {"prefix": names(sched.timesteps[:k]), "target": names(sched.timesteps[k:]), "preview": names(low)}

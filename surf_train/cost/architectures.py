@@ -18,6 +18,9 @@ ARCH: dict[str, dict[str, Any]] = {
     "wan2.1_t2v_1.3b": {**WAN_DEFAULTS, "num_attention_heads": 12, "ffn_dim": 8960, "num_layers": 30},
     # Wan-AI/Wan2.1-T2V-14B-Diffusers: dim 5120 = 40 x 128, ffn 13824, 40 layers.
     "wan2.1_t2v_14b": dict(WAN_DEFAULTS),
+    # Wan-AI/Wan2.2-T2V-A14B-Diffusers: two experts of the 14B's shape (diffusers' convert_wan_to_diffusers.py);
+    # one of them runs per step, so a step costs what a 14B step costs.
+    "wan2.2_t2v_a14b": dict(WAN_DEFAULTS),
     # hunyuanvideo-community/HunyuanVideo: 20 double + 40 single blocks, 24 x 128, Llama 4096, CLIP 768.
     "hunyuan_video": dict(HUNYUAN_DEFAULTS),
 }

@@ -208,6 +208,8 @@ def base_fingerprint(b: BaseSpec) -> dict:
         "model_dtype": b.dtype,
         "scheduler": b.scheduler,
         "weights": weights_digest(b.source),
+        # Wan 2.2's experts (absent for one expert, so one-expert fingerprints stay as they were)
+        **({"boundary": b.boundary, "guidance_2": b.guidance_2} if b.boundary is not None else {}),
     }
 
 
@@ -238,6 +240,22 @@ def weights_digest(source: str | None) -> str | None:
 def base_meta(b: BaseSpec) -> dict:
     """The base model as named in each sample's metadata."""
     return {"name": b.name, "id": b.model_id, "revision": b.revision, "family": b.family}
+
+
+def expert_meta(model: BaseModel, plan: PreviewPlan, prefix_hw: tuple[int, int], guidance: float) -> dict | None:
+    """Wan 2.2's two experts in a pair's metadata: the boundary, each expert's guidance and how many steps of
+    each branch it ran (read off the schedules: base.wan.branch_experts); None for one expert."""
+    if model.spec.boundary is None:
+        return None
+    from surf_train.base.wan import branch_experts
+
+    g = dict(zip(("transformer", "transformer_2"), model.guidances(guidance)))
+    runs = branch_experts(plan, prefix_hw, model.spec.boundary)
+    return {
+        "boundary": model.spec.boundary,
+        "guidance": g,
+        **{branch: {e: names.count(e) for e in g if e in names} for branch, names in runs.items()},
+    }
 
 
 @dataclass(frozen=True)
@@ -349,21 +367,23 @@ def generate_pairs(model: BaseModel, cfg: PairsConfig, jobs: list[Job]) -> list[
             "base": base_meta(cfg.base),
             "target_size": [cfg.frames, cfg.height, cfg.width],
             "preview_size": [cfg.frames, cfg.preview_height, cfg.preview_width],
-            **schedule_meta(plan, cfg.steps, cfg.guidance),
+            **schedule_meta(plan, cfg.steps, cfg.guidance, expert_meta(model, plan, shape[-2:], cfg.guidance)),
             "dtype": cfg.dtype,
         }
         out.append((tensors, meta))
     return out
 
 
-def schedule_meta(plan: PreviewPlan, steps: int, guidance: float) -> dict:
-    """A pair's `schedule` and `reshift` metadata: how the base model ran and where it switched to the preview."""
+def schedule_meta(plan: PreviewPlan, steps: int, guidance: float, experts: dict | None = None) -> dict:
+    """A pair's `schedule` and `reshift` metadata: how the base model ran and where it switched to the preview
+    (experts: `expert_meta`, for Wan 2.2's two)."""
     return {
         "schedule": {
             "steps": steps,
             "shift": plan.schedule.shift,
             "guidance": guidance,
             "scheduler": type(plan.schedule.scheduler).__name__,
+            **({"experts": experts} if experts else {}),
         },
         "reshift": {
             "switch": plan.switch,

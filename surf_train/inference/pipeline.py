@@ -172,8 +172,8 @@ def realign(module: torch.nn.Module) -> None:
 class SurfPipeline(DiffusionPipeline):
     """SURF generation: base-model prefix, noise-reshifted preview, Refiner to the target size, VAE decode."""
 
-    model_cpu_offload_seq = "text_encoder->text_encoder_2->transformer->refiner->vae"
-    _optional_components = ["refiner", "text_encoder_2", "tokenizer_2"]
+    model_cpu_offload_seq = "text_encoder->text_encoder_2->transformer->transformer_2->refiner->vae"
+    _optional_components = ["refiner", "text_encoder_2", "tokenizer_2", "transformer_2"]
 
     def __init__(
         self,
@@ -187,6 +187,7 @@ class SurfPipeline(DiffusionPipeline):
         tokenizer_2=None,
         base_spec: dict | str | BaseSpec | None = None,
         bridge: dict | None = None,
+        transformer_2=None,
     ):
         super().__init__()
         if base_spec is None:
@@ -207,16 +208,16 @@ class SurfPipeline(DiffusionPipeline):
         }
         if spec.family == "hunyuan":
             names.update(text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2)
+        experts = {}  # Wan 2.2 A14B: the low-noise expert and the boundary (conf/base's, checked by the adapter)
+        if spec.boundary is not None:
+            names["transformer_2"], experts = transformer_2, {"boundary_ratio": spec.boundary}
         # the family's own pipeline around the same modules: the adapter computes the velocity exactly as it does
         adapter = adapter_class(spec.family)
-        self.base = adapter(spec, adapter.pipeline_class()(**names), transformer.device)
-        self.register_modules(
-            **{**names, "scheduler": self.base.pipe.scheduler},
-            refiner=refiner,
-            **({} if spec.family == "hunyuan" else {"text_encoder_2": None, "tokenizer_2": None}),
-        )
+        self.base = adapter(spec, adapter.pipeline_class()(**names, **experts), transformer.device)
+        unused = {"text_encoder_2": None, "tokenizer_2": None, "transformer_2": None}
+        self.register_modules(**{**unused, **names, "scheduler": self.base.pipe.scheduler}, refiner=refiner)
         self.register_to_config(base_spec=_spec_dict(spec), bridge=dict(bridge or {}))
-        for m in (transformer, vae, text_encoder, text_encoder_2, refiner):
+        for m in (transformer, transformer_2, vae, text_encoder, text_encoder_2, refiner):
             if isinstance(m, torch.nn.Module):  # loaded or built, the same numerics (see realign)
                 realign(m)
         if refiner is not None:
@@ -253,6 +254,7 @@ class SurfPipeline(DiffusionPipeline):
             getattr(p, "tokenizer_2", None),
             model.spec,
             bridge,
+            transformer_2=getattr(p, "transformer_2", None),
         )
 
     @classmethod
@@ -337,6 +339,7 @@ class SurfPipeline(DiffusionPipeline):
         prefix_width: int | None = None,
         refiner_steps: int | None = None,
         guidance_scale: float | None = None,
+        guidance_scale_2: float | None = None,
         generator: torch.Generator | None = None,
         latents: torch.Tensor | None = None,
         output_type: str = "np",
@@ -351,7 +354,8 @@ class SurfPipeline(DiffusionPipeline):
         """Generate videos (sizes in pixels; None: the base model's defaults, preview half the target).
 
         switch: base-model steps at the prefix size; refiner_steps None: the K the Refiner was trained with;
-        guidance_scale None: the base model's; negative_prompt None: its conf/base one (Wan only);
+        guidance_scale / guidance_scale_2 None: the base model's (its guidance_2 for Wan 2.2's low-noise expert, see
+        BaseModel.guidances); negative_prompt None: its conf/base one (Wan only);
         latents: start noise (B, C, F, h, w) at the prefix size (the target size for mode="baseline");
         generator: draws the start noise, the fresh noise of `paper`/`snr` and the Refiner's start-point noise,
         in that order, on the CPU; acceleration: the base model's cache and CFG truncation (None: off)."""
@@ -368,7 +372,9 @@ class SurfPipeline(DiffusionPipeline):
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         cond, text = self._encode(prompts, negative_prompt, mode, clock)
         model.meter.reset()
-        vel = clock.wrap(model.velocity_fn(cond, guidance_scale, acc), lambda x: plan.names[tuple(x.shape[-2:])])
+        vel = clock.wrap(
+            model.velocity_fn(cond, guidance_scale, acc, guidance_scale_2), lambda x: plan.names[tuple(x.shape[-2:])]
+        )
         noise = self._start_noise(plan, len(prompts), latents, generator)
         if mode == "baseline":
             latent = clock.span("sampler", sample, vel, noise, plan.schedule)  # the pipeline's own output
