@@ -187,6 +187,7 @@ class SurfPipeline(DiffusionPipeline):
         tokenizer_2=None,
         base_spec: dict | str | BaseSpec | None = None,
         bridge: dict | None = None,
+        base_options: dict | None = None,  # the family pipeline's own options, e.g. WanPipeline's expand_timesteps
     ):
         super().__init__()
         if base_spec is None:
@@ -209,13 +210,13 @@ class SurfPipeline(DiffusionPipeline):
             names.update(text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2)
         # the family's own pipeline around the same modules: the adapter computes the velocity exactly as it does
         adapter = adapter_class(spec.family)
-        self.base = adapter(spec, adapter.pipeline_class()(**names), transformer.device)
+        self.base = adapter(spec, adapter.pipeline_class()(**names, **(base_options or {})), transformer.device)
         self.register_modules(
             **{**names, "scheduler": self.base.pipe.scheduler},
             refiner=refiner,
             **({} if spec.family == "hunyuan" else {"text_encoder_2": None, "tokenizer_2": None}),
         )
-        self.register_to_config(base_spec=_spec_dict(spec), bridge=dict(bridge or {}))
+        self.register_to_config(base_spec=_spec_dict(spec), bridge=dict(bridge or {}), base_options=base_options or {})
         for m in (transformer, vae, text_encoder, text_encoder_2, refiner):
             if isinstance(m, torch.nn.Module):  # loaded or built, the same numerics (see realign)
                 realign(m)
@@ -253,6 +254,7 @@ class SurfPipeline(DiffusionPipeline):
             getattr(p, "tokenizer_2", None),
             model.spec,
             bridge,
+            {k: v for k, v in p.config.items() if not k.startswith("_") and k not in p.components},
         )
 
     @classmethod
