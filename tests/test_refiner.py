@@ -321,7 +321,7 @@ def test_presets_are_the_composed_model_node(monkeypatch):
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         node = compose("train", overrides=["model=toy"]).model
         assert R.presets()["toy"] == R.refiner_config(node).to_dict() | {"patch_size": (1, 2, 2), "window": (2, 4, 4)}
-    assert sorted(presets()) == ["paper", "tiny", "toy"]
+    assert sorted(presets()) == ["paper", "ti2v", "tiny", "toy"]
     full, paper = RefinerConfig.preset("paper").to_dict(), RefinerConfig.preset("paper")
     with monkeypatch.context() as m:
         m.setattr(R, "presets", lambda: pytest.fail("a complete node read the presets"))

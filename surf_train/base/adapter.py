@@ -93,6 +93,7 @@ class BaseSpec:
     prompt_template: dict | None = None  # hunyuan only; None = diffusers' default template
     vae_class: str | None = None  # None: the family's VAE; "pixel_shuffle": the toy world's exact latent
     prompts: str | None = None  # built-in prompts when none are given: None (everyday scenes) | toyworld
+    tiny: str | None = None  # pretrained null: None builds the family's tiny model, else a key of tiny.TINY_BUILDS
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> BaseSpec:
@@ -115,6 +116,12 @@ class BaseSpec:
             raise ConfigError(
                 f"base model {d.get('name')!r}: vae_class={d['vae_class']!r} not in [None, 'pixel_shuffle']"
             )
+        if d.get("tiny") is not None:
+            from surf_train.base.tiny import TINY_BUILDS
+
+            if d["tiny"] not in TINY_BUILDS:
+                known = ", ".join(map(repr, TINY_BUILDS))
+                raise ConfigError(f"base model {d.get('name')!r}: tiny={d['tiny']!r} not in [None, {known}]")
         for key in ("dtype", "vae_dtype"):
             if d.get(key, "float32") not in DTYPES:
                 raise ConfigError(f"base model {d.get('name')!r}: {key}={d[key]!r} not in {list(DTYPES)}")
@@ -286,7 +293,9 @@ class BaseModel(ABC):
         """Tiny model from configs when spec.pretrained is None, else diffusers from_pretrained (the VAE as
         vae.load_vae_module loads it: Wan's stays float32, as in its model card; the rest in spec.dtype)."""
         if spec.pretrained is None:
-            pipe = cls.tiny_pipeline()
+            from surf_train.base.tiny import TINY_BUILDS
+
+            pipe = cls.tiny_pipeline() if spec.tiny is None else TINY_BUILDS[spec.tiny][0]()
         else:
             pipe = cls.pipeline_class().from_pretrained(
                 spec.source, vae=vae_io.load_vae_module(spec), revision=spec.revision, dtype=DTYPES[spec.dtype]

@@ -151,6 +151,64 @@ def tiny_wan22_pipeline(seed: int = 0, boundary: float = 0.875):
     return WanPipeline(**parts, transformer_2=low, boundary_ratio=boundary)
 
 
+# the tiny Wan 2.2 VAE's latent statistics: 48 distinct values each (not diffusers' test zeros and ones), so a
+# normalisation that skipped or mixed up channels would show in the exactness tests
+TINY_WAN22_LATENTS_MEAN = [round(0.05 * ((7 * i) % 13 - 6), 4) for i in range(48)]
+TINY_WAN22_LATENTS_STD = [round(0.4 + 0.05 * ((5 * i) % 17), 4) for i in range(48)]
+
+
+def tiny_wan22_vae(seed: int = 0):
+    """The tiny Wan 2.2 VAE alone (z_dim 48, 2x2 pixel patchify + 8x downsampling = 16x spatial), as diffusers'
+    test_wan_22.py builds its TI2V-5B case; seeded on its own (see tiny_wan_vae)."""
+    from diffusers import AutoencoderKLWan
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 1)
+        return AutoencoderKLWan(
+            base_dim=3,
+            z_dim=48,
+            in_channels=12,  # 3 RGB channels x the 2x2 patch
+            out_channels=12,
+            is_residual=True,
+            patch_size=2,
+            latents_mean=TINY_WAN22_LATENTS_MEAN,
+            latents_std=TINY_WAN22_LATENTS_STD,
+            dim_mult=[1, 1, 1, 1],
+            num_res_blocks=1,
+            scale_factor_spatial=16,
+            scale_factor_temporal=4,
+            temperal_downsample=[False, True, True],
+        )
+
+
+def tiny_wan22_ti2v_pipeline(seed: int = 0):
+    """WanPipeline(expand_timesteps=True) shaped like Wan 2.2 TI2V-5B: the tiny Wan's tokenizer and T5, a
+    48-channel transformer, the z_dim=48 VAE and UniPC with flow_shift 5.0 (the 5B repository's scheduler)."""
+    from diffusers import UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+
+    t2v = tiny_wan_pipeline(seed)  # its tokenizer and text encoder (same weights as base `tiny`)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 2)
+        net = WanTransformer3DModel(**{**TINY_WAN_TRANSFORMER, "in_channels": 48, "out_channels": 48})
+    return WanPipeline(
+        tokenizer=t2v.tokenizer,
+        text_encoder=t2v.text_encoder,
+        vae=tiny_wan22_vae(seed),
+        transformer=net,
+        scheduler=UniPCMultistepScheduler(
+            prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000, flow_shift=5.0
+        ),
+        expand_timesteps=True,
+    )
+
+
+# tiny builds other than a family's default, by BaseSpec.tiny: (pipeline, VAE alone)
+TINY_BUILDS = {
+    "wan22_a14b": (tiny_wan22_pipeline, tiny_wan_vae),
+    "wan22_ti2v": (tiny_wan22_ti2v_pipeline, tiny_wan22_vae),
+}
+
+
 # what HunyuanVideo's tiny Llama and CLIP text encoders share (diffusers' own HunyuanVideo pipeline test sizes)
 TINY_TEXT_ENCODER = dict(
     bos_token_id=0,

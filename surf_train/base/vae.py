@@ -30,8 +30,10 @@ def vae_class(spec):
 def load_vae_module(spec):
     """The VAE alone: the tiny one from its config (same weights as in the tiny pipeline), else from_pretrained."""
     if spec.pretrained is None:
-        from surf_train.base.tiny import tiny_hunyuan_vae, tiny_wan_vae
+        from surf_train.base.tiny import TINY_BUILDS, tiny_hunyuan_vae, tiny_wan_vae
 
+        if spec.tiny is not None:
+            return TINY_BUILDS[spec.tiny][1]()
         return tiny_wan_vae() if spec.family == "wan" else tiny_hunyuan_vae()
     return vae_class(spec).from_pretrained(
         spec.source, subfolder="vae", revision=spec.revision, dtype=DTYPES[spec.vae_dtype]

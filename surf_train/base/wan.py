@@ -1,4 +1,5 @@
-"""Wan 2.1 (T2V 1.3B / 14B) and Wan 2.2 T2V-A14B (two experts) through diffusers' WanPipeline."""
+"""Wan 2.1 (T2V 1.3B / 14B), Wan 2.2 T2V-A14B (two experts) and TI2V-5B (per-token timesteps) through diffusers'
+WanPipeline."""
 
 from __future__ import annotations
 
@@ -28,10 +29,6 @@ class WanBase(BaseModel):
     def load(cls, spec: BaseSpec, device: torch.device) -> WanBase:
         import surf_train.base.known_warnings  # noqa: F401  (the toy's stand-in VAE and text encoder)
 
-        if spec.pretrained is None and spec.boundary is not None:  # the tiny two-expert Wan 2.2
-            from surf_train.base.tiny import tiny_wan22_pipeline
-
-            return cls(spec, tiny_wan22_pipeline(boundary=spec.boundary).to(device), device)
         return super().load(spec, device)
 
     def _patch(self) -> tuple[int, int]:
@@ -61,10 +58,25 @@ class WanBase(BaseModel):
         )
         return Cond(embeds=pos, negative=neg)  # (B, L, D) each, zero-padded to L
 
+    @property
+    def expand_timesteps(self) -> bool:
+        """Whether the pipeline passes a timestep per token (Wan 2.2 TI2V-5B's model_index.json sets it)."""
+        return bool(self.pipe.config.get("expand_timesteps", False))
+
+    def _timestep(self, x: torch.Tensor, step: Step) -> torch.Tensor:
+        """The timestep WanPipeline passes the transformer for x (B, C, F, H, W): (B,), or (B, F * H/2 * W/2)."""
+        t = step.timestep.to(x.device)
+        if not self.expand_timesteps:
+            return t.expand(x.shape[0])
+        # as WanPipeline with expand_timesteps: a float32 all-ones mask of the latent (text-to-video: no first frame
+        # held clean) taken at stride 2 on H and W, the pipeline's own hard-coded stride (TI2V-5B's patch), times t
+        mask = torch.ones(x.shape[2:], dtype=torch.float32, device=x.device)  # (F, H, W)
+        return (mask[:, ::2, ::2] * t).flatten().unsqueeze(0).expand(x.shape[0], -1)  # (B, seq_len)
+
     def _forward(self, x: torch.Tensor, step: Step, cond: Cond, guidance: float) -> torch.Tensor:
-        # as WanPipeline: the scheduler's timestep expanded to the batch, the conditional and the negative branch
-        # as two calls (each in its own cache context), combined in the transformer's dtype
-        t = step.timestep.to(x.device).expand(x.shape[0])
+        # as WanPipeline: the scheduler's timestep expanded to the batch (or per token), the conditional and the
+        # negative branch as two calls (each in its own cache context), combined in the transformer's dtype
+        t = self._timestep(x, step)
         out = self._call("cond", step, hidden_states=x, timestep=t, encoder_hidden_states=cond.embeds)
         if guidance <= 1.0 or cond.negative is None:  # the pipeline's do_classifier_free_guidance
             return out

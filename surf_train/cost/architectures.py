@@ -21,8 +21,36 @@ ARCH: dict[str, dict[str, Any]] = {
     # Wan-AI/Wan2.2-T2V-A14B-Diffusers: two experts of the 14B's shape (diffusers' convert_wan_to_diffusers.py);
     # one of them runs per step, so a step costs what a 14B step costs.
     "wan2.2_t2v_a14b": dict(WAN_DEFAULTS),
+    # Wan-AI/Wan2.2-TI2V-5B-Diffusers: dim 3072 = 24 x 128, ffn 14336, 30 layers, 48 latent channels (diffusers'
+    # scripts/convert_wan_to_diffusers.py, Wan2.2-TI2V-5B; Wan-Video/Wan2.2 wan/configs/wan_ti2v_5B.py), and the
+    # pipeline's expand_timesteps=True (a timestep per token: the time embedding runs on every token).
+    "wan2.2_ti2v_5b": {
+        **WAN_DEFAULTS,
+        "num_attention_heads": 24,
+        "in_channels": 48,
+        "out_channels": 48,
+        "ffn_dim": 14336,
+        "num_layers": 30,
+        "expand_timesteps": True,
+    },
     # hunyuanvideo-community/HunyuanVideo: 20 double + 40 single blocks, 24 x 128, Llama 4096, CLIP 768.
     "hunyuan_video": dict(HUNYUAN_DEFAULTS),
+}
+# VAE configs that differ from diffusers' defaults (the Wan 2.1 / HunyuanVideo VAEs): the Wan 2.2 VAE of TI2V-5B,
+# as diffusers' scripts/convert_wan_to_diffusers.py builds it (vae22_diffusers_config less the latent statistics,
+# which cost nothing, and clip_output, which 0.42's AutoencoderKLWan does not take).
+VAE_CONFIGS: dict[str, dict[str, Any]] = {
+    "wan2.2_ti2v_5b": dict(
+        base_dim=160,
+        decoder_base_dim=256,
+        z_dim=48,
+        is_residual=True,
+        in_channels=12,
+        out_channels=12,
+        patch_size=2,
+        scale_factor_spatial=16,
+        scale_factor_temporal=4,
+    ),
 }
 # Text tokens each transformer call sees: the pipelines pad the prompt to these lengths and attention
 # runs over the padded length (masked for HunyuanVideo), so the padded length is what is computed.
@@ -92,8 +120,9 @@ class BaseArch:
 def vae_decode_flops(name: str, latent: Sequence[int]) -> int:
     """Matmul/conv FLOPs of one VAE decode, counted by FlopCounterMode on the meta device.
 
-    Builds diffusers' AutoencoderKLWan / AutoencoderKLHunyuanVideo with their default configs (those of
-    the released VAEs) on the meta device, so nothing is allocated; untiled decode. Takes a few seconds.
+    Builds diffusers' AutoencoderKLWan / AutoencoderKLHunyuanVideo with their default configs (the released
+    Wan 2.1 and HunyuanVideo VAEs) or VAE_CONFIGS' on the meta device, so nothing is allocated; untiled decode.
+    Takes a few seconds.
     """
     import torch
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -105,7 +134,7 @@ def vae_decode_flops(name: str, latent: Sequence[int]) -> int:
     else:
         from diffusers import AutoencoderKLHunyuanVideo as Vae
     with torch.device("meta"):
-        vae = Vae()
+        vae = Vae(**VAE_CONFIGS.get(name, {}))
     z = torch.empty(1, *latent, device="meta")
     with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         vae.decode(z, return_dict=False)

@@ -92,7 +92,9 @@ def wan_flops(config: Mapping[str, Any], latent: Sequence[int], text_len: int = 
     per sample), text_embed (the 2-layer text projection of all `text_len` tokens, recomputed every
     call as diffusers does), self_attn_proj (q, k, v, out), self_attn_sdpa (N x N scores + sum),
     cross_attn_proj (q and out on video tokens, k and v on text tokens), cross_attn_sdpa (N x L),
-    ffn (two linears), proj_out. Config keys are diffusers' (missing ones take WAN_DEFAULTS).
+    ffn (two linears), proj_out. Config keys are diffusers' (missing ones take WAN_DEFAULTS), plus WanPipeline's
+    `expand_timesteps` (Wan 2.2 TI2V-5B): a timestep per token, so the time MLP and the 6*D projection run on
+    every token's row instead of one row per sample.
     """
     c = {**WAN_DEFAULTS, **dict(config)}
     if c.get("image_dim") is not None or c.get("added_kv_proj_dim") is not None:
@@ -106,9 +108,10 @@ def wan_flops(config: Mapping[str, Any], latent: Sequence[int], text_len: int = 
     if c_in != c["in_channels"]:
         raise ConfigError(f"latent has {c_in} channels, the Wan config {c['in_channels']}")
     layers = c["num_layers"]
+    t_rows = n if c.get("expand_timesteps") else 1  # time-embedding rows per sample
     parts = {
         "patch_embed": _lin(n, c_in * pvol, d),
-        "time_embed": _time_mlp(1, c["freq_dim"], d) + _lin(1, d, 6 * d),
+        "time_embed": _time_mlp(t_rows, c["freq_dim"], d) + _lin(t_rows, d, 6 * d),
         "text_embed": _lin(l, c["text_dim"], d) + _lin(l, d, d),
         "self_attn_proj": layers * 4 * _lin(n, d, d),
         "self_attn_sdpa": layers * _sdpa(n, n, d),

@@ -188,6 +188,7 @@ class SurfPipeline(DiffusionPipeline):
         base_spec: dict | str | BaseSpec | None = None,
         bridge: dict | None = None,
         transformer_2=None,
+        base_options: dict | None = None,  # the family pipeline's own options, e.g. WanPipeline's expand_timesteps
     ):
         super().__init__()
         if base_spec is None:
@@ -213,10 +214,11 @@ class SurfPipeline(DiffusionPipeline):
             names["transformer_2"], experts = transformer_2, {"boundary_ratio": spec.boundary}
         # the family's own pipeline around the same modules: the adapter computes the velocity exactly as it does
         adapter = adapter_class(spec.family)
-        self.base = adapter(spec, adapter.pipeline_class()(**names, **experts), transformer.device)
+        options = {**(base_options or {}), **experts}
+        self.base = adapter(spec, adapter.pipeline_class()(**names, **options), transformer.device)
         unused = {"text_encoder_2": None, "tokenizer_2": None, "transformer_2": None}
         self.register_modules(**{**unused, **names, "scheduler": self.base.pipe.scheduler}, refiner=refiner)
-        self.register_to_config(base_spec=_spec_dict(spec), bridge=dict(bridge or {}))
+        self.register_to_config(base_spec=_spec_dict(spec), bridge=dict(bridge or {}), base_options=base_options or {})
         for m in (transformer, transformer_2, vae, text_encoder, text_encoder_2, refiner):
             if isinstance(m, torch.nn.Module):  # loaded or built, the same numerics (see realign)
                 realign(m)
@@ -255,6 +257,7 @@ class SurfPipeline(DiffusionPipeline):
             model.spec,
             bridge,
             transformer_2=getattr(p, "transformer_2", None),
+            base_options={k: v for k, v in p.config.items() if not k.startswith("_") and k not in p.components},
         )
 
     @classmethod
