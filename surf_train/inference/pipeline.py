@@ -4,7 +4,8 @@
     video = pipe("a red ball rolling", generator=torch.Generator().manual_seed(0)).frames[0]  # (F, H, W, 3)
     pipe.save_pretrained("surf_tiny"); SurfPipeline.from_pretrained("surf_tiny")
 
-The components are the base pipeline's (WanPipeline or HunyuanVideoPipeline) and `refiner`; model_index.json also
+The components are the base pipeline's (WanPipeline, HunyuanVideoPipeline or HunyuanVideo15Pipeline, its guider
+included) and `refiner`; model_index.json also
 holds `base_spec` (the conf/base record: geometry, native size, guidance, prompts' settings) and `bridge` (the
 Refiner's sampler settings from its surf.json). A call runs the same code as `surf-generate`: the base-model adapter
 (its pipeline's own scheduler, CFG, cache), `sampling.preview_sample` and the Refiner's `RefinerSampler`.
@@ -173,7 +174,7 @@ class SurfPipeline(DiffusionPipeline):
     """SURF generation: base-model prefix, noise-reshifted preview, Refiner to the target size, VAE decode."""
 
     model_cpu_offload_seq = "text_encoder->text_encoder_2->transformer->refiner->vae"
-    _optional_components = ["refiner", "text_encoder_2", "tokenizer_2"]
+    _optional_components = ["refiner", "text_encoder_2", "tokenizer_2", "guider"]
 
     def __init__(
         self,
@@ -187,6 +188,7 @@ class SurfPipeline(DiffusionPipeline):
         tokenizer_2=None,
         base_spec: dict | str | BaseSpec | None = None,
         bridge: dict | None = None,
+        guider=None,
     ):
         super().__init__()
         if base_spec is None:
@@ -205,15 +207,19 @@ class SurfPipeline(DiffusionPipeline):
             "vae": vae,
             "scheduler": scheduler,
         }
-        if spec.family == "hunyuan":
+        second = spec.family in ("hunyuan", "hunyuan15")  # a second text encoder; 1.5 also guides by a guider
+        if second:
             names.update(text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2)
+        if spec.family == "hunyuan15":
+            names.update(guider=guider)
         # the family's own pipeline around the same modules: the adapter computes the velocity exactly as it does
         adapter = adapter_class(spec.family)
         self.base = adapter(spec, adapter.pipeline_class()(**names), transformer.device)
         self.register_modules(
             **{**names, "scheduler": self.base.pipe.scheduler},
             refiner=refiner,
-            **({} if spec.family == "hunyuan" else {"text_encoder_2": None, "tokenizer_2": None}),
+            **({} if second else {"text_encoder_2": None, "tokenizer_2": None}),
+            **({} if spec.family == "hunyuan15" else {"guider": None}),
         )
         self.register_to_config(base_spec=_spec_dict(spec), bridge=dict(bridge or {}))
         for m in (transformer, vae, text_encoder, text_encoder_2, refiner):
@@ -253,6 +259,7 @@ class SurfPipeline(DiffusionPipeline):
             getattr(p, "tokenizer_2", None),
             model.spec,
             bridge,
+            getattr(p, "guider", None),
         )
 
     @classmethod
@@ -351,7 +358,7 @@ class SurfPipeline(DiffusionPipeline):
         """Generate videos (sizes in pixels; None: the base model's defaults, preview half the target).
 
         switch: base-model steps at the prefix size; refiner_steps None: the K the Refiner was trained with;
-        guidance_scale None: the base model's; negative_prompt None: its conf/base one (Wan only);
+        guidance_scale None: the base model's; negative_prompt None: its conf/base one (CFG families only);
         latents: start noise (B, C, F, h, w) at the prefix size (the target size for mode="baseline");
         generator: draws the start noise, the fresh noise of `paper`/`snr` and the Refiner's start-point noise,
         in that order, on the CPU; acceleration: the base model's cache and CFG truncation (None: off)."""
@@ -394,7 +401,7 @@ class SurfPipeline(DiffusionPipeline):
     def _encode(self, prompts: list[str], negative_prompt, mode: str, clock: StageClock):
         """The base model's conditioning and the Refiner's text (B, L, D) (None without a text-conditioned one)."""
         model, net = self.base, self.refiner if mode == "surf" else None
-        if negative_prompt is not None and model.spec.family != "wan":
+        if negative_prompt is not None and not model.cfg_branch:
             raise ConfigError(f"negative_prompt: {model.spec.family} embeds its guidance (no negative branch)")
         args = () if negative_prompt is None else (negative_prompt,)
         cond = clock.time("text", model.encode_prompt, prompts, *args)
