@@ -1,6 +1,6 @@
 """Frozen flow-matching video DiTs behind one small interface (`adapter.BaseModel`, one adapter per family:
-`wan`, `hunyuan`), the factory that builds one, their VAEs (`vae`, `toy_vae`), tiny download-free components
-(`tiny`), and sampling with the base model's own scheduler, noise reshifting included (`sampling`).
+`wan`, `hunyuan`, `hunyuan15`), the factory that builds one, their VAEs (`vae`, `toy_vae`), tiny download-free
+components (`tiny`), and sampling with the base model's own scheduler, noise reshifting included (`sampling`).
 May import `common` only."""
 
 import torch
@@ -29,11 +29,15 @@ def load_base_model(spec: BaseSpec, device: str | torch.device = "auto") -> Base
 
 
 def adapter_class(family: str) -> type[BaseModel]:
-    """The BaseModel subclass of a family (wan | hunyuan)."""
+    """The BaseModel subclass of a family (wan | hunyuan | hunyuan15)."""
     if family == "wan":
         from surf_train.base.wan import WanBase
 
         return WanBase
+    if family == "hunyuan15":
+        from surf_train.base.hunyuan15 import Hunyuan15Base
+
+        return Hunyuan15Base
     from surf_train.base.hunyuan import HunyuanBase
 
     return HunyuanBase

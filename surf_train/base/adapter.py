@@ -70,7 +70,7 @@ class BaseSpec:
     """One base model's constants: the contents of conf/base/<name>.yaml."""
 
     name: str
-    family: str  # wan | hunyuan
+    family: str  # wan | hunyuan | hunyuan15
     pretrained: str | None  # hub id or local directory; None builds the tiny model from configs
     channels: int
     stride_t: int
@@ -103,8 +103,8 @@ class BaseSpec:
             raise ConfigError(f"base model {d.get('name')!r}: unknown keys {unknown}")
         d = dict(d)
         d["native_size"] = tuple(d["native_size"])
-        if d["family"] not in ("wan", "hunyuan"):
-            raise ConfigError(f"base model {d.get('name')!r}: unknown family {d['family']!r} (wan or hunyuan)")
+        if d["family"] not in ("wan", "hunyuan", "hunyuan15"):
+            raise ConfigError(f"base model {d.get('name')!r}: unknown family {d['family']!r} (wan, hunyuan, hunyuan15)")
         if d.get("prompts") not in (None, "toyworld"):
             raise ConfigError(f"base model {d.get('name')!r}: prompts={d['prompts']!r} not in [None, 'toyworld']")
         if d.get("scheduler") not in (None, *SCHEDULERS):

@@ -1,4 +1,4 @@
-"""Tiny, download-free Wan and HunyuanVideo components built from configs with a fixed seed.
+"""Tiny, download-free Wan, HunyuanVideo and HunyuanVideo-1.5 components built from configs with a fixed seed.
 
 Sizes follow diffusers' own unit tests. The tokenizer is a byte-level BPE trained in memory on a
 fixed corpus, so the whole pipeline exists without any file or network access.
@@ -259,4 +259,120 @@ def tiny_hunyuan_pipeline(seed: int = 0):
         scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
         text_encoder_2=clip.eval(),
         tokenizer_2=clip_tok,
+    )
+
+
+# Qwen2.5-VL's chat layout (the system and user turns, then the assistant's turn opened), which
+# HunyuanVideo15Pipeline renders with tokenizer.apply_chat_template before it crops the system turn
+QWEN_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+# the tiny HunyuanVideo-1.5 transformer (diffusers' tests/pipelines/hunyuan_video1_5 sizes, two blocks):
+# in_channels = 2 * 4 + 1 (latent, conditioning latent, its mask), text widths of the tiny Qwen and T5
+TINY_HUNYUAN15_TRANSFORMER = dict(
+    in_channels=9,
+    out_channels=4,
+    num_attention_heads=2,
+    attention_head_dim=8,
+    num_layers=2,
+    num_refiner_layers=1,
+    mlp_ratio=2.0,
+    patch_size=1,
+    patch_size_t=1,
+    text_embed_dim=16,
+    text_embed_2_dim=32,
+    image_embed_dim=12,
+    rope_axes_dim=(2, 2, 4),
+    target_size=16,
+    task_type="t2v",
+)
+
+
+def tiny_hunyuan15_vae(seed: int = 0):
+    """The tiny HunyuanVideo-1.5 VAE alone (4 latent channels, strides 2 and 4), seeded on its own."""
+    from diffusers import AutoencoderKLHunyuanVideo15
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 1)
+        return AutoencoderKLHunyuanVideo15(
+            in_channels=3,
+            out_channels=3,
+            latent_channels=4,
+            block_out_channels=(16, 16),
+            layers_per_block=1,
+            spatial_compression_ratio=4,
+            temporal_compression_ratio=2,
+            downsample_match_channel=False,
+            upsample_match_channel=False,
+        )
+
+
+def _hunyuan15_system_message() -> str:
+    """The system turn HunyuanVideo15Pipeline puts before every prompt (its Qwen encoder's default)."""
+    import inspect
+
+    from diffusers import HunyuanVideo15Pipeline
+
+    return inspect.signature(HunyuanVideo15Pipeline._get_mllm_prompt_embeds).parameters["system_message"].default
+
+
+def tiny_hunyuan15_pipeline(seed: int = 0, guidance: float = 6.0):
+    """HunyuanVideo15Pipeline: a 2-block transformer, a tiny Qwen2.5-VL text model with a chat template, a tiny
+    T5 encoder with ByT5's byte tokenizer (no files), CFG by a ClassifierFreeGuidance guider."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, HunyuanVideo15Pipeline, HunyuanVideo15Transformer3DModel
+    from diffusers.guiders import ClassifierFreeGuidance
+    from transformers import ByT5Tokenizer, Qwen2_5_VLTextConfig, Qwen2_5_VLTextModel, T5Config, T5EncoderModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        # the system message in the BPE corpus: it tokenizes short, so the pipeline's fixed crop of 108 tokens
+        # leaves the prompt (and the tail of the system turn) inside the max length
+        qwen_tok = tiny_tokenizer(
+            specials=("<pad>", "<|im_end|>", "<unk>", "<|im_start|>"),
+            eos="<|im_end|>",
+            corpus=CORPUS + [_hunyuan15_system_message()] * 4,
+            vocab_size=600,
+        )
+        qwen_tok.chat_template = QWEN_CHAT_TEMPLATE
+        qwen = Qwen2_5_VLTextModel(
+            Qwen2_5_VLTextConfig(
+                vocab_size=len(qwen_tok),
+                hidden_size=16,
+                intermediate_size=16,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                num_key_value_heads=2,
+                rope_scaling={"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"},
+                rope_theta=1000000.0,
+                bos_token_id=None,
+                eos_token_id=qwen_tok.eos_token_id,
+                pad_token_id=qwen_tok.pad_token_id,
+            )
+        )
+        byt5_tok = ByT5Tokenizer()
+        t5 = T5EncoderModel(
+            T5Config(
+                vocab_size=len(byt5_tok),
+                d_model=32,
+                d_kv=8,
+                d_ff=37,
+                num_layers=2,
+                num_heads=4,
+                relative_attention_num_buckets=8,
+                pad_token_id=0,
+                eos_token_id=1,
+                decoder_start_token_id=0,
+            )
+        )
+        net = HunyuanVideo15Transformer3DModel(**TINY_HUNYUAN15_TRANSFORMER)
+    return HunyuanVideo15Pipeline(
+        text_encoder=qwen.eval(),
+        tokenizer=qwen_tok,
+        transformer=net,
+        vae=tiny_hunyuan15_vae(seed),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
+        text_encoder_2=t5.eval(),
+        tokenizer_2=byt5_tok,
+        guider=ClassifierFreeGuidance(guidance_scale=guidance),
     )

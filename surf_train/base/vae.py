@@ -22,6 +22,10 @@ def vae_class(spec):
         from diffusers import AutoencoderKLWan
 
         return AutoencoderKLWan
+    if spec.family == "hunyuan15":
+        from diffusers import AutoencoderKLHunyuanVideo15
+
+        return AutoencoderKLHunyuanVideo15
     from diffusers import AutoencoderKLHunyuanVideo
 
     return AutoencoderKLHunyuanVideo
@@ -30,18 +34,20 @@ def vae_class(spec):
 def load_vae_module(spec):
     """The VAE alone: the tiny one from its config (same weights as in the tiny pipeline), else from_pretrained."""
     if spec.pretrained is None:
-        from surf_train.base.tiny import TINY_BUILDS, tiny_hunyuan_vae, tiny_wan_vae
+        from surf_train.base import tiny
 
         if spec.tiny is not None:
-            return TINY_BUILDS[spec.tiny][1]()
-        return tiny_wan_vae() if spec.family == "wan" else tiny_hunyuan_vae()
+            return tiny.TINY_BUILDS[spec.tiny][1]()
+        builders = {"wan": tiny.tiny_wan_vae, "hunyuan": tiny.tiny_hunyuan_vae, "hunyuan15": tiny.tiny_hunyuan15_vae}
+        return builders[spec.family]()
     return vae_class(spec).from_pretrained(
         spec.source, subfolder="vae", revision=spec.revision, dtype=DTYPES[spec.vae_dtype]
     )
 
 
 def normalise(family: str, vae, z: torch.Tensor) -> torch.Tensor:
-    """Raw VAE latent -> the latent the transformer works on (Wan: per-channel mean/std; Hunyuan: a scale)."""
+    """Raw VAE latent -> the latent the transformer works on (Wan: per-channel mean/std; HunyuanVideo and 1.5: a
+    scale, `scaling_factor` of the VAE's config, as both pipelines divide by it before decoding)."""
     if family == "wan":
         mean, std = _wan_stats(vae, z)
         return (z - mean) / std

@@ -5,11 +5,13 @@ cache hit rates composed with those plans (`measured`) and their Markdown tables
 
 from surf_train.cost.architectures import ARCH, CFG_FAMILIES, PAPER, TEXT_LEN, BaseArch, vae_decode_flops
 from surf_train.cost.formulas import (
+    HUNYUAN15_DEFAULTS,
     HUNYUAN_DEFAULTS,
     PFLOP,
     WAN_DEFAULTS,
     block_flops,
     hit_skipped_flops,
+    hunyuan15_flops,
     hunyuan_flops,
     metered_flops,
     refiner_flops,
@@ -26,6 +28,7 @@ from surf_train.cost.report import format_composed, format_table
 __all__ = [
     "ARCH",
     "CFG_FAMILIES",
+    "HUNYUAN15_DEFAULTS",
     "HUNYUAN_DEFAULTS",
     "MEASURED",
     "PAPER",
@@ -43,6 +46,7 @@ __all__ = [
     "format_composed",
     "format_table",
     "hit_skipped_flops",
+    "hunyuan15_flops",
     "hunyuan_flops",
     "measured_accel",
     "metered_flops",

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from surf_train.common.errors import ConfigError
-from surf_train.cost.formulas import HUNYUAN_DEFAULTS, WAN_DEFAULTS, hunyuan_flops, wan_flops
+from surf_train.cost.formulas import FLOPS_OF, HUNYUAN15_DEFAULTS, HUNYUAN_DEFAULTS, WAN_DEFAULTS
 
 # Transformer configs of the released checkpoints (transformer/config.json on the public model cards;
 # nothing is downloaded here), with the keys diffusers' WanTransformer3DModel and
@@ -35,6 +35,9 @@ ARCH: dict[str, dict[str, Any]] = {
     },
     # hunyuanvideo-community/HunyuanVideo: 20 double + 40 single blocks, 24 x 128, Llama 4096, CLIP 768.
     "hunyuan_video": dict(HUNYUAN_DEFAULTS),
+    # hunyuanvideo-community/HunyuanVideo-1.5-Diffusers-720p_t2v: 54 double blocks, 16 x 128, Qwen2.5-VL 3584, ByT5
+    # 1472, in 65 = 2 x 32 + 1 (diffusers' conversion script: the constructor defaults, target_size 960, t2v).
+    "hunyuan_video15_720p_t2v": {**HUNYUAN15_DEFAULTS, "target_size": 960, "task_type": "t2v"},
 }
 # VAE configs that differ from diffusers' defaults (the Wan 2.1 / HunyuanVideo VAEs): the Wan 2.2 VAE of TI2V-5B,
 # as diffusers' scripts/convert_wan_to_diffusers.py builds it (vae22_diffusers_config less the latent statistics,
@@ -54,8 +57,12 @@ VAE_CONFIGS: dict[str, dict[str, Any]] = {
 }
 # Text tokens each transformer call sees: the pipelines pad the prompt to these lengths and attention
 # runs over the padded length (masked for HunyuanVideo), so the padded length is what is computed.
-TEXT_LEN = {"wan": 512, "hunyuan": 256}
-CFG_FAMILIES = {"wan"}  # HunyuanVideo embeds the guidance scale: one call per step, no CFG batch.
+# HunyuanVideo-1.5: the Qwen length (tokenizer_max_length); its formula adds the glyph and image tokens.
+TEXT_LEN = {"wan": 512, "hunyuan": 256, "hunyuan15": 1000}
+CFG_FAMILIES = {"wan", "hunyuan15"}  # HunyuanVideo embeds the guidance scale: one call per step, no CFG batch.
+# Refiner settings a family's latent needs beside the preset (conf/experiment/hunyuan15.yaml: 32 channels, and
+# patch 1 because the stride-16 VAE's 45x80 latent at 720p is odd and already HunyuanVideo's token grid)
+REFINER_FOR = {"hunyuan15": {"in_channels": 32, "patch_size": (1, 1, 1)}}
 
 # Paper numbers (SURF, arXiv 2603.21002, Table 1 and abstract; Wan 2.1 14B, 720p, 81 frames).
 PAPER = {
@@ -113,8 +120,7 @@ class BaseArch:
 
     def flops(self, latent: Sequence[int], text_len: int | None = None) -> dict[str, int]:
         """One transformer call (one CFG branch)."""
-        fn = wan_flops if self.family == "wan" else hunyuan_flops
-        return fn(self.config, latent, self.text_len if text_len is None else text_len)
+        return FLOPS_OF[self.family](self.config, latent, self.text_len if text_len is None else text_len)
 
 
 def vae_decode_flops(name: str, latent: Sequence[int]) -> int:
@@ -131,6 +137,8 @@ def vae_decode_flops(name: str, latent: Sequence[int]) -> int:
     family = BaseArch.from_name(name).family
     if family == "wan":
         from diffusers import AutoencoderKLWan as Vae
+    elif family == "hunyuan15":
+        from diffusers import AutoencoderKLHunyuanVideo15 as Vae
     else:
         from diffusers import AutoencoderKLHunyuanVideo as Vae
     with torch.device("meta"):

@@ -22,7 +22,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from diffusers import HunyuanVideoTransformer3DModel, WanTransformer3DModel
+from diffusers import HunyuanVideo15Transformer3DModel, HunyuanVideoTransformer3DModel, WanTransformer3DModel
 
 from surf_train.common.errors import ConfigError
 from surf_train.models.refiner import RefinerConfig
@@ -50,6 +50,17 @@ HUNYUAN_DEFAULTS = constructor_defaults(
     "in_channels out_channels num_attention_heads attention_head_dim num_layers num_single_layers num_refiner_layers "
     "mlp_ratio patch_size patch_size_t guidance_embeds text_embed_dim pooled_projection_dim image_condition_type",
 )
+
+# HunyuanVideo15Transformer3DModel's defaults are the released 8.3B (diffusers' conversion script changes only
+# target_size and task_type per checkpoint)
+HUNYUAN15_DEFAULTS = constructor_defaults(
+    HunyuanVideo15Transformer3DModel,
+    "in_channels out_channels num_attention_heads attention_head_dim num_layers num_refiner_layers mlp_ratio "
+    "patch_size patch_size_t text_embed_dim text_embed_2_dim image_embed_dim use_meanflow",
+)
+# the pipeline's fixed context besides the Qwen tokens: ByT5 glyph tokens (tokenizer_2_max_length) and SigLIP
+# image tokens (vision_num_semantic_tokens, zero and masked in text to video but computed)
+HUNYUAN15_GLYPH_LEN, HUNYUAN15_IMAGE_LEN = 256, 729
 
 
 def token_grid(latent: Sequence[int], patch: Size3) -> Size3:
@@ -169,6 +180,47 @@ def hunyuan_flops(
     return {k: b * v for k, v in parts.items()}
 
 
+def hunyuan15_flops(
+    config: Mapping[str, Any], latent: Sequence[int], text_len: int = 1000, batch: int = 1
+) -> dict[str, int]:
+    """FLOPs of one HunyuanVideo15Transformer3DModel forward (text to video) on a (C, F, H, W) latent.
+
+    The transformer reads 2C + 1 channels (latent, conditioning latent, mask). Components: patch_embed; time_embed;
+    token_refiner (on the `text_len` Qwen tokens, as HunyuanVideo's); glyph_embed (ByT5 projection, 256 tokens);
+    image_embed (SigLIP projection, 729 tokens); adaln; double_proj, double_sdpa (joint attention over N + L
+    tokens, L = text_len + 256 + 729, padding masked but computed), double_ffn; proj_out.
+    """
+    c = {**HUNYUAN15_DEFAULTS, **dict(config)}
+    if c["use_meanflow"]:
+        raise ConfigError("the step-distilled (meanflow) HunyuanVideo-1.5 is not modelled")
+    p, pt = int(c["patch_size"]), int(c["patch_size_t"])
+    patch = (pt, p, p)
+    grid = token_grid(latent, patch)
+    l1, l2, l3 = int(text_len), HUNYUAN15_GLYPH_LEN, HUNYUAN15_IMAGE_LEN
+    n, l, b = math.prod(grid), l1 + l2 + l3, int(batch)
+    d = c["num_attention_heads"] * c["attention_head_dim"]
+    m = int(d * c["mlp_ratio"])
+    c_out = c.get("out_channels") or c["in_channels"]
+    if latent[0] != c_out or c["in_channels"] != 2 * c_out + 1:
+        raise ConfigError(f"latent has {latent[0]} channels, the HunyuanVideo-1.5 config {c_out} (in: 2C + 1)")
+    keys = ("text_embed_dim", "text_embed_2_dim", "image_embed_dim", "num_layers", "num_refiner_layers")
+    dt, dt2, di, nd, nr = (c[k] for k in keys)
+    refiner_block = 4 * _lin(l1, d, d) + _sdpa(l1, l1, d) + _lin(l1, d, 4 * d) + _lin(l1, 4 * d, d) + _lin(1, d, 2 * d)
+    parts = {
+        "patch_embed": _lin(n, c["in_channels"] * math.prod(patch), d),
+        "time_embed": _time_mlp(1, 256, d),
+        "token_refiner": _time_mlp(1, 256, d) + _lin(1, dt, d) + _lin(1, d, d) + _lin(l1, dt, d) + nr * refiner_block,
+        "glyph_embed": _lin(l2, dt2, 2048) + _lin(l2, 2048, 2048) + _lin(l2, 2048, d),
+        "image_embed": _lin(l3, di, di) + _lin(l3, di, d),
+        "adaln": nd * 2 * _lin(1, d, 6 * d) + _lin(1, d, 2 * d),
+        "double_proj": nd * (4 * _lin(n, d, d) + 4 * _lin(l, d, d)),
+        "double_sdpa": nd * _sdpa(n + l, n + l, d),
+        "double_ffn": nd * (_lin(n, d, m) + _lin(n, m, d) + _lin(l, d, m) + _lin(l, m, d)),
+        "proj_out": _lin(n, d, c_out * math.prod(patch)),
+    }
+    return {k: b * v for k, v in parts.items()}
+
+
 def block_flops(family: str, config: Mapping[str, Any], latent: Sequence[int], text_len: int) -> dict[str, int]:
     """FLOPs of one transformer block of each block list, per forward: the work a block cache skips.
 
@@ -179,6 +231,11 @@ def block_flops(family: str, config: Mapping[str, Any], latent: Sequence[int], t
         c, p = {**WAN_DEFAULTS, **dict(config)}, wan_flops(config, latent, text_len)
         inner = ("self_attn_proj", "self_attn_sdpa", "cross_attn_proj", "cross_attn_sdpa", "ffn")
         return {"blocks": sum(p[k] for k in inner) // c["num_layers"]}
+    if family == "hunyuan15":  # double-stream blocks only, each with its two 6D adaLN linears
+        c, p = {**HUNYUAN15_DEFAULTS, **dict(config)}, hunyuan15_flops(config, latent, text_len)
+        d = c["num_attention_heads"] * c["attention_head_dim"]
+        inner = p["double_proj"] + p["double_sdpa"] + p["double_ffn"]
+        return {"transformer_blocks": inner // c["num_layers"] + 2 * _lin(1, d, 6 * d)}
     c, p = {**HUNYUAN_DEFAULTS, **dict(config)}, hunyuan_flops(config, latent, text_len)
     d = c["num_attention_heads"] * c["attention_head_dim"]
     nd, ns = c["num_layers"], c["num_single_layers"]
@@ -193,6 +250,8 @@ def blocks_per_list(family: str, config: Mapping[str, Any]) -> dict[str, int]:
     """Blocks in each block list of the transformer, keyed as block_flops."""
     if family == "wan":
         return {"blocks": {**WAN_DEFAULTS, **dict(config)}["num_layers"]}
+    if family == "hunyuan15":
+        return {"transformer_blocks": {**HUNYUAN15_DEFAULTS, **dict(config)}["num_layers"]}
     c = {**HUNYUAN_DEFAULTS, **dict(config)}
     return {"transformer_blocks": c["num_layers"], "single_transformer_blocks": c["num_single_layers"]}
 
@@ -218,7 +277,7 @@ def metered_flops(
     latents: (h, w) -> (C, F, H, W); forwards / blocks: a base model's Meter (sample forwards, blocks run per
     list), so the result covers every sample of every batch.
     """
-    fn = wan_flops if family == "wan" else hunyuan_flops
+    fn = FLOPS_OF[family]
     n_of = blocks_per_list(family, config)
     out = {}
     for hw, n in forwards.items():
@@ -288,8 +347,13 @@ def refiner_flops(
 def transformer_flops(transformer: Any, latent: Sequence[int], text_len: int, batch: int = 1) -> dict[str, int]:
     """One call of a loaded diffusers Wan or HunyuanVideo transformer (from its .config), per component."""
     kind = type(transformer).__name__
+    if kind.startswith("HunyuanVideo15"):
+        return hunyuan15_flops(dict(transformer.config), latent, text_len, batch)
     if kind.startswith("Wan"):
         return wan_flops(dict(transformer.config), latent, text_len, batch)
     if kind.startswith("HunyuanVideo"):
         return hunyuan_flops(dict(transformer.config), latent, text_len, batch)
     raise ConfigError(f"no FLOPs model for {kind}; Wan and HunyuanVideo transformers only")
+
+
+FLOPS_OF = {"wan": wan_flops, "hunyuan": hunyuan_flops, "hunyuan15": hunyuan15_flops}  # one call, by family

@@ -10,7 +10,7 @@ from typing import Any
 
 from surf_train.base.sampling import RULES
 from surf_train.common.errors import ConfigError
-from surf_train.cost.architectures import PAPER, BaseArch, vae_decode_flops
+from surf_train.cost.architectures import PAPER, REFINER_FOR, BaseArch, vae_decode_flops
 from surf_train.cost.formulas import PFLOP, hit_skipped_flops, refiner_flops, token_grid, total
 from surf_train.models.refiner import RefinerConfig
 from surf_train.models.windows import Size3
@@ -85,7 +85,7 @@ class RunSettings:
 
 
 # Native 480p of each family, width a multiple of 16 (VAE 8 x patch 2): Wan 832x480, HunyuanVideo 848x480.
-PREFIX = {"wan": (832, 480), "hunyuan": (848, 480)}
+PREFIX = {"wan": (832, 480), "hunyuan": (848, 480), "hunyuan15": (848, 480)}  # 1.5: VAE 16 x patch 1
 
 
 def run_costs(s: RunSettings) -> dict[str, Any]:
@@ -105,7 +105,9 @@ def run_costs(s: RunSettings) -> dict[str, Any]:
         base_stage(s, arch, cfg_x, "surf", "prefix", prefix, s.switch + extra, min(s.switch + extra, stop)),
         base_stage(s, arch, cfg_x, "surf", "preview", s.preview, surf_steps - s.switch, preview_cfg),
     ]
-    rcfg = RefinerConfig.preset(s.refiner, **({"window": tuple(s.window)} if s.window else {}))
+    rcfg = RefinerConfig.preset(
+        s.refiner, **REFINER_FOR.get(arch.family, {}), **({"window": tuple(s.window)} if s.window else {})
+    )
     surf.append(refine_stage(s, arch, rcfg))
     if s.vae:
         add_vae_decode(s, arch, baseline, surf)

@@ -4,7 +4,8 @@
     video = pipe("a red ball rolling", generator=torch.Generator().manual_seed(0)).frames[0]  # (F, H, W, 3)
     pipe.save_pretrained("surf_tiny"); SurfPipeline.from_pretrained("surf_tiny")
 
-The components are the base pipeline's (WanPipeline or HunyuanVideoPipeline) and `refiner`; model_index.json also
+The components are the base pipeline's (WanPipeline, HunyuanVideoPipeline or HunyuanVideo15Pipeline, its guider
+included) and `refiner`; model_index.json also
 holds `base_spec` (the conf/base record: geometry, native size, guidance, prompts' settings) and `bridge` (the
 Refiner's sampler settings from its surf.json). A call runs the same code as `surf-generate`: the base-model adapter
 (its pipeline's own scheduler, CFG, cache), `sampling.preview_sample` and the Refiner's `RefinerSampler`.
@@ -173,7 +174,7 @@ class SurfPipeline(DiffusionPipeline):
     """SURF generation: base-model prefix, noise-reshifted preview, Refiner to the target size, VAE decode."""
 
     model_cpu_offload_seq = "text_encoder->text_encoder_2->transformer->transformer_2->refiner->vae"
-    _optional_components = ["refiner", "text_encoder_2", "tokenizer_2", "transformer_2"]
+    _optional_components = ["refiner", "text_encoder_2", "tokenizer_2", "transformer_2", "guider"]
 
     def __init__(
         self,
@@ -189,6 +190,7 @@ class SurfPipeline(DiffusionPipeline):
         bridge: dict | None = None,
         transformer_2=None,
         base_options: dict | None = None,  # the family pipeline's own options, e.g. WanPipeline's expand_timesteps
+        guider=None,
     ):
         super().__init__()
         if base_spec is None:
@@ -207,8 +209,11 @@ class SurfPipeline(DiffusionPipeline):
             "vae": vae,
             "scheduler": scheduler,
         }
-        if spec.family == "hunyuan":
+        second = spec.family in ("hunyuan", "hunyuan15")  # a second text encoder; 1.5 also guides by a guider
+        if second:
             names.update(text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2)
+        if spec.family == "hunyuan15":
+            names.update(guider=guider)
         experts = {}  # Wan 2.2 A14B: the low-noise expert and the boundary (conf/base's, checked by the adapter)
         if spec.boundary is not None:
             names["transformer_2"], experts = transformer_2, {"boundary_ratio": spec.boundary}
@@ -216,7 +221,7 @@ class SurfPipeline(DiffusionPipeline):
         adapter = adapter_class(spec.family)
         options = {**(base_options or {}), **experts}
         self.base = adapter(spec, adapter.pipeline_class()(**names, **options), transformer.device)
-        unused = {"text_encoder_2": None, "tokenizer_2": None, "transformer_2": None}
+        unused = {"text_encoder_2": None, "tokenizer_2": None, "transformer_2": None, "guider": None}
         self.register_modules(**{**unused, **names, "scheduler": self.base.pipe.scheduler}, refiner=refiner)
         self.register_to_config(base_spec=_spec_dict(spec), bridge=dict(bridge or {}), base_options=base_options or {})
         for m in (transformer, transformer_2, vae, text_encoder, text_encoder_2, refiner):
@@ -258,6 +263,7 @@ class SurfPipeline(DiffusionPipeline):
             bridge,
             transformer_2=getattr(p, "transformer_2", None),
             base_options={k: v for k, v in p.config.items() if not k.startswith("_") and k not in p.components},
+            guider=getattr(p, "guider", None),
         )
 
     @classmethod
@@ -357,8 +363,7 @@ class SurfPipeline(DiffusionPipeline):
         """Generate videos (sizes in pixels; None: the base model's defaults, preview half the target).
 
         switch: base-model steps at the prefix size; refiner_steps None: the K the Refiner was trained with;
-        guidance_scale / guidance_scale_2 None: the base model's (its guidance_2 for Wan 2.2's low-noise expert, see
-        BaseModel.guidances); negative_prompt None: its conf/base one (Wan only);
+        guidance_scale None: the base model's; negative_prompt None: its conf/base one (CFG families only);
         latents: start noise (B, C, F, h, w) at the prefix size (the target size for mode="baseline");
         generator: draws the start noise, the fresh noise of `paper`/`snr` and the Refiner's start-point noise,
         in that order, on the CPU; acceleration: the base model's cache and CFG truncation (None: off)."""
@@ -403,7 +408,7 @@ class SurfPipeline(DiffusionPipeline):
     def _encode(self, prompts: list[str], negative_prompt, mode: str, clock: StageClock):
         """The base model's conditioning and the Refiner's text (B, L, D) (None without a text-conditioned one)."""
         model, net = self.base, self.refiner if mode == "surf" else None
-        if negative_prompt is not None and model.spec.family != "wan":
+        if negative_prompt is not None and not model.cfg_branch:
             raise ConfigError(f"negative_prompt: {model.spec.family} embeds its guidance (no negative branch)")
         args = () if negative_prompt is None else (negative_prompt,)
         cond = clock.time("text", model.encode_prompt, prompts, *args)
