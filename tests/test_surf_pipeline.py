@@ -160,3 +160,32 @@ def test_the_generation_benchmark_runs_over_the_pipeline_without_patching(tmp_pa
     assert surf["mp4_s"] > 0 and surf["upsample_s"] > 0 and surf["sampler_glue_s"] > -1e-3
     assert r["calls"]["surf"] == {"prefix": 2, "low_res": 2}  # paper rule: one more call at the switch
     assert r["flops"]["surf"]["refine"] > 0
+
+
+def test_refiner_sees_the_text_as_the_pairs_store_it(surf, monkeypatch):
+    """At generation the Refiner gets each prompt's text exactly as make_pairs stores it for training
+    (Cond.text: padding rows zero). HunyuanVideo's real Llama gives non-zero rows at padding with a mask (the tiny
+    encoders happen to give zeros there), so its encoder is made to pad with noise here."""
+    base, pipe = surf
+    if not BASES[base][0]:
+        pytest.skip("this Refiner takes no text")
+    encode = pipe.base.encode_prompt
+
+    def noisy_padding(*a, **k):
+        cond = encode(*a, **k)
+        if "mask" in cond.extra:  # rows the mask marks as padding: non-zero, as a real encoder leaves them
+            pad = (cond.extra["mask"] == 0)[..., None]
+            cond.embeds = torch.where(pad, torch.randn_like(cond.embeds), cond.embeds)
+        return cond
+
+    monkeypatch.setattr(pipe.base, "encode_prompt", noisy_padding)
+    seen = []
+    real = type(pipe.refiner).forward
+    monkeypatch.setattr(type(pipe.refiner), "forward", lambda self, *a, **k: seen.append(a[3]) or real(self, *a, **k))
+    prompts = ["a red ball rolling", "a blue square moving left on a gray background"]
+    torch.manual_seed(0)
+    pipe(prompts, generator=torch.Generator().manual_seed(0), output_type="latent", **BASES[base][1], **CALL)
+    torch.manual_seed(0)
+    cond = noisy_padding(prompts)
+    stored = torch.stack([cond.text(i) for i in range(len(prompts))]).float()  # what the shards hold
+    assert seen and all(torch.equal(t.float(), stored) for t in seen)

@@ -176,11 +176,16 @@ class Cond:
     negative: torch.Tensor | None = None  # (B, L, D), Wan CFG
     extra: dict[str, torch.Tensor] = field(default_factory=dict)  # family-specific (masks, pooled)
 
-    def text(self, i: int) -> torch.Tensor:
-        """(L, D) embeddings of prompt i as stored in shards: padding positions zero. HunyuanVideo's encoder
-        returns non-zero padding with a mask; zeroed, the Refiner masks them and the shard drops them."""
+    def texts(self) -> torch.Tensor:
+        """(B, L, D) embeddings as shards store them and the Refiner sees them, in training and at generation:
+        padding positions zero. HunyuanVideo's encoders return non-zero padding with a mask; zeroed, the Refiner
+        masks them (refiner.text_padding_mask) and the shard drops them."""
         mask = self.extra.get("mask")  # (B, L), 1 for real tokens
-        return self.embeds[i] if mask is None else self.embeds[i] * mask[i, :, None].to(self.embeds.dtype)
+        return self.embeds if mask is None else self.embeds * mask[:, :, None].to(self.embeds.dtype)
+
+    def text(self, i: int) -> torch.Tensor:
+        """(L, D) embeddings of prompt i as stored in shards (see texts)."""
+        return self.texts()[i]
 
 
 @dataclass

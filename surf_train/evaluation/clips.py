@@ -127,7 +127,7 @@ def native_run(st: Setup, rec: Recorder, noise: torch.Tensor, wanted=()) -> tupl
 
 def refiner_text(net, cond: Cond) -> torch.Tensor | None:
     """The Refiner's text input: the prompt embeddings where it takes text."""
-    return cond.embeds.float() if net.cfg.text_dim else None
+    return cond.texts().float() if net.cfg.text_dim else None
 
 
 def sampler_at(

@@ -412,7 +412,7 @@ class SurfPipeline(DiffusionPipeline):
             raise ConfigError(f"negative_prompt: {model.spec.family} embeds its guidance (no negative branch)")
         args = () if negative_prompt is None else (negative_prompt,)
         cond = clock.time("text", model.encode_prompt, prompts, *args)
-        text = cond.embeds.float() if net is not None and net.cfg.text_dim else None
+        text = cond.texts().float() if net is not None and net.cfg.text_dim else None  # as stored
         if text is not None and text.shape[-1] != net.cfg.text_dim:
             raise ConfigError(
                 f"Refiner expects {net.cfg.text_dim}-wide text embeddings, {model.spec.name} gives {text.shape[-1]}"
