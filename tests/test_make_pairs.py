@@ -10,15 +10,14 @@ import pytest
 import torch
 
 from surf_train.common.errors import ConfigError
+from surf_train.data.meta import base_fingerprint, weights_digest
 from surf_train.data.pairs import (
     BUILTIN_PROMPTS,
     PairsConfig,
-    base_fingerprint,
     check_fingerprint,
     make_jobs,
     make_pairs,
     read_prompts,
-    weights_digest,
 )
 from surf_train.data.shards import list_shards, lock_path, read_shards, shard_keys
 
@@ -154,7 +153,7 @@ def test_retrained_local_base_is_a_different_configuration(tmp_path, monkeypatch
     with pytest.raises(ConfigError, match=r"different configuration \(weights: '[0-9a-f]{16}' -> '[0-9a-f]{16}'\)"):
         check_fingerprint(tmp_path / "pairs", base_fingerprint(spec))
     # large files are hashed by size and their ends: a change in the first MiB still shows
-    monkeypatch.setattr("surf_train.data.pairs.WHOLE_FILE", 1000)
+    monkeypatch.setattr("surf_train.data.meta.WHOLE_FILE", 1000)
     big = bytearray(3 << 20)
     (model / "transformer" / "weights.safetensors").write_bytes(big)
     d = weights_digest(str(model))

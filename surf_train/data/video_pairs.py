@@ -32,16 +32,8 @@ from surf_train.common.dist_env import rank_world
 from surf_train.common.dtypes import DTYPES, DType
 from surf_train.common.errors import ConfigError, known_keys
 from surf_train.data.degrade import DegradeConfig, degrade_latent, degrade_pixels, sample_params
-from surf_train.data.pairs import (
-    base_fingerprint,
-    base_meta,
-    check_schedule,
-    check_storage,
-    open_out_dir,
-    schedule_meta,
-    settings,
-    write_samples,
-)
+from surf_train.data.meta import base_fingerprint, base_meta, schedule_meta
+from surf_train.data.pairs import check_schedule, check_storage, open_out_dir, settings, write_samples
 from surf_train.data.shards import OutDirLock
 from surf_train.data.video import (
     BACKENDS,
