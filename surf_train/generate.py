@@ -61,6 +61,7 @@ class GenerateConfig:
         None  # replace the pipeline's scheduler class, same shift; None: the pipeline's own
     )
     guidance: float | None = None  # guidance scale; None: the base model's
+    guidance_2: float | None = None  # Wan 2.2 A14B: the low-noise expert's guidance scale; None: the base model's
     rule: Rule = "pool"  # re-noise rule at the switch: the make_pairs default the Refiner was trained on
     down: DownMode = "area"  # latent downsampling kernel
     refiner_steps: int | None = None  # Refiner Euler steps; None: the K the Refiner was trained with
@@ -129,6 +130,7 @@ def generate_one(cfg: GenerateConfig, pipe: SurfPipeline, i: int, prompt: str, s
         prefix_width=cfg.prefix_width,
         refiner_steps=cfg.refiner_steps,
         guidance_scale=cfg.guidance,
+        guidance_scale_2=cfg.guidance_2,
         generator=torch.Generator().manual_seed(seed),
         mode=cfg.mode,
         rule=cfg.rule,

@@ -266,3 +266,21 @@ def test_two_expert_pairs_train_export_and_generate(tmp_path):
     assert index["transformer_2"] == ["diffusers", "WanTransformer3DModel"] and index["base_spec"]["boundary"] == 0.875
     back = SurfPipeline.from_pretrained(tmp_path / "surf")
     assert torch.equal(out, back(PROMPT, generator=torch.Generator().manual_seed(0), **call).frames)
+
+
+def test_generate_guidance_2_is_wan_pipelines_guidance_scale_2(wan22, tmp_path, monkeypatch):
+    """`surf-generate --mode baseline --guidance-2 G` equals WanPipeline(guidance_scale_2=G) on the same noise, and
+    G changes the video (the low-noise expert runs half of the 6 steps)."""
+    from surf_train.base.adapter import BaseModel
+    from surf_train.generate import GenerateConfig, generate
+
+    decoded = []
+    real_decode = BaseModel.vae_decode
+    monkeypatch.setattr(BaseModel, "vae_decode", lambda self, z: decoded.append(z.clone()) or real_decode(self, z))
+    size = dict(height=SIZE["height"], width=SIZE["width"], frames=SIZE["num_frames"])
+    cfg = GenerateConfig(base="tiny_wan22", mode="baseline", prompts=[PROMPT], seeds=[3], steps=6, guidance_2=7.0)
+    generate(dataclasses.replace(cfg, out_dir=str(tmp_path), progress=False, prefix_height=64, prefix_width=64, **size))
+    noise = noise_for(wan22, seed=3)  # generate's start noise for seed 3
+    spec = dataclasses.replace(wan22.spec, guidance_2=7.0)
+    assert rel(decoded[0], reference(wan22.pipe, noise, 6, spec)) <= TOL
+    assert rel(decoded[0], reference(wan22.pipe, noise, 6, wan22.spec)) > 100 * TOL
