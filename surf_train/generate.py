@@ -196,9 +196,7 @@ def stage_flops(model: BaseModel, net, names: dict, lat: dict, f_lat: int, k_ref
 
     spec, m = model.spec, model.meter
     latents = {hw: (spec.channels, f_lat, *hw) for hw in m.forwards}
-    done = metered_flops(
-        spec.family, model.pipe.transformer.config, latents, m.forwards, m.blocks, spec.max_sequence_length
-    )
+    done = metered_flops(spec.family, model.flops_config, latents, m.forwards, m.blocks, spec.max_sequence_length)
     out = {}
     for hw, f in done.items():  # names: latent (h, w) -> report stage
         out[names[hw]] = out.get(names[hw], 0) + f

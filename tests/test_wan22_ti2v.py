@@ -290,3 +290,27 @@ def test_5b_row_matches_the_counter_on_meta():
     assert 4.9e9 < sum(p.numel() for p in net.parameters()) < 5.1e9
     counted = _count(lambda: net(x, t, text, return_dict=False))
     assert cost.total(arch.flops(latent)) == counted
+
+
+def test_generate_reports_the_per_token_time_embedding(ti2v, tmp_path):
+    """surf-generate's FLOPs report counts TI2V's time embedding per token, as the pipeline runs it (2 steps x 2
+    CFG branches at the target size), not once per sample."""
+    rep = generate(
+        GenerateConfig(
+            base=BASE,
+            mode="baseline",
+            prompts=[PROMPT],
+            seeds=[0],
+            steps=2,
+            switch=0,
+            out_dir=str(tmp_path),
+            progress=False,
+            prefix_height=SIZE["height"],
+            prefix_width=SIZE["width"],
+            **SIZE,
+        )
+    )[0]
+    latent, text_len, config = (48, 3, 8, 8), ti2v.spec.max_sequence_length, dict(ti2v.pipe.transformer.config)
+    per_token = cost.total(cost.wan_flops({**config, "expand_timesteps": True}, latent, text_len))
+    assert rep["flops"]["full_res"] == 4 * per_token
+    assert cost.total(cost.wan_flops(config, latent, text_len)) < per_token

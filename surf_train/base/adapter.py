@@ -332,6 +332,11 @@ class BaseModel(ABC):
         """Guided transformer output for x in the model's dtype, computed as the family's pipeline does."""
 
     # --- shared ----------------------------------------------------------------------------
+    @property
+    def flops_config(self) -> dict:
+        """The transformer's config as the cost model reads it (surf_train.cost), with how the pipeline runs it."""
+        return dict(self.pipe.transformer.config)
+
     def check_grid(self, latent_hw: tuple[int, int], frames: int) -> None:  # noqa: B027 (a hook: no-op default)
         """Family limits on the token grid beyond divisibility (none by default)."""
 

@@ -63,6 +63,10 @@ class WanBase(BaseModel):
         """Whether the pipeline passes a timestep per token (Wan 2.2 TI2V-5B's model_index.json sets it)."""
         return bool(self.pipe.config.get("expand_timesteps", False))
 
+    @property
+    def flops_config(self) -> dict:
+        return {**self.pipe.transformer.config, "expand_timesteps": self.expand_timesteps}  # a time embedding per token
+
     def _timestep(self, x: torch.Tensor, step: Step) -> torch.Tensor:
         """The timestep WanPipeline passes the transformer for x (B, C, F, H, W): (B,), or (B, F * H/2 * W/2)."""
         t = step.timestep.to(x.device)

@@ -80,9 +80,7 @@ def _run(cfg, st: Setup, m: Method, b: Batch) -> tuple[torch.Tensor, float, floa
     seconds = time.perf_counter() - t0
     lat = {hw: (st.c, st.f_lat, *hw) for hw in model.meter.forwards}
     meter = model.meter
-    done = metered_flops(
-        spec.family, model.pipe.transformer.config, lat, meter.forwards, meter.blocks, spec.max_sequence_length
-    )
+    done = metered_flops(spec.family, model.flops_config, lat, meter.forwards, meter.blocks, spec.max_sequence_length)
     return x, seconds, sum(done.values()) / len(b.prompts)
 
 

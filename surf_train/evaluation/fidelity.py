@@ -45,9 +45,7 @@ def call_flops(model: BaseModel, lat_shape: tuple[int, ...], guidance: float | N
             f"the evaluation's FLOPs model covers Wan-family base models; {model.spec.name} is {model.spec.family}"
         )
     g = model.spec.guidance if guidance is None else guidance
-    return (2 if g != 1.0 else 1) * total(
-        wan_flops(model.pipe.transformer.config, lat_shape, model.spec.max_sequence_length)
-    )
+    return (2 if g != 1.0 else 1) * total(wan_flops(model.flops_config, lat_shape, model.spec.max_sequence_length))
 
 
 def _previews(cfg, st: Setup, b: Batch, flops: dict) -> tuple[dict, dict]:
