@@ -35,6 +35,7 @@ from surf_train.inference.pipeline import MODES, StageClock, SurfPipeline, defau
 DEFAULT_BASE = "toy"  # the trained toy-world model (assets/toy_base); `tiny` is random, for tests
 DEFAULT_REFINER = str(TOY_REFINER)  # the shipped toy-world Refiner; `make demo` exports its own to runs/demo/refiner
 SCHEDULER_NAMES = tuple(sorted(SCHEDULERS))
+SIZE_FIELDS = ("height", "width", "preview_height", "preview_width", "prefix_height", "prefix_width")  # pixels
 log = logging.getLogger("surf_train")
 
 
@@ -119,15 +120,10 @@ def generate_one(cfg: GenerateConfig, pipe: SurfPipeline, i: int, prompt: str, s
     clock = StageClock(pipe.base.device)
     out = pipe(
         prompt,
-        height=cfg.height,
-        width=cfg.width,
         num_frames=cfg.frames,
         num_inference_steps=cfg.steps,
         switch=cfg.switch,
-        preview_height=cfg.preview_height,
-        preview_width=cfg.preview_width,
-        prefix_height=cfg.prefix_height,
-        prefix_width=cfg.prefix_width,
+        **{k: getattr(cfg, k) for k in SIZE_FIELDS},
         refiner_steps=cfg.refiner_steps,
         guidance_scale=cfg.guidance,
         guidance_scale_2=cfg.guidance_2,

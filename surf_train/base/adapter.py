@@ -309,15 +309,20 @@ class BaseModel(ABC):
         return cls(spec, pipe, device)
 
     # --- family-specific -------------------------------------------------------------------
-    @staticmethod
-    @abstractmethod
-    def pipeline_class() -> type:
-        """The family's diffusers pipeline class (imported on use: diffusers is slow to import)."""
+    pipeline_name: str  # the family's diffusers pipeline class, e.g. "WanPipeline"
+    tiny_name: str  # the builder of its tiny download-free pipeline in surf_train.base.tiny
 
-    @staticmethod
-    @abstractmethod
-    def tiny_pipeline():
-        """The family's tiny download-free pipeline (surf_train.base.tiny)."""
+    @classmethod
+    def pipeline_class(cls) -> type:
+        import diffusers  # on use: diffusers is slow to import
+
+        return getattr(diffusers, cls.pipeline_name)
+
+    @classmethod
+    def tiny_pipeline(cls):
+        from surf_train.base import tiny
+
+        return getattr(tiny, cls.tiny_name)()
 
     @abstractmethod
     def _patch(self) -> tuple[int, int]:

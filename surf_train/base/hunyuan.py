@@ -14,17 +14,7 @@ class HunyuanBase(BaseModel):
     custom_sigmas = True  # HunyuanVideoPipeline passes sigmas=linspace(1, 0, N + 1)[:-1] to set_timesteps
     cfg_branch = False  # guidance is a transformer input: nothing to truncate
 
-    @staticmethod
-    def pipeline_class() -> type:
-        from diffusers import HunyuanVideoPipeline
-
-        return HunyuanVideoPipeline
-
-    @staticmethod
-    def tiny_pipeline():
-        from surf_train.base.tiny import tiny_hunyuan_pipeline
-
-        return tiny_hunyuan_pipeline()
+    pipeline_name, tiny_name = "HunyuanVideoPipeline", "tiny_hunyuan_pipeline"
 
     def _patch(self) -> tuple[int, int]:
         c = self.pipe.transformer.config

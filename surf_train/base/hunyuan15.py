@@ -23,17 +23,7 @@ class Hunyuan15Base(BaseModel):
         pipe.tokenizer_max_length = spec.max_sequence_length
         super().__init__(spec, pipe, device)
 
-    @staticmethod
-    def pipeline_class() -> type:
-        from diffusers import HunyuanVideo15Pipeline
-
-        return HunyuanVideo15Pipeline
-
-    @staticmethod
-    def tiny_pipeline():
-        from surf_train.base.tiny import tiny_hunyuan15_pipeline
-
-        return tiny_hunyuan15_pipeline()
+    pipeline_name, tiny_name = "HunyuanVideo15Pipeline", "tiny_hunyuan15_pipeline"
 
     def _patch(self) -> tuple[int, int]:
         c = self.pipe.transformer.config

@@ -89,45 +89,40 @@ def tiny_hunyuan_vae(seed: int = 0):
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + 1)
+        # the released VAE's constructor defaults (3D blocks, strides 8 and 4, scaling factor) but tiny widths
         return AutoencoderKLHunyuanVideo(
-            in_channels=3,
-            out_channels=3,
-            latent_channels=4,
-            down_block_types=("HunyuanVideoDownBlock3D",) * 4,
-            up_block_types=("HunyuanVideoUpBlock3D",) * 4,
-            block_out_channels=(8, 8, 8, 8),
-            layers_per_block=1,
-            act_fn="silu",
-            norm_num_groups=4,
-            scaling_factor=0.476986,
-            spatial_compression_ratio=8,
-            temporal_compression_ratio=4,
-            mid_block_add_attention=True,
+            latent_channels=4, block_out_channels=(8,) * 4, layers_per_block=1, norm_num_groups=4
         )
+
+
+def tiny_t5(vocab_size: int):
+    """A 2-layer T5 encoder (diffusers' Wan test sizes): the tiny Wan's text encoder, HunyuanVideo-1.5's glyph one.
+    Its weights come from the caller's RNG state."""
+    from transformers import T5Config, T5EncoderModel
+
+    cfg = T5Config(
+        vocab_size=vocab_size,
+        d_model=32,
+        d_kv=8,
+        d_ff=37,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+    )
+    return T5EncoderModel(cfg)
 
 
 def tiny_wan_pipeline(seed: int = 0):
     """WanPipeline with a 2-layer transformer, a 3-channel-base VAE and a 2-layer T5."""
     from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
-    from transformers import T5Config, T5EncoderModel
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         tok = tiny_tokenizer()
-        te = T5EncoderModel(
-            T5Config(
-                vocab_size=len(tok),
-                d_model=32,
-                d_kv=8,
-                d_ff=37,
-                num_layers=2,
-                num_heads=4,
-                relative_attention_num_buckets=8,
-                pad_token_id=0,
-                eos_token_id=1,
-                decoder_start_token_id=0,
-            )
-        )
+        te = tiny_t5(len(tok))
         net = WanTransformer3DModel(**TINY_WAN_TRANSFORMER)
     return WanPipeline(
         tokenizer=tok,
@@ -296,8 +291,6 @@ def tiny_hunyuan15_vae(seed: int = 0):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + 1)
         return AutoencoderKLHunyuanVideo15(
-            in_channels=3,
-            out_channels=3,
             latent_channels=4,
             block_out_channels=(16, 16),
             layers_per_block=1,
@@ -322,7 +315,7 @@ def tiny_hunyuan15_pipeline(seed: int = 0, guidance: float = 6.0):
     T5 encoder with ByT5's byte tokenizer (no files), CFG by a ClassifierFreeGuidance guider."""
     from diffusers import FlowMatchEulerDiscreteScheduler, HunyuanVideo15Pipeline, HunyuanVideo15Transformer3DModel
     from diffusers.guiders import ClassifierFreeGuidance
-    from transformers import ByT5Tokenizer, Qwen2_5_VLTextConfig, Qwen2_5_VLTextModel, T5Config, T5EncoderModel
+    from transformers import ByT5Tokenizer, Qwen2_5_VLTextConfig, Qwen2_5_VLTextModel
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -351,20 +344,7 @@ def tiny_hunyuan15_pipeline(seed: int = 0, guidance: float = 6.0):
             )
         )
         byt5_tok = ByT5Tokenizer()
-        t5 = T5EncoderModel(
-            T5Config(
-                vocab_size=len(byt5_tok),
-                d_model=32,
-                d_kv=8,
-                d_ff=37,
-                num_layers=2,
-                num_heads=4,
-                relative_attention_num_buckets=8,
-                pad_token_id=0,
-                eos_token_id=1,
-                decoder_start_token_id=0,
-            )
-        )
+        t5 = tiny_t5(len(byt5_tok))
         net = HunyuanVideo15Transformer3DModel(**TINY_HUNYUAN15_TRANSFORMER)
     return HunyuanVideo15Pipeline(
         text_encoder=qwen.eval(),

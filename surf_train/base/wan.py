@@ -13,17 +13,7 @@ from surf_train.common.errors import ConfigError
 class WanBase(BaseModel):
     """Wan: umT5 text, classifier-free guidance with a negative prompt, per-channel latent mean/std."""
 
-    @staticmethod
-    def pipeline_class() -> type:
-        from diffusers import WanPipeline
-
-        return WanPipeline
-
-    @staticmethod
-    def tiny_pipeline():
-        from surf_train.base.tiny import tiny_wan_pipeline
-
-        return tiny_wan_pipeline()
+    pipeline_name, tiny_name = "WanPipeline", "tiny_wan_pipeline"
 
     @classmethod
     def load(cls, spec: BaseSpec, device: torch.device) -> WanBase:
