@@ -19,6 +19,10 @@ missing, and a failure (an OOM included) is recorded and the next part runs:
                       on the 720p, 480p and 240p latents; the baseline (50 steps at 720p) and SURF (10 at 480p +
                       30 at 240p + 10 Refiner steps) composed into seconds, next to the paper's 3497 s -> 278 s and
                       surf_train.flops' prediction (step counts and sizes come from flops.RunSettings).
+  ti2v5b              Wan 2.2 TI2V-5B-shaped transformer (its released config, random bf16 weights as wan14b), one
+                      forward at batch 2 (CFG) with per-token timesteps (expand_timesteps) on the 704x1280 target
+                      (= its native prefix) and 352x640 preview latents of 121 frames (48 channels, 16x VAE).
+                      The A14B expert has the 14B's shape and cost: wan14b measures it.
   lightning_deepspeed `python -m surf_train +experiment=wan` shrunk to a mid-sized Refiner: 5 steps of Lightning's
                       DeepSpeed ZeRO-2 in bf16-mixed on one GPU on shards written here by surf_train.data.shards, the
                       ZeRO checkpoint, `python -m surf_train.export` of it and a load of the export.
@@ -78,7 +82,7 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere: the project is i
     sys.path.insert(0, str(ROOT))
 
 SCHEMA_VERSION = 1
-PARTS = ("environment", "refiner_train", "refiner_sample", "wan14b", "lightning_deepspeed")
+PARTS = ("environment", "refiner_train", "refiner_sample", "wan14b", "ti2v5b", "lightning_deepspeed")
 BACKENDS = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH")
 PACKAGES = (
     "torch",
@@ -130,6 +134,9 @@ class Plan:
     large: tuple[int, int] = (1920, 1088)  # 1080p rounded up to the VAE x patch multiple of 16
     refiner: dict = field(default_factory=lambda: {"grad_checkpointing": True})  # paper preset overrides
     wan: dict = field(default_factory=dict)  # overrides of flops.ARCH["wan2.1_t2v_14b"]
+    ti2v: dict = field(default_factory=dict)  # overrides of flops.ARCH["wan2.2_ti2v_5b"]
+    ti2v_frames: int = 121  # TI2V-5B's native clip (24 fps)
+    ti2v_sizes: dict = field(default_factory=lambda: {"target": (1280, 704), "preview": (640, 352)})
     text_len: int = 512  # Wan pads prompts to 512 umT5 tokens
     sample_steps: int = 10
     repeats: int = 3
@@ -145,8 +152,9 @@ class Plan:
             "environment": 45,
             "refiner_train": 80,
             "refiner_sample": 60,
-            "wan14b": 160,
-            "lightning_deepspeed": 150,
+            "wan14b": 140,
+            "ti2v5b": 40,
+            "lightning_deepspeed": 140,
         }
     )
     floors: dict = field(
@@ -155,6 +163,7 @@ class Plan:
             "refiner_train": 20,
             "refiner_sample": 15,
             "wan14b": 60,
+            "ti2v5b": 15,
             "lightning_deepspeed": 60,
         }
     )
@@ -178,6 +187,9 @@ class Plan:
             large=(192, 96),
             refiner=small,
             wan={"num_attention_heads": 2, "attention_head_dim": 16, "ffn_dim": 64, "num_layers": 2, "text_dim": 32},
+            ti2v={"num_attention_heads": 2, "attention_head_dim": 16, "ffn_dim": 64, "num_layers": 2, "text_dim": 32},
+            ti2v_frames=5,
+            ti2v_sizes={"target": (128, 64), "preview": (64, 32)},
             text_len=16,
             sample_steps=3,
             repeats=2,
@@ -191,6 +203,7 @@ class Plan:
                 "refiner_train": 20,
                 "refiner_sample": 20,
                 "wan14b": 30,
+                "ti2v5b": 20,
                 "lightning_deepspeed": 110,
             },
             floors={p: 1 for p in PARTS},
@@ -219,6 +232,13 @@ def latent(plan: Plan, size: tuple[int, int]) -> tuple[int, int, int, int]:
     from surf_train.cost import BaseArch
 
     return BaseArch.from_name("wan2.1_t2v_14b").latent(plan.frames, size)
+
+
+def ti2v_latent(plan: Plan, size: tuple[int, int]) -> tuple[int, int, int, int]:
+    """(C, F, H, W) Wan 2.2 TI2V-5B latent (48 channels, 16x spatial) of plan.ti2v_frames frames at `size`."""
+    from surf_train.cost import BaseArch
+
+    return BaseArch.from_name("wan2.2_ti2v_5b").latent(plan.ti2v_frames, size)
 
 
 def fmt_size(size) -> str:
@@ -362,6 +382,19 @@ def skeleton(plan: Plan) -> dict:
                     "paper": {"baseline_s": None, "surf_s": None, "speedup": None},
                     "measured_over_predicted": None,
                     "null_reasons": {},
+                }
+            ),
+            "ti2v5b": part(
+                {
+                    "config": None,
+                    "params": None,
+                    "batch": 2,
+                    "text_len": plan.text_len,
+                    "dtype": "bfloat16",
+                    "cases": {
+                        k: measurement(size=fmt_size(sz), latent=list(ti2v_latent(plan, sz)), output_finite=None)
+                        for k, sz in plan.ti2v_sizes.items()
+                    },
                 }
             ),
             "lightning_deepspeed": part(
@@ -1056,6 +1089,42 @@ def train_overrides(plan: Plan, shards: Path, run_dir: Path) -> list[str]:
     ]
 
 
+def part_ti2v5b(plan: Plan, dev: torch.device, deadline: float, r: dict, report: Report) -> None:
+    """Per-call forwards of a TI2V-5B-shaped transformer with per-token timesteps, as WanPipeline runs it."""
+    from surf_train.cost import ARCH, total, wan_flops
+
+    arch = {**ARCH["wan2.2_ti2v_5b"], **plan.ti2v}
+    config = {k: v for k, v in arch.items() if k != "expand_timesteps"}  # a pipeline option, not the model's
+    net = wan_on_device(config, dev, torch.bfloat16)
+    r["config"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(net.config).items() if k[0] != "_"}
+    r["params"] = sum(p.numel() for p in net.parameters())
+    report.save()
+    b = r["batch"]
+    text = torch.randn(b, plan.text_len, config["text_dim"], device=dev, dtype=torch.bfloat16)  # (2, L, 4096)
+
+    def forward_case(rec: dict, flop: float) -> None:
+        c, f, h, w = rec["latent"]
+        x = torch.randn(b, c, f, h, w, device=dev, dtype=torch.bfloat16)
+        t = torch.full((b, f * (h // 2) * (w // 2)), 500.0, device=dev)  # (B, seq_len): a timestep per token
+        out: list[torch.Tensor] = []
+
+        def fwd():
+            out[:] = [net(x, t, text, return_dict=False)[0]]  # noqa: F821 (deleted after the last call)
+
+        with torch.no_grad():
+            measure(rec, fwd, dev, deadline, plan.repeats, flop)
+        rec["output_finite"] = bool(torch.isfinite(out[0]).all())
+
+    jobs = []
+    for name in ("preview", "target"):  # cheapest first, as wan14b
+        rec = r["cases"][name]
+        flop = total(wan_flops(arch, tuple(rec["latent"]), plan.text_len, batch=b))
+        jobs.append((rec, flop, lambda rec, flop=flop: forward_case(rec, flop)))
+    run_cases(report, deadline, jobs)
+    del net
+    free_memory()
+
+
 def part_lightning_deepspeed(plan: Plan, dev: torch.device, deadline: float, r: dict, report: Report) -> None:
     from surf_train.models.loading import load_refiner
     from surf_train.models.refiner import num_params
@@ -1316,6 +1385,8 @@ def main(argv: list[str] | None = None) -> int:
     for p in PARTS:
         if p not in parts:
             doc["parts"][p].update(status="skipped", reason="not in --parts")
+            for c in doc["parts"][p]["results"].get("cases", {}).values():
+                c.update(status="skipped", reason="part not in --parts")
     report.save()
     torch.manual_seed(0)
     if a.dry_run:
@@ -1334,6 +1405,7 @@ def main(argv: list[str] | None = None) -> int:
         "refiner_train": part_refiner_train,
         "refiner_sample": part_refiner_sample,
         "wan14b": part_wan14b,
+        "ti2v5b": part_ti2v5b,
         "lightning_deepspeed": part_lightning_deepspeed,
     }
     for p in PARTS:

@@ -57,7 +57,7 @@ def test_dry_run_runs_every_part_with_the_real_schema(dry_run):
     # same fields as a run at the real shapes; every null explained
     assert schema_diff(G.skeleton(G.Plan(dry_run=False)), doc) == []
     assert G.unexplained_nulls(doc) == []
-    for part in ("refiner_train", "refiner_sample", "wan14b"):
+    for part in ("refiner_train", "refiner_sample", "wan14b", "ti2v5b"):
         for name, c in doc["parts"][part]["results"]["cases"].items():
             assert c["status"] == "ok" and c["repeats"] >= 1 and c["ms"] > 0 and c["timer"] == "perf_counter", name
             assert c["tflops_per_s"] == pytest.approx(c["tflop"] / (c["ms"] / 1e3))
@@ -210,3 +210,18 @@ def test_wan_14b_builds_like_from_pretrained_on_meta():
         set(n.split(".")) & set(net._keep_in_fp32_modules) for n in fp32
     )
     assert [n for n, _ in net.named_buffers()] == ["rope.freqs_cos", "rope.freqs_sin"]
+
+
+def test_ti2v_5b_part_builds_the_released_shape_on_meta():
+    """The ti2v5b part's transformer is the released TI2V-5B (5B parameters, 48 channels) and its cases are the
+    704x1280 and 352x640 latents of 121 frames; its FLOPs count the per-token time embedding."""
+    from surf_train.cost import ARCH, total, wan_flops
+
+    plan = G.Plan(dry_run=False)
+    cases = G.skeleton(plan)["parts"]["ti2v5b"]["results"]["cases"]
+    assert {k: c["latent"] for k, c in cases.items()} == {"target": [48, 31, 44, 80], "preview": [48, 31, 22, 40]}
+    config = {k: v for k, v in ARCH["wan2.2_ti2v_5b"].items() if k != "expand_timesteps"}
+    net = G.wan_on_device(config, torch.device("meta"), torch.bfloat16)
+    assert 4.9e9 < sum(p.numel() for p in net.parameters()) < 5.1e9
+    per_token = total(wan_flops(ARCH["wan2.2_ti2v_5b"], (48, 31, 44, 80), 512, batch=2))
+    assert per_token > total(wan_flops(config, (48, 31, 44, 80), 512, batch=2))
