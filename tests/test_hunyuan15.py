@@ -205,3 +205,13 @@ def test_pairs_train_export_and_surf_pipeline(tmp_path):
         assert torch.equal(a.frames, b.frames), mode
     neg = pipe(PROMPTS[0], negative_prompt="blurry", generator=torch.Generator().manual_seed(0), **call).frames
     assert not (neg == video).all()  # a CFG family takes a negative prompt
+
+
+def test_pairs_take_cfg_truncation_where_the_family_has_a_negative_branch():
+    """HunyuanVideo-1.5 guides with a negative branch (its guider), so pairs may truncate CFG as Wan's do;
+    HunyuanVideo embeds its guidance, so they may not."""
+    from surf_train.data.pairs import PairsConfig
+
+    PairsConfig.from_dict({"base": "tiny_hunyuan15", "cfg_stop": 2}).resolved()
+    with pytest.raises(ConfigError, match="CFG truncation needs a CFG branch"):
+        PairsConfig.from_dict({"base": "tiny_hunyuan", "cfg_stop": 2}).resolved()

@@ -21,7 +21,7 @@ from hydra.core.config_store import ConfigStore
 from tqdm import tqdm
 
 from surf_train import __version__
-from surf_train.base import Acceleration, BaseModel, BaseSpec, latent_frames, load_base_model
+from surf_train.base import Acceleration, BaseModel, BaseSpec, adapter_class, latent_frames, load_base_model
 from surf_train.base.sampling import DOWN_MODES, RULES, DownMode, PreviewPlan, Rule, pair_sample
 from surf_train.common.config import check, schema
 from surf_train.common.dist_env import rank_world
@@ -148,7 +148,7 @@ class PairsConfig:
             )
         check_schedule(self.steps, self.switch, self.rule, self.down)
         check_storage(self.dtype, self.shard_size)
-        self.acceleration().check(self.base.family == "wan")
+        self.acceleration().check(adapter_class(self.base.family).cfg_branch)  # embedded guidance: nothing to cut
         if self.num_pairs is not None and self.num_pairs < 1:
             raise ConfigError(f"num_pairs={self.num_pairs} must be >= 1 (or null: one per prompt)")
         if self.batch_size < 1:
