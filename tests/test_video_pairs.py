@@ -461,3 +461,17 @@ def test_out_dir_file_and_double_launch_are_one_clear_error(synthetic_videos, tm
         with pytest.raises(ConfigError, match=f"{lock_path(out, 0)}: rank 0 of {out} is being written by pid"):
             make_video_pairs(VideoPairsConfig.from_dict({"base": "tiny", "out_dir": str(out), **VIDEO_SMALL}))
     assert not list_shards(out) and not (out / "demo_videos").exists()
+
+
+def test_repreview_pairs_of_two_experts_record_the_preview_experts(synthetic_videos, tmp_path):
+    """Re-previewed by a Wan 2.2 A14B-style base, a pair records the boundary, both guidances and which expert ran
+    each preview step (only the preview branch runs: no prefix or target counts)."""
+    subset(synthetic_videos, tmp_path / "v", "square.mp4")
+    r = {"steps": 6, "switch": 1, "rule": "pool"}
+    make_video_pairs(
+        cfg(tmp_path / "r", tmp_path / "v", base="tiny_wan22", mode="repreview", clips_per_video=1, repreview=r)
+    )
+    (x,) = samples(tmp_path / "r")
+    experts = x["meta"]["schedule"]["experts"]
+    assert experts["boundary"] == 0.875 and experts["guidance"] == {"transformer": 4.0, "transformer_2": 3.0}
+    assert set(experts) == {"boundary", "guidance", "preview"} and sum(experts["preview"].values()) == 5

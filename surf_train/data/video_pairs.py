@@ -32,7 +32,7 @@ from surf_train.common.dist_env import rank_world
 from surf_train.common.dtypes import DTYPES, DType
 from surf_train.common.errors import ConfigError, known_keys
 from surf_train.data.degrade import DegradeConfig, degrade_latent, degrade_pixels, sample_params
-from surf_train.data.meta import base_fingerprint, base_meta, schedule_meta
+from surf_train.data.meta import base_fingerprint, base_meta, expert_meta, schedule_meta
 from surf_train.data.pairs import check_schedule, check_storage, open_out_dir, settings, write_samples
 from surf_train.data.shards import OutDirLock
 from surf_train.data.video import (
@@ -289,7 +289,10 @@ def _repreview(
     eps = torch.randn(target.shape, generator=gen).to(target)
     fresh = torch.randn((*target.shape[:3], *plan.preview_size), generator=gen).to(target)
     x = (1 - s_k) * target + s_k * eps  # the real latent at the switch level
-    return finish_preview(model.velocity_fn(cond, r.guidance), x, plan, fresh), schedule_meta(plan, r.steps, r.guidance)
+    preview = finish_preview(model.velocity_fn(cond, r.guidance), x, plan, fresh)
+    experts = expert_meta(model, plan, tuple(target.shape[-2:]), r.guidance)  # Wan 2.2: only the preview ran
+    experts = experts and {k: v for k, v in experts.items() if k not in ("prefix", "target")}
+    return preview, schedule_meta(plan, r.steps, r.guidance, experts)
 
 
 def _clip_meta(cfg: VideoPairsConfig, clip: Clip, backend: str) -> dict:
