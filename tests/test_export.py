@@ -296,3 +296,19 @@ def test_sharded_export_loads(tmp_path):
     args = inputs(net)
     with torch.no_grad():
         assert torch.equal(back(*args), net.eval()(*args)) and meta["bridge"] == {"steps": 2}
+
+
+def test_exported_files_are_readable_like_config_json(tmp_path):
+    """The weights are as readable as config.json (0644 under umask 022), not safetensors' 0600: colleagues on a
+    shared cluster load the same export."""
+    from surf_train.models.refiner import Refiner, RefinerConfig
+    from surf_train.training.export import save_refiner
+
+    net = Refiner.from_cfg(RefinerConfig(dim=32, depth=2, heads=2))
+    old = os.umask(0o022)
+    try:
+        out = save_refiner(net.state_dict(), net.cfg, tmp_path / "e", bridge={"steps": 2})
+    finally:
+        os.umask(old)
+    modes = {f.name: f.stat().st_mode & 0o777 for f in out.iterdir()}
+    assert modes["diffusion_pytorch_model.safetensors"] == modes["config.json"] == 0o644, modes

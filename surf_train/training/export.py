@@ -115,6 +115,7 @@ def save_refiner(tensors: dict[str, torch.Tensor], cfg: RefinerConfig, out_dir: 
         net.save_pretrained(tmp, safe_serialization=True)
         (tmp / META).write_text(json.dumps(meta, indent=1))
         (tmp / CARD).write_text(model_card(cfg, meta, run, num_params(net)))
+        _shareable(tmp)
         if out.is_dir() and any(out.iterdir()):
             os.replace(out, old)  # the previous export, checked by _check_out_dir
         os.replace(tmp, out)
@@ -125,6 +126,15 @@ def save_refiner(tensors: dict[str, torch.Tensor], cfg: RefinerConfig, out_dir: 
         raise
     shutil.rmtree(old, ignore_errors=True)
     return out
+
+
+def _shareable(d: Path) -> None:
+    """Every file of d readable as the user's umask allows, as config.json is: safetensors writes its weights
+    0600, which colleagues on a shared cluster cannot read."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in d.iterdir():
+        f.chmod(0o666 & ~umask)
 
 
 def _fmt(x) -> str:
