@@ -109,6 +109,10 @@ def load_pipeline(cfg: GenerateConfig) -> SurfPipeline:
         raise ConfigError(f"--refiner-steps {cfg.refiner_steps}: needs at least 1 Refiner step")
     if not 0 <= cfg.switch <= cfg.steps:
         raise ConfigError(f"--switch {cfg.switch} must be in [0, --steps {cfg.steps}]")
+    for name in ("frames", *SIZE_FIELDS):  # 0 would silently mean "the default"
+        if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
+            flag = name.replace("_", "-")
+            raise ConfigError(f"--{flag} {getattr(cfg, name)} must be >= 1 (leave it out for the base model's)")
     spec.geometry.check(cfg.frames or spec.native_frames, *_sizes(cfg, spec)["target"], "target")
     return SurfPipeline.from_surf(spec, cfg.refiner if cfg.mode == "surf" else None, cfg.device, force=cfg.force)
 

@@ -97,6 +97,8 @@ def test_slim_import_and_run(refiner_dir, tmp_path):
         (dict(switch=9), "--switch 9"),
         (dict(mode="fast"), "--mode 'fast'"),
         (dict(base="sd15"), "unknown base model 'sd15'"),
+        (dict(frames=0), "--frames 0 must be >= 1"),
+        (dict(preview_width=0), "--preview-width 0 must be >= 1"),
     ],
 )
 def test_bad_input(kw, msg, refiner_dir, tmp_path):
