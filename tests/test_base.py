@@ -105,3 +105,13 @@ def test_wan_rope_limit_is_checked(tiny_wan):
     tiny_wan.check_grid((64, 64), 5)  # 32 tokens per axis: the tiny model's rope_max_seq_len
     with pytest.raises(ConfigError, match="rope_max_seq_len"):
         tiny_wan.check_grid((66, 64), 5)
+
+
+def test_a_device_that_is_not_there_is_one_line():
+    """--device cuda on a machine without CUDA (or a typo) is one ConfigError, not a traceback from deep in torch."""
+    spec = BaseSpec.from_name("tiny")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="sees no CUDA GPU"):
+            load_base_model(spec, "cuda")
+    with pytest.raises(ConfigError, match="not a torch device"):
+        load_base_model(spec, "gpu0")

@@ -7,6 +7,7 @@ import torch
 
 from surf_train.base.adapter import Acceleration, BaseModel, BaseSpec, Cond, LatentGeometry, Meter, latent_frames
 from surf_train.common.dist_env import local_rank
+from surf_train.common.errors import ConfigError
 
 __all__ = [
     "Acceleration",
@@ -25,7 +26,13 @@ def load_base_model(spec: BaseSpec, device: str | torch.device = "auto") -> Base
     """Build the adapter for `spec`: tiny from configs, otherwise diffusers `from_pretrained`."""
     if device == "auto":  # one GPU per process: torchrun's LOCAL_RANK or SLURM_LOCALID picks it
         device = f"cuda:{local_rank()}" if torch.cuda.is_available() else "cpu"
-    return adapter_class(spec.family).load(spec, torch.device(device))
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"device {device!r}: not a torch device (cpu, cuda, cuda:1, auto)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {str(device)!r}: this torch ({torch.__version__}) sees no CUDA GPU; use cpu or auto")
+    return adapter_class(spec.family).load(spec, device)
 
 
 def adapter_class(family: str) -> type[BaseModel]:
