@@ -179,14 +179,20 @@ def _bar(methods: dict) -> str:
     )
 
 
-def format_table(result: dict) -> str:
-    """accel.md: every method's fidelity, cost and speedup against surf, then the bar."""
-    cfg = result["config"]
-    lines = [
-        f"N = {result['n']} (caption, seed) pairs, base `{cfg['base']}`, {cfg['steps']} steps; SURF = Refiner on "
+def caption(cfg: dict, n: int) -> str:
+    """What accel.md's table compares, and how it was measured."""
+    return (
+        f"N = {n} (caption, seed) pairs, base `{cfg['base']}`, {cfg['steps']} steps; SURF = Refiner on "
         f"`{cfg['rule']}@{cfg['switch']}`; cache = FirstBlockCache threshold {cfg['cache_threshold']}. "
         f"Reference: the plain native run. Wall time measured in this one run (batches of {cfg['batch']}, "
-        f"methods in rotated order); intervals are 95% bootstrap (clips; batches for the time ratio).",
+        f"methods in rotated order); intervals are 95% bootstrap (clips; batches for the time ratio)."
+    )
+
+
+def format_table(result: dict) -> str:
+    """accel.md: every method's fidelity, cost and speedup against surf, then the bar."""
+    lines = [
+        caption(result["config"], result["n"]),
         "",
         *table_head(
             "method",
