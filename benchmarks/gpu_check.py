@@ -234,6 +234,20 @@ def latent(plan: Plan, size: tuple[int, int]) -> tuple[int, int, int, int]:
     return BaseArch.from_name("wan2.1_t2v_14b").latent(plan.frames, size)
 
 
+def forwards(plan: Plan, cases: dict[str, tuple]) -> dict:
+    """The results of a part that times a base transformer's forwards at batch 2 (CFG): name -> (size, latent)."""
+    return {
+        "config": None,
+        "params": None,
+        "batch": 2,
+        "text_len": plan.text_len,
+        "dtype": "bfloat16",
+        "cases": {
+            k: measurement(size=fmt_size(s), latent=list(lat), output_finite=None) for k, (s, lat) in cases.items()
+        },
+    }
+
+
 def ti2v_latent(plan: Plan, size: tuple[int, int]) -> tuple[int, int, int, int]:
     """(C, F, H, W) Wan 2.2 TI2V-5B latent (48 channels, 16x spatial) of plan.ti2v_frames frames at `size`."""
     from surf_train.cost import BaseArch
@@ -361,15 +375,7 @@ def skeleton(plan: Plan) -> dict:
             ),
             "wan14b": part(
                 {
-                    "config": None,
-                    "params": None,
-                    "batch": 2,
-                    "text_len": plan.text_len,
-                    "dtype": "bfloat16",
-                    "cases": {
-                        k: measurement(size=fmt_size(sz[k]), latent=list(latent(plan, sz[k])), output_finite=None)
-                        for k in ("target", "prefix", "preview")
-                    },
+                    **forwards(plan, {k: (sz[k], latent(plan, sz[k])) for k in ("target", "prefix", "preview")}),
                     "composition": {
                         "baseline_s": None,
                         "surf_s": None,
@@ -384,19 +390,7 @@ def skeleton(plan: Plan) -> dict:
                     "null_reasons": {},
                 }
             ),
-            "ti2v5b": part(
-                {
-                    "config": None,
-                    "params": None,
-                    "batch": 2,
-                    "text_len": plan.text_len,
-                    "dtype": "bfloat16",
-                    "cases": {
-                        k: measurement(size=fmt_size(sz), latent=list(ti2v_latent(plan, sz)), output_finite=None)
-                        for k, sz in plan.ti2v_sizes.items()
-                    },
-                }
-            ),
+            "ti2v5b": part(forwards(plan, {k: (s, ti2v_latent(plan, s)) for k, s in plan.ti2v_sizes.items()})),
             "lightning_deepspeed": part(
                 {
                     "command": None,
