@@ -115,3 +115,38 @@ def test_generated_and_video_pairs_mix_in_batches(pairs, video_pairs):
         assert b["preview"].shape[2] == b["target"].shape[2] == 3
         assert {m["source"] for m in b["meta"]} == {{"gen": "generated", "real": "video"}[s] for s in srcs}
     assert seen == {"gen", "real"} and mixed_batches > 0
+
+
+def shards_of(directory, base: str, channels: int, text_dim: int | None):
+    """One shard of 2 samples as make_pairs writes them for base model `base`."""
+    meta = {"source": "generated", "base": {"name": base, "id": f"tiny:{base}", "revision": None, "family": "wan"}}
+    with ShardWriter(directory, rank=0, max_count=2) as w:
+        for i in range(2):
+            t = {"preview": torch.zeros(channels, 3, 4, 4), "target": torch.zeros(channels, 3, 8, 8)}
+            t |= {"text": torch.ones(5, text_dim)} if text_dim else {}
+            w.write(encode_sample(f"{base}{i:04d}", t, meta))
+    return directory
+
+
+@pytest.mark.parametrize(
+    "other,why",
+    [
+        (("toy", 12, 32), "latent channels 16 vs 12"),
+        (("tiny", 16, 48), "text width 32 vs 48"),
+        (("tiny2", 16, 32), "base model"),
+    ],
+)
+def test_incompatible_sources_are_refused_before_step_1(tmp_path, other, why):
+    """Two sources whose base model, latent channels or text width differ: one error naming both sources and
+    their shards, before any training step (no checkpoint written)."""
+    from test_train import FAST, compose_cfg
+
+    from surf_train.training.train import train
+
+    a = shards_of(tmp_path / "a", "tiny", 16, 32)
+    b = shards_of(tmp_path / "b", *other)
+    data = ["data=mixed", f"data.sources.generated.shards={a}", f"data.sources.real.shards={b}", "data.val_samples=0"]
+    cfg = compose_cfg([*data, f"run_dir={tmp_path}/run", "trainer.max_steps=2", *FAST])
+    with pytest.raises(ConfigError, match=f"data.sources.generated .*data.sources.real .*{why}"):
+        train(cfg)
+    assert not (tmp_path / "run" / "checkpoints").exists()

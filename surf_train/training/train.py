@@ -68,10 +68,13 @@ def fill_from_data(cfg: DictConfig, data_cfg: DataConfig) -> None:
 
     m = cfg.model
     train_shards, _ = split_shards(data_cfg)
-    first = next(p for paths in train_shards.values() for p in paths)
-    sample = next(iter(read_shards([first])), None)
-    if sample is None:
-        raise ConfigError(f"{first}: no samples to read model.in_channels / model.text_dim / decode_base from")
+    firsts = {name: paths[0] for name, paths in train_shards.items() if paths}
+    samples = {name: next(iter(read_shards([path])), None) for name, path in firsts.items()}
+    for name, s in samples.items():
+        if s is None:
+            raise ConfigError(f"{firsts[name]}: no samples to read model.in_channels / text_dim / decode_base from")
+    check_sources(firsts, samples)
+    first, sample = next(iter(firsts.values())), next(iter(samples.values()))
     if m.in_channels is None:
         m.in_channels = int(sample["preview"].shape[0])
     if m.text_dim is None:
@@ -95,6 +98,33 @@ def fill_from_data(cfg: DictConfig, data_cfg: DataConfig) -> None:
         m.text_dim,
         cfg.module.decode_base,
     )
+
+
+def _signature(sample: dict) -> dict:
+    """What every source of one run must share: the base model (its record in the metadata), the latent
+    channels and the text width (None without text)."""
+    base = sample["meta"].get("base") or {}
+    return {
+        "base model": {k: base.get(k) for k in ("id", "revision", "family")},
+        "latent channels": int(sample["preview"].shape[0]),
+        "text width": int(sample["text"].shape[-1]) if "text" in sample else None,
+    }
+
+
+def check_sources(firsts: dict[str, Path], samples: dict[str, dict]) -> None:
+    """Before the first step: every source's first sample agrees with the first source's on the base model,
+    latent channels and text width (docs/training.md#mixing-sources); one ConfigError naming both otherwise."""
+    (name0, s0), *rest = samples.items()
+    want = _signature(s0)
+    for name, s in rest:
+        got = _signature(s)
+        bad = [k for k in want if got[k] != want[k]]
+        if bad:
+            diff = "; ".join(f"{k} {want[k]} vs {got[k]}" for k in bad)
+            raise ConfigError(
+                f"data.sources.{name0} ({firsts[name0]}) and data.sources.{name} ({firsts[name]}) come from "
+                f"different base models or latents: {diff}"
+            )
 
 
 def _fmt(x: float | None) -> str:
