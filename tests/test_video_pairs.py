@@ -475,3 +475,10 @@ def test_repreview_pairs_of_two_experts_record_the_preview_experts(synthetic_vid
     experts = x["meta"]["schedule"]["experts"]
     assert experts["boundary"] == 0.875 and experts["guidance"] == {"transformer": 4.0, "transformer_2": 3.0}
     assert set(experts) == {"boundary", "guidance", "preview"} and sum(experts["preview"].values()) == 5
+
+
+def test_a_directory_of_only_unusable_videos_is_an_error(synthetic_videos, tmp_path):
+    """Only unreadable (or too short) videos: one error saying why, not a run that exits 0 with 0 pairs."""
+    videos = subset(synthetic_videos, tmp_path / "v", "corrupt.mp4", "short.mp4")
+    with pytest.raises(ConfigError, match=r"none of the 2 videos of rank 0 gives a clip \(1 too short, .*1 unreadable"):
+        make_video_pairs(cfg(tmp_path / "out", videos, clips_per_video=1))

@@ -382,6 +382,11 @@ def _make_video_pairs(cfg: VideoPairsConfig, rank: int, world: int) -> dict:
     done = open_out_dir(out, cfg.fingerprint(), rank, PREFIX)
     mine = videos[rank::world]
     clips, skipped = _plan_clips(mine, cfg)
+    if mine and not clips:  # every video this rank was given is unusable: say so instead of writing nothing
+        raise ConfigError(
+            f"videos={cfg.videos or 'demo'}: none of the {len(mine)} videos of rank {rank} gives a clip "
+            f"({_reasons(skipped)}; the warnings above name each one)"
+        )
     todo = [c for c in clips if c.key not in done]
     log.info(
         "rank %d/%d: %d videos assigned, %d skipped (%s), %d clips, %d already done, %d to make in %s",
