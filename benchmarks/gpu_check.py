@@ -968,6 +968,36 @@ def wan_on_device(config: dict, dev: torch.device, dtype: torch.dtype):
     return net.eval().requires_grad_(False)
 
 
+def time_forwards(net, arch: dict, names: tuple[str, ...], plan: Plan, dev, deadline: float, r: dict, report) -> None:
+    """One timed forward of a Wan transformer per case in `names`, at batch r["batch"] (CFG) in bf16; the timestep
+    per token where `arch` expands timesteps (Wan 2.2 TI2V-5B, patch 2), else per sample; FLOPs from wan_flops."""
+    from surf_train.cost import total, wan_flops
+
+    b = r["batch"]
+    text = torch.randn(b, plan.text_len, arch["text_dim"], device=dev, dtype=torch.bfloat16)  # (2, L, 4096)
+
+    def forward_case(rec: dict, flop: float) -> None:
+        c, f, h, w = rec["latent"]
+        x = torch.randn(b, c, f, h, w, device=dev, dtype=torch.bfloat16)
+        shape = (b, f * (h // 2) * (w // 2)) if arch.get("expand_timesteps") else (b,)
+        t = torch.full(shape, 500.0, device=dev)  # Wan's timestep scale is [0, 1000]
+        out: list[torch.Tensor] = []
+
+        def fwd():
+            out[:] = [net(x, t, text, return_dict=False)[0]]
+
+        with torch.no_grad():
+            measure(rec, fwd, dev, deadline, plan.repeats, flop)
+        rec["output_finite"] = bool(torch.isfinite(out[0]).all())
+
+    jobs = []
+    for name in names:
+        rec = r["cases"][name]
+        flop = total(wan_flops(arch, tuple(rec["latent"]), plan.text_len, batch=b))
+        jobs.append((rec, flop, lambda rec, flop=flop: forward_case(rec, flop)))
+    run_cases(report, deadline, jobs)
+
+
 def part_wan14b(
     plan: Plan,
     dev: torch.device,
@@ -977,7 +1007,7 @@ def part_wan14b(
     refiner_step_s: float | None,
     refiner_why: str,
 ) -> None:
-    from surf_train.cost import ARCH, PAPER, run_costs, total, wan_flops
+    from surf_train.cost import ARCH, PAPER, run_costs
 
     settings = run_settings()
     costs = run_costs(settings)
@@ -995,28 +1025,8 @@ def part_wan14b(
     }
     r["params"] = sum(p.numel() for p in net.parameters())
     report.save()
-    b = r["batch"]
-    text = torch.randn(b, plan.text_len, config["text_dim"], device=dev, dtype=torch.bfloat16)  # (2, L, 4096)
-    t = torch.full((b,), 500.0, device=dev)  # Wan's timestep scale is [0, 1000]
-
-    def forward_case(rec: dict, flop: float) -> None:
-        x = torch.randn(b, *rec["latent"], device=dev, dtype=torch.bfloat16)  # (2, C, F, H, W)
-        out: list[torch.Tensor] = []
-
-        def fwd():
-            out[:] = [net(x, t, text, return_dict=False)[0]]  # noqa: F821 (the names are deleted after the last call)
-
-        with torch.no_grad():
-            measure(rec, fwd, dev, deadline, plan.repeats, flop)
-        rec["output_finite"] = bool(torch.isfinite(out[0]).all())
-
     # cheapest first: 240p warms up the kernels and its time per FLOP decides whether 720p fits the deadline
-    jobs = []
-    for name in ("preview", "prefix", "target"):
-        rec = r["cases"][name]
-        flop = total(wan_flops(config, tuple(rec["latent"]), plan.text_len, batch=b))
-        jobs.append((rec, flop, lambda rec, flop=flop: forward_case(rec, flop)))
-    run_cases(report, deadline, jobs)
+    time_forwards(net, config, ("preview", "prefix", "target"), plan, dev, deadline, r, report)
     del net
     free_memory()
     step_s = {
@@ -1085,7 +1095,7 @@ def train_overrides(plan: Plan, shards: Path, run_dir: Path) -> list[str]:
 
 def part_ti2v5b(plan: Plan, dev: torch.device, deadline: float, r: dict, report: Report) -> None:
     """Per-call forwards of a TI2V-5B-shaped transformer with per-token timesteps, as WanPipeline runs it."""
-    from surf_train.cost import ARCH, total, wan_flops
+    from surf_train.cost import ARCH
 
     arch = {**ARCH["wan2.2_ti2v_5b"], **plan.ti2v}
     config = {k: v for k, v in arch.items() if k != "expand_timesteps"}  # a pipeline option, not the model's
@@ -1093,28 +1103,7 @@ def part_ti2v5b(plan: Plan, dev: torch.device, deadline: float, r: dict, report:
     r["config"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(net.config).items() if k[0] != "_"}
     r["params"] = sum(p.numel() for p in net.parameters())
     report.save()
-    b = r["batch"]
-    text = torch.randn(b, plan.text_len, config["text_dim"], device=dev, dtype=torch.bfloat16)  # (2, L, 4096)
-
-    def forward_case(rec: dict, flop: float) -> None:
-        c, f, h, w = rec["latent"]
-        x = torch.randn(b, c, f, h, w, device=dev, dtype=torch.bfloat16)
-        t = torch.full((b, f * (h // 2) * (w // 2)), 500.0, device=dev)  # (B, seq_len): a timestep per token
-        out: list[torch.Tensor] = []
-
-        def fwd():
-            out[:] = [net(x, t, text, return_dict=False)[0]]  # noqa: F821 (deleted after the last call)
-
-        with torch.no_grad():
-            measure(rec, fwd, dev, deadline, plan.repeats, flop)
-        rec["output_finite"] = bool(torch.isfinite(out[0]).all())
-
-    jobs = []
-    for name in ("preview", "target"):  # cheapest first, as wan14b
-        rec = r["cases"][name]
-        flop = total(wan_flops(arch, tuple(rec["latent"]), plan.text_len, batch=b))
-        jobs.append((rec, flop, lambda rec, flop=flop: forward_case(rec, flop)))
-    run_cases(report, deadline, jobs)
+    time_forwards(net, arch, ("preview", "target"), plan, dev, deadline, r, report)  # cheapest first, as wan14b
     del net
     free_memory()
 
