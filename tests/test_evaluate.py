@@ -8,7 +8,7 @@ import torch
 
 from surf_train import CONF_DIR
 from surf_train.common.errors import ConfigError
-from surf_train.data.toyworld import Caption, coverage, detect, motion, render
+from surf_train.data.toyworld import Caption, coverage, detect, motion, object_mask, render
 from surf_train.evaluate import EvalConfig, evaluate, main, parse_args
 from surf_train.evaluation.metrics import MISSING, PSNR_CAP, clip_metrics, masked_psnr, region_masks, sharpness
 from surf_train.evaluation.report import grid_png
@@ -208,17 +208,18 @@ def test_sr_mode_writes_every_field(tmp_path, monkeypatch, capsys):
     args = ["--mode", "sr", "--n", "3", "--batch", "2", "--steps", "4", "--ks", "1", "3"]
     main([*args, "--refiner", str(ref), "--out-dir", str(out), "--no-progress", "--bootstrap", "100"])
     res = json.loads((out / "results_sr.json").read_text())
-    assert set(res) == {"mode", "config", "n", "methods", "paired", "k_table", "per_clip"}
+    assert set(res) == {"mode", "config", "n", "prompts", "methods", "paired", "k_table", "iou_by_shape", "per_clip"}
     assert res["mode"] == "sr" and res["n"] == 3 and res["config"]["ks"] == [1, 3]
     meth = res["methods"]
     assert list(meth) == ["bilinear", "bicubic", "refiner@1", "refiner@3"]
     fields = {"psnr", "psnr_obj", "psnr_bg", "psnr_lo", "ssim", "sharpness", "sharpness_ci95", "pos_err", "all3"}
+    fields |= {"obj_iou"}
     fields |= {"colour", "shape", "direction", "background", "speed_err", "seconds", "gflops", "obj_frac"}
     for m, v in meth.items():
         assert set(v) == fields, m
         assert 0 < v["obj_frac"] < 0.6 and v["psnr_obj"] < v["psnr_bg"]  # the flat background is the easy part
         assert v["sharpness_ci95"][0] <= v["sharpness"] <= v["sharpness_ci95"][1]
-    for k in ("psnr", "psnr_obj", "psnr_bg", "ssim", "sharpness"):
+    for k in ("psnr", "psnr_obj", "psnr_bg", "ssim", "sharpness", "obj_iou"):
         assert meth["refiner@3"][k] == pytest.approx(meth["bilinear"][k], abs=1e-4)
     assert meth["bilinear"]["sharpness"] < 0.6 and meth["bilinear"]["gflops"] == 0
     g1, g3 = meth["refiner@1"]["gflops"], meth["refiner@3"]["gflops"]
@@ -231,7 +232,12 @@ def test_sr_mode_writes_every_field(tmp_path, monkeypatch, capsys):
     zero = gains["refiner@1", "psnr"]
     assert zero["mean"] == pytest.approx(0, abs=1e-4) and not zero["separated"] and zero["clips"] == 3
     assert [r["k"] for r in res["k_table"]] == [1, 3]
-    assert set(res["k_table"][0]) == {"k", "psnr", "psnr_obj", "psnr_bg", "ssim", "sharpness", "gflops", "ms"}
+    for m, by in res["iou_by_shape"].items():  # per shape: the mean of the clips of that shape
+        for shape, v in by.items():
+            rows = [r["obj_iou"] for r, p in zip(res["per_clip"][m], res["prompts"]) if Caption.parse(p).shape == shape]
+            assert v == pytest.approx(np.mean(rows), abs=1e-4) and 0 <= v <= 1
+    k_fields = {"k", "psnr", "psnr_obj", "psnr_bg", "ssim", "sharpness", "obj_iou", "gflops", "ms"}
+    assert set(res["k_table"][0]) == k_fields
     assert all(len(v) == 3 for v in res["per_clip"].values())
     assert Image.open(out / "grid_sr.png").size == (3 * (5 * 128 + 8) + 24, 14 + 3 * 128 + 4 * 6)
     table = (out / "table_sr.md").read_text()
@@ -296,3 +302,18 @@ def test_sr_compare_runs_a_second_refiner_at_its_own_k(tmp_path, monkeypatch):
     assert ("compare@2", "psnr") in {(d["a"], d["metric"]) for d in res["paired"]}
     assert Image.open(out / "grid_sr.png").size[0] == 4 * (5 * 128 + 8) + 5 * 6  # reference | bilinear | both Refiners
     assert "compare: `" in (out / "table_sr.md").read_text()
+
+
+def test_object_iou_is_exact_for_a_shifted_mask_and_drops_when_a_pillar_breaks_up():
+    ref = render(CAP, 5, (32, 32), 5)  # a yellow pillar on black
+    det = detect(ref)
+    assert clip_metrics(ref, ref, det, CAP)["obj_iou"] == 1.0
+    mask = object_mask(ref, det)
+    moved = torch.roll(ref, shifts=2, dims=-1)  # 2 px right (seed 5: stays inside the frame)
+    shifted = np.roll(mask, 2, axis=-1)
+    want = (mask & shifted).sum() / (mask | shifted).sum()  # ground truth from the masks themselves
+    assert clip_metrics(moved, ref, det, CAP)["obj_iou"] == pytest.approx(want) and 0.2 < want < 0.9
+    broken = ref.clone()
+    broken[:, :, 12:18] = -0.9  # a black band across the frame: the pillar breaks into two pieces
+    assert clip_metrics(broken, ref, det, CAP)["obj_iou"] < 1.0
+    assert clip_metrics(torch.full_like(ref, -0.9), ref, det, CAP)["obj_iou"] == 0.0  # no object at all

@@ -1,5 +1,5 @@
 """Per-clip metrics of a decoded clip against the native reference: PSNR (whole, on the preview grid, inside and
-outside the reference's object), SSIM, sharpness, object position and caption match."""
+outside the reference's object), SSIM, sharpness, object position, object-mask IoU and caption match."""
 
 from __future__ import annotations
 
@@ -33,6 +33,12 @@ def region_masks(ref_video: torch.Tensor, ref_det, dilate: int) -> tuple[np.ndar
     return obj, ~obj
 
 
+def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
+    """Intersection over union of two bool masks; 1.0 when both are empty (they agree: no object)."""
+    union = np.logical_or(a, b).sum()
+    return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
+
+
 def masked_psnr(video: torch.Tensor, ref: torch.Tensor, mask: np.ndarray) -> float | None:
     """PSNR (data range 2) over the pixels of the (F, H, W) mask, all channels; None for an empty mask."""
     if not mask.any():
@@ -49,11 +55,13 @@ def clip_metrics(
     """Metrics of one (3, F, h, w) clip against the (3, F, H, W) reference and its detection.
 
     `psnr` is on the clip's own grid; `psnr_lo` on the preview grid `preview_hw` (both area-pooled to
-    it), so previews, upsampled and refined clips compare on one grid. `sharpness`: see sharpness().
+    it), so previews, upsampled and refined clips compare on one grid. `sharpness`: see sharpness(). `obj_iou`:
+    the pixels the reference's object covers in the clip against those it covers in the reference, on the clip's
+    grid (a thin object that breaks up or smears scores low).
     """
     from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
-    from surf_train.data.toyworld import detect
+    from surf_train.data.toyworld import detect, object_mask
 
     ref = ref_video
     if ref.shape[-2:] != video.shape[-2:]:
@@ -74,6 +82,7 @@ def clip_metrics(
         **{k: float(v) for k, v in m.items()},
         "all3": float(m["colour"] and m["shape"] and m["direction"]),
         "speed_err": abs(det.speed - ref_det.speed),
+        "obj_iou": mask_iou(object_mask(video, ref_det), object_mask(ref, ref_det)),
     }
 
 

@@ -19,6 +19,15 @@ def _f(x, fmt: str) -> str:
     return "-" if x is None else format(x, fmt)
 
 
+def iou_table(result: dict) -> list[str]:
+    """Object-mask IoU against the reference per captioned shape (thin objects: bar, pillar)."""
+    by = result["iou_by_shape"]
+    shapes = list(next(iter(by.values())))
+    lines = ["", "Object-mask IoU against the reference, by the caption's shape (1 = the same pixels):", ""]
+    lines += table_head("method", *shapes)
+    return lines + [f"| {m} | " + " | ".join(f"{v[s]:.3f}" for s in shapes) + " |" for m, v in by.items()]
+
+
 def format_table(result: dict) -> str:
     """table.md of the default mode: every method's means, then the paired differences."""
     cfg = result["config"]
@@ -35,6 +44,7 @@ def format_table(result: dict) -> str:
             "PSNR dB",
             "PSNR@preview dB",
             "SSIM",
+            "object IoU",
             "position err",
             "colour",
             "shape",
@@ -48,10 +58,11 @@ def format_table(result: dict) -> str:
     for m, v in result["methods"].items():
         psnr, psnr_lo = ("ref", "ref") if m == "reference" else (f"{v['psnr']:.2f}", f"{v['psnr_lo']:.2f}")
         lines.append(
-            f"| {m} | {psnr} | {psnr_lo} | {v['ssim']:.3f} | {v['pos_err']:.4f} | {v['colour']:.2f} | "
-            f"{v['shape']:.2f} | {v['direction']:.2f} | {v['all3']:.2f} | {v['speed_err']:.4f} | {v['gflops']:.2f} | "
-            f"{1000 * v['seconds']:.0f} |"
+            f"| {m} | {psnr} | {psnr_lo} | {v['ssim']:.3f} | {v['obj_iou']:.3f} | {v['pos_err']:.4f} | "
+            f"{v['colour']:.2f} | {v['shape']:.2f} | {v['direction']:.2f} | {v['all3']:.2f} | {v['speed_err']:.4f} | "
+            f"{v['gflops']:.2f} | {1000 * v['seconds']:.0f} |"
         )
+    lines += iou_table(result)
     lines += [
         "",
         "Paired differences (a - b, mean over clips, 95% bootstrap interval; lower is better for position "
@@ -85,6 +96,7 @@ def format_sr_table(result: dict) -> str:
             "PSNR@preview dB",
             "SSIM",
             "sharpness [95% CI]",
+            "object IoU",
             "position err",
             "all 3",
             "GFLOPs",
@@ -96,7 +108,8 @@ def format_sr_table(result: dict) -> str:
         lines.append(
             f"| {m} | {_f(v['psnr'], '.2f')} | {_f(v['psnr_obj'], '.2f')} | {_f(v['psnr_bg'], '.2f')} | "
             f"{_f(v['psnr_lo'], '.2f')} | {v['ssim']:.3f} | {v['sharpness']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}] | "
-            f"{v['pos_err']:.4f} | {v['all3']:.2f} | {v['gflops']:.3f} | {1000 * v['seconds']:.1f} |"
+            f"{v['obj_iou']:.3f} | {v['pos_err']:.4f} | {v['all3']:.2f} | {v['gflops']:.3f} | "
+            f"{1000 * v['seconds']:.1f} |"
         )
     if result["k_table"]:
         lines += [
@@ -104,14 +117,23 @@ def format_sr_table(result: dict) -> str:
             "Refiner steps K (fidelity and cost; ms measured on this machine, GFLOPs analytic, per clip):",
             "",
             *table_head(
-                "K", "PSNR dB", "PSNR object dB", "PSNR background dB", "SSIM", "sharpness", "GFLOPs", "ms/clip"
+                "K",
+                "PSNR dB",
+                "PSNR object dB",
+                "PSNR background dB",
+                "SSIM",
+                "sharpness",
+                "object IoU",
+                "GFLOPs",
+                "ms/clip",
             ),
         ]
         for r in result["k_table"]:
             lines.append(
                 f"| {r['k']} | {_f(r['psnr'], '.2f')} | {_f(r['psnr_obj'], '.2f')} | {_f(r['psnr_bg'], '.2f')} | "
-                f"{r['ssim']:.3f} | {r['sharpness']:.3f} | {r['gflops']:.3f} | {r['ms']:.1f} |"
+                f"{r['ssim']:.3f} | {r['sharpness']:.3f} | {r['obj_iou']:.3f} | {r['gflops']:.3f} | {r['ms']:.1f} |"
             )
+    lines += iou_table(result)
     lines += [
         "",
         "Gains (a - b, mean over clips, 95% bootstrap interval; higher is better except position error; for "

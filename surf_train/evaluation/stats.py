@@ -11,7 +11,8 @@ import numpy as np
 from surf_train.base.sampling import RULES
 
 CONSISTENT_BILINEAR = "bilinear+consistency"  # sr with --consistency on: bilinear projected onto the preview
-SR_METRICS = ("psnr", "psnr_obj", "psnr_bg", "psnr_lo", "ssim", "sharpness", "pos_err", "all3")
+K_METRICS = ("psnr", "psnr_obj", "psnr_bg", "ssim", "sharpness", "obj_iou")  # the K table's fidelity columns
+SR_METRICS = ("psnr", "psnr_obj", "psnr_bg", "psnr_lo", "ssim", "sharpness", "obj_iou", "pos_err", "all3")
 
 
 def bootstrap_ci(diff: np.ndarray, n_boot: int, seed: int = 0) -> tuple[float, float]:
@@ -50,9 +51,25 @@ def comparisons(cfg, names: list[str]) -> list[tuple[str, str, str]]:
         for b, a in itertools.combinations(rules, 2):
             out += [(f"{a}@{k}", f"{b}@{k}", m) for m in ("pos_err", "psnr")]
     if "surf" in names:
-        out += [("surf", "upsampled", m) for m in ("psnr", "ssim", "pos_err")]
+        out += [("surf", "upsampled", m) for m in ("psnr", "ssim", "obj_iou", "pos_err")]
         out.append(("surf", f"{cfg.surf_rule}@{cfg.surf_switch}", "psnr_lo"))
     return out
+
+
+def iou_by_shape(per: dict[str, list[dict]], names: list[str], prompts: list[str]) -> dict[str, dict[str, float]]:
+    """Mean object-mask IoU of each method per shape of the captioned object (thin bars and pillars break up
+    where a circle survives)."""
+    from surf_train.data.toyworld import SHAPES, Caption
+
+    shapes = [Caption.parse(p).shape for p in prompts]
+    return {
+        m: {
+            s: round(float(np.mean([r["obj_iou"] for r, x in zip(per[m], shapes) if x == s])), 4)
+            for s in SHAPES
+            if s in shapes
+        }
+        for m in names
+    }
 
 
 def summarise(cfg, per: dict[str, list[dict]], names: list[str], prompts: list[str]) -> dict:
@@ -67,8 +84,10 @@ def summarise(cfg, per: dict[str, list[dict]], names: list[str], prompts: list[s
     return {
         "config": asdict(cfg),
         "n": len(prompts),
+        "prompts": prompts,
         "methods": methods,
         "paired": diffs,
+        "iou_by_shape": iou_by_shape(per, names, prompts),
         "per_clip": {m: per[m] for m in names},
     }
 
@@ -92,7 +111,7 @@ def summarise_sr(cfg, per: dict[str, list[dict]], names: list[str], prompts: lis
         for k in SR_METRICS
     ]
     k_table = [
-        dict(k=k, **{x: methods[f"refiner@{k}"][x] for x in ("psnr", "psnr_obj", "psnr_bg", "ssim", "sharpness")})
+        dict(k=k, **{x: methods[f"refiner@{k}"][x] for x in K_METRICS})
         | dict(gflops=methods[f"refiner@{k}"]["gflops"], ms=round(1000 * methods[f"refiner@{k}"]["seconds"], 2))
         for k in cfg.ks
         if f"refiner@{k}" in methods
@@ -101,8 +120,10 @@ def summarise_sr(cfg, per: dict[str, list[dict]], names: list[str], prompts: lis
         "mode": "sr",
         "config": asdict(cfg),
         "n": len(prompts),
+        "prompts": prompts,
         "methods": methods,
         "paired": paired,
         "k_table": k_table,
+        "iou_by_shape": iou_by_shape(per, names, prompts),
         "per_clip": {m: per[m] for m in names},
     }
