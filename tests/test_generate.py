@@ -92,7 +92,7 @@ def test_slim_import_and_run(refiner_dir, tmp_path):
     "kw,msg",
     [
         (dict(refiner="/nope"), "not an exported Refiner"),
-        (dict(height=60), "target height=60"),
+        (dict(height=60), "--height 60 must be a positive multiple"),
         (dict(preview_height=128), "larger than target"),
         (dict(switch=9), "--switch 9"),
         (dict(mode="fast"), "--mode 'fast'"),
