@@ -4,6 +4,9 @@ and loaded weights that compute as built ones (`realign`)."""
 from __future__ import annotations
 
 import itertools
+import json
+import os
+from pathlib import Path
 
 import torch
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
@@ -53,3 +56,29 @@ def realign(module: torch.nn.Module) -> None:
     for t in (*module.parameters(), *module.buffers()):
         if t.device.type == "cpu" and t.numel() and t.data_ptr() % ALIGN:
             t.data = t.data.clone()
+
+
+MODULE_FILE = "surf_pipeline.py"  # saved with a SurfPipeline: diffusers' trust_remote_code route finds the class here
+MODULE_SOURCE = '''"""SurfPipeline for diffusers: DiffusionPipeline.from_pretrained(<this dir>, trust_remote_code=True).
+
+The class lives in the surf_train package (docs/generation.md); this file only points diffusers at it."""
+
+from surf_train.inference.pipeline import SurfPipeline
+
+__all__ = ["SurfPipeline"]
+'''
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_module_file(directory) -> None:
+    """MODULE_FILE in a saved pipeline's directory and `_class_name` [module, class] in its model_index.json."""
+    d = Path(directory)
+    _write_atomic(d / MODULE_FILE, MODULE_SOURCE)
+    index = json.loads((d / "model_index.json").read_text())
+    index["_class_name"] = [Path(MODULE_FILE).stem, index["_class_name"]]
+    _write_atomic(d / "model_index.json", json.dumps(index, indent=2, sort_keys=True) + "\n")

@@ -44,7 +44,7 @@ from surf_train.base.sampling import PreviewPlan, preview_sample, randn, sample
 from surf_train.base.toy_vae import PixelShuffleVAE
 from surf_train.common.errors import ConfigError
 from surf_train.inference.clock import StageClock
-from surf_train.inference.conventions import callback_inputs, realign, step_end
+from surf_train.inference.conventions import callback_inputs, realign, step_end, write_module_file
 from surf_train.inference.plan import MODES, SurfPlan, check_call, check_target, default_prefix, plan_sizes
 from surf_train.models.refiner import Refiner
 from surf_train.models.sampler import RefinerSampler
@@ -91,7 +91,7 @@ class SurfPipeline(DiffusionPipeline):
         text_encoder_2: PreTrainedModel | None = None,
         tokenizer_2: PreTrainedTokenizerBase | None = None,
         base_spec: dict | str | BaseSpec | None = None,  # None: read off the components (base.components)
-        bridge: dict | None = None,
+        bridge: dict | None = None,  # None: the one the Refiner came with (its `surf_bridge`), else the defaults
         transformer_2: WanTransformer3DModel | None = None,
         base_options: dict | None = None,  # the family pipeline's own options, e.g. WanPipeline's expand_timesteps
         guider: ClassifierFreeGuidance | None = None,
@@ -123,7 +123,11 @@ class SurfPipeline(DiffusionPipeline):
         self.base = adapter(spec, family_pipe, modules[0].device if modules else torch.device("cpu"))
         unused = {"text_encoder_2": None, "tokenizer_2": None, "transformer_2": None, "guider": None}
         self.register_modules(**{**unused, **names, "scheduler": self.base.pipe.scheduler}, refiner=refiner)
-        self.register_to_config(base_spec=_spec_dict(spec), bridge=dict(bridge or {}), base_options=base_options or {})
+        if bridge is None:  # the sampler a Refiner travels with between pipelines (pipe.components holds no config)
+            bridge = getattr(refiner, "surf_bridge", None) or {}
+        if refiner is not None:
+            refiner.surf_bridge = dict(bridge)
+        self.register_to_config(base_spec=_spec_dict(spec), bridge=dict(bridge), base_options=base_options or {})
         self._guidance_scale, self._guidance_scale_2, self._num_timesteps = None, None, 0
         self._attention_kwargs, self._current_timestep = None, None
         for m in (transformer, transformer_2, vae, text_encoder, text_encoder_2, refiner):
@@ -136,6 +140,24 @@ class SurfPipeline(DiffusionPipeline):
                     f"Refiner works on {refiner.cfg.in_channels}-channel latents but base model "
                     f"{spec.name} has {spec.channels}"
                 )
+
+    # --- saving: a module file beside model_index.json lets DiffusionPipeline load the directory ---------------
+    def save_config(self, save_directory, push_to_hub: bool = False, **kwargs):
+        """model_index.json with `_class_name` [module, class] and that module (MODULE_FILE) beside it, diffusers'
+        route for a pipeline class outside diffusers: DiffusionPipeline.from_pretrained(dir, trust_remote_code=True)
+        (docs/generation.md). save_pretrained calls this before it uploads."""
+        super().save_config(save_directory, push_to_hub=push_to_hub, **kwargs)
+        write_module_file(save_directory)
+
+    @classmethod
+    def load_config(cls, *args, **kwargs):
+        """model_index.json as SurfPipeline.from_pretrained reads it: the [module, class] `_class_name` names this
+        class, so loading with it runs no code from the directory."""
+        out = super().load_config(*args, **kwargs)
+        config = out[0] if isinstance(out, tuple) else out
+        if isinstance(config.get("_class_name"), (list, tuple)):
+            config["_class_name"] = config["_class_name"][1]
+        return out
 
     # --- diffusers' pipeline state, read by step-end callbacks (as WanPipeline's) -------------------------------
     @property

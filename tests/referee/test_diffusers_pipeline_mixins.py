@@ -38,7 +38,8 @@ from surf_train.models.refiner import Refiner, RefinerConfig  # noqa: E402
 try:  # the unittest mixin's module imports diffusers' model tests, which need `parameterized`
     from tests.pipelines.test_pipelines_common import PipelineTesterMixin as CommonPipelineTesterMixin
 except ModuleNotFoundError as e:
-    CommonPipelineTesterMixin, COMMON_MISSING = type("Missing", (), {}), f"tests/pipelines/test_pipelines_common.py needs {e.name}"
+    CommonPipelineTesterMixin = type("Missing", (), {})
+    COMMON_MISSING = f"tests/pipelines/test_pipelines_common.py needs {e.name}"
 else:
     COMMON_MISSING = None
 
@@ -96,11 +97,15 @@ class SurfPipelineTesterConfig(BasePipelineTesterConfig):
         return tiny_components()
 
     def get_dummy_inputs(self):
-        return {**INPUTS, "generator": self.get_generator(0), "switch": 1}
+        return {**INPUTS, "generator": self.get_generator(0), "switch": 1, "mode": getattr(self, "mode", "surf")}
 
 
 class TestSurfPipeline(SurfPipelineTesterConfig, PipelineTesterMixin):
-    pass
+    def test_save_load_optional_components(self, tmp_path, expected_max_difference=1e-4):
+        # all optional components None takes the Refiner too, so the calls run as SurfPipeline runs without one
+        # (mode "preview"); Wan's own test narrows this test to what its pipeline runs without, too
+        self.mode = "preview"
+        super().test_save_load_optional_components(tmp_path, expected_max_difference)
 
 
 class TestSurfPipelineMemory(SurfPipelineTesterConfig, MemoryTesterMixin):
@@ -133,4 +138,13 @@ class TestSurfPipelineCommon(CommonPipelineTesterMixin, unittest.TestCase):
         return tiny_components()
 
     def get_dummy_inputs(self, device, seed=0):
-        return {**INPUTS, "generator": torch.Generator().manual_seed(seed), "switch": 1}
+        generator = torch.Generator().manual_seed(seed)
+        return {**INPUTS, "generator": generator, "switch": 1, "mode": getattr(self, "mode", "surf")}
+
+    def test_save_load_optional_components(self, expected_max_difference=1e-4):
+        self.mode = "preview"  # as in TestSurfPipeline
+        super().test_save_load_optional_components(expected_max_difference)
+
+    def test_attention_slicing_forward_pass(self):
+        # as diffusers' HunyuanVideo test: the mean-pixel check converts an image to PIL, which a video is not
+        self._test_attention_slicing_forward_pass(test_mean_pixel_difference=False)
