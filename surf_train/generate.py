@@ -57,6 +57,8 @@ def as_flags(message: str) -> str:
     """A library error with this command's flags for the pipeline's argument names (`num_inference_steps=0`
     -> `--steps 0`)."""
     return _FLAG_RE.sub(lambda m: FLAGS[m.group(1)] + " ", message)
+
+
 log = logging.getLogger("surf_train")
 
 

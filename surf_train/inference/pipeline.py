@@ -317,15 +317,11 @@ class SurfPipeline(DiffusionPipeline):
         """Generate videos (sizes in pixels; None: the base model's defaults, preview half the target).
 
         switch: base-model steps at the prefix size; refiner_steps None: the K the Refiner was trained with;
-        guidance_scale None: the base model's; negative_prompt None: its conf/base one (CFG families only), or one
-        per prompt; prompt_embeds / negative_prompt_embeds (B, L, D): instead of prompts (Wan, as WanPipeline);
-        num_videos_per_prompt: videos per prompt, each prompt's in a row; latents: start noise (B, C, F, h, w) at
-        the prefix size (the target size for mode="baseline"); generator: one, or a list of one per video, draws
-        the start noise, the fresh noise of `paper`/`snr` and the Refiner's start-point noise, in that order (video
-        i of a list equals a call of one video with generator i); callback_on_step_end(pipe, i, t, kwargs) after
-        every step, the base model's then the Refiner's (`num_timesteps`), with the latents at that stage's size;
-        attention_kwargs: to the base transformer; max_sequence_length None: the base model's text length;
-        acceleration: the base model's cache and CFG truncation (None: off)."""
+        guidance_scale None: the base model's; negative_prompt None: its conf/base one (CFG families only);
+        latents: start noise (B, C, F, h, w) at the prefix size (the target size for mode="baseline");
+        acceleration: the base model's cache and CFG truncation (None: off); max_sequence_length None: the base
+        model's. generator (one, or one per video), prompt_embeds, num_videos_per_prompt, callback_on_step_end and
+        attention_kwargs follow WanPipeline's conventions (docs/generation.md#diffusers-conventions)."""
         if output_type not in OUTPUT_TYPES:
             raise ConfigError(f"output_type={output_type!r}: choose from {OUTPUT_TYPES}")
         check_call(mode, num_inference_steps, switch, refiner_steps, rule, down)
@@ -335,32 +331,35 @@ class SurfPipeline(DiffusionPipeline):
         prefix, preview = (prefix_height, prefix_width), (preview_height, preview_width)
         steps = (num_inference_steps, switch)
         plan = self.plan(height, width, num_frames, *steps, prefix, preview, refiner_steps, mode, shift)
-        model, acc = self.base, acceleration or Acceleration()
+        acc = acceleration or Acceleration()
         self._prepare(acc, attention_kwargs)
-        clock = clock or StageClock(model.device)
+        clock = clock or StageClock(self.base.device)
         texts = (prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, max_sequence_length)
         cond, text = self._encode(texts, num_videos_per_prompt, mode, clock)
-        g = model.spec.guidance if guidance_scale is None else guidance_scale
-        self._guidance_scale, self._guidance_scale_2 = g, guidance_scale_2
-        self._num_timesteps = plan.schedule.steps + plan.refiner_steps
-        model.meter.reset()
+        self._guidance_scale = self.spec.guidance if guidance_scale is None else guidance_scale
+        self._guidance_scale_2, self._num_timesteps = guidance_scale_2, plan.schedule.steps + plan.refiner_steps
         after = step_end(self, callback_on_step_end, names, cond)
+        try:
+            noise = self._start_noise(plan, cond.embeds.shape[0], latents, generator)
+            latent = self._sample(plan, cond, text, noise, acc, (switch, rule, down), generator, after, clock)
+        finally:
+            self.base.attention_kwargs, self._current_timestep = None, None
+        frames = latent if output_type == "latent" else self._decode(latent, output_type, clock)
+        self.maybe_free_model_hooks()
+        return SurfPipelineOutput(frames=frames, plan=plan) if return_dict else (frames,)
+
+    def _sample(self, plan, cond, text, noise, acc, reshift, generator, after, clock: StageClock) -> torch.Tensor:
+        """The base model's steps (and the Refiner's, mode "surf") from the start noise -> the output latent."""
+        model = self.base
+        model.meter.reset()
 
         def velocity(x, step):  # the guidance as it stands (a callback may change it, as WanPipeline reads it)
             return model.velocity_fn(cond, self._guidance_scale, acc, self._guidance_scale_2)(x, step)
 
         vel = clock.wrap(velocity, lambda x: plan.names[tuple(x.shape[-2:])])
-        noise = self._start_noise(plan, cond.embeds.shape[0], latents, generator)
-        try:
-            if mode == "baseline":
-                latent = clock.span("sampler", sample, vel, noise, plan.schedule, after)  # the pipeline's own output
-            else:
-                latent = self._preview_and_refine(plan, vel, noise, text, (switch, rule, down), generator, after, clock)
-        finally:
-            model.attention_kwargs, self._current_timestep = None, None
-        frames = latent if output_type == "latent" else self._decode(latent, output_type, clock)
-        self.maybe_free_model_hooks()
-        return SurfPipelineOutput(frames=frames, plan=plan) if return_dict else (frames,)
+        if plan.mode == "baseline":
+            return clock.span("sampler", sample, vel, noise, plan.schedule, after)  # the pipeline's own output
+        return self._preview_and_refine(plan, vel, noise, text, reshift, generator, after, clock)
 
     def _prepare(self, acc: Acceleration, attention_kwargs: dict | None) -> None:
         """The adapter follows the modules' device and dtype (after pipe.to(...)), takes the acceleration and the
