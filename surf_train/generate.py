@@ -12,10 +12,13 @@ Loads none of lightning, deepspeed, hydra or wandb.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import os
+import re
 import sys
+import unicodedata
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -25,17 +28,37 @@ from tqdm import tqdm
 
 from surf_train import TOY_REFINER
 from surf_train.base import Acceleration, BaseModel, BaseSpec
-from surf_train.base.sampling import DOWN_MODES, RULES, SCHEDULERS, DownMode, Rule
+from surf_train.base.sampling import RULES, SCHEDULERS, DownMode, Rule  # noqa: F401  (RULES: bench_generate)
 from surf_train.common.cli_args import add_fields, from_args
 from surf_train.common.config import check
 from surf_train.common.dtypes import DType
 from surf_train.common.errors import ConfigError
 from surf_train.inference.pipeline import MODES, StageClock, SurfPipeline, default_prefix, plan_sizes  # noqa: F401
+from surf_train.inference.plan import check_call, check_target
 
 DEFAULT_BASE = "toy"  # the trained toy-world model (assets/toy_base); `tiny` is random, for tests
 DEFAULT_REFINER = str(TOY_REFINER)  # the shipped toy-world Refiner; `make demo` exports its own to runs/demo/refiner
 SCHEDULER_NAMES = tuple(sorted(SCHEDULERS))
 SIZE_FIELDS = ("height", "width", "preview_height", "preview_width", "prefix_height", "prefix_width")  # pixels
+# the pipeline's argument names in its errors -> this command's flags
+FLAGS = {
+    **{f: "--" + f.replace("_", "-") for f in (*SIZE_FIELDS, "refiner_steps", "switch", "rule", "down", "mode")},
+    **{f: "--" + f.replace("_", "-") for f in ("shift", "cache_threshold", "cfg_stop")},
+    "num_inference_steps": "--steps",
+    "num_frames": "--frames",
+    "guidance_scale": "--guidance",
+    "guidance_scale_2": "--guidance-2",
+    "cfg_low": "--no-cfg-low",
+}
+_FLAG_RE = re.compile(r"(?<![\w.-])(" + "|".join(sorted(FLAGS, key=len, reverse=True)) + r")=")
+
+
+def as_flags(message: str) -> str:
+    """A library error with this command's flags for the pipeline's argument names (`num_inference_steps=0`
+    -> `--steps 0`)."""
+    return _FLAG_RE.sub(lambda m: FLAGS[m.group(1)] + " ", message)
+
+
 log = logging.getLogger("surf_train")
 
 
@@ -91,29 +114,52 @@ def _sizes(cfg: GenerateConfig, spec: BaseSpec) -> dict[str, tuple[int, int]]:
     )
 
 
-def _video_path(cfg: GenerateConfig, i: int, seed: int) -> Path:
-    return Path(cfg.out_dir) / f"{cfg.mode}_p{i:03d}_s{seed}.mp4"
+def slug(prompt: str, size: int = 40) -> str:
+    """The prompt's words in lower-case ASCII joined by '-', cut at a word within `size` characters."""
+    ascii_ = unicodedata.normalize("NFKD", prompt).encode("ascii", "ignore").decode()  # é -> e
+    s = re.sub(r"[^a-z0-9]+", "-", ascii_.lower()).strip("-")
+    if len(s) > size:
+        s = s[: size + 1].rsplit("-", 1)[0] if "-" in s[: size + 1] else s[:size]
+    return s or "prompt"
+
+
+def video_stem(cfg: GenerateConfig, i: int, prompt: str, seed: int) -> str:
+    """`<mode>_p<prompt index>_s<seed>_<prompt slug>`: another prompt or seed never takes an earlier video's name."""
+    return f"{cfg.mode}_p{i:03d}_s{seed}_{slug(prompt)}"
+
+
+def publish(tmp: Path, stem: str) -> Path:
+    """Move the finished video `tmp` to <stem>.mp4 next to it, or <stem>-2.mp4, -3, ... where that name or its
+    report is taken: never overwrites (a hard link fails on an existing name, so two runs cannot both get one)."""
+    for n in itertools.count(1):
+        path = tmp.with_name(f"{stem}.mp4" if n == 1 else f"{stem}-{n}.mp4")
+        if path.with_suffix(".json").exists():
+            continue
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            continue
+        tmp.unlink()
+        return path
+
+
+def _check(cfg: GenerateConfig, spec: BaseSpec) -> None:
+    """The pipeline's own checks of cfg's call, before any model is loaded."""
+    sizes = {k: getattr(cfg, k) for k in SIZE_FIELDS}
+    check_call(cfg.mode, cfg.steps, cfg.switch, cfg.refiner_steps, cfg.rule, cfg.down, num_frames=cfg.frames, **sizes)
+    check_target(spec, cfg.frames or spec.native_frames, _sizes(cfg, spec)["target"])
 
 
 def load_pipeline(cfg: GenerateConfig) -> SurfPipeline:
     """The SurfPipeline of cfg's base model, with its Refiner in mode surf; settings checked before loading."""
-    if cfg.mode not in MODES:
-        raise ConfigError(f"--mode {cfg.mode!r}: choose from {MODES}")
     spec = BaseSpec.from_name(cfg.base)
     spec.dtype = cfg.dtype
     if cfg.scheduler is not None:
         spec.scheduler = cfg.scheduler
-    if cfg.steps < 1:
-        raise ConfigError(f"--steps {cfg.steps}: needs at least 1 base-model step")
-    if cfg.refiner_steps is not None and cfg.refiner_steps < 1:
-        raise ConfigError(f"--refiner-steps {cfg.refiner_steps}: needs at least 1 Refiner step")
-    if not 0 <= cfg.switch <= cfg.steps:
-        raise ConfigError(f"--switch {cfg.switch} must be in [0, --steps {cfg.steps}]")
-    for name in ("frames", *SIZE_FIELDS):  # 0 would silently mean "the default"
-        if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
-            flag = name.replace("_", "-")
-            raise ConfigError(f"--{flag} {getattr(cfg, name)} must be >= 1 (leave it out for the base model's)")
-    spec.geometry.check(cfg.frames or spec.native_frames, *_sizes(cfg, spec)["target"], "target")
+    try:
+        _check(cfg, spec)
+    except ConfigError as e:
+        raise ConfigError(as_flags(str(e))) from None
     return SurfPipeline.from_surf(spec, cfg.refiner if cfg.mode == "surf" else None, cfg.device, force=cfg.force)
 
 
@@ -140,10 +186,10 @@ def generate_one(cfg: GenerateConfig, pipe: SurfPipeline, i: int, prompt: str, s
         acceleration=Acceleration(cfg.cache_threshold, cfg.cfg_stop, cfg.cfg_low),
     )
     plan, model = out.plan, pipe.base
-    path = _video_path(cfg, i, seed)
-    tmp = path.with_name(f".{path.stem}.tmp.mp4")
+    stem = video_stem(cfg, i, prompt, seed)
+    tmp = Path(cfg.out_dir) / f".{stem}.{os.getpid()}.tmp.mp4"
     clock.span("mp4", export_to_video, list(out.frames[0]), str(tmp), pipe.spec.fps)  # (F, H, W, 3) in [0, 1]
-    os.replace(tmp, path)
+    path = publish(tmp, stem)
     net = pipe.refiner if cfg.mode == "surf" else None
     flops = stage_flops(model, net, plan.names, plan.lat, plan.f_lat, plan.refiner_steps)
     report = _report(cfg, pipe.spec, plan.sizes, plan.frames, prompt, seed, plan.refiner_steps, clock, path, flops)
@@ -153,21 +199,25 @@ def generate_one(cfg: GenerateConfig, pipe: SurfPipeline, i: int, prompt: str, s
     report["blocks_run"] = {
         names[hw]: round(model.meter.block_fraction(hw, model.block_lists), 4) for hw in model.meter.forwards
     }  # fraction of a full forward's blocks
-    path.with_suffix(".json").write_text(json.dumps(report, indent=1))
+    tmp_json = path.with_name(f".{path.stem}.{os.getpid()}.tmp.json")
+    tmp_json.write_text(json.dumps(report, indent=1))
+    os.replace(tmp_json, path.with_suffix(".json"))
     return report, clock
 
 
 def generate(cfg: GenerateConfig, pipe: SurfPipeline | None = None) -> list[dict]:
-    """Run every (prompt, seed); returns the reports (also written next to each mp4). pipe: already loaded."""
-    if cfg.rule not in RULES or cfg.down not in DOWN_MODES:
-        raise ConfigError(f"--rule must be one of {RULES} and --down one of {DOWN_MODES}")
-    pipe = pipe or load_pipeline(cfg)
-    Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
-    jobs = [(i, p, seed) for i, p in enumerate(cfg.prompts) for seed in cfg.seeds]
-    return [
-        generate_one(cfg, pipe, i, prompt, seed)[0]
-        for i, prompt, seed in tqdm(jobs, desc=cfg.mode, disable=not cfg.progress, unit="video")
-    ]
+    """Run every (prompt, seed); returns the reports (also written next to each mp4). pipe: already loaded.
+    The pipeline's errors name this command's flags."""
+    try:
+        pipe = pipe or load_pipeline(cfg)
+        Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
+        jobs = [(i, p, seed) for i, p in enumerate(cfg.prompts) for seed in cfg.seeds]
+        return [
+            generate_one(cfg, pipe, i, prompt, seed)[0]
+            for i, prompt, seed in tqdm(jobs, desc=cfg.mode, disable=not cfg.progress, unit="video")
+        ]
+    except ConfigError as e:
+        raise ConfigError(as_flags(str(e))) from None
 
 
 def _report(cfg, spec, sizes, frames, prompt, seed, k_ref, clock: StageClock, path: Path, flops: dict) -> dict:

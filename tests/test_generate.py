@@ -92,7 +92,7 @@ def test_slim_import_and_run(refiner_dir, tmp_path):
     "kw,msg",
     [
         (dict(refiner="/nope"), "not an exported Refiner"),
-        (dict(height=60), "target height=60"),
+        (dict(height=60), "--height 60 must be a positive multiple"),
         (dict(preview_height=128), "larger than target"),
         (dict(switch=9), "--switch 9"),
         (dict(mode="fast"), "--mode 'fast'"),
@@ -179,3 +179,21 @@ def test_acceleration_flags_reach_the_report(tmp_path):
     assert plain["forwards"] == {"prefix": 2, "low_res": 6} and fast["forwards"] == {"prefix": 2, "low_res": 4}
     assert plain["blocks_run"]["low_res"] == 1.0 and fast["blocks_run"]["low_res"] < 1.0
     assert sum(fast["flops"].values()) < sum(plain["flops"].values())
+
+
+def test_video_names_carry_the_prompt_and_a_second_run_never_overwrites(tmp_path):
+    """Issue 24: names were <mode>_p<i>_s<seed>.mp4 whatever the prompt, so a second run replaced the first."""
+    from surf_train.generate import slug
+
+    assert slug("A red ball, rolling!") == "a-red-ball-rolling" and slug("Café crème") == "cafe-creme"
+    assert slug("word " * 20) == "word-word-word-word-word-word-word-word" and slug("!!!") == "prompt"
+    cfg = dict(SMALL, mode="preview", steps=2, frames=5, out_dir=str(tmp_path), seeds=[0])
+    first = generate(GenerateConfig(**cfg, prompts=["a cat playing piano", "a red ball rolling"]))
+    names = [Path(r["video"]).name for r in first]
+    assert names == ["preview_p000_s0_a-cat-playing-piano.mp4", "preview_p001_s0_a-red-ball-rolling.mp4"]
+    before = {n: (tmp_path / n).read_bytes() for n in names}
+    (second,) = generate(GenerateConfig(**cfg, prompts=["a cat playing piano"]))
+    assert Path(second["video"]).name == "preview_p000_s0_a-cat-playing-piano-2.mp4"
+    assert json.loads(Path(second["video"]).with_suffix(".json").read_text())["video"] == second["video"]
+    assert {n: (tmp_path / n).read_bytes() for n in names} == before  # the first run's videos are untouched
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temporary left

@@ -159,8 +159,8 @@ def test_installed_wheel_runs_the_pipeline_from_anywhere(wheel, tmp_path):
     )
     _run([bin_ / "surf-export", "runs/tiny/checkpoints/last.ckpt", "runs/tiny/refiner"], work, env)
     r = _run([bin_ / "surf-generate", "--steps", "4", "--switch", "2", "--no-progress"], work, env)
-    assert "surf: outputs/generate/surf_p000_s0.mp4" in r.stdout
-    assert (work / "outputs/generate/surf_p000_s0.mp4").is_file()
+    assert "surf: outputs/generate/surf_p000_s0_a-red-circle-moving-right-on-a-gray.mp4" in r.stdout
+    assert (work / "outputs/generate/surf_p000_s0_a-red-circle-moving-right-on-a-gray.mp4").is_file()
     for script in ("surf-make-video-pairs", "surf-evaluate", "surf-flops"):
         assert _run([bin_ / script, "--help"], work, env).stdout.strip()
 

@@ -37,7 +37,10 @@ def test_save_and_load_round_trip_exactly(surf, tmp_path):
     base, pipe = surf
     pipe.save_pretrained(tmp_path / "pipe")
     index = json.loads((tmp_path / "pipe" / "model_index.json").read_text())
-    assert index["_class_name"] == "SurfPipeline" and index["refiner"] == ["surf_train.models.refiner", "Refiner"]
+    assert index["_class_name"] == ["surf_pipeline", "SurfPipeline"] and index["refiner"] == [
+        "surf_train.models.refiner",
+        "Refiner",
+    ]
     want = {"tokenizer", "text_encoder", "transformer", "vae", "scheduler"}
     want |= {"text_encoder_2", "tokenizer_2"} if base == "tiny_hunyuan" else set()
     assert want <= {k for k, v in index.items() if isinstance(v, list) and v[0] is not None}

@@ -1,5 +1,6 @@
 """Frozen flow-matching video DiTs behind one small interface (`adapter.BaseModel`, one adapter per family:
-`wan`, `hunyuan`, `hunyuan15`), the factory that builds one, their VAEs (`vae`, `toy_vae`), tiny download-free
+`wan`, `hunyuan`, `hunyuan15`), their constants (`spec.BaseSpec`, or read off a pipeline's components:
+`components`), the factory that builds one, their VAEs (`vae`, `toy_vae`), tiny download-free
 components (`tiny`), and sampling with the base model's own scheduler, noise reshifting included (`sampling`).
 May import `common` only."""
 

@@ -21,14 +21,14 @@ class HunyuanBase(BaseModel):
         return c.patch_size_t, c.patch_size
 
     @torch.no_grad()
-    def encode_prompt(self, prompts: list[str]) -> Cond:
+    def encode_prompt(self, prompts: list[str], max_sequence_length: int | None = None) -> Cond:
         kw = {} if self.spec.prompt_template is None else {"prompt_template": dict(self.spec.prompt_template)}
         embeds, pooled, mask = self.pipe.encode_prompt(
             prompts,
             prompt_2=prompts,
             device=self.device,
             dtype=self.dtype,
-            max_sequence_length=self.spec.max_sequence_length,
+            max_sequence_length=max_sequence_length or self.spec.max_sequence_length,
             **kw,
         )
         # the pipeline casts all three to the transformer's dtype before its loop

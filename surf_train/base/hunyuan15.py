@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from surf_train.base.adapter import BaseModel, BaseSpec, Cond
+from surf_train.base.adapter import BaseModel, BaseSpec, Cond, negatives
 from surf_train.base.sampling import Step
 from surf_train.common.errors import ConfigError
 
@@ -42,15 +42,20 @@ class Hunyuan15Base(BaseModel):
             )
 
     @torch.no_grad()
-    def encode_prompt(self, prompts: list[str], negative_prompt: str | None = None) -> Cond:
-        """Both encoders for the prompts and the negative prompt (None: the base model's; "" as the pipeline's
-        default). Masks are 1 on real tokens; the glyph encoder's rows are zero with a zero mask when a prompt
-        quotes no text."""
-        neg = self.spec.negative_prompt if negative_prompt is None else negative_prompt
+    def encode_prompt(
+        self, prompts: list[str], negative_prompt: str | list[str] | None = None, max_sequence_length: int | None = None
+    ) -> Cond:
+        """Both encoders for the prompts and the negative prompts (None: the base model's; "" as the pipeline's
+        default; a list: one per prompt). Masks are 1 on real tokens; the glyph encoder's rows are zero with a zero
+        mask when a prompt quotes no text. max_sequence_length: the Qwen tokens kept (None: the base model's)."""
+        negs = negatives(self.spec.negative_prompt if negative_prompt is None else negative_prompt, len(prompts))
         kw = dict(device=self.device, dtype=self.dtype, batch_size=len(prompts))
-        # each (B, L, D), (B, L), (B, 256, D2), (B, 256) in the transformer's dtype, as the pipeline casts them
-        embeds, mask, embeds_2, mask_2 = self.pipe.encode_prompt(prompts, **kw)
-        n_embeds, n_mask, n_embeds_2, n_mask_2 = self.pipe.encode_prompt([neg] * len(prompts), **kw)
+        self.pipe.tokenizer_max_length = max_sequence_length or self.spec.max_sequence_length
+        try:  # each (B, L, D), (B, L), (B, 256, D2), (B, 256) in the transformer's dtype, as the pipeline casts them
+            embeds, mask, embeds_2, mask_2 = self.pipe.encode_prompt(prompts, **kw)
+            n_embeds, n_mask, n_embeds_2, n_mask_2 = self.pipe.encode_prompt(negs, **kw)
+        finally:
+            self.pipe.tokenizer_max_length = self.spec.max_sequence_length
         extra = {"mask": mask, "embeds_2": embeds_2, "mask_2": mask_2}
         extra |= {"neg_mask": n_mask, "neg_embeds_2": n_embeds_2, "neg_mask_2": n_mask_2}
         return Cond(embeds=embeds, negative=n_embeds, extra=extra)

@@ -55,12 +55,32 @@ def flow_sigmas(steps: int, shift: float = 1.0) -> torch.Tensor:
     return shift_sigma(torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64), shift)
 
 
+# after(t, x) -> x: called after each sampler step with its timestep and the new latent, which it may replace
+# (the pipeline's callback_on_step_end); None: nothing
+AfterStep = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def randn(shape: tuple[int, ...], generator=None) -> torch.Tensor:
+    """Unit Gaussian noise drawn on the generator's device (the CPU without one). A list of generators draws sample
+    i (dim 0) with generator i, as diffusers' randn_tensor does, so sample i equals a batch of one drawn with it."""
+    if not isinstance(generator, (list, tuple)):
+        return torch.randn(shape, generator=generator, device=None if generator is None else generator.device)
+    if len(generator) != shape[0]:
+        raise ConfigError(f"generator: a list of {len(generator)} generators for a batch of {shape[0]}")
+    return torch.cat([randn((1, *shape[1:]), g).cpu() for g in generator])
+
+
 def euler_sample(
-    velocity: Callable[[torch.Tensor, float], torch.Tensor], x: torch.Tensor, sigmas: torch.Tensor
+    velocity: Callable[[torch.Tensor, float], torch.Tensor],
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    after: AfterStep | None = None,
 ) -> torch.Tensor:
-    """Euler integration of dx/ds = v(x, s) along `sigmas` (decreasing)."""
+    """Euler integration of dx/ds = v(x, s) along `sigmas` (decreasing); after: see AfterStep (t = s * 1000)."""
     for s, s_next in zip(sigmas[:-1].tolist(), sigmas[1:].tolist()):
         x = x + (s_next - s) * velocity(x, s)
+        if after is not None:
+            x = after(torch.tensor(s * 1000.0), x)
     return x
 
 
@@ -241,11 +261,12 @@ def scheduler_steps(
     offset: int = 0,
     v: torch.Tensor | None = None,
     start: bool = False,
+    after: AfterStep | None = None,
 ) -> torch.Tensor:
     """`n` steps of a started scheduler from where it stands, as the pipeline's loop makes them.
 
     steps/offset: the schedule's length and the index of the scheduler's step 0 in it (for `Step`);
-    v: the velocity at (x, current level) when already computed (the shared switch call).
+    v: the velocity at (x, current level) when already computed (the shared switch call); after: see AfterStep.
     """
     for _ in range(n):
         i = sched.step_index if sched.step_index is not None else sched.begin_index
@@ -253,13 +274,16 @@ def scheduler_steps(
         if v is None:
             v = velocity(x, Step(float(sched.sigmas[i]), t, offset + i, steps, stage, start))
         x = sched.step(v, t, x, return_dict=False)[0]
+        if after is not None:
+            x = after(t, x)
         v, start = None, False
     return x
 
 
-def sample(velocity: Velocity, noise: torch.Tensor, schedule: Schedule) -> torch.Tensor:
+def sample(velocity: Velocity, noise: torch.Tensor, schedule: Schedule, after: AfterStep | None = None) -> torch.Tensor:
     """The pipeline's denoising loop: noise (B, C, F, H, W) -> clean latent, every step at the noise's size."""
-    return scheduler_steps(velocity, noise, schedule.start(noise.device), schedule.steps, schedule.steps, start=True)
+    sched = schedule.start(noise.device)
+    return scheduler_steps(velocity, noise, sched, schedule.steps, schedule.steps, start=True, after=after)
 
 
 # --- resampling in latent space ---------------------------------------------------------------
@@ -403,27 +427,32 @@ def _switch(
     return v, reshift(x, v, s_k, plan.preview_size, plan.rule, fresh_noise, plan.down)
 
 
-def _low_res(velocity: Velocity, r: Reshift, plan: PreviewPlan, start: bool) -> torch.Tensor:
+def _low_res(velocity: Velocity, r: Reshift, plan: PreviewPlan, start: bool, after: AfterStep | None = None):
     """The steps after the switch at preview size, on a fresh scheduler (see above)."""
     levels = low_res_sigmas(plan.sigmas, plan.switch, plan.rule, r.gain)  # (steps - switch + 1,), last 0
     if len(levels) == 1:  # switch == steps: nothing left to denoise
         return r.x
     sched = scheduler_on(plan.schedule.scheduler, levels, r.x.device)
-    return scheduler_steps(velocity, r.x, sched, len(levels) - 1, plan.steps, "low", plan.switch, start=start)
+    n = len(levels) - 1
+    return scheduler_steps(velocity, r.x, sched, n, plan.steps, "low", plan.switch, start=start, after=after)
 
 
 def preview_sample(
-    velocity: Velocity, noise: torch.Tensor, plan: PreviewPlan, fresh_noise: torch.Tensor | None = None
+    velocity: Velocity,
+    noise: torch.Tensor,
+    plan: PreviewPlan,
+    fresh_noise: torch.Tensor | None = None,
+    after: AfterStep | None = None,
 ) -> torch.Tensor:
     """Noise-reshifting preview: `switch` steps at the noise's resolution, the rest at preview size.
 
     noise: (B, C, F, H, W) start noise at the prefix resolution; fresh_noise: (B, C, F, h, w) for
-    `paper`/`snr`. Returns the clean preview latent (B, C, F, h, w).
+    `paper`/`snr`. Returns the clean preview latent (B, C, F, h, w). after: see AfterStep (every step of both).
     """
     sched = plan.schedule.start(noise.device)
-    x = scheduler_steps(velocity, noise, sched, plan.switch, plan.steps, start=True)
+    x = scheduler_steps(velocity, noise, sched, plan.switch, plan.steps, start=True, after=after)
     v, r = _switch(velocity, x, plan, sched, fresh_noise, start=plan.switch == 0)
-    return _low_res(velocity, r, plan, start=plan.switch == 0 and v is None)
+    return _low_res(velocity, r, plan, start=plan.switch == 0 and v is None, after=after)
 
 
 def finish_preview(

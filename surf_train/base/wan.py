@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from surf_train.base.adapter import BaseModel, BaseSpec, Cond, expert_at
+from surf_train.base.adapter import BaseModel, BaseSpec, Cond, expert_at, negatives
 from surf_train.base.sampling import PreviewPlan, Step, low_res_sigmas, noise_gain, scheduler_on
 from surf_train.common.errors import ConfigError
 
@@ -14,6 +14,7 @@ class WanBase(BaseModel):
     """Wan: umT5 text, classifier-free guidance with a negative prompt, per-channel latent mean/std."""
 
     pipeline_name, tiny_name = "WanPipeline", "tiny_wan_pipeline"
+    takes_embeds = True
 
     @classmethod
     def load(cls, spec: BaseSpec, device: torch.device) -> WanBase:
@@ -35,18 +36,31 @@ class WanBase(BaseModel):
             raise ConfigError(f"{self.spec.model_id}: token grid {grid} exceeds rope_max_seq_len={limit}")
 
     @torch.no_grad()
-    def encode_prompt(self, prompts: list[str], negative_prompt: str | None = None) -> Cond:
-        """negative_prompt None: the base model's (conf/base)."""
-        neg = self.spec.negative_prompt if negative_prompt is None else negative_prompt
+    def encode_prompt(
+        self,
+        prompts: list[str] | None,
+        negative_prompt: str | list[str] | None = None,
+        max_sequence_length: int | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+    ) -> Cond:
+        """negative_prompt None: the base model's (conf/base); a list: one per prompt. prompt_embeds (B, L, D): given
+        instead of prompts, as WanPipeline takes them; the negative branch is encoded unless given, and left out
+        (no CFG) by a pipeline without a text encoder."""
+        n = len(prompts) if prompts is not None else prompt_embeds.shape[0]
+        negs = negatives(self.spec.negative_prompt if negative_prompt is None else negative_prompt, n)
         pos, neg = self.pipe.encode_prompt(
             prompts,
-            negative_prompt=[neg] * len(prompts),
-            do_classifier_free_guidance=True,
-            max_sequence_length=self.spec.max_sequence_length,
+            negative_prompt=negs,
+            do_classifier_free_guidance=negative_prompt_embeds is not None or self.pipe.text_encoder is not None,
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+            max_sequence_length=max_sequence_length or self.spec.max_sequence_length,
             device=self.device,
             dtype=self.dtype,
         )
-        return Cond(embeds=pos, negative=neg)  # (B, L, D) each, zero-padded to L
+        cast = lambda t: None if t is None else t.to(self.device, self.dtype)  # noqa: E731 (given ones as encoded)
+        return Cond(embeds=cast(pos), negative=cast(neg))  # (B, L, D) each, zero-padded to L
 
     @property
     def expand_timesteps(self) -> bool:

@@ -3,12 +3,14 @@
     pipe = SurfPipeline.from_surf("tiny", "runs/tiny/refiner")       # a conf/base name + an exported Refiner
     video = pipe("a red ball rolling", generator=torch.Generator().manual_seed(0)).frames[0]  # (F, H, W, 3)
     pipe.save_pretrained("surf_tiny"); SurfPipeline.from_pretrained("surf_tiny")
+    SurfPipeline(**WanPipeline.from_pretrained(...).components, refiner=Refiner.from_pretrained(...))
 
 The components are the base pipeline's (WanPipeline, HunyuanVideoPipeline or HunyuanVideo15Pipeline, its guider
-included) and `refiner`; model_index.json also
-holds `base_spec` (the conf/base record: geometry, native size, guidance, prompts' settings) and `bridge` (the
+included) and `refiner`; model_index.json also holds `base_spec` (the conf/base record: geometry, native size,
+guidance, prompts' settings; read off the components when not given, `base.components`) and `bridge` (the
 Refiner's sampler settings from its surf.json). A call runs the same code as `surf-generate`: the base-model adapter
-(its pipeline's own scheduler, CFG, cache), `sampling.preview_sample` and the Refiner's `RefinerSampler`.
+(its pipeline's own scheduler, CFG, cache), `sampling.preview_sample` and the Refiner's `RefinerSampler`, with
+diffusers' conventions for generators, embeddings, `num_videos_per_prompt` and step-end callbacks (WanPipeline's).
 `clock` (a StageClock) times each stage; `surf_train.generate` and `benchmarks/bench_generate.py` read their
 reports from it.
 """
@@ -16,128 +18,38 @@ reports from it.
 from __future__ import annotations
 
 import dataclasses
-import logging
-import time
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from diffusers import DiffusionPipeline
+from diffusers import (
+    AutoencoderKLHunyuanVideo,
+    AutoencoderKLHunyuanVideo15,
+    AutoencoderKLWan,
+    ClassifierFreeGuidance,
+    DiffusionPipeline,
+    DPMSolverMultistepScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    HunyuanVideo15Transformer3DModel,
+    HunyuanVideoTransformer3DModel,
+    UniPCMultistepScheduler,
+    WanTransformer3DModel,
+)
 from diffusers.utils import BaseOutput
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from surf_train.base import Acceleration, BaseModel, BaseSpec, adapter_class, latent_frames
-from surf_train.base.sampling import DOWN_MODES, RULES, PreviewPlan, Schedule, preview_sample, sample
+from surf_train.base.components import family_of, spec_from_pipe
+from surf_train.base.sampling import PreviewPlan, preview_sample, randn, sample
+from surf_train.base.toy_vae import PixelShuffleVAE
 from surf_train.common.errors import ConfigError
+from surf_train.inference.clock import StageClock
+from surf_train.inference.conventions import callback_inputs, realign, step_end, write_module_file
+from surf_train.inference.plan import MODES, SurfPlan, check_call, check_target, default_prefix, plan_sizes
+from surf_train.models.refiner import Refiner
 from surf_train.models.sampler import RefinerSampler
 
-MODES = ("surf", "baseline", "preview")
 OUTPUT_TYPES = ("np", "pil", "pt", "latent")
-log = logging.getLogger("surf_train")
-
-
-class StageClock:
-    """Wall time of network calls, split by the latent size they run at, and of named stages (synchronises CUDA).
-
-    `seconds`/`calls`: the report's stages; `spans`: time around parts that contain them or glue (sampler, upsample,
-    mp4), for benchmarks, never summed into a report."""
-
-    def __init__(self, device: torch.device | str = "cpu"):
-        self.device, self.seconds, self.calls, self.spans = torch.device(device), {}, {}, {}
-
-    def _sync(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-    def wrap(self, fn, name_of):
-        def timed(x, *a):
-            self._sync()
-            t = time.perf_counter()
-            out = fn(x, *a)
-            self._sync()
-            k = name_of(x)
-            self.seconds[k] = self.seconds.get(k, 0.0) + time.perf_counter() - t
-            self.calls[k] = self.calls.get(k, 0) + 1
-            return out
-
-        return timed
-
-    def _timed(self, into: dict, name, fn, *a):
-        self._sync()
-        t = time.perf_counter()
-        out = fn(*a)
-        self._sync()
-        into[name] = into.get(name, 0.0) + time.perf_counter() - t
-        return out
-
-    def time(self, name, fn, *a):
-        return self._timed(self.seconds, name, fn, *a)
-
-    def span(self, name, fn, *a):
-        return self._timed(self.spans, name, fn, *a)
-
-
-def _on_grid(x: float, multiple: int) -> int:
-    return max(multiple, round(x / multiple) * multiple)
-
-
-def default_prefix(target: tuple[int, int], native: tuple[int, int], multiple: int) -> tuple[int, int]:
-    """The target's aspect ratio at the base model's native pixel count, on the size grid (`multiple`)."""
-    if target[0] * native[1] == target[1] * native[0]:
-        return tuple(native)
-    area, aspect = native[0] * native[1], target[1] / target[0]
-    return _on_grid((area / aspect) ** 0.5, multiple), _on_grid((area * aspect) ** 0.5, multiple)
-
-
-def plan_sizes(
-    spec: BaseSpec,
-    height=None,
-    width=None,
-    prefix=(None, None),
-    preview=(None, None),
-    mode: str = "surf",
-    switch: int = 1,
-) -> dict[str, tuple[int, int]]:
-    """Pixel (h, w) of the target, prefix and preview; None: the base model's defaults (docs/method.md)."""
-    h, w = height or spec.native_size[0], width or spec.native_size[1]
-    g = spec.geometry
-    m = g.stride_s * g.patch_s
-    dp = default_prefix((h, w), spec.native_size, m)
-    # default preview: half the target on the size grid (HunyuanVideo 720p: 352x640, as 360 is off the grid)
-    sizes = {
-        "target": (h, w),
-        "prefix": (prefix[0] or dp[0], prefix[1] or dp[1]),
-        "preview": (preview[0] or _on_grid(h / 2, m), preview[1] or _on_grid(w / 2, m)),
-    }
-    for name, (sh, sw) in sizes.items():
-        g.check(None, sh, sw, name)
-    if sizes["preview"][0] > h or sizes["preview"][1] > w:
-        raise ConfigError(f"preview {sizes['preview']} is larger than target {(h, w)}")
-    if (
-        mode != "baseline"
-        and switch
-        and (sizes["prefix"][0] < sizes["preview"][0] or sizes["prefix"][1] < sizes["preview"][1])
-    ):
-        log.warning(
-            "prefix %s is smaller than the preview %s: the switch resamples upward (set --prefix-height/"
-            "--prefix-width)",
-            sizes["prefix"],
-            sizes["preview"],
-        )
-    return sizes
-
-
-@dataclass
-class SurfPlan:
-    """What one call runs: sizes in pixels and latents, the schedule, the Refiner's steps, stage names."""
-
-    mode: str
-    sizes: dict[str, tuple[int, int]]  # pixels: target, prefix, preview
-    frames: int
-    lat: dict[str, tuple[int, int]]  # latent (h, w) of each size
-    f_lat: int  # latent frames
-    schedule: Schedule
-    refiner_steps: int  # 0 unless mode == "surf"
-    names: dict[tuple[int, int], str]  # latent (h, w) -> report stage of the base-model calls made there
 
 
 @dataclass
@@ -155,19 +67,10 @@ def _spec_dict(spec: BaseSpec) -> dict:
     return d
 
 
-ALIGN = 64  # bytes: PyTorch's CPU allocator's alignment
-
-
-@torch.no_grad()
-def realign(module: torch.nn.Module) -> None:
-    """Copy parameters and buffers that do not start on an ALIGN-byte boundary into fresh memory.
-
-    Tensors loaded from safetensors can sit at any 8-byte offset of the file's mapping, and CPU matmul kernels
-    round differently on misaligned inputs (about 1e-6 on the tiny Wan), so a loaded pipeline would not reproduce
-    the saved one bit for bit. Fresh copies sit where the allocator puts every tensor."""
-    for t in (*module.parameters(), *module.buffers()):
-        if t.device.type == "cpu" and t.numel() and t.data_ptr() % ALIGN:
-            t.data = t.data.clone()
+def _spec(base_spec: dict | str | BaseSpec) -> BaseSpec:
+    if isinstance(base_spec, str):
+        return BaseSpec.from_name(base_spec)
+    return base_spec if isinstance(base_spec, BaseSpec) else BaseSpec.from_dict(base_spec)
 
 
 class SurfPipeline(DiffusionPipeline):
@@ -175,33 +78,27 @@ class SurfPipeline(DiffusionPipeline):
 
     model_cpu_offload_seq = "text_encoder->text_encoder_2->transformer->transformer_2->refiner->vae"
     _optional_components = ["refiner", "text_encoder_2", "tokenizer_2", "transformer_2", "guider"]
+    _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
 
     def __init__(
         self,
-        tokenizer,
-        text_encoder,
-        transformer,
-        vae,
-        scheduler,
-        refiner=None,
-        text_encoder_2=None,
-        tokenizer_2=None,
-        base_spec: dict | str | BaseSpec | None = None,
-        bridge: dict | None = None,
-        transformer_2=None,
+        tokenizer: PreTrainedTokenizerBase | None,
+        text_encoder: PreTrainedModel | None,
+        transformer: WanTransformer3DModel | HunyuanVideoTransformer3DModel | HunyuanVideo15Transformer3DModel | None,
+        vae: AutoencoderKLWan | AutoencoderKLHunyuanVideo | AutoencoderKLHunyuanVideo15 | PixelShuffleVAE | None,
+        scheduler: FlowMatchEulerDiscreteScheduler | UniPCMultistepScheduler | DPMSolverMultistepScheduler | None,
+        refiner: Refiner | None = None,
+        text_encoder_2: PreTrainedModel | None = None,
+        tokenizer_2: PreTrainedTokenizerBase | None = None,
+        base_spec: dict | str | BaseSpec | None = None,  # None: read off the components (base.components)
+        bridge: dict | None = None,  # None: the one the Refiner came with (its `surf_bridge`), else the defaults
+        transformer_2: WanTransformer3DModel | None = None,
         base_options: dict | None = None,  # the family pipeline's own options, e.g. WanPipeline's expand_timesteps
-        guider=None,
+        guider: ClassifierFreeGuidance | None = None,
     ):
         super().__init__()
-        if base_spec is None:
-            raise ConfigError("SurfPipeline needs base_spec: a conf/base name, a BaseSpec or its dict")
-        spec = (
-            BaseSpec.from_name(base_spec)
-            if isinstance(base_spec, str)
-            else base_spec
-            if isinstance(base_spec, BaseSpec)
-            else BaseSpec.from_dict(base_spec)
-        )
+        spec = None if base_spec is None else _spec(base_spec)
+        family = spec.family if spec is not None else family_of(transformer, text_encoder_2, guider)
         names = {
             "tokenizer": tokenizer,
             "text_encoder": text_encoder,
@@ -209,21 +106,30 @@ class SurfPipeline(DiffusionPipeline):
             "vae": vae,
             "scheduler": scheduler,
         }
-        second = spec.family in ("hunyuan", "hunyuan15")  # a second text encoder; 1.5 also guides by a guider
-        if second:
+        if family in ("hunyuan", "hunyuan15"):  # a second text encoder; 1.5 also guides by a guider
             names.update(text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2)
-        if spec.family == "hunyuan15":
+        if family == "hunyuan15":
             names.update(guider=guider)
-        experts = {}  # Wan 2.2 A14B: the low-noise expert and the boundary (conf/base's, checked by the adapter)
-        if spec.boundary is not None:
-            names["transformer_2"], experts = transformer_2, {"boundary_ratio": spec.boundary}
+        options = dict(base_options or {})
+        if family == "wan" and (transformer_2 is not None or (spec is not None and spec.boundary is not None)):
+            names["transformer_2"] = transformer_2  # Wan 2.2 A14B: the low-noise expert and the boundary
+            if spec is not None:  # conf/base's, checked by the adapter
+                options["boundary_ratio"] = spec.boundary
         # the family's own pipeline around the same modules: the adapter computes the velocity exactly as it does
-        adapter = adapter_class(spec.family)
-        options = {**(base_options or {}), **experts}
-        self.base = adapter(spec, adapter.pipeline_class()(**names, **options), transformer.device)
+        adapter = adapter_class(family)
+        family_pipe = adapter.pipeline_class()(**names, **options)
+        spec = spec or spec_from_pipe(family, family_pipe, options)
+        modules = [m for m in (transformer, text_encoder, vae) if isinstance(m, torch.nn.Module)]
+        self.base = adapter(spec, family_pipe, modules[0].device if modules else torch.device("cpu"))
         unused = {"text_encoder_2": None, "tokenizer_2": None, "transformer_2": None, "guider": None}
         self.register_modules(**{**unused, **names, "scheduler": self.base.pipe.scheduler}, refiner=refiner)
-        self.register_to_config(base_spec=_spec_dict(spec), bridge=dict(bridge or {}), base_options=base_options or {})
+        if bridge is None:  # the sampler a Refiner travels with between pipelines (pipe.components holds no config)
+            bridge = getattr(refiner, "surf_bridge", None) or {}
+        if refiner is not None:
+            refiner.surf_bridge = dict(bridge)
+        self.register_to_config(base_spec=_spec_dict(spec), bridge=dict(bridge), base_options=base_options or {})
+        self._guidance_scale, self._guidance_scale_2, self._num_timesteps = None, None, 0
+        self._attention_kwargs, self._current_timestep = None, None
         for m in (transformer, transformer_2, vae, text_encoder, text_encoder_2, refiner):
             if isinstance(m, torch.nn.Module):  # loaded or built, the same numerics (see realign)
                 realign(m)
@@ -234,6 +140,46 @@ class SurfPipeline(DiffusionPipeline):
                     f"Refiner works on {refiner.cfg.in_channels}-channel latents but base model "
                     f"{spec.name} has {spec.channels}"
                 )
+
+    # --- saving: a module file beside model_index.json lets DiffusionPipeline load the directory ---------------
+    def save_config(self, save_directory, push_to_hub: bool = False, **kwargs):
+        """model_index.json with `_class_name` [module, class] and that module (MODULE_FILE) beside it, diffusers'
+        route for a pipeline class outside diffusers: DiffusionPipeline.from_pretrained(dir, trust_remote_code=True)
+        (docs/generation.md). save_pretrained calls this before it uploads."""
+        super().save_config(save_directory, push_to_hub=push_to_hub, **kwargs)
+        write_module_file(save_directory)
+
+    @classmethod
+    def load_config(cls, *args, **kwargs):
+        """model_index.json as SurfPipeline.from_pretrained reads it: the [module, class] `_class_name` names this
+        class, so loading with it runs no code from the directory."""
+        out = super().load_config(*args, **kwargs)
+        config = out[0] if isinstance(out, tuple) else out
+        if isinstance(config.get("_class_name"), (list, tuple)):
+            config["_class_name"] = config["_class_name"][1]
+        return out
+
+    # --- diffusers' pipeline state, read by step-end callbacks (as WanPipeline's) -------------------------------
+    @property
+    def guidance_scale(self) -> float | None:
+        return self._guidance_scale
+
+    @property
+    def do_classifier_free_guidance(self) -> bool:
+        return self.base.cfg_branch and (self._guidance_scale or 0.0) > 1.0
+
+    @property
+    def num_timesteps(self) -> int:
+        """Steps of the last call that call callback_on_step_end: the base model's, then the Refiner's."""
+        return self._num_timesteps
+
+    @property
+    def current_timestep(self):
+        return self._current_timestep
+
+    @property
+    def attention_kwargs(self) -> dict | None:
+        return self._attention_kwargs
 
     @property
     def spec(self) -> BaseSpec:
@@ -288,7 +234,9 @@ class SurfPipeline(DiffusionPipeline):
             bridge = meta.get("bridge", {})
             warning = check_base(meta, spec, f"Refiner {refiner}", force)
             if warning:
-                log.warning("%s", warning)
+                import logging
+
+                logging.getLogger("surf_train").warning("%s", warning)
         return cls.from_base(load_base_model(spec, device), net, bridge)
 
     def plan(
@@ -304,21 +252,20 @@ class SurfPipeline(DiffusionPipeline):
         mode: str = "surf",
         shift: float | None = None,
     ) -> SurfPlan:
-        """Sizes, schedule and stage names of a call; ConfigError for settings the models cannot run."""
-        if mode not in MODES:
-            raise ConfigError(f"--mode {mode!r}: choose from {MODES}")
-        if num_inference_steps < 1:
-            raise ConfigError(f"--steps {num_inference_steps}: needs at least 1 base-model step")
-        if refiner_steps is not None and refiner_steps < 1:
-            raise ConfigError(f"--refiner-steps {refiner_steps}: needs at least 1 Refiner step")
-        if not 0 <= switch <= num_inference_steps:
-            raise ConfigError(f"--switch {switch} must be in [0, --steps {num_inference_steps}]")
+        """Sizes, schedule and stage names of a call; ConfigError, naming the argument, for settings the models
+        cannot run."""
+        sizes = dict(height=height, width=width, num_frames=num_frames, prefix_height=prefix_size[0])
+        sizes |= dict(prefix_width=prefix_size[1], preview_height=preview_size[0], preview_width=preview_size[1])
+        check_call(mode, num_inference_steps, switch, refiner_steps, **sizes)
+        missing = [n for n in ("transformer", "vae", "scheduler") if getattr(self, n, None) is None]
+        if missing:
+            raise ConfigError(f"this SurfPipeline has no {', '.join(missing)}: it can only encode prompts")
         if mode == "surf" and self.refiner is None:
             raise ConfigError("mode 'surf' needs a Refiner (this pipeline has none: use 'preview' or 'baseline')")
         spec = self.spec
         frames = num_frames or spec.native_frames
         sizes = plan_sizes(spec, height, width, tuple(prefix_size), tuple(preview_size), mode, switch)
-        spec.geometry.check(frames, *sizes["target"], "target")
+        check_target(spec, frames, sizes["target"])
         s = spec.stride_s
         lat = {k: (v[0] // s, v[1] // s) for k, v in sizes.items()}
         f_lat = latent_frames(frames, spec.stride_t)
@@ -335,8 +282,8 @@ class SurfPipeline(DiffusionPipeline):
     @torch.no_grad()
     def __call__(
         self,
-        prompt: str | list[str],
-        negative_prompt: str | None = None,
+        prompt: str | list[str] | None = None,
+        negative_prompt: str | list[str] | None = None,
         height: int | None = None,
         width: int | None = None,
         num_frames: int | None = None,
@@ -349,10 +296,17 @@ class SurfPipeline(DiffusionPipeline):
         refiner_steps: int | None = None,
         guidance_scale: float | None = None,
         guidance_scale_2: float | None = None,
-        generator: torch.Generator | None = None,
+        num_videos_per_prompt: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
         output_type: str = "np",
         return_dict: bool = True,
+        attention_kwargs: dict[str, Any] | None = None,
+        callback_on_step_end=None,
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 (WanPipeline's default)
+        max_sequence_length: int | None = None,
         mode: str = "surf",
         rule: str = "pool",
         down: str = "area",
@@ -365,53 +319,117 @@ class SurfPipeline(DiffusionPipeline):
         switch: base-model steps at the prefix size; refiner_steps None: the K the Refiner was trained with;
         guidance_scale None: the base model's; negative_prompt None: its conf/base one (CFG families only);
         latents: start noise (B, C, F, h, w) at the prefix size (the target size for mode="baseline");
-        generator: draws the start noise, the fresh noise of `paper`/`snr` and the Refiner's start-point noise,
-        in that order, on the CPU; acceleration: the base model's cache and CFG truncation (None: off)."""
+        acceleration: the base model's cache and CFG truncation (None: off); max_sequence_length None: the base
+        model's. generator (one, or one per video), prompt_embeds, num_videos_per_prompt, callback_on_step_end and
+        attention_kwargs follow WanPipeline's conventions (docs/generation.md#diffusers-conventions)."""
         if output_type not in OUTPUT_TYPES:
-            raise ConfigError(f"output_type {output_type!r}: choose from {OUTPUT_TYPES}")
-        if rule not in RULES or down not in DOWN_MODES:
-            raise ConfigError(f"--rule must be one of {RULES} and --down one of {DOWN_MODES}")
+            raise ConfigError(f"output_type={output_type!r}: choose from {OUTPUT_TYPES}")
+        check_call(mode, num_inference_steps, switch, refiner_steps, rule, down)
+        if num_videos_per_prompt < 1:
+            raise ConfigError(f"num_videos_per_prompt={num_videos_per_prompt} must be >= 1")
+        names = callback_inputs(callback_on_step_end, callback_on_step_end_tensor_inputs, self._callback_tensor_inputs)
         prefix, preview = (prefix_height, prefix_width), (preview_height, preview_width)
         steps = (num_inference_steps, switch)
         plan = self.plan(height, width, num_frames, *steps, prefix, preview, refiner_steps, mode, shift)
-        model, acc = self.base, acceleration or Acceleration()
-        self._prepare(acc)
-        clock = clock or StageClock(model.device)
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        cond, text = self._encode(prompts, negative_prompt, mode, clock)
-        model.meter.reset()
-        vel = clock.wrap(
-            model.velocity_fn(cond, guidance_scale, acc, guidance_scale_2), lambda x: plan.names[tuple(x.shape[-2:])]
-        )
-        noise = self._start_noise(plan, len(prompts), latents, generator)
-        if mode == "baseline":
-            latent = clock.span("sampler", sample, vel, noise, plan.schedule)  # the pipeline's own output
-        else:
-            latent = self._preview_and_refine(plan, vel, noise, text, (switch, rule, down), generator, clock)
+        acc = acceleration or Acceleration()
+        self._prepare(acc, attention_kwargs)
+        clock = clock or StageClock(self.base.device)
+        texts = (prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, max_sequence_length)
+        cond, text = self._encode(texts, num_videos_per_prompt, mode, clock)
+        self._guidance_scale = self.spec.guidance if guidance_scale is None else guidance_scale
+        self._guidance_scale_2, self._num_timesteps = guidance_scale_2, plan.schedule.steps + plan.refiner_steps
+        after = step_end(self, callback_on_step_end, names, cond)
+        try:
+            noise = self._start_noise(plan, cond.embeds.shape[0], latents, generator)
+            latent = self._sample(plan, cond, text, noise, acc, (switch, rule, down), generator, after, clock)
+        finally:
+            self.base.attention_kwargs, self._current_timestep = None, None
         frames = latent if output_type == "latent" else self._decode(latent, output_type, clock)
         self.maybe_free_model_hooks()
         return SurfPipelineOutput(frames=frames, plan=plan) if return_dict else (frames,)
 
-    def _prepare(self, acc: Acceleration) -> None:
-        """The adapter follows the modules' device and dtype (after pipe.to(...)) and takes the acceleration."""
+    def _sample(self, plan, cond, text, noise, acc, reshift, generator, after, clock: StageClock) -> torch.Tensor:
+        """The base model's steps (and the Refiner's, mode "surf") from the start noise -> the output latent."""
+        model = self.base
+        model.meter.reset()
+
+        def velocity(x, step):  # the guidance as it stands (a callback may change it, as WanPipeline reads it)
+            return model.velocity_fn(cond, self._guidance_scale, acc, self._guidance_scale_2)(x, step)
+
+        vel = clock.wrap(velocity, lambda x: plan.names[tuple(x.shape[-2:])])
+        if plan.mode == "baseline":
+            return clock.span("sampler", sample, vel, noise, plan.schedule, after)  # the pipeline's own output
+        return self._preview_and_refine(plan, vel, noise, text, reshift, generator, after, clock)
+
+    def _prepare(self, acc: Acceleration, attention_kwargs: dict | None) -> None:
+        """The adapter follows the modules' device and dtype (after pipe.to(...)), takes the acceleration and the
+        transformer's attention_kwargs."""
         model = self.base
         model.device, model.dtype = self.transformer.device, self.transformer.dtype
         try:
             model.accelerate(acc)
         except ConfigError as e:
-            raise ConfigError(f"--cache-threshold/--cfg-stop/--no-cfg-low: {e}") from None
+            raise ConfigError(f"acceleration: {e}") from None
+        self._attention_kwargs = model.attention_kwargs = attention_kwargs
 
     def _decode(self, latent: torch.Tensor, output_type: str, clock: StageClock):
         video = clock.time("decode", self.base.vae_decode, latent)  # (B, 3, frames, H, W) in [-1, 1]
         return self.base.pipe.video_processor.postprocess_video(video, output_type=output_type)
 
-    def _encode(self, prompts: list[str], negative_prompt, mode: str, clock: StageClock):
-        """The base model's conditioning and the Refiner's text (B, L, D) (None without a text-conditioned one)."""
-        model, net = self.base, self.refiner if mode == "surf" else None
+    @torch.no_grad()
+    def encode_prompt(
+        self,
+        prompt: str | list[str] | None,
+        negative_prompt: str | list[str] | None = None,
+        do_classifier_free_guidance: bool = True,
+        num_videos_per_prompt: int = 1,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        max_sequence_length: int | None = None,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ):
+        """As WanPipeline.encode_prompt: (prompt_embeds, negative_prompt_embeds), each (B * n, L, D) with each
+        prompt's n in a row, the negative None without CFG; for a CFG family whose text is one tensor (Wan)."""
+        if not self.base.takes_embeds:
+            raise ConfigError(f"encode_prompt: {self.spec.family} has more text tensors than prompt_embeds")
+        texts = (prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, max_sequence_length)
+        cond = self._cond(*texts).repeat(num_videos_per_prompt)
+        prompt_embeds = cond.embeds.to(device=device, dtype=dtype)
+        negative_prompt_embeds = cond.negative if do_classifier_free_guidance else None
+        if negative_prompt_embeds is not None:
+            negative_prompt_embeds = negative_prompt_embeds.to(device=device, dtype=dtype)
+        return prompt_embeds, negative_prompt_embeds
+
+    def _cond(self, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, max_sequence_length):
+        """The base model's conditioning of prompts or of given embeddings (ConfigError naming what is wrong)."""
+        model = self.base
+        if (prompt is None) == (prompt_embeds is None):
+            raise ConfigError("give either prompt or prompt_embeds")
         if negative_prompt is not None and not model.cfg_branch:
             raise ConfigError(f"negative_prompt: {model.spec.family} embeds its guidance (no negative branch)")
-        args = () if negative_prompt is None else (negative_prompt,)
-        cond = clock.time("text", model.encode_prompt, prompts, *args)
+        kw = {"max_sequence_length": max_sequence_length}
+        if negative_prompt is not None:
+            kw["negative_prompt"] = negative_prompt
+        if prompt_embeds is not None or negative_prompt_embeds is not None:
+            if not model.takes_embeds:
+                raise ConfigError(f"prompt_embeds: {model.spec.family} needs its other text tensors too; give prompt")
+            if prompt_embeds is None:
+                raise ConfigError("negative_prompt_embeds needs prompt_embeds")
+            kw |= {"prompt_embeds": prompt_embeds, "negative_prompt_embeds": negative_prompt_embeds}
+        if prompt is not None and self.text_encoder is None:
+            raise ConfigError("prompt: this SurfPipeline has no text encoder; give prompt_embeds")
+        model.device = self.text_encoder.device if self.text_encoder is not None else model.device
+        prompts = None if prompt is None else [prompt] if isinstance(prompt, str) else list(prompt)
+        return model.encode_prompt(prompts, **kw)
+
+    def _encode(self, texts: tuple, n: int, mode: str, clock: StageClock):
+        """The base model's conditioning, each prompt's n times in a row, and the Refiner's text (B * n, L, D)
+        (None without a text-conditioned Refiner). texts: prompt, negative prompt, their embeddings, text length."""
+        model, net = self.base, self.refiner if mode == "surf" else None
+        cond = clock.time("text", self._cond, *texts).repeat(n)
+        if model.cfg_branch and cond.negative is None and self.text_encoder is None:
+            raise ConfigError("negative_prompt_embeds: CFG needs them when the pipeline has no text encoder")
         text = cond.texts().float() if net is not None and net.cfg.text_dim else None  # as stored
         if text is not None and text.shape[-1] != net.cfg.text_dim:
             raise ConfigError(
@@ -425,16 +443,16 @@ class SurfPipeline(DiffusionPipeline):
         shape = (b, self.spec.channels, plan.f_lat, *plan.lat[start])
         if latents is not None and tuple(latents.shape) != shape:
             raise ConfigError(f"latents {tuple(latents.shape)}: expected {shape} (the {start} size)")
-        return (torch.randn(shape, generator=generator) if latents is None else latents.float()).to(self.base.device)
+        return (randn(shape, generator).cpu() if latents is None else latents.float()).to(self.base.device)
 
-    def _preview_and_refine(self, plan, vel, noise, text, reshift, generator, clock: StageClock) -> torch.Tensor:
+    def _preview_and_refine(self, plan, vel, noise, text, reshift, generator, after, clock) -> torch.Tensor:
         """The preview with noise reshifting (`reshift`: switch, rule, down), upsampled, then refined (mode "surf")
         -> target latent."""
         model, lat, (switch, rule, down) = self.base, plan.lat, reshift
         b, c = noise.shape[:2]
         pp = PreviewPlan(plan.schedule, switch=switch, preview_size=lat["preview"], rule=rule, down=down)
-        fresh = torch.randn((b, c, plan.f_lat, *lat["preview"]), generator=generator).to(model.device)
-        preview = clock.span("sampler", preview_sample, vel, noise, pp, fresh)
+        fresh = randn((b, c, plan.f_lat, *lat["preview"]), generator).cpu().to(model.device)
+        preview = clock.span("sampler", preview_sample, vel, noise, pp, fresh, after)
         sampler = self.sampler
         x_up = clock.span("upsample", sampler.upsample, preview, lat["target"])
         if plan.mode == "preview":
@@ -445,7 +463,7 @@ class SurfPipeline(DiffusionPipeline):
             return net(x.to(dt), t.to(dt), cnd.to(dt), None if txt is None else txt.to(dt)).float()
 
         sampler = sampler.override(steps=plan.refiner_steps)
-        return clock.time("refine", sampler.refine, ref_fn, x_up, preview, text, generator)
+        return clock.time("refine", sampler.refine, ref_fn, x_up, preview, text, generator, after)
 
 
 __all__ = [

@@ -15,7 +15,7 @@ from typing import Literal, get_args
 
 import torch
 
-from surf_train.base.sampling import UP_MODES, UpMode, euler_sample, resize_latent
+from surf_train.base.sampling import UP_MODES, AfterStep, UpMode, euler_sample, randn, resize_latent
 from surf_train.common.errors import ConfigError
 
 # net(x_t (B,C,F,H,W), t (B,), cond (B,C,F,H,W), text (B,L,D) | None) -> v (B,C,F,H,W)
@@ -31,11 +31,12 @@ def upsample(preview: torch.Tensor, size: tuple[int, int], mode: str = "bilinear
 
 
 def start_noise(
-    shape: tuple[int, ...], preview_hw: tuple[int, int], space: str = "full", generator: torch.Generator | None = None
+    shape: tuple[int, ...], preview_hw: tuple[int, int], space: str = "full", generator=None
 ) -> torch.Tensor:
     """Unit Gaussian noise of `shape` (B, C, F, H, W); `detail`: minus its area pooling to the preview grid
-    (nearest-repeated), so the noise has no component there and x_up + noise pools to the same preview."""
-    eps = torch.randn(shape, generator=generator)
+    (nearest-repeated), so the noise has no component there and x_up + noise pools to the same preview.
+    generator: one, or a list of B (sample i drawn with generator i, sampling.randn)."""
+    eps = randn(shape, generator).cpu()
     if space == "full":
         return eps
     if space != "detail":
@@ -113,13 +114,15 @@ class RefinerSampler:
         x_up: torch.Tensor,
         preview: torch.Tensor | None = None,
         text: torch.Tensor | None = None,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        after: AfterStep | None = None,
     ) -> torch.Tensor:
         """K-step Euler from t = 1 (x_start = x_up + start_noise * eps) to t = 0; x_up (B, C, F, H, W) upsampled
         from `preview`, which detail noise and `consistency` need. With `consistency` every step's estimate of the
         target, x - t * v, is projected onto the preview (match_preview) before the step (range-null-space
         sampling, as DDNM does): the result is exactly consistent, and the network smooths the projection's block
-        edges in the steps after (projecting only the result left them, measured)."""
+        edges in the steps after (projecting only the result left them, measured). after: see sampling.AfterStep
+        (t = 1000 x the bridge time of the step's start)."""
         noisy = self.start_noise > 0
         if preview is None and (self.consistency or (self.noise_space != "full" and noisy)):
             raise ConfigError(f"refine: noise_space {self.noise_space!r} and consistency need the preview")
@@ -133,11 +136,13 @@ class RefinerSampler:
 
         ts = torch.linspace(1.0, 0.0, self.steps + 1, dtype=torch.float64)
         if not self.consistency:
-            return euler_sample(velocity, x, ts)
+            return euler_sample(velocity, x, ts, after)
         for t, t_next in zip(ts[:-1].tolist(), ts[1:].tolist()):
             v = velocity(x, t)
             x_hr = match_preview(x - t * v, preview)  # the target estimate, on the preview; without it this is Euler
             x = (1 - t_next) * x_hr + t_next * (x + (1 - t) * v)  # back on the bridge through the same start point
+            if after is not None:
+                x = after(torch.tensor(t * 1000.0), x)
         return x
 
     def __call__(
@@ -146,7 +151,7 @@ class RefinerSampler:
         preview: torch.Tensor,
         size: tuple[int, int],
         text: torch.Tensor | None = None,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
     ) -> torch.Tensor:
         """Preview (B, C, F, h, w) -> refined latent (B, C, F, *size): upsample, then refine."""
         return self.refine(net, self.upsample(preview, size), preview, text, generator)
