@@ -564,6 +564,14 @@ def case(rec: dict, report: Report):
 # --- part 1: environment ---------------------------------------------------------------------------
 
 
+def _called_from(name: str) -> bool:
+    """Whether a function called `name` is on the stack (the windows reach SDPA through diffusers' dispatch)."""
+    f = sys._getframe(1)
+    while f is not None and f.f_code.co_name != name:
+        f = f.f_back
+    return f is not None
+
+
 @contextmanager
 def record_sdpa(calls: list[dict], label: dict):
     """Record the q/k/v/mask shapes of every F.scaled_dot_product_attention call (windows, refiner, diffusers)."""
@@ -574,10 +582,9 @@ def record_sdpa(calls: list[dict], label: dict):
     def rec(*args, **kwargs):
         names = ("query", "key", "value", "attn_mask")
         a = dict(zip(names, args), **{k: v for k, v in kwargs.items() if k in names})
-        caller = sys._getframe(1).f_code.co_name
         call = (
             "self (windows)"
-            if caller == "_sdpa_windows"
+            if _called_from("_sdpa_windows")
             else "cross"
             if label.get("model") == "refiner"
             else "attention"
@@ -872,7 +879,7 @@ def part_refiner_sample(plan: Plan, dev: torch.device, deadline: float, r: dict,
     k = plan.sample_steps
 
     def velocity(x, t, c, txt):
-        return net(x, t, c, txt, mask)
+        return net(x, t, c, txt, mask, return_dict=False)[0]
 
     def sample_case(rec: dict, flop: float) -> None:
         x_up = torch.randn(1, *rec["latent"], device=dev, dtype=torch.bfloat16)  # (1, C, F, H, W) upsampled preview
@@ -1199,7 +1206,7 @@ def part_lightning_deepspeed(plan: Plan, dev: torch.device, deadline: float, r: 
         x = torch.randn(1, c, f, h, w, device=dev)
         text = torch.randn(1, *plan.ds_text, device=dev)
         with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16):
-            y = net(x, torch.full((1,), 0.5, device=dev), x, text, text_mask(text))
+            y = net(x, torch.full((1,), 0.5, device=dev), x, text, text_mask(text)).sample
         ld.update(wall_s=time.monotonic() - t0, dtype=meta["dtype"], forward_finite=bool(torch.isfinite(y).all()))
         if dev.type == "cuda":
             ld["peak_mem_gib"] = torch.cuda.max_memory_allocated(dev) / GIB
