@@ -13,7 +13,7 @@ missing, and a failure (an OOM included) is recorded and the next part runs:
   refiner_train       the `paper` Refiner (1.05B): one training step (bridge loss, backward, AdamW; fp32 weights,
                       bf16 autocast = Lightning's bf16-mixed; activation checkpointing) at the Wan 720p latent,
                       grouped and mask window forms.
-  refiner_sample      K = 10 Refiner sampling steps, bf16 weights, at 720p and at 1088x1920.
+  refiner_sample      K = 10 Refiner sampling steps, bf16 weights (its fp32 modules kept), at 720p and at 1088x1920.
   wan14b              Wan 2.1 14B-shaped WanTransformer3DModel (its released config, built on the meta device and
                       materialised on the GPU with random bf16 weights: no download), one forward at batch 2 (CFG)
                       on the 720p, 480p and 240p latents; the baseline (50 steps at 720p) and SURF (10 at 480p +
@@ -863,9 +863,16 @@ def part_refiner_train(plan: Plan, dev: torch.device, deadline: float, r: dict, 
         r["null_reasons"]["params"] = "no case built the model"
 
 
+def refiner_in_dtype(cfg, dtype: torch.dtype):
+    """An eval Refiner as from_pretrained(torch_dtype=dtype) loads one: the modules it keeps in float32 (adaLN
+    tables, qk and text norms, the time MLP) stay float32; `.to(dtype)` would cast them too."""
+    from surf_train.models.refiner import Refiner
+
+    return Refiner.from_cfg(cfg).to_dtype(dtype).eval().requires_grad_(False)
+
+
 def part_refiner_sample(plan: Plan, dev: torch.device, deadline: float, r: dict, report: Report) -> None:
     from surf_train.cost import refiner_flops, total
-    from surf_train.models.refiner import Refiner
     from surf_train.models.refiner import text_padding_mask as text_mask
     from surf_train.models.sampler import RefinerSampler
 
@@ -873,7 +880,7 @@ def part_refiner_sample(plan: Plan, dev: torch.device, deadline: float, r: dict,
     r["config"] = cfg.to_dict()
     torch.manual_seed(0)
     with torch.device(dev):
-        net = Refiner.from_cfg(cfg).to(torch.bfloat16).eval().requires_grad_(False)
+        net = refiner_in_dtype(cfg, torch.bfloat16)
         text = torch.randn(1, plan.text_len, cfg.text_dim, dtype=torch.bfloat16)  # (1, L, D)
     mask = text_mask(text)
     k = plan.sample_steps
