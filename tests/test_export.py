@@ -198,6 +198,7 @@ def test_export_is_a_diffusers_model_directory_with_a_card(plain_ckpt, tmp_path)
     meta = json.loads((out / "surf.json").read_text())
     assert meta["format"] == "surf-refiner" and meta["version"] == 2 and meta["step"] == 3
     assert meta["trained_on"]["base"]["name"] == "tiny" and "steps" in meta["bridge"]
+    assert meta["source"] == plain_ckpt.name  # the file name, not the training machine's path
     # from_pretrained (subfolder, as in a hub repository holding several components) is the checkpoint's module
     net = Refiner.from_pretrained(tmp_path / "repo", subfolder="refiner")
     same, meta2 = load_refiner(tmp_path / "repo", subfolder="refiner")
