@@ -155,7 +155,7 @@ def test_diffusers_class_attributes_name_the_refiners_parts():
 @pytest.mark.slow
 def test_compile_repeated_blocks_gives_the_eager_output():
     """Regional compilation (inductor, one graph per block with no break; a plain and a shifted variant) on CPU:
-    117 s cold on a busy 2-core machine, 21 s with inductor's cache warm."""
+    51 s on a busy 2-core machine (inductor compiles C++; faster with its cache warm)."""
     net, args = _net(window=(2, 4, 4)), _inputs(h=12, w=18)
     with torch.no_grad():
         eager = net(*args).sample
