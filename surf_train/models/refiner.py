@@ -52,8 +52,8 @@ def trim_text(
     if text is None:
         return None, None
     mask = text_padding_mask(text) if text_mask is None else text_mask.bool()
-    if torch.compiler.is_compiling():
-        return text, mask  # a data-dependent length would break the graph: mask the padding instead
+    if torch.compiler.is_compiling() or text.is_meta:
+        return text, mask  # a data-dependent length would break the graph (or a meta trace): mask the padding
     kept = mask.any(0)  # (L,)
     if not kept.any():
         return None, None  # as before: every sample's cross-attention output was zeroed
