@@ -71,7 +71,7 @@ def build(cfg_kw: dict, window, impl: str, state: dict | None, lr: float):
 
 def make_step(model, opt, x, t, cond, target):
     def step():
-        out = model(x, t, cond)
+        out = model(x, t, cond, return_dict=False)[0]
         loss = torch.nn.functional.mse_loss(out, target)
         loss.backward()
         opt.step()

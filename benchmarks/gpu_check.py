@@ -13,7 +13,7 @@ missing, and a failure (an OOM included) is recorded and the next part runs:
   refiner_train       the `paper` Refiner (1.05B): one training step (bridge loss, backward, AdamW; fp32 weights,
                       bf16 autocast = Lightning's bf16-mixed; activation checkpointing) at the Wan 720p latent,
                       grouped and mask window forms.
-  refiner_sample      K = 10 Refiner sampling steps, bf16 weights, at 720p and at 1088x1920.
+  refiner_sample      K = 10 Refiner sampling steps, bf16 weights (its fp32 modules kept), at 720p and at 1088x1920.
   wan14b              Wan 2.1 14B-shaped WanTransformer3DModel (its released config, built on the meta device and
                       materialised on the GPU with random bf16 weights: no download), one forward at batch 2 (CFG)
                       on the 720p, 480p and 240p latents; the baseline (50 steps at 720p) and SURF (10 at 480p +
@@ -564,6 +564,14 @@ def case(rec: dict, report: Report):
 # --- part 1: environment ---------------------------------------------------------------------------
 
 
+def _called_from(name: str) -> bool:
+    """Whether a function called `name` is on the stack (the windows reach SDPA through diffusers' dispatch)."""
+    f = sys._getframe(1)
+    while f is not None and f.f_code.co_name != name:
+        f = f.f_back
+    return f is not None
+
+
 @contextmanager
 def record_sdpa(calls: list[dict], label: dict):
     """Record the q/k/v/mask shapes of every F.scaled_dot_product_attention call (windows, refiner, diffusers)."""
@@ -574,10 +582,9 @@ def record_sdpa(calls: list[dict], label: dict):
     def rec(*args, **kwargs):
         names = ("query", "key", "value", "attn_mask")
         a = dict(zip(names, args), **{k: v for k, v in kwargs.items() if k in names})
-        caller = sys._getframe(1).f_code.co_name
         call = (
             "self (windows)"
-            if caller == "_sdpa_windows"
+            if _called_from("_sdpa_windows")
             else "cross"
             if label.get("model") == "refiner"
             else "attention"
@@ -856,9 +863,16 @@ def part_refiner_train(plan: Plan, dev: torch.device, deadline: float, r: dict, 
         r["null_reasons"]["params"] = "no case built the model"
 
 
+def refiner_in_dtype(cfg, dtype: torch.dtype):
+    """An eval Refiner as from_pretrained(torch_dtype=dtype) loads one: the modules it keeps in float32 (adaLN
+    tables, qk and text norms, the time MLP) stay float32; `.to(dtype)` would cast them too."""
+    from surf_train.models.refiner import Refiner
+
+    return Refiner.from_cfg(cfg).to_dtype(dtype).eval().requires_grad_(False)
+
+
 def part_refiner_sample(plan: Plan, dev: torch.device, deadline: float, r: dict, report: Report) -> None:
     from surf_train.cost import refiner_flops, total
-    from surf_train.models.refiner import Refiner
     from surf_train.models.refiner import text_padding_mask as text_mask
     from surf_train.models.sampler import RefinerSampler
 
@@ -866,13 +880,13 @@ def part_refiner_sample(plan: Plan, dev: torch.device, deadline: float, r: dict,
     r["config"] = cfg.to_dict()
     torch.manual_seed(0)
     with torch.device(dev):
-        net = Refiner.from_cfg(cfg).to(torch.bfloat16).eval().requires_grad_(False)
+        net = refiner_in_dtype(cfg, torch.bfloat16)
         text = torch.randn(1, plan.text_len, cfg.text_dim, dtype=torch.bfloat16)  # (1, L, D)
     mask = text_mask(text)
     k = plan.sample_steps
 
     def velocity(x, t, c, txt):
-        return net(x, t, c, txt, mask)
+        return net(x, t, c, txt, mask, return_dict=False)[0]
 
     def sample_case(rec: dict, flop: float) -> None:
         x_up = torch.randn(1, *rec["latent"], device=dev, dtype=torch.bfloat16)  # (1, C, F, H, W) upsampled preview
@@ -1199,7 +1213,7 @@ def part_lightning_deepspeed(plan: Plan, dev: torch.device, deadline: float, r: 
         x = torch.randn(1, c, f, h, w, device=dev)
         text = torch.randn(1, *plan.ds_text, device=dev)
         with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16):
-            y = net(x, torch.full((1,), 0.5, device=dev), x, text, text_mask(text))
+            y = net(x, torch.full((1,), 0.5, device=dev), x, text, text_mask(text)).sample
         ld.update(wall_s=time.monotonic() - t0, dtype=meta["dtype"], forward_finite=bool(torch.isfinite(y).all()))
         if dev.type == "cuda":
             ld["peak_mem_gib"] = torch.cuda.max_memory_allocated(dev) / GIB

@@ -391,9 +391,9 @@ def test_refiner_output_does_not_depend_on_text_padding():
     padded[0, :5], padded[1, :9] = torch.randn(5, 32), torch.randn(9, 32)
     trimmed = padded[:, :9]  # what collate gives for this batch
     with torch.no_grad():
-        a = m.net(x, t, cond, padded)
-        b = m.net(x, t, cond, trimmed)
-        unmasked = m.net(x, t, cond, padded, torch.ones(2, 16, dtype=torch.bool))  # the padding attended to
-        other = m.net(x, t, cond, torch.randn(2, 9, 32), None)
+        a = m.net(x, t, cond, padded).sample
+        b = m.net(x, t, cond, trimmed).sample
+        unmasked = m.net(x, t, cond, padded, torch.ones(2, 16, dtype=torch.bool)).sample  # the padding attended to
+        other = m.net(x, t, cond, torch.randn(2, 9, 32), None).sample
     assert torch.allclose(a, b, atol=1e-5) and not torch.allclose(a, other, atol=1e-2)
     assert not torch.allclose(a, unmasked, atol=1e-3)

@@ -58,9 +58,9 @@ def test_exported_refiner_matches_the_checkpoint(plain_ckpt, tmp_path, weights):
     module = RefinerModule.load_from_checkpoint(plain_ckpt, weights_only=True)
     ref = (module.ema.module if weights == "ema" else module.net).eval()
     args = inputs(net)
-    assert torch.equal(net(*args), ref(*args))
+    assert torch.equal(net(*args).sample, ref(*args).sample)
     other = module.net if weights == "ema" else module.ema.module
-    assert not torch.allclose(net(*args), other.eval()(*args))  # raw and EMA really differ
+    assert not torch.allclose(net(*args).sample, other.eval()(*args).sample)  # raw and EMA really differ
 
 
 def test_export_dtype_and_cli(plain_ckpt, tmp_path):
@@ -198,13 +198,14 @@ def test_export_is_a_diffusers_model_directory_with_a_card(plain_ckpt, tmp_path)
     meta = json.loads((out / "surf.json").read_text())
     assert meta["format"] == "surf-refiner" and meta["version"] == 2 and meta["step"] == 3
     assert meta["trained_on"]["base"]["name"] == "tiny" and "steps" in meta["bridge"]
+    assert meta["source"] == plain_ckpt.name  # the file name, not the training machine's path
     # from_pretrained (subfolder, as in a hub repository holding several components) is the checkpoint's module
     net = Refiner.from_pretrained(tmp_path / "repo", subfolder="refiner")
     same, meta2 = load_refiner(tmp_path / "repo", subfolder="refiner")
     ema = RefinerModule.load_from_checkpoint(plain_ckpt, weights_only=True).ema.module.eval()
     args = inputs(net)
     with torch.no_grad():
-        assert torch.equal(net(*args), ema(*args)) and torch.equal(same(*args), ema(*args))
+        assert torch.equal(net(*args).sample, ema(*args).sample) and torch.equal(same(*args).sample, ema(*args).sample)
     assert meta2["refiner"]["dim"] == 32 and meta2["trained_on"] == meta["trained_on"]
     card = (out / "README.md").read_text()
     summary = json.loads((plain_ckpt.parents[1] / "summary.json").read_text())
@@ -243,7 +244,7 @@ def test_first_format_still_loads_and_converts(plain_ckpt, tmp_path):
     old, old_meta = load_refiner(tmp_path / "old")
     args = inputs(net)
     with torch.no_grad():
-        assert torch.equal(old(*args), net(*args))
+        assert torch.equal(old(*args).sample, net(*args).sample)
     assert old_meta["version"] == 1 and old_meta["refiner"] == meta["refiner"]
     from surf_train.models.refiner import Refiner
 
@@ -262,7 +263,7 @@ def test_first_format_still_loads_and_converts(plain_ckpt, tmp_path):
     assert (tmp_path / "conv" / "diffusion_pytorch_model.safetensors").is_file()
     assert conv_meta["trained_on"] == meta["trained_on"] and conv_meta["bridge"] == {"steps": 3}
     with torch.no_grad():
-        assert torch.equal(conv(*args), net(*args))
+        assert torch.equal(conv(*args).sample, net(*args).sample)
     assert export(plain_ckpt, tmp_path / "old").joinpath("surf.json").is_file()  # a v1 export is replaced too
     assert not (tmp_path / "old" / "refiner.safetensors").exists()
 
@@ -295,7 +296,7 @@ def test_sharded_export_loads(tmp_path):
     back, meta = load_refiner(tmp_path / "sharded")
     args = inputs(net)
     with torch.no_grad():
-        assert torch.equal(back(*args), net.eval()(*args)) and meta["bridge"] == {"steps": 2}
+        assert torch.equal(back(*args).sample, net.eval()(*args).sample) and meta["bridge"] == {"steps": 2}
 
 
 def test_exported_files_are_readable_like_config_json(tmp_path):

@@ -129,7 +129,7 @@ def test_refiner_matches_flop_counter(latent, window, text_len, batch, impl):
     x = torch.randn(batch, *latent)
     t = torch.rand(batch)
     text = torch.randn(batch, text_len, cfg.text_dim) if text_len else None
-    counted = _count(lambda: net(x, t, x, text))
+    counted = _count(lambda: net(x, t, x, text, return_dict=False))
     assert cost.total(cost.refiner_flops(cfg, latent, text_len, batch=batch)) == counted
 
 

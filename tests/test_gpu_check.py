@@ -225,3 +225,17 @@ def test_ti2v_5b_part_builds_the_released_shape_on_meta():
     assert 4.9e9 < sum(p.numel() for p in net.parameters()) < 5.1e9
     per_token = total(wan_flops(ARCH["wan2.2_ti2v_5b"], (48, 31, 44, 80), 512, batch=2))
     assert per_token > total(wan_flops(config, (48, 31, 44, 80), 512, batch=2))
+
+
+def test_refiner_sample_part_keeps_the_fp32_modules(tmp_path):
+    """The sampling part's bf16 Refiner has the dtypes from_pretrained(torch_dtype=bf16) loads: the modules the
+    Refiner keeps in float32 stay float32 (a plain .to(bf16) cast them too)."""
+    from surf_train.models.refiner import Refiner, RefinerConfig
+
+    cfg = RefinerConfig(in_channels=4, dim=24, heads=2, depth=2, text_dim=16)
+    net = G.refiner_in_dtype(cfg, torch.bfloat16)
+    Refiner.from_cfg(cfg).save_pretrained(tmp_path)
+    want = {n: p.dtype for n, p in Refiner.from_pretrained(tmp_path, torch_dtype=torch.bfloat16).named_parameters()}
+    got = {n: p.dtype for n, p in net.named_parameters()}
+    assert got == want and not net.training and not any(p.requires_grad for p in net.parameters())
+    assert got["blocks.0.scale_shift_table"] == torch.float32 and got["blocks.0.attn1.to_q.weight"] == torch.bfloat16

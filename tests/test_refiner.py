@@ -41,7 +41,7 @@ def tiny():
 def test_output_shape(tiny, shape):
     x, t, cond, text = _inputs(shape)
     with torch.no_grad():
-        out = tiny(x, t, cond, text)
+        out = tiny(x, t, cond, text).sample
     assert out.shape == x.shape and torch.isfinite(out).all()
 
 
@@ -49,14 +49,14 @@ def test_patch_with_time_extent():
     m = _perturb(Refiner.from_cfg(RefinerConfig(patch_size=(2, 2, 2), window=(2, 3, 3), depth=2)))
     x, t, cond, _ = _inputs((1, 16, 6, 10, 14))
     with torch.no_grad():
-        assert m(x, t, cond).shape == x.shape
+        assert m(x, t, cond).sample.shape == x.shape
 
 
 def test_untrained_output_is_zero():
     m = Refiner.from_cfg(RefinerConfig.preset("tiny"))
     x, t, cond, text = _inputs()
     with torch.no_grad():
-        assert torch.equal(m(x, t, cond, text), torch.zeros_like(x))
+        assert torch.equal(m(x, t, cond, text).sample, torch.zeros_like(x))
 
 
 def test_blocks_alternate_plain_and_shifted():
@@ -67,7 +67,7 @@ def test_blocks_alternate_plain_and_shifted():
 def test_gradients_reach_every_parameter():
     m = _perturb(Refiner.from_cfg(RefinerConfig.preset("tiny")))
     x, t, cond, text = _inputs((1, 16, 3, 10, 10))
-    (m(x, t, cond, text) ** 2).mean().backward()
+    (m(x, t, cond, text).sample ** 2).mean().backward()
     missing = [n for n, p in m.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert missing == []
 
@@ -81,7 +81,7 @@ def test_grad_checkpointing_matches():
     outs, grads = [], []
     for m in (base, ckpt):
         xi = x.clone().requires_grad_()
-        out = m(xi, t, cond, text)
+        out = m(xi, t, cond, text).sample
         (out**2).mean().backward()
         outs.append(out.detach())
         grads.append([xi.grad] + [p.grad for p in m.parameters()])
@@ -97,29 +97,33 @@ def test_attn_impls_agree(tiny):
     grouped.load_state_dict(tiny.state_dict())
     mask.load_state_dict(tiny.state_dict())
     with torch.no_grad():
-        torch.testing.assert_close(grouped(x, t, cond, text), mask(x, t, cond, text), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            grouped(x, t, cond, text).sample, mask(x, t, cond, text).sample, atol=1e-5, rtol=1e-5
+        )
 
 
 def test_text_and_text_mask(tiny):
     x, t, cond, text = _inputs()
     with torch.no_grad():
-        no_text = tiny(x, t, cond)
-        with_text = tiny(x, t, cond, text)
+        no_text = tiny(x, t, cond).sample
+        with_text = tiny(x, t, cond, text).sample
         assert not torch.allclose(no_text, with_text, atol=1e-4)
         # Masked text tokens are ignored: masking the last 2 equals dropping them.
         mask = torch.ones(text.shape[:2], dtype=torch.bool)
         mask[:, 3:] = False
-        torch.testing.assert_close(tiny(x, t, cond, text, mask), tiny(x, t, cond, text[:, :3]), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            tiny(x, t, cond, text, mask).sample, tiny(x, t, cond, text[:, :3]).sample, atol=1e-5, rtol=1e-5
+        )
         # A sample with no valid text token gets no cross-attention contribution.
-        torch.testing.assert_close(tiny(x, t, cond, text, torch.zeros_like(mask)), no_text, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(tiny(x, t, cond, text, torch.zeros_like(mask)).sample, no_text, atol=1e-5, rtol=1e-5)
 
 
 def test_cond_and_time_matter(tiny):
     x, t, cond, _ = _inputs()
     with torch.no_grad():
-        out = tiny(x, t, cond)
-        assert not torch.allclose(out, tiny(x, t, cond + 1.0), atol=1e-4)
-        assert not torch.allclose(out, tiny(x, 1.0 - t, cond), atol=1e-4)
+        out = tiny(x, t, cond).sample
+        assert not torch.allclose(out, tiny(x, t, cond + 1.0).sample, atol=1e-4)
+        assert not torch.allclose(out, tiny(x, 1.0 - t, cond).sample, atol=1e-4)
 
 
 def test_one_plain_block_is_local():
@@ -129,7 +133,7 @@ def test_one_plain_block_is_local():
     x2 = x.clone()
     x2[0, :, 1, 5, 2] += 1.0  # token (1, 2, 1) -> window rows 4..7, cols 0..3 of frame 1
     with torch.no_grad():
-        changed = (m(x, t, cond) != m(x2, t, cond)).any(1)[0]  # (F, H, W)
+        changed = (m(x, t, cond).sample != m(x2, t, cond).sample).any(1)[0]  # (F, H, W)
     expected = torch.zeros_like(changed)
     expected[1, 4:8, 0:4] = True
     assert torch.equal(changed, expected)
@@ -241,7 +245,7 @@ def test_ffn_conv_mixes_across_the_window_cut_and_stays_in_the_frame():
     x2 = x.clone()
     x2[0, :, 1, 5, 2] += 1.0  # token (1, 2, 1): window tokens rows 2..3, cols 0..1 of frame 1
     with torch.no_grad():
-        changed = (m(x, t, cond) != m(x2, t, cond)).any(1)[0]  # (F, H, W) latent pixels
+        changed = (m(x, t, cond).sample != m(x2, t, cond).sample).any(1)[0]  # (F, H, W) latent pixels
     tokens = changed.unflatten(1, (4, 2)).unflatten(3, (4, 2)).any(4).any(2)  # (F, 4, 4) tokens
     expected = torch.zeros_like(tokens)
     expected[1, 1:4, 0:3] = True  # the window's tokens and every 3x3 neighbour of a changed token
@@ -263,10 +267,10 @@ def test_wan_initialised_refiner_with_global_window_equals_wan(wan_tiny, head_di
     x, t, cond, text = _inputs((2, 16, 3, 6, 8))
     with torch.no_grad():
         expected = wan(x, t * 1000, text).sample
-        torch.testing.assert_close(ref(x, t, cond, text), expected, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(with_conv(x, t, cond, text), expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(ref(x, t, cond, text).sample, expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(with_conv(x, t, cond, text).sample, expected, atol=1e-5, rtol=1e-5)
         windowed, _ = Refiner.from_wan_transformer(wan, window=(1, 2, 2))
-        assert not torch.allclose(windowed(x, t, cond, text), expected, atol=1e-3)
+        assert not torch.allclose(windowed(x, t, cond, text).sample, expected, atol=1e-3)
 
 
 # --- the Refiner as a diffusers model ----------------------------------------------------------
@@ -342,7 +346,7 @@ def test_from_pretrained_round_trips_bit_for_bit(tiny, tmp_path):
     assert back.cfg == tiny.cfg and not back.training
     x, t, cond, text = _inputs((2, 16, 3, 10, 10))
     with torch.no_grad():
-        assert torch.equal(back(x, t, cond, text), tiny(x, t, cond, text))
+        assert torch.equal(back(x, t, cond, text).sample, tiny(x, t, cond, text).sample)
     assert all(torch.equal(v, tiny.state_dict()[k]) for k, v in back.state_dict().items())
 
 
@@ -363,8 +367,8 @@ def test_from_pretrained_subfolder_and_bf16_keeps_fp32_modules(tiny, tmp_path):
     assert "blocks.0.attn1.to_q.weight" not in kept and m.dtype == torch.bfloat16
     x, t, cond, text = _inputs((1, 16, 3, 8, 8))
     with torch.no_grad():  # mixed float32 / bf16 layers run, close to the float32 model
-        out = m(x.bfloat16(), t.bfloat16(), cond.bfloat16(), text.bfloat16())
-        ref = tiny(x, t, cond, text)
+        out = m(x.bfloat16(), t.bfloat16(), cond.bfloat16(), text.bfloat16()).sample
+        ref = tiny(x, t, cond, text).sample
     assert out.dtype == torch.bfloat16
     assert (out.float() - ref).norm() < 0.05 * ref.norm()
 
@@ -384,7 +388,7 @@ def test_enable_gradient_checkpointing_is_the_config_switch(tmp_path):
     grads = []
     for m in (base, on):
         m.zero_grad()
-        (m(x, t, cond, text) ** 2).mean().backward()
+        (m(x, t, cond, text).sample ** 2).mean().backward()
         grads.append([p.grad for p in m.parameters()])
     assert len(calls) == 2  # one checkpointed call per block
     for a, b in zip(*grads):

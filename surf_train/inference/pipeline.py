@@ -460,7 +460,8 @@ class SurfPipeline(DiffusionPipeline):
         net, dt = self.refiner, model.dtype
 
         def ref_fn(x, t, cnd, txt):
-            return net(x.to(dt), t.to(dt), cnd.to(dt), None if txt is None else txt.to(dt)).float()
+            txt = None if txt is None else txt.to(dt)
+            return net(x.to(dt), t.to(dt), cnd.to(dt), txt, return_dict=False)[0].float()
 
         sampler = sampler.override(steps=plan.refiner_steps)
         return clock.time("refine", sampler.refine, ref_fn, x_up, preview, text, generator, after)

@@ -2,6 +2,10 @@
 timestep features, interleaved 3D RoPE, float32 norms, window self-attention, text cross-attention, the tanh-GELU
 FFN, the adaLN block and the condition embedder (docs/method.md, "Shifted-window attention"). The Refiner that
 stacks them, and its config, are in `refiner`.
+
+The two attentions follow diffusers' conventions (AttentionModuleMixin modules whose arithmetic is a processor
+calling `attention_dispatch.dispatch_attention_fn` on (B, S, heads, d)), so diffusers' attention backends,
+processor API and QKV fusion apply to them as to Wan's.
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from diffusers.models.attention import AttentionModuleMixin
+from diffusers.models.attention_dispatch import dispatch_attention_fn
 
 from surf_train.models.windows import Size3, window_attention
 
@@ -73,45 +79,118 @@ def _qk_norm(dim: int, on: bool) -> nn.Module:
     return FP32RMSNorm(dim, eps=EPS) if on else nn.Identity()
 
 
-class SelfAttention(nn.Module):
-    """Window self-attention with RoPE; names as Wan's attn1 (to_out is Wan's to_out.0)."""
-
-    def __init__(self, dim: int, heads: int, window: Size3, shift: bool, impl: str, qk_norm: bool):
-        super().__init__()
-        self.heads, self.window, self.shift, self.impl = heads, window, shift, impl
-        self.to_q, self.to_k, self.to_v, self.to_out = (nn.Linear(dim, dim) for _ in range(4))
-        self.norm_q, self.norm_k = _qk_norm(dim, qk_norm), _qk_norm(dim, qk_norm)
-
-    def forward(self, x: torch.Tensor, grid: Size3, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        q = apply_rope(self.norm_q(self.to_q(x)).unflatten(-1, (self.heads, -1)), *rope)  # (B, N, heads, d)
-        k = apply_rope(self.norm_k(self.to_k(x)).unflatten(-1, (self.heads, -1)), *rope)
-        v = self.to_v(x).unflatten(-1, (self.heads, -1))
-        o = window_attention(q, k, v, grid, self.window, self.shift, self.impl)  # (B, N, heads, d)
-        return self.to_out(o.flatten(2))
+def _projections(attn: nn.Module, x: torch.Tensor, ctx: torch.Tensor | None):
+    """q, k, v (B, S, D) of x (keys and values of ctx for cross-attention); from to_qkv / to_kv once
+    fuse_qkv_projections() has fused them, as diffusers' Wan attention does."""
+    if attn.fused_projections:
+        if not attn.is_cross_attention:
+            return attn.to_qkv(x).chunk(3, dim=-1)
+        return (attn.to_q(x), *attn.to_kv(ctx).chunk(2, dim=-1))
+    ctx = x if ctx is None else ctx
+    return attn.to_q(x), attn.to_k(ctx), attn.to_v(ctx)
 
 
-class CrossAttention(nn.Module):
-    """Attention from video tokens to projected text tokens; names as Wan's attn2."""
+class WindowAttnProcessor:
+    """Window self-attention with RoPE. Each window-size group is one call of diffusers' attention dispatch on
+    (windows, Lw, heads, d), so `set_attention_backend` / the `attention_backend` context pick its kernel."""
 
-    def __init__(self, dim: int, heads: int, qk_norm: bool):
+    _attention_backend = None
+    _parallel_config = None  # context parallelism would split tokens across windows: not supported
+
+    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask=None) -> torch.Tensor:
+        return dispatch_attention_fn(query, key, value, attn_mask=attn_mask, backend=self._attention_backend)
+
+    def __call__(
+        self,
+        attn: SelfAttention,
+        hidden_states: torch.Tensor,  # (B, N, D)
+        encoder_hidden_states: None = None,
+        attention_mask: None = None,
+        rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,  # cos, sin (N, d/2)
+        grid: Size3 | None = None,
+    ) -> torch.Tensor:
+        if encoder_hidden_states is not None or attention_mask is not None or grid is None or rotary_emb is None:
+            raise ValueError("window self-attention takes hidden_states, rotary_emb and grid only")
+        q, k, v = _projections(attn, hidden_states, None)
+        q = apply_rope(attn.norm_q(q).unflatten(-1, (attn.heads, -1)), *rotary_emb)  # (B, N, heads, d)
+        k = apply_rope(attn.norm_k(k).unflatten(-1, (attn.heads, -1)), *rotary_emb)
+        v = v.unflatten(-1, (attn.heads, -1))
+        o = window_attention(q, k, v, grid, attn.window, attn.shift, attn.impl, self.attend)  # (B, N, heads, d)
+        return attn.to_out(o.flatten(2))
+
+
+class TextAttnProcessor:
+    """Cross-attention from video tokens to text tokens through diffusers' attention dispatch. A (B, L) keep-mask
+    goes to the kernel as (B, 1, 1, L); the Refiner passes none when no token is padding (flash takes no mask)."""
+
+    _attention_backend = None
+    _parallel_config = None
+
+    def __call__(
+        self,
+        attn: CrossAttention,
+        hidden_states: torch.Tensor,  # (B, N, D)
+        encoder_hidden_states: torch.Tensor,  # (B, L, D) projected text
+        attention_mask: torch.Tensor | None = None,  # (B, L) bool, True = real token
+    ) -> torch.Tensor:
+        q, k, v = _projections(attn, hidden_states, encoder_hidden_states)
+        q = attn.norm_q(q).unflatten(-1, (attn.heads, -1))  # (B, N, heads, d)
+        k = attn.norm_k(k).unflatten(-1, (attn.heads, -1))  # (B, L, heads, d)
+        v = v.unflatten(-1, (attn.heads, -1))
+        mask = None
+        if attention_mask is not None:
+            has_text = attention_mask.any(-1)  # (B,)
+            # A sample with no valid text token attends to all (no NaN row) and its output is zeroed.
+            mask = (attention_mask | ~has_text[:, None])[:, None, None, :]  # (B, 1, 1, L)
+        o = dispatch_attention_fn(q, k, v, attn_mask=mask, backend=self._attention_backend)
+        o = attn.to_out(o.flatten(2))  # (B, N, D)
+        if attention_mask is not None:
+            o = o * has_text[:, None, None].to(o.dtype)  # as if text were None for that sample
+        return o
+
+
+class _Attention(nn.Module, AttentionModuleMixin):
+    """q, k, v, out projections and qk norms named as Wan's attn1 / attn2 (to_out is Wan's to_out.0); the
+    arithmetic is the processor's (diffusers' AttentionModuleMixin: set_processor, set_attention_backend,
+    fuse_projections)."""
+
+    use_bias = True  # fuse_projections copies the biases
+
+    def __init__(self, dim: int, heads: int, qk_norm: bool, processor):
         super().__init__()
         self.heads = heads
         self.to_q, self.to_k, self.to_v, self.to_out = (nn.Linear(dim, dim) for _ in range(4))
         self.norm_q, self.norm_k = _qk_norm(dim, qk_norm), _qk_norm(dim, qk_norm)
+        self.set_processor(processor or self._default_processor_cls())
+
+
+class SelfAttention(_Attention):
+    """Window self-attention with RoPE (Wan's attn1); windows shifted by half with `shift`."""
+
+    _default_processor_cls = WindowAttnProcessor
+    _available_processors = [WindowAttnProcessor]
+    is_cross_attention = False
+
+    def __init__(self, dim: int, heads: int, window: Size3, shift: bool, impl: str, qk_norm: bool, processor=None):
+        super().__init__(dim, heads, qk_norm, processor)
+        self.window, self.shift, self.impl = window, shift, impl
+
+    def forward(self, x: torch.Tensor, grid: Size3, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        return self.processor(self, x, rotary_emb=rope, grid=grid)
+
+
+class CrossAttention(_Attention):
+    """Attention from video tokens to projected text tokens (Wan's attn2)."""
+
+    _default_processor_cls = TextAttnProcessor
+    _available_processors = [TextAttnProcessor]
+    is_cross_attention = True
+
+    def __init__(self, dim: int, heads: int, qk_norm: bool, processor=None):
+        super().__init__(dim, heads, qk_norm, processor)
 
     def forward(self, x: torch.Tensor, ctx: torch.Tensor, ctx_mask: torch.Tensor | None) -> torch.Tensor:
-        q = self.norm_q(self.to_q(x)).unflatten(-1, (self.heads, -1)).transpose(1, 2)  # (B, heads, N, d)
-        k = self.norm_k(self.to_k(ctx)).unflatten(-1, (self.heads, -1)).transpose(1, 2)  # (B, heads, L, d)
-        v = self.to_v(ctx).unflatten(-1, (self.heads, -1)).transpose(1, 2)
-        mask = None
-        if ctx_mask is not None:
-            has_text = ctx_mask.any(-1)  # (B,)
-            # A sample with no valid text token attends to all (no NaN row) and its output is zeroed.
-            mask = (ctx_mask | ~has_text[:, None])[:, None, None, :]  # (B, 1, 1, L)
-        o = self.to_out(F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).flatten(2))  # (B, N, D)
-        if ctx_mask is not None:
-            o = o * has_text[:, None, None].to(o.dtype)  # as if text were None for that sample
-        return o
+        return self.processor(self, x, ctx, ctx_mask)
 
 
 class FeedForward(nn.Module):

@@ -76,15 +76,39 @@ def _filerefiner_shapes(d: Path) -> dict[str, tuple[int, ...]]:
     return out
 
 
+def export_dir(source: str | os.PathLike, subfolder: str | None = None, revision: str | None = None) -> Path:
+    """The local directory of an export: `source` itself, or the snapshot of a Hugging Face Hub id ("org/name",
+    fetched or, with HF_HUB_OFFLINE=1, found in the Hub cache), then `subfolder` inside it."""
+    d = Path(source)
+    if d.exists() or os.path.isabs(source) or str(source).count("/") != 1:
+        return d / (subfolder or "")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError
+
+    try:
+        root = snapshot_download(
+            str(source), revision=revision, allow_patterns=[f"{subfolder}/*"] if subfolder else None
+        )
+    except HFValidationError:
+        raise ConfigError(f"{source}: no such directory, and not a Hugging Face Hub id") from None
+    except (OSError, ValueError) as e:  # offline and not cached, not found, no access (HTTP errors are OSErrors)
+        raise ConfigError(
+            f"{source}: no such directory, and not loadable from the Hub ({type(e).__name__}: {e})"
+        ) from None
+    return Path(root) / (subfolder or "")
+
+
 def load_refiner(
     directory: str | os.PathLike,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
     subfolder: str | None = None,
+    revision: str | None = None,
 ) -> tuple[Refiner, dict]:
     """Rebuild an exported Refiner (eval mode, no grad) and return it with its metadata (surf.json and
-    "refiner": its config). dtype None: as stored; the modules kept in float32 stay float32."""
-    d = Path(directory) / (subfolder or "")
+    "refiner": its config). `directory` may be a Hub id ("org/name", with `subfolder` and `revision`). dtype None:
+    as stored; the modules kept in float32 stay float32."""
+    d = export_dir(directory, subfolder, revision)
     if (d / V1_WEIGHTS).is_file():
         return _load_v1(d, device, dtype)
     meta = read_meta(d)
@@ -98,7 +122,7 @@ def load_refiner(
     except (OSError, ValueError, KeyError) as e:
         raise ConfigError(f"{d}: unreadable Refiner config or weights ({type(e).__name__}: {e})") from None
     check_weights(refiner_shapes(RefinerConfig.from_dict(config)), got, str(d))
-    net = Refiner.from_pretrained(directory, subfolder=subfolder, torch_dtype=dtype or DTYPES[meta["dtype"]])
+    net = Refiner.from_pretrained(d, torch_dtype=dtype or DTYPES[meta["dtype"]])
     net = net.to(device).eval().requires_grad_(False)
     return net, {**meta, "refiner": net.cfg.to_dict()}
 

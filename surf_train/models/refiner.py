@@ -29,6 +29,8 @@ import torch
 import torch.nn as nn
 from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
+from diffusers.models.attention import AttentionMixin
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
 from surf_train.common.errors import ConfigError
 from surf_train.models.blocks import EPS, ConditionEmbedder, RefinerBlock, rope_angles
@@ -39,6 +41,33 @@ def text_padding_mask(text: torch.Tensor) -> torch.Tensor:
     """(B, L) True for real tokens of (B, L, D) text embeddings: the shards, the readers' per-batch padding and the
     Wan pipeline's encode_prompt all pad with zero rows, so training and generation see the same tokens."""
     return text.abs().amax(-1) > 0
+
+
+def trim_text(
+    text: torch.Tensor | None, text_mask: torch.Tensor | None
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Text (B, L, D) and its (B, L) keep-mask (None: the non-zero rows) cut after the last token any sample keeps;
+    the mask None when nothing left is padding, both None when no token is kept. The same attention as masking
+    the padding, and a prompt's cross-attention needs no mask at all (flash kernels take none)."""
+    if text is None:
+        return None, None
+    mask = text_padding_mask(text) if text_mask is None else text_mask.bool()
+    if torch.compiler.is_compiling() or text.is_meta:
+        return text, mask  # a data-dependent length would break the graph (or a meta trace): mask the padding
+    kept = mask.any(0)  # (L,)
+    if not kept.any():
+        return None, None  # as before: every sample's cross-attention output was zeroed
+    n = int(kept.nonzero().max()) + 1
+    text, mask = text[:, :n], mask[:, :n]
+    return text, (None if mask.all() else mask)
+
+
+def as_velocity(out: torch.Tensor | Transformer2DModelOutput | tuple[torch.Tensor]) -> torch.Tensor:
+    """The velocity in a Refiner's output (return_dict either way) or a plain velocity function's tensor: the
+    samplers and the objective take either as their network."""
+    if isinstance(out, Transformer2DModelOutput):
+        return out.sample
+    return out[0] if isinstance(out, tuple) else out
 
 
 def patch_grid(shape: tuple[int, ...], patch: Size3) -> Size3:
@@ -58,16 +87,21 @@ def num_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-class Refiner(ModelMixin, ConfigMixin):
+class Refiner(ModelMixin, AttentionMixin, ConfigMixin):
     """Shifted-window DiT: (x_t, t, cond, text) -> velocity, all latents (B, C, F, H, W).
 
-    A diffusers model (save_pretrained / from_pretrained). The keyword arguments of `__init__` are the one list
-    of its settings and their defaults (the `tiny` preset, text 32 wide); `RefinerConfig` is derived from them.
-    `grad_checkpointing` is a training switch (enable_gradient_checkpointing), not part of the saved config.
+    A diffusers model (save_pretrained / from_pretrained, set_attention_backend, compile_repeated_blocks, the
+    attention processor API); forward returns Transformer2DModelOutput(sample=velocity), or (velocity,) with
+    return_dict=False. The keyword arguments of `__init__` are the one list of its settings and their defaults
+    (the `tiny` preset, text 32 wide); `RefinerConfig` is derived from them. `grad_checkpointing` is a training
+    switch (enable_gradient_checkpointing), not part of the saved config.
     """
 
     _supports_gradient_checkpointing = True
     _no_split_modules = ["RefinerBlock"]
+    _repeated_blocks = ["RefinerBlock"]  # compile_repeated_blocks: regional compilation, one graph for all blocks
+    # layerwise casting (fp8 storage) leaves these in the compute dtype, as Wan's
+    _skip_layerwise_casting_patterns = ["patch_embedding", "condition_embedder", "norm"]
     # kept float32 by from_pretrained(torch_dtype=bf16): adaLN tables, norm weights, the timestep MLP (as Wan)
     _keep_in_fp32_modules = ["scale_shift_table", "norm_q", "norm_k", "norm2", "time_embedder"]
     ignore_for_config = ["grad_checkpointing"]
@@ -181,18 +215,16 @@ class Refiner(ModelMixin, ConfigMixin):
         cond: torch.Tensor,  # (B, C, F, H, W) upsampled preview
         text: torch.Tensor | None = None,  # (B, L, text_dim)
         text_mask: torch.Tensor | None = None,  # (B, L) bool, True = real token; None: the non-zero rows of text
-    ) -> torch.Tensor:
+        return_dict: bool = True,
+    ) -> Transformer2DModelOutput | tuple[torch.Tensor]:
         self._check(x_t, t, cond, text, text_mask)
-        if text is not None and text_mask is None:
-            text_mask = text_padding_mask(text)
+        text, text_mask = trim_text(text, text_mask)
         cfg = self._cfg
         grid = patch_grid(x_t.shape, cfg.patch_size)
         x = self.patch_embedding(torch.cat([x_t, cond], dim=1))  # (B, D, F', H', W')
         x = x.flatten(2).transpose(1, 2)  # (B, N, D)
         temb, mod, text = self.condition_embedder(t, text)  # (B, D), (B, 6, D), (B, L, D)
         rope = rope_angles(grid, cfg.rope_dims, cfg.rope_theta, x.device)  # 2 x (N, head_dim/2)
-        if text_mask is not None:
-            text_mask = text_mask.bool()
         for blk in self.blocks:
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 x = self._gradient_checkpointing_func(blk, x, mod, grid, rope, text, text_mask)
@@ -200,7 +232,8 @@ class Refiner(ModelMixin, ConfigMixin):
                 x = blk(x, mod, grid, rope, text, text_mask)
         shift, scale = (self.scale_shift_table + temb[:, None]).unsqueeze(2).unbind(1)  # (B, 1, D)
         x = self.proj_out((self.norm_out(x) * (1 + scale) + shift).to(x.dtype))  # (B, N, pt*ph*pw*C)
-        return unpatchify(x, grid, cfg.patch_size)
+        out = unpatchify(x, grid, cfg.patch_size)
+        return Transformer2DModelOutput(sample=out) if return_dict else (out,)
 
     @classmethod
     def from_wan_transformer(cls, wan: Any, **overrides: Any) -> tuple[Refiner, WanInitReport]:

@@ -17,6 +17,7 @@ import torch
 
 from surf_train.base.sampling import UP_MODES, AfterStep, UpMode, euler_sample, randn, resize_latent
 from surf_train.common.errors import ConfigError
+from surf_train.models.refiner import as_velocity
 
 # net(x_t (B,C,F,H,W), t (B,), cond (B,C,F,H,W), text (B,L,D) | None) -> v (B,C,F,H,W)
 RefinerFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
@@ -132,7 +133,7 @@ class RefinerSampler:
         b = x_up.shape[0]
 
         def velocity(x, s):
-            return net(x, torch.full((b,), s, device=x.device, dtype=x.dtype), x_up, text)
+            return as_velocity(net(x, torch.full((b,), s, device=x.device, dtype=x.dtype), x_up, text))
 
         ts = torch.linspace(1.0, 0.0, self.steps + 1, dtype=torch.float64)
         if not self.consistency:

@@ -11,11 +11,16 @@ padded grid by -w//2 on each windowed axis and mask attention across the wrap (S
 coordinates that is the partition with cuts at s, s + w, s + 2w, ... (s = w//2), clipped to the grid:
 token x along an axis lies in window (x + w - s) // w. The "grouped" implementation computes exactly
 that partition with no mask: one SDPA call per window size.
+
+The attention itself is a callable `attend(query, key, value, attn_mask=None)` on (B', S, heads, head_dim), the
+layout of diffusers' `attention_dispatch.dispatch_attention_fn`, so the Refiner's processors hand in diffusers'
+backend dispatch (flash, sage, flex, ...); `sdpa`, torch's SDPA, is the default.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -24,6 +29,8 @@ import torch.nn.functional as F
 Size3 = tuple[int, int, int]
 Impl = Literal["mask", "grouped", "auto"]
 IMPLS = ("mask", "grouped", "auto")
+# attend(query, key, value, attn_mask=None): (B', S, heads, d) x 3 -> (B', S, heads, d)
+AttendFn = Callable[..., torch.Tensor]
 
 
 def clamp_window(grid: Size3, window: Size3) -> Size3:
@@ -130,14 +137,20 @@ def window_attention_mask(grid: Size3, window: Size3, shift: Size3, device=None)
     return keep | torch.eye(keep.shape[-1], dtype=torch.bool, device=device)
 
 
-def _sdpa_windows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """SDPA inside windows: q, k, v (B, nW, Lw, heads, d), mask (nW, Lw, Lw) | None -> (B, nW, Lw, heads, d)."""
+def sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask=None) -> torch.Tensor:
+    """torch's SDPA on (B, S, heads, d), as diffusers' "native" attention backend computes it."""
+    q, k, v = (y.transpose(1, 2) for y in (query, key, value))  # (B, heads, S, d)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask).transpose(1, 2)
+
+
+def _sdpa_windows(q, k, v, mask: torch.Tensor | None, attend: AttendFn) -> torch.Tensor:
+    """Attention inside windows: q, k, v (B, nW, Lw, heads, d), mask (nW, Lw, Lw) | None -> (B, nW, Lw, heads, d);
+    one `attend` call with the windows as its batch."""
     b, nw, lw, h, d = q.shape
-    q, k, v = (y.permute(0, 1, 3, 2, 4).reshape(b * nw, h, lw, d) for y in (q, k, v))
+    q, k, v = (y.reshape(b * nw, lw, h, d) for y in (q, k, v))  # (B*nW, Lw, heads, d)
     if mask is not None:
         mask = mask[None, :, None].expand(b, -1, -1, -1, -1).reshape(b * nw, 1, lw, lw)
-    o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    return o.reshape(b, nw, h, lw, d).permute(0, 1, 3, 2, 4)
+    return attend(q, k, v, attn_mask=mask).reshape(b, nw, lw, h, d)
 
 
 def runs(g: int, w: int, s: int) -> list[tuple[int, int, int]]:
@@ -152,7 +165,7 @@ def runs(g: int, w: int, s: int) -> list[tuple[int, int, int]]:
     return out
 
 
-def _grouped_attention(q, k, v, grid: Size3, window: Size3, shift: Size3) -> torch.Tensor:
+def _grouped_attention(q, k, v, grid: Size3, window: Size3, shift: Size3, attend: AttendFn) -> torch.Tensor:
     """Mask-free shifted-window attention: boxes of equal-size windows, one SDPA call per window size."""
     b, _, h, d = q.shape
     qg, kg, vg = (y.reshape(b, *grid, h, d) for y in (q, k, v))
@@ -169,7 +182,7 @@ def _grouped_attention(q, k, v, grid: Size3, window: Size3, shift: Size3) -> tor
     for idx in groups.values():
         counts = [parts[i][0].shape[1] for i in idx]
         qkv = [torch.cat([parts[i][j] for i in idx], dim=1) for j in range(3)]
-        for i, o in zip(idx, _sdpa_windows(*qkv, None).split(counts, dim=1)):
+        for i, o in zip(idx, _sdpa_windows(*qkv, None, attend).split(counts, dim=1)):
             box = boxes[i]
             outs[i] = _merge_grid(o, tuple(z - a for a, z, _ in box), tuple(size for _, _, size in box))
     # Reassemble boxes (B, bt, bh, bw, heads, d) into the grid: innermost axis W first.
@@ -194,11 +207,12 @@ def window_attention(
     window: Size3,
     shift: bool = False,
     impl: Impl = "auto",
+    attend: AttendFn = sdpa,
 ) -> torch.Tensor:
     """Windowed self-attention of (B, N, heads, d) tokens on `grid`; shifted windows if `shift`.
 
     impl "mask" is the roll-and-mask reference, "grouped" the mask-free equivalent (FlashAttention-
-    friendly), "auto" picks "grouped".
+    friendly: no mask, one `attend` call per window size), "auto" picks "grouped".
     """
     if impl not in IMPLS:
         raise ValueError(f"unknown window attention impl {impl!r}; choose from {IMPLS}")
@@ -207,7 +221,7 @@ def window_attention(
     window = clamp_window(grid, window)
     shifts = shift_size(grid, window) if shift else (0, 0, 0)
     if impl in ("grouped", "auto"):
-        return _grouped_attention(q, k, v, grid, window, shifts)
+        return _grouped_attention(q, k, v, grid, window, shifts, attend)
     mask = window_attention_mask(grid, window, shifts, q.device)
     qw, kw, vw = (window_partition(y, grid, window, shifts)[0] for y in (q, k, v))
-    return window_merge(_sdpa_windows(qw, kw, vw, mask), grid, window, shifts)
+    return window_merge(_sdpa_windows(qw, kw, vw, mask, attend), grid, window, shifts)

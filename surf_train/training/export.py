@@ -60,7 +60,7 @@ def export(
         weights=weights,
         dtype=dtype,
         step=step,
-        source=str(Path(ckpt).resolve()),
+        source=Path(ckpt).name,  # the file name only: an absolute path would publish the training machine's layout
         trained_on=hp.get("trained_on"),
         run=_run_summary(Path(ckpt)),
     )
@@ -141,15 +141,38 @@ def _fmt(x) -> str:
     return "n/a" if x is None else f"{x:.4g}" if isinstance(x, float) else str(x)
 
 
+CARD_TAGS = ["surf", "video", "super-resolution", "refiner"]
+
+
+def hub_id(base: dict) -> str | None:
+    """The base model's Hugging Face Hub id ("org/name") from its record, None for a local directory (such as the
+    shipped assets/toy_base) or a tiny download-free model: the card's base_model must name a Hub model."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    from surf_train import CONF_DIR
+
+    rid = base.get("id")
+    if not isinstance(rid, str) or rid.count("/") != 1 or os.path.isabs(rid) or (CONF_DIR.parent / rid).exists():
+        return None
+    try:
+        validate_repo_id(rid)
+    except HFValidationError:
+        return None
+    return rid
+
+
 def model_card(cfg: RefinerConfig, meta: dict, run: dict | None, n_params: int) -> str:
-    """README.md of an export: base model, data, steps, validation figures (from the run's summary.json)."""
-    base = (meta.get("trained_on") or {}).get("base") or {}
-    front = ["---", "library_name: diffusers", "tags: [surf, video, super-resolution, refiner]"]
-    if base.get("id") and "/" in str(base["id"]):
-        front.append(f"base_model: {base['id']}")
+    """README.md of an export: base model, data, steps, validation figures (from the run's summary.json).
+
+    The YAML front matter is huggingface_hub's ModelCardData, completed by diffusers' populate_model_card (library
+    name, tags), as diffusers' push_to_hub completes a card; base_model where the base is a Hub model."""
+    from diffusers.utils.hub_utils import populate_model_card
+    from huggingface_hub import ModelCard, ModelCardData
+
+    data = ModelCardData(base_model=hub_id((meta.get("trained_on") or {}).get("base") or {}))
+    card = populate_model_card(ModelCard(f"---\n{data.to_yaml()}\n---\n"), tags=CARD_TAGS)
     lines = [
-        *front,
-        "---",
+        str(card).rstrip("\n"),
         "",
         "# SURF Refiner",
         "",

@@ -140,7 +140,7 @@ class RefinerModule(pl.LightningModule):
 
         def fn(x, t, cond, txt):
             cast = (lambda y: y) if x.dtype == dtype else (lambda y: None if y is None else y.to(dtype))
-            return net(cast(x), cast(t), cast(cond), cast(txt)).to(x.dtype)  # zero text rows: padding
+            return net(cast(x), cast(t), cast(cond), cast(txt), return_dict=False)[0].to(x.dtype)  # zero rows: padding
 
         return fn
 

@@ -18,6 +18,7 @@ from surf_train.base.sampling import UpMode
 from surf_train.common.config import check
 from surf_train.common.errors import ConfigError
 from surf_train.data.degrade import gaussian_blur
+from surf_train.models.refiner import as_velocity
 from surf_train.models.sampler import NoiseSpace, RefinerFn, RefinerSampler, start_noise, upsample
 
 
@@ -102,4 +103,4 @@ def bridge_loss(
 ) -> torch.Tensor:
     """MSE between the predicted and the bridge velocity."""
     bb = bridge_batch(preview, target, cfg, generator)
-    return F.mse_loss(net(bb.x_t, bb.t, bb.cond, text).float(), bb.v.float())
+    return F.mse_loss(as_velocity(net(bb.x_t, bb.t, bb.cond, text)).float(), bb.v.float())
