@@ -159,6 +159,7 @@ def _unshare_ok() -> bool:
     return r.returncode == 0
 
 
+@pytest.mark.slow  # two trainings in subprocesses (~25 s); the in-process ENOSPC test above covers the logic
 @pytest.mark.skipif(not _unshare_ok(), reason="cannot mount a tmpfs in a user namespace here")
 def test_real_full_disk_and_a_tiny_tmpdir(pairs, tmp_path):
     """In a mount namespace: a 64 kB $TMPDIR does not fail the saves (they go straight to run_dir), and a
