@@ -2,6 +2,7 @@
 
 import faulthandler
 import logging
+import signal
 import sys
 
 import hydra
@@ -19,7 +20,7 @@ def main(cfg: DictConfig) -> None:
     from surf_train.training.train import train
 
     try:
-        train(cfg)
+        summary = train(cfg)
     except Exception as e:
         user = user_error(e)
         if user is None:
@@ -27,6 +28,8 @@ def main(cfg: DictConfig) -> None:
         log.debug("%r", e)  # the log file keeps which call refused it
         print(f"error: {user}", file=sys.stderr)
         sys.exit(2)
+    if summary.get("stopped"):  # SIGTERM / SIGINT: saved and stopped, not finished (the shell's 128 + signal)
+        sys.exit(128 + signal.Signals[summary["stopped"]])
 
 
 def user_error(e: BaseException) -> Exception | None:

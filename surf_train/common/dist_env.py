@@ -1,4 +1,5 @@
-"""Rank and world size from the launcher's environment (torchrun or SLURM), without a process group."""
+"""Rank and world size from the launcher's environment (torchrun, SLURM or Lightning's own launcher) and the SLURM
+job id, without a process group."""
 
 from __future__ import annotations
 
@@ -19,3 +20,16 @@ def rank_world() -> tuple[int, int]:
 def local_rank() -> int:
     """Index of this process on its node (device index for GPUs)."""
     return int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
+
+
+def first_process() -> bool:
+    """Whether this is the launch's global rank 0: torchrun's RANK or SLURM_PROCID, and for the processes that
+    Lightning's own launcher starts (they get NODE_RANK and LOCAL_RANK, no RANK) node 0's local rank 0."""
+    return rank_world()[0] == 0 and int(os.environ.get("NODE_RANK", 0)) == 0 and local_rank() == 0
+
+
+def slurm_job_id() -> str | None:
+    """The id `scontrol requeue` takes: <array job>_<task> for array tasks, else SLURM_JOB_ID."""
+    if os.environ.get("SLURM_ARRAY_JOB_ID"):
+        return f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    return os.environ.get("SLURM_JOB_ID")

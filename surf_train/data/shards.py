@@ -12,17 +12,12 @@ the directory's lock for its rank (`OutDirLock`).
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import io
 import json
 import logging
 import os
-import socket
-import sys
 import tarfile
-import tempfile
-import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -31,7 +26,7 @@ import webdataset as wds
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from surf_train.common.errors import ConfigError
+from surf_train.common.lock import DirLock
 
 log = logging.getLogger(__name__)
 
@@ -275,111 +270,9 @@ def lock_path(directory: str | os.PathLike, rank: int) -> Path:
     return Path(directory) / f"r{rank:03d}.lock"
 
 
-def _start_time(pid: int) -> str | None:
-    """A process's start time in clock ticks since boot (Linux); tells a live process from a reused pid."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
-
-
-def _alive(owner: dict) -> bool:
-    """Whether the process a lock names still runs; only answerable on its own host (else: assume it does)."""
-    if owner.get("host") != socket.gethostname():
-        return True
-    try:
-        os.kill(owner["pid"], 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's live process
-        pass
-    started = owner.get("started")
-    return started is None or _start_time(owner["pid"]) in (None, started)
-
-
-class OutDirLock:
-    """One writing process per (out_dir, rank): `<out_dir>/r<rank>.lock` names its owner's host and pid.
-
-    The lock is made with os.link (atomic, also on NFS), so it is never seen without its content. A lock
-    whose owner is a dead process on this host is stale and taken over with one warning; a live owner, or
-    one on another host (which cannot be checked from here), is one ConfigError naming the lock and owner.
-    """
+class OutDirLock(DirLock):
+    """One writing process per (out_dir, rank): `<out_dir>/r<rank>.lock` (surf_train.common.lock.DirLock)."""
 
     def __init__(self, directory: str | os.PathLike, rank: int):
-        self.dir, self.rank = Path(directory), rank
-        self.path = lock_path(directory, rank)
-        self.me = {
-            "host": socket.gethostname(),
-            "pid": os.getpid(),
-            "started": _start_time(os.getpid()),
-            "token": uuid.uuid4().hex,
-            "argv": sys.argv,
-        }
-
-    def _owner(self) -> dict | None:
-        try:
-            owner = json.loads(self.path.read_text())
-            return owner if isinstance(owner, dict) and isinstance(owner.get("pid"), int) else {}
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError):
-            return {}
-
-    def acquire(self) -> OutDirLock:
-        if self.dir.exists() and not self.dir.is_dir():
-            raise ConfigError(f"out_dir={self.dir} is an existing file, not a directory")
-        try:
-            self.dir.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise ConfigError(f"out_dir={self.dir}: cannot create the directory ({e.strerror})") from None
-        tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.{self.me['token'][:8]}{TMP_SUFFIX}")
-        tmp.write_text(json.dumps(self.me))
-        try:
-            # processes of one host decide about stale locks one at a time (a host-local flock): two of
-            # them must not both remove a stale lock and then one the other's new lock
-            digest = hashlib.sha1(str(self.path.resolve()).encode()).hexdigest()[:16]
-            with open(Path(tempfile.gettempdir()) / f"surf-lock-{digest}.guard", "a") as g:
-                fcntl.flock(g, fcntl.LOCK_EX)
-                for _ in range(3):
-                    try:
-                        os.link(tmp, self.path)
-                        return self
-                    except FileExistsError:
-                        pass
-                    owner = self._owner()
-                    if owner is None:  # released meanwhile
-                        continue
-                    if not owner:
-                        raise ConfigError(
-                            f"{self.path}: unreadable lock file in out_dir; if no other process writes "
-                            f"rank {self.rank} there, delete it"
-                        )
-                    if _alive(owner):
-                        raise ConfigError(
-                            f"{self.path}: rank {self.rank} of {self.dir} is being written by pid "
-                            f"{owner['pid']} on {owner.get('host')}; wait for it to finish (or, if "
-                            f"that process is gone, delete the lock file)"
-                        )
-                    log.warning(
-                        "%s: taking over the stale lock of pid %s on %s (no longer running)",
-                        self.path,
-                        owner["pid"],
-                        owner.get("host"),
-                    )
-                    self.path.unlink(missing_ok=True)
-                raise ConfigError(f"{self.path}: could not take the lock (it keeps changing hands)")
-        finally:
-            tmp.unlink(missing_ok=True)
-
-    def release(self) -> None:
-        owner = self._owner()
-        if owner and owner.get("token") == self.me["token"]:
-            self.path.unlink()
-        else:
-            log.warning("%s: the lock is no longer this process's; left as it is", self.path)
-
-    def __enter__(self) -> OutDirLock:
-        return self.acquire()
-
-    def __exit__(self, *exc) -> None:
-        self.release()
+        super().__init__(lock_path(directory, rank), f"rank {rank} of {directory} is being written")
+        self.rank = rank

@@ -112,7 +112,7 @@ class VideoPairsConfig:
     seed: int = 0  # degradation draws and re-preview noise: seeded by (seed, clip key)
     dtype: DType = "float16"  # storage dtype of the latents
     store_text: bool = True  # store the caption's (or prompt's) text embeddings
-    shard_size: int = 8
+    shard_size: int = 4  # samples per shard: the demo's 8 clips make 2 shards, so data=mixed can hold one out
     device: str = "auto"
     progress: bool = True
     demo_videos: int = 4  # synthetic videos written to out_dir/demo_videos when videos is None

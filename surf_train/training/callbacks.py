@@ -1,4 +1,5 @@
-"""Training callbacks: SLURM requeue at a batch boundary, plain progress lines for non-terminal logs."""
+"""Training callbacks: SLURM requeue and honest stops (SIGTERM, SIGINT) at a batch boundary, plain progress lines
+for non-terminal logs."""
 
 from __future__ import annotations
 
@@ -15,16 +16,10 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 
-from surf_train.training.checkpoint import hpc_checkpoints, prune_hpc_checkpoints
+from surf_train.common.dist_env import slurm_job_id
+from surf_train.training.checkpoint import hpc_checkpoints, prune_hpc_checkpoints, relink_last
 
 log = logging.getLogger("surf_train")
-
-
-def slurm_job_id() -> str | None:
-    """The id `scontrol requeue` takes: <array job>_<task> for array tasks, else SLURM_JOB_ID."""
-    if os.environ.get("SLURM_ARRAY_JOB_ID"):
-        return f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
-    return os.environ.get("SLURM_JOB_ID")
 
 
 class SlurmRequeue(pl.Callback):
@@ -76,6 +71,71 @@ class SlurmRequeue(pl.Callback):
                 print(f"[surf_train] scontrol requeue {job}: {'ok' if rc == 0 else f'failed (exit {rc})'}", flush=True)
         trainer.strategy.barrier()
         trainer.should_stop = True
+
+
+class Stopped(Exception):
+    """Ends trainer.fit after StopOnSignal saved its checkpoint; train() writes the stopped summary."""
+
+
+class StopOnSignal(pl.Callback):
+    """SIGTERM and SIGINT where the SLURM requeue path is off: save at the next batch boundary, then stop.
+
+    Lightning's own SIGTERM handler ends training without a checkpoint and the process exits 0 (its
+    SIGTERMException is a SystemExit); Ctrl-C saved nothing either. Here the handlers only record the signal;
+    after every optimizer step the ranks agree on it (the largest signal number of any rank, one all-reduce),
+    all of them save step<n>.ckpt and move last.ckpt to it (ZeRO writes one shard per rank), and `Stopped`
+    ends trainer.fit. A second signal of the same kind gets the handler from before (stop at once, no save).
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, ckpt_dir: Path):
+        self.ckpt_dir = Path(ckpt_dir)
+        self.signum: int | None = None  # the first signal this process received
+        self.stopped: str | None = None  # the signal all ranks agreed on
+        self.saved: Path | None = None  # the checkpoint written at the batch boundary after it
+        self._previous: dict[int, object] = {}
+        self._step: int | None = None
+
+    def install(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._on_signal) for s in self.SIGNALS}
+
+    def uninstall(self) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous = {}
+
+    def _on_signal(self, signum, frame) -> None:
+        if signum == self.signum:  # the second one: what it did before (SIGTERM ends the process)
+            signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+            os.kill(os.getpid(), signum)
+        elif self.signum is None:
+            self.signum = signum  # nothing else here (no print: the handler may interrupt one)
+
+    def stopping(self, trainer: pl.Trainer) -> str | None:
+        """The name of the signal any rank received (the largest number), or None: a collective, every rank
+        calls it at the same point, until it has found one."""
+        if self.stopped is None:
+            mine = torch.tensor(self.signum or 0, device=trainer.strategy.root_device)
+            signum = int(trainer.strategy.reduce(mine, reduce_op="max"))
+            self.stopped = signal.Signals(signum).name if signum else None
+        return self.stopped
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module) -> None:
+        # trainer.fit has put Lightning's SIGTERM handler over ours: ours again (fit restores both at its end)
+        if self._previous:
+            signal.signal(signal.SIGTERM, self._on_signal)
+        self._step = trainer.global_step
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self._step:  # accumulating gradients: no optimizer step yet
+            return
+        self._step = trainer.global_step
+        if self.stopping(trainer) is None:
+            return
+        self.saved = relink_last(trainer, self.ckpt_dir, trainer.global_step)
+        raise Stopped(self.stopped)
 
 
 class PlainProgress(pl.Callback):

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
+import signal
 import sys
 import uuid
 from pathlib import Path
@@ -13,17 +15,21 @@ import lightning.pytorch as pl
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
+from surf_train.common.dist_env import first_process
 from surf_train.common.errors import ConfigError
+from surf_train.common.lock import DirLock
 from surf_train.data.datamodule import DataConfig, PairDataModule
-from surf_train.training.callbacks import PlainProgress, SlurmRequeue
+from surf_train.training.callbacks import PlainProgress, SlurmRequeue, StopOnSignal, Stopped
 from surf_train.training.checkpoint import (
     AtomicCheckpointIO,
     prune_hpc_checkpoints,
     relink_last,
     resume_checkpoint,
     step_checkpoints,
+    write_error,
 )
 from surf_train.training.config import RunConfig  # also puts conf/train.yaml's schema into Hydra's ConfigStore
 
@@ -144,17 +150,57 @@ def _requeue_callback(trainer: pl.Trainer, cfg: DictConfig, run_dir: Path) -> Sl
 
 
 def train(cfg: DictConfig) -> dict:
-    """Fit, validate once more with the final (EMA) weights, write summary.json; returns the summary."""
+    """Fit, validate once more with the final (EMA) weights, write summary.json; returns the summary. A run
+    stopped by SIGTERM or SIGINT writes and returns it with "stopped": the signal's name, and no validation
+    (docs/training.md#stopping-a-run)."""
     register_resolvers()
     RunConfig.from_cfg(cfg)  # the run-level keys checked: one ConfigError
+    check_accelerator(cfg.trainer)
     run_dir = Path(cfg.run_dir)
+    lock = run_lock(run_dir)
+    try:
+        return _run(cfg, run_dir)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def check_accelerator(trainer_cfg: DictConfig) -> None:
+    """A GPU trainer on a machine whose torch sees no (or too few) CUDA GPUs: one ConfigError before the data
+    and the model are read and built (a paper-sized Refiner takes minutes and GBs)."""
+    acc, devices = str(trainer_cfg.get("accelerator", "auto")), trainer_cfg.get("devices", "auto")
+    if acc not in ("gpu", "cuda"):
+        return
+    found = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if not found:
+        raise ConfigError(
+            f"trainer.accelerator={acc}: this torch ({torch.__version__}) sees no CUDA GPU; run on a GPU node, "
+            f"or on CPU with trainer=cpu"
+        )
+    if isinstance(devices, int) and devices > found:
+        raise ConfigError(f"trainer.devices={devices}: this node has {found} CUDA GPU(s)")
+
+
+def run_lock(run_dir: Path) -> DirLock | None:
+    """run_dir/train.lock, held by the launch's first process only (the other ranks of one run share it):
+    a second training of the same run_dir is refused in one line (docs/training.md#stopping-a-run)."""
+    if not first_process():
+        return None
+    busy = f"run_dir {run_dir} is being trained"
+    return DirLock(run_dir / "train.lock", busy, what="run_dir").acquire()
+
+
+def _run(cfg: DictConfig, run_dir: Path) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(cfg.seed, workers=True)
     data, module = _data_and_module(cfg)
     trainer = _trainer(cfg, run_dir, data.cfg)
     requeue = _requeue_callback(trainer, cfg, run_dir)
+    stop = None if requeue is not None else StopOnSignal(run_dir / "checkpoints")
+    if stop is not None:
+        trainer.callbacks.append(stop)
     resume, init = _start_point(cfg, run_dir, module, requeue)
-    _fit(trainer, module, data, resume, requeue)
+    _fit(trainer, module, data, resume, requeue or stop, run_dir)
     if requeue is not None and requeue.saved is not None:
         # the job is requeued and will resume from this checkpoint: no final save, validation or summary
         print(
@@ -162,9 +208,13 @@ def train(cfg: DictConfig) -> dict:
         )
         _close_process_group()
         return {"steps": trainer.global_step, "requeued": str(requeue.saved)}
-    if trainer.global_step % cfg.ckpt_every:
+    # a signal stops the run: its checkpoint of this step is saved, no final validation
+    stopped = stop.stopping(trainer) if stop is not None else None
+    if trainer.global_step % cfg.ckpt_every and not (stop is not None and stop.saved is not None):
         relink_last(trainer, run_dir / "checkpoints", trainer.global_step)
-    summary = _summary(trainer, module, data, run_dir, resume, init)
+    summary = _summary(trainer, module, data, run_dir, resume, init, validate=stopped is None)
+    if stopped:
+        summary["stopped"] = stopped
     if trainer.is_global_zero:
         _write_summary(summary, run_dir, data)
     _close_process_group()
@@ -216,17 +266,28 @@ def _fit(
     module: pl.LightningModule,
     data: PairDataModule,
     resume: Path | None,
-    requeue: SlurmRequeue | None,
+    handler: SlurmRequeue | StopOnSignal | None,
+    run_dir: Path,
 ) -> None:
-    """trainer.fit with our requeue signal handler installed for its duration."""
-    if requeue is not None:
-        requeue.install()
+    """trainer.fit with our signal handlers installed for its duration; a stop or a full disk ends it."""
+    if handler is not None:
+        handler.install()
     try:
         # our own checkpoints hold only tensors, numbers and strings: load them without unpickling objects
         trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resume else None, weights_only=True)
+    except Stopped:
+        pass  # StopOnSignal saved this step's checkpoint
+    except SIGTERMException:  # Lightning's handler saw SIGTERM before ours took over (StopOnSignal.on_train_start)
+        if not isinstance(handler, StopOnSignal):
+            raise
+        handler.signum = handler.signum or signal.SIGTERM
+    except OSError as e:  # DeepSpeed's own writes (AtomicCheckpointIO's are one ConfigError already)
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise write_error(Path(e.filename or run_dir), e) from None
     finally:
-        if requeue is not None:
-            requeue.uninstall()
+        if handler is not None:
+            handler.uninstall()
 
 
 def _summary(
@@ -236,10 +297,12 @@ def _summary(
     run_dir: Path,
     resume: Path | None,
     init: str | None,
+    validate: bool = True,
 ) -> dict:
-    """Validate the final weights and gather summary.json's keys (all ranks validate)."""
+    """Validate the final weights (all ranks; not for a stopped run) and gather summary.json's keys."""
     # [] when every validation shard was corrupt and skipped
-    val = (trainer.validate(module, datamodule=data, verbose=False) if data.cfg.val_samples else None) or [{}]
+    validate = validate and data.cfg.val_samples > 0
+    val = (trainer.validate(module, datamodule=data, verbose=False) if validate else None) or [{}]
     previous = _read_summary(run_dir)
     trained = module.loss_first is not None
     if not trained:
@@ -266,9 +329,20 @@ def _summary(
 
 def _write_summary(summary: dict, run_dir: Path, data: PairDataModule) -> None:
     """summary.json (atomically) and its one-line digest on stdout."""
-    tmp = run_dir / "summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=1))
-    os.replace(tmp, run_dir / "summary.json")
+    tmp = run_dir / f"summary.json.{os.getpid()}.tmp"
+    try:
+        tmp.write_text(json.dumps(summary, indent=1))
+        os.replace(tmp, run_dir / "summary.json")
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise ConfigError(f"cannot write {run_dir / 'summary.json'}: {e.strerror or e}") from None
+    if summary.get("stopped"):
+        print(
+            f"[surf_train] stopped by {summary['stopped']} at step {summary['steps']}: checkpoint "
+            f"{summary['checkpoint']}, the same command resumes from it; summary: {run_dir / 'summary.json'}",
+            flush=True,
+        )
+        return
     ref, up = summary["val_mse_refiner"], summary["val_mse_upsample"]
     val_txt = f"val mse refiner {_fmt(ref)} vs upsample {_fmt(up)}" if ref is not None else "no validation"
     skip_txt = f", {data.skipped} skip(s) of corrupt shards/samples" if data.cfg.skip_corrupt else ""
