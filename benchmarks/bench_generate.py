@@ -161,6 +161,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--refiner-mlp-ratio", type=float, default=3.0)
     ap.add_argument("--window", type=window, default=(2, 8, 8), help="Refiner window in tokens (default 2,8,8)")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument(
+        "--compile",
+        action="store_true",
+        help="regional compilation of the base transformer and the Refiner (surf-generate --compile); compiled in "
+        "the warm-up runs",
+    )
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1, see above)")
     ap.add_argument(
         "--no-thread-check",
@@ -199,6 +205,8 @@ def main(argv: list[str] | None = None) -> None:
     ref_dir = save_refiner(net.state_dict(), rcfg, work / "refiner", bridge={"steps": a.refiner_steps})
     loaded, meta = load_refiner(ref_dir)  # as surf-generate loads it
     pipe = G.SurfPipeline.from_base(model, loaded, meta["bridge"])
+    if a.compile:
+        pipe.compile_repeated_blocks()
     (work / "out").mkdir()
     base_params = num_params(model.pipe.transformer)
 
@@ -335,6 +343,7 @@ def main(argv: list[str] | None = None) -> None:
             "rule": a.rule,
             "guidance": a.guidance if a.guidance is not None else spec.guidance,
             "repeats": a.repeats,
+            "compile": a.compile,
             "refiner": rcfg.to_dict(),
             "tokens": {k: v[1] * (v[2] // spec.patch_s) * (v[3] // spec.patch_s) for k, v in lat.items()},
             "base_transformer_params": base_params,
@@ -412,7 +421,8 @@ def markdown(r: dict) -> str:
         f"(base/Refiner = {s['base_over_refiner_params']:.1f}; paper ~14). {s['repeats']} repeats, modes "
         f"interleaved, medians; torch threads {r['machine']['torch_threads']}, 1-min load average "
         f"{min(r['machine']['loadavg_1m_per_run']):.1f}-{max(r['machine']['loadavg_1m_per_run']):.1f} "
-        f"on {r['machine']['cpus']} shared cores.",
+        f"on {r['machine']['cpus']} shared cores."
+        + (" Regional compilation on (`--compile`): base transformer and Refiner blocks." if s.get("compile") else ""),
         "",
         "| stage | baseline s | calls | GFLOPs | SURF s | calls | GFLOPs |",
         "|---|---|---|---|---|---|---|",

@@ -97,6 +97,7 @@ class GenerateConfig:
     out_dir: str = "outputs/generate"  # output directory
     progress: bool = True
     force: bool = False  # use a Refiner trained on another base model
+    compile: bool = False  # regional compilation: torch.compile each repeated transformer block (base and Refiner)
 
     def __post_init__(self):
         check(self, "--")
@@ -160,7 +161,10 @@ def load_pipeline(cfg: GenerateConfig) -> SurfPipeline:
         _check(cfg, spec)
     except ConfigError as e:
         raise ConfigError(as_flags(str(e))) from None
-    return SurfPipeline.from_surf(spec, cfg.refiner if cfg.mode == "surf" else None, cfg.device, force=cfg.force)
+    pipe = SurfPipeline.from_surf(spec, cfg.refiner if cfg.mode == "surf" else None, cfg.device, force=cfg.force)
+    if cfg.compile:
+        pipe.compile_repeated_blocks()
+    return pipe
 
 
 def generate_one(cfg: GenerateConfig, pipe: SurfPipeline, i: int, prompt: str, seed: int) -> tuple[dict, StageClock]:

@@ -197,3 +197,16 @@ def test_video_names_carry_the_prompt_and_a_second_run_never_overwrites(tmp_path
     assert json.loads(Path(second["video"]).with_suffix(".json").read_text())["video"] == second["video"]
     assert {n: (tmp_path / n).read_bytes() for n in names} == before  # the first run's videos are untouched
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temporary left
+
+
+def test_compile_flag_compiles_the_repeated_blocks_of_base_and_refiner(refiner_dir):
+    """--compile: every repeated block of the base transformer and of the Refiner is wrapped by torch.compile
+    (compiled lazily at its first call; the outputs are checked in test_pipeline_diffusers)."""
+    from surf_train.generate import load_pipeline
+
+    cfg = parse_args(["--base", "tiny", "--refiner", str(refiner_dir), "--compile"])
+    assert cfg.compile and not parse_args(["--base", "tiny"]).compile
+    pipe = load_pipeline(cfg)
+    for m in (pipe.transformer, pipe.refiner):
+        blocks = [b for b in m.modules() if type(b).__name__ in m._repeated_blocks]
+        assert blocks and all(b._compiled_call_impl is not None for b in blocks)

@@ -231,3 +231,19 @@ def test_a_pipeline_of_the_text_encoders_alone_encodes_prompts(pipe):
     assert all(torch.equal(a, b) for a, b in zip(text_only.encode_prompt(PROMPTS), pipe.encode_prompt(PROMPTS)))
     with pytest.raises(ConfigError, match="no transformer, vae, scheduler"):
         text_only(PROMPTS[0], **CALL)
+
+
+@pytest.mark.slow
+def test_regional_compilation_of_the_pipeline_gives_the_eager_videos(tmp_path):
+    """compile_repeated_blocks compiles the base transformer's and the Refiner's blocks; the SURF output (base
+    prefix, preview, Refiner) equals the eager pipeline's within float32 tolerance."""
+    ref, _ = tiny_refiner("tiny", 32, tmp_path / "refiner")
+    eager = SurfPipeline.from_surf("tiny", str(ref), "cpu")
+    compiled = SurfPipeline.from_surf("tiny", str(ref), "cpu")
+    compiled.compile_repeated_blocks()
+    for m in (compiled.transformer, compiled.refiner):
+        blocks = [b for b in m.modules() if type(b).__name__ in m._repeated_blocks]
+        assert blocks and all(b._compiled_call_impl is not None for b in blocks)
+    a = eager("a red ball rolling", generator=gen(0), **CALL).frames
+    b = compiled("a red ball rolling", generator=gen(0), **CALL).frames
+    assert torch.allclose(a, b, rtol=1e-4, atol=1e-5), (a - b).abs().max()

@@ -239,6 +239,13 @@ class SurfPipeline(DiffusionPipeline):
                 logging.getLogger("surf_train").warning("%s", warning)
         return cls.from_base(load_base_model(spec, device), net, bridge)
 
+    def compile_repeated_blocks(self, **kwargs) -> None:
+        """Regional compilation of the base transformer(s) and the Refiner: each repeated block is compiled with
+        torch.compile (kwargs, e.g. fullgraph=True) once per block class and shape, and reused by every block."""
+        for m in (self.transformer, self.transformer_2, self.refiner):
+            if m is not None:
+                m.compile_repeated_blocks(**kwargs)
+
     def plan(
         self,
         height=None,
