@@ -93,7 +93,8 @@ gpu-wheels:
 	@ls -l $(WHL) | tail -n +2
 	@size=$$(du -sm $(WHL) | cut -f1); echo "$(WHL): $$size MB"; test $$size -lt 60
 
-# on the GPU machine, from the repository root with $(WHL)/ carried along (see the docstring of gpu_check.py)
+# on the GPU machine, from the repository root with $(WHL)/ carried along (see the docstring of gpu_check.py);
+# GPU_CHECK_ARGS="--out-dir DIR --no-compile" skips the compiled-vs-eager cases (on by default)
 gpu-check:
 	$(GPU_PY) -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target $(GPU_SITE) \
 		$(WHL)/*.whl

@@ -1,6 +1,6 @@
 """One GPU check of the paper's set-up, in one process and under 8 minutes on one H100/H200 (issue 18).
 
-    python3 benchmarks/gpu_check.py [--out-dir benchmarks/results/gpu] [--budget-s 420] [--parts a,b]
+    python3 benchmarks/gpu_check.py [--out-dir benchmarks/results/gpu] [--budget-s 420] [--parts a,b] [--no-compile]
     python3 benchmarks/gpu_check.py --dry-run        # every part on CPU at tiny shapes (tests/test_gpu_check.py)
 
 Writes <out-dir>/<gpu name>.json and .md (after every measurement, so a timeout still leaves results) and
@@ -13,12 +13,15 @@ missing, and a failure (an OOM included) is recorded and the next part runs:
   refiner_train       the `paper` Refiner (1.05B): one training step (bridge loss, backward, AdamW; fp32 weights,
                       bf16 autocast = Lightning's bf16-mixed; activation checkpointing) at the Wan 720p latent,
                       grouped and mask window forms.
-  refiner_sample      K = 10 Refiner sampling steps, bf16 weights (its fp32 modules kept), at 720p and at 1088x1920.
+  refiner_sample      K = 10 Refiner sampling steps, bf16 weights (its fp32 modules kept), at 720p and at 1088x1920;
+                      then, unless --no-compile, the 720p case again after regional compilation
+                      (compile_repeated_blocks(fullgraph=True)): compile seconds, time and output against eager.
   wan14b              Wan 2.1 14B-shaped WanTransformer3DModel (its released config, built on the meta device and
                       materialised on the GPU with random bf16 weights: no download), one forward at batch 2 (CFG)
                       on the 720p, 480p and 240p latents; the baseline (50 steps at 720p) and SURF (10 at 480p +
                       30 at 240p + 10 Refiner steps) composed into seconds, next to the paper's 3497 s -> 278 s and
-                      surf_train.flops' prediction (step counts and sizes come from flops.RunSettings).
+                      surf_train.flops' prediction (step counts and sizes come from flops.RunSettings); then the
+                      720p forward compiled as refiner_sample's (the composition stays eager).
   ti2v5b              Wan 2.2 TI2V-5B-shaped transformer (its released config, random bf16 weights as wan14b), one
                       forward at batch 2 (CFG) with per-token timesteps (expand_timesteps) on the 704x1280 target
                       (= its native prefix) and 352x640 preview latents of 121 frames (48 channels, 16x VAE).
@@ -27,8 +30,10 @@ missing, and a failure (an OOM included) is recorded and the next part runs:
                       DeepSpeed ZeRO-2 in bf16-mixed on one GPU on shards written here by surf_train.data.shards, the
                       ZeRO checkpoint, `python -m surf_train.export` of it and a load of the export.
 Times: CUDA events after a warm-up (perf_counter on CPU), the median of the repeats the part's deadline
-allows. Peak memory: torch.cuda.max_memory_allocated per case. TFLOP/s: surf_train.flops' analytic count
-(forward x 3 for a training step: the recomputation of checkpointing is not counted) over the median time.
+allows. A compiled case runs only when Plan.compile_estimate_s + 2 eager calls fit the part's deadline (the
+eager repeats stop Plan.compile_reserve_s early to leave it room). Peak memory: torch.cuda.max_memory_allocated
+per case. TFLOP/s: surf_train.flops' analytic count (forward x 3 for a training step: the recomputation of
+checkpointing is not counted) over the median time.
 
 Getting it onto the GPU machine (no package registry there; torch, lightning, transformers, safetensors,
 einops, torchmetrics, accelerate, huggingface-hub, numpy, setuptools and ninja are installed). Here, with PyPI
@@ -141,6 +146,15 @@ class Plan:
     sample_steps: int = 10
     repeats: int = 3
     math_max_gib: float = 16.0  # the MATH backend materialises the scores: skip it above this
+    # regional compilation (compile_repeated_blocks) of the target case of the parts in compile_estimate_s: the
+    # estimated seconds of compilation decide whether the compiled case still fits the part's deadline; the eager
+    # repeats stop compile_reserve_s before it (their warm-up and first timed call always run). GPU values: guesses
+    # (cold cache, one block class each) until a run records compile_s; the reserves add two eager target calls
+    # (~4 s of 10 Refiner steps, ~25 s of a Wan 14B 720p forward at batch 2, from their TFLOP at ~500 TFLOP/s)
+    compile: bool = True
+    compile_kwargs: dict = field(default_factory=lambda: {"fullgraph": True})
+    compile_estimate_s: dict = field(default_factory=lambda: {"refiner_sample": 30, "wan14b": 40})
+    compile_reserve_s: dict = field(default_factory=lambda: {"refiner_sample": 40, "wan14b": 95})
     # Lightning part: model overrides of the `wan` experiment, shard latents (C, F, H, W) and text tokens
     ds_model: dict = field(default_factory=lambda: {"dim": 1024, "depth": 8, "heads": 8, "mlp_ratio": 4.0})
     ds_target: tuple[int, int, int, int] = (16, 9, 64, 64)
@@ -151,8 +165,8 @@ class Plan:
         default_factory=lambda: {
             "environment": 45,
             "refiner_train": 80,
-            "refiner_sample": 60,
-            "wan14b": 140,
+            "refiner_sample": 100,
+            "wan14b": 220,
             "ti2v5b": 40,
             "lightning_deepspeed": 140,
         }
@@ -194,6 +208,8 @@ class Plan:
             sample_steps=3,
             repeats=2,
             math_max_gib=1.0,
+            compile_estimate_s={"refiner_sample": 15, "wan14b": 10},  # a cold inductor cache on 2 shared CPU cores
+            compile_reserve_s={"refiner_sample": 16, "wan14b": 11},
             ds_model={"dim": 32, "depth": 2, "heads": 2, "mlp_ratio": 2.0, "text_dim": 32, "window": [2, 4, 4]},
             ds_target=(16, 3, 8, 8),
             ds_text=(8, 32),
@@ -201,8 +217,8 @@ class Plan:
             caps={
                 "environment": 30,
                 "refiner_train": 20,
-                "refiner_sample": 20,
-                "wan14b": 30,
+                "refiner_sample": 40,
+                "wan14b": 40,
                 "ti2v5b": 20,
                 "lightning_deepspeed": 110,
             },
@@ -281,6 +297,34 @@ def measurement(**fixed) -> dict:
     }
 
 
+def compile_call(plan: Plan) -> str:
+    """How the compiled cases compile: diffusers' regional compilation with plan.compile_kwargs."""
+    return f"compile_repeated_blocks({', '.join(f'{k}={v!r}' for k, v in plan.compile_kwargs.items())})"
+
+
+def compiled_measurement(plan: Plan, size, lat, **fixed) -> dict:
+    """The compiled twin of an eager case: measure()'s fields for the compiled calls, the first compiled call
+    (compilation included) and the comparison with the eager case's time and output."""
+    return measurement(
+        size=fmt_size(size),
+        latent=list(lat),
+        **fixed,
+        call=compile_call(plan),
+        compile_s=None,
+        eager_ms=None,
+        speedup=None,
+        max_abs_diff=None,
+        out_abs_max=None,
+        rel_diff=None,
+    )
+
+
+def all_cases(results: dict):
+    """(name, record) of a part's eager cases, then of its compiled ones ("compiled <case>")."""
+    yield from results.get("cases", {}).items()
+    yield from ((f"compiled {k}", c) for k, c in results.get("compiled", {}).items())
+
+
 SDPA_ITEM = (
     "model",
     "form",
@@ -322,6 +366,7 @@ def skeleton(plan: Plan) -> dict:
         "wall_s": None,
         "budget_s": None,
         "complete": False,
+        "compile": {"enabled": plan.compile, "call": compile_call(plan)},
         "device": {"type": None, "name": None, "file_stem": None},
         "parts": {
             "environment": part(
@@ -370,12 +415,20 @@ def skeleton(plan: Plan) -> dict:
                         k: measurement(size=fmt_size(sz[k]), latent=list(latent(plan, sz[k])), per_step_ms=None)
                         for k in ("target", "large")
                     },
+                    "compiled": {
+                        "target": compiled_measurement(plan, sz["target"], latent(plan, sz["target"]), per_step_ms=None)
+                    },
                     "null_reasons": {},
                 }
             ),
             "wan14b": part(
                 {
                     **forwards(plan, {k: (sz[k], latent(plan, sz[k])) for k in ("target", "prefix", "preview")}),
+                    "compiled": {
+                        "target": compiled_measurement(
+                            plan, sz["target"], latent(plan, sz["target"]), output_finite=None
+                        )
+                    },
                     "composition": {
                         "baseline_s": None,
                         "surf_s": None,
@@ -526,11 +579,14 @@ def measure(
     return rec
 
 
-def too_late(rec: dict, deadline: float, estimate_s: float | None) -> bool:
-    """Mark rec skipped when its warm-up + one timed call (estimate_s each) would pass the deadline."""
+def too_late(rec: dict, deadline: float, estimate_s: float | None, compile_s: float = 0.0) -> bool:
+    """Mark rec skipped when its warm-up + one timed call (estimate_s each), after compile_s of compilation,
+    would pass the deadline."""
     left = deadline - time.monotonic()
-    if left <= 0 or (estimate_s is not None and 2 * estimate_s > left):
-        est = "" if estimate_s is None else f" (estimated {2 * estimate_s:.0f} s for warm-up + 1 call)"
+    need = None if estimate_s is None else 2 * estimate_s + compile_s
+    if left <= 0 or (need is not None and need > left):
+        comp = f" + ~{compile_s:.0f} s of compilation" if compile_s else ""
+        est = "" if need is None else f" (estimated {need:.0f} s for warm-up + 1 call{comp})"
         rec.update(status="skipped", reason=f"part deadline: {max(left, 0):.0f} s left{est}")
         return True
     return False
@@ -817,6 +873,64 @@ def run_cases(report: Report, deadline: float, jobs: list[tuple[dict, float, Cal
             last = (rec["ms"] / 1e3, flop)
 
 
+@dataclass
+class Twin:
+    """The compiled twin of an eager case: `first` (compilation + warm-up) runs once, then `call` is timed and its
+    output compared with eager_out, the eager case's output of the same inputs."""
+
+    rec: dict
+    eager: dict
+    eager_out: torch.Tensor | None
+    first: Callable[[], Any]
+    call: Callable[[], torch.Tensor]
+    flop: float
+
+
+def time_compiled(plan: Plan, part: str, net, twin: Twin, dev: torch.device, deadline: float, report: Report) -> None:
+    """Regional compilation of net (in place: after every eager case of the part) and the compiled twin's times,
+    when the eager case was measured and its time plus the compile estimate fit the deadline."""
+    rec, eager = twin.rec, twin.eager
+    if not plan.compile:  # marked skipped by main()
+        return
+    if eager["status"] != "ok" or twin.eager_out is None:
+        rec.update(status="skipped", reason=f"needs the eager case, which is {eager['status']} ({eager['reason']})")
+        return
+    if too_late(rec, deadline, eager["ms"] / 1e3, plan.compile_estimate_s[part]):
+        return
+    out: list[torch.Tensor] = []
+
+    def timed():
+        out[:] = [twin.call()]
+
+    with case(rec, report), torch.no_grad():
+        try:
+            net.compile_repeated_blocks(**plan.compile_kwargs)
+            sync(dev)
+            t0 = time.perf_counter()
+            twin.first()
+            sync(dev)
+            rec["compile_s"] = time.perf_counter() - t0
+            measure(rec, timed, dev, deadline, plan.repeats, twin.flop, warmup=0)
+        finally:
+            torch._dynamo.reset()  # drop the compiled graphs: net is not called again
+        rec["warmup"] = 1
+        compare(rec, eager, twin.eager_out, out[0])
+
+
+def compare(rec: dict, eager: dict, ref: torch.Tensor, got: torch.Tensor) -> None:
+    """Compiled against eager: the speedup, and the largest output difference, also over the largest |output|
+    (bf16 outputs: an absolute difference means little without the scale)."""
+    ref, got = ref.float(), got.float()
+    diff, scale = float((got - ref).abs().max()), float(ref.abs().max())
+    rec.update(eager_ms=eager["ms"], speedup=eager["ms"] / rec["ms"], max_abs_diff=diff, out_abs_max=scale)
+    if "output_finite" in rec:
+        rec["output_finite"] = bool(torch.isfinite(got).all())
+    if scale > 0:
+        rec["rel_diff"] = diff / scale
+    else:
+        rec["null_reasons"]["rel_diff"] = "the eager output is all zeros"
+
+
 def part_refiner_train(plan: Plan, dev: torch.device, deadline: float, r: dict, report: Report) -> None:
     from surf_train.cost import refiner_flops, total
     from surf_train.models.refiner import Refiner, num_params
@@ -884,22 +998,50 @@ def part_refiner_sample(plan: Plan, dev: torch.device, deadline: float, r: dict,
         text = torch.randn(1, plan.text_len, cfg.text_dim, dtype=torch.bfloat16)  # (1, L, D)
     mask = text_mask(text)
     k = plan.sample_steps
+    reserve = plan.compile_reserve_s["refiner_sample"] if plan.compile else 0.0
+    kept: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # case -> (x_up, eager output) for its compiled twin
 
     def velocity(x, t, c, txt):
         return net(x, t, c, txt, mask, return_dict=False)[0]
 
-    def sample_case(rec: dict, flop: float) -> None:
-        x_up = torch.randn(1, *rec["latent"], device=dev, dtype=torch.bfloat16)  # (1, C, F, H, W) upsampled preview
-        RefinerSampler(steps=1).refine(velocity, x_up, text=text)  # warm-up: one step at this shape; K timed
-        run = RefinerSampler(steps=k).refine
-        measure(rec, lambda: run(velocity, x_up, text=text), dev, deadline, max(1, plan.repeats - 1), flop, warmup=0)
-        rec.update(warmup=1, per_step_ms=rec["ms"] / k)
+    def one_step(x_up):  # warm-up: one step at this shape
+        return RefinerSampler(steps=1).refine(velocity, x_up, text=text)
 
-    jobs = []
-    for rec in r["cases"].values():
-        flop = k * total(refiner_flops(cfg, tuple(rec["latent"]), plan.text_len))
-        jobs.append((rec, flop, lambda rec, flop=flop: sample_case(rec, flop)))
+    def k_steps(x_up):  # start_noise 0: the same output at every call
+        return RefinerSampler(steps=k).refine(velocity, x_up, text=text)
+
+    def sample_case(rec: dict, name: str, flop: float) -> None:
+        x_up = torch.randn(1, *rec["latent"], device=dev, dtype=torch.bfloat16)  # (1, C, F, H, W) upsampled preview
+        one_step(x_up)
+        out: list[torch.Tensor] = []
+
+        def timed():
+            out[:] = [k_steps(x_up)]
+
+        measure(rec, timed, dev, deadline - reserve, max(1, plan.repeats - 1), flop, warmup=0)
+        rec.update(warmup=1, per_step_ms=rec["ms"] / k)
+        if name in r["compiled"]:
+            kept[name] = (x_up, out[0])
+
+    jobs, flops = [], {}
+    for name, rec in r["cases"].items():
+        flops[name] = k * total(refiner_flops(cfg, tuple(rec["latent"]), plan.text_len))
+        jobs.append((rec, flops[name], lambda rec, name=name: sample_case(rec, name, flops[name])))
     run_cases(report, deadline, jobs)
+    for name, rec in r["compiled"].items():  # after every eager case: compilation changes net in place
+        x_up, ref = kept.pop(name, (None, None))
+        first, call = (lambda x=x_up: one_step(x)), (lambda x=x_up: k_steps(x))
+        time_compiled(
+            plan,
+            "refiner_sample",
+            net,
+            Twin(rec, r["cases"][name], ref, first, call, flops[name]),
+            dev,
+            deadline,
+            report,
+        )
+        if rec["status"] == "ok":
+            rec["per_step_ms"] = rec["ms"] / k
 
 
 # --- part 3: Wan 2.1 14B and the composed run times -----------------------------------------------
@@ -982,34 +1124,45 @@ def wan_on_device(config: dict, dev: torch.device, dtype: torch.dtype):
     return net.eval().requires_grad_(False)
 
 
-def time_forwards(net, arch: dict, names: tuple[str, ...], plan: Plan, dev, deadline: float, r: dict, report) -> None:
+def time_forwards(
+    net, arch: dict, names: tuple[str, ...], plan: Plan, dev, deadline: float, r: dict, report, reserve_s: float = 0.0
+) -> dict[str, tuple[Callable[[], torch.Tensor], torch.Tensor, float]]:
     """One timed forward of a Wan transformer per case in `names`, at batch r["batch"] (CFG) in bf16; the timestep
-    per token where `arch` expands timesteps (Wan 2.2 TI2V-5B, patch 2), else per sample; FLOPs from wan_flops."""
+    per token where `arch` expands timesteps (Wan 2.2 TI2V-5B, patch 2), else per sample; FLOPs from wan_flops.
+    The repeats stop reserve_s before the deadline. Returns, per case with a compiled twin in r["compiled"], its
+    forward (the same inputs), eager output and FLOPs."""
     from surf_train.cost import total, wan_flops
 
     b = r["batch"]
+    kept: dict[str, tuple[Callable[[], torch.Tensor], torch.Tensor, float]] = {}
     text = torch.randn(b, plan.text_len, arch["text_dim"], device=dev, dtype=torch.bfloat16)  # (2, L, 4096)
 
-    def forward_case(rec: dict, flop: float) -> None:
+    def forward_case(rec: dict, name: str, flop: float) -> None:
         c, f, h, w = rec["latent"]
         x = torch.randn(b, c, f, h, w, device=dev, dtype=torch.bfloat16)
         shape = (b, f * (h // 2) * (w // 2)) if arch.get("expand_timesteps") else (b,)
         t = torch.full(shape, 500.0, device=dev)  # Wan's timestep scale is [0, 1000]
         out: list[torch.Tensor] = []
 
+        def call() -> torch.Tensor:
+            return net(x, t, text, return_dict=False)[0]
+
         def fwd():
-            out[:] = [net(x, t, text, return_dict=False)[0]]
+            out[:] = [call()]
 
         with torch.no_grad():
-            measure(rec, fwd, dev, deadline, plan.repeats, flop)
+            measure(rec, fwd, dev, deadline - reserve_s, plan.repeats, flop)
         rec["output_finite"] = bool(torch.isfinite(out[0]).all())
+        if name in r.get("compiled", {}):
+            kept[name] = (call, out[0], flop)
 
     jobs = []
     for name in names:
         rec = r["cases"][name]
         flop = total(wan_flops(arch, tuple(rec["latent"]), plan.text_len, batch=b))
-        jobs.append((rec, flop, lambda rec, flop=flop: forward_case(rec, flop)))
+        jobs.append((rec, flop, lambda rec, name=name, flop=flop: forward_case(rec, name, flop)))
     run_cases(report, deadline, jobs)
+    return kept
 
 
 def part_wan14b(
@@ -1040,8 +1193,12 @@ def part_wan14b(
     r["params"] = sum(p.numel() for p in net.parameters())
     report.save()
     # cheapest first: 240p warms up the kernels and its time per FLOP decides whether 720p fits the deadline
-    time_forwards(net, config, ("preview", "prefix", "target"), plan, dev, deadline, r, report)
-    del net
+    reserve = plan.compile_reserve_s["wan14b"] if plan.compile else 0.0
+    kept = time_forwards(net, config, ("preview", "prefix", "target"), plan, dev, deadline, r, report, reserve)
+    for name, rec in r["compiled"].items():  # after every eager case: compilation changes net in place
+        call, ref, flop = kept.pop(name, (None, None, 0.0))
+        time_compiled(plan, "wan14b", net, Twin(rec, r["cases"][name], ref, call, call, flop), dev, deadline, report)
+    del net, kept
     free_memory()
     step_s = {
         "base": r["cases"]["target"]["ms"],
@@ -1237,9 +1394,9 @@ def run_part(name: str, report: Report, fn: Callable[[float, dict, Report], None
             warnings.simplefilter("always")
             fn(deadline, part["results"], report)
         cases = part["results"].get("cases", {})
-        bad = [f"{k}: {c['reason']}" for k, c in cases.items() if c["status"] != "ok"]
+        bad = [f"{k}: {c['reason']}" for k, c in all_cases(part["results"]) if c["status"] != "ok"]
         part["status"], part["reason"] = "ok", "; ".join(bad) or None
-        if cases and len(bad) == len(cases):
+        if cases and all(c["status"] != "ok" for c in cases.values()):  # the eager cases decide
             part["status"] = "failed"
     except ImportError as e:
         part.update(status="skipped", reason=f"missing dependency: {short_error(e)}")
@@ -1249,7 +1406,7 @@ def run_part(name: str, report: Report, fn: Callable[[float, dict, Report], None
         free_memory()
     seen = dict.fromkeys(f"{w.category.__name__}: {str(w.message).strip().splitlines()[0][:300]}" for w in caught)
     part["warnings"] = list(seen)[:30]
-    for c in part["results"].get("cases", {}).values():  # cases a failed part never reached
+    for _, c in all_cases(part["results"]):  # cases a failed part never reached
         if c["status"] in ("pending", "running"):
             c.update(status="skipped", reason=f"part {part['status']}: {part['reason']}")
     part["wall_s"] = round(time.monotonic() - t0, 2)
@@ -1290,6 +1447,7 @@ def markdown(doc: dict) -> str:
                 f"| {pname} | {label} | {c['status']} | {f(c['ms'])} | {f(c['peak_mem_gib'], '{:.2f}')} | "
                 f"{f(c['tflop'], '{:.3g}')} | {f(c['tflops_per_s'], '{:.3g}')} | {note} |"
             )
+    lines += compiled_lines(doc)
     comp = doc["parts"]["wan14b"]["results"]
     cm = comp["composition"]
     lines += [
@@ -1347,12 +1505,43 @@ def markdown(doc: dict) -> str:
     return "\n".join(lines)
 
 
+def compiled_lines(doc: dict) -> list[str]:
+    """The table of the compiled cases against their eager twins."""
+
+    def f(v, fmt):
+        return "-" if v is None else fmt.format(v)
+
+    c = doc["compile"]
+    lines = [
+        "",
+        f"Regional compilation, `{c['call']}`{'' if c['enabled'] else ' (off: --no-compile)'}, against eager "
+        "(compile s = the first compiled call, compilation included; diff = max |compiled - eager| over max |eager|)",
+        "",
+        "| part | case | status | eager ms | compiled ms | speedup | compile s | max abs diff | rel diff | note |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for pname, part in doc["parts"].items():
+        for cname, r in part["results"].get("compiled", {}).items():
+            lines.append(
+                f"| {pname} | {cname} {r['size']} | {r['status']} | {f(r['eager_ms'], '{:.1f}')} | "
+                f"{f(r['ms'], '{:.1f}')} | {f(r['speedup'], '{:.2f}')} | {f(r['compile_s'], '{:.1f}')} | "
+                f"{f(r['max_abs_diff'], '{:.3g}')} | {f(r['rel_diff'], '{:.2g}')} | {r['reason'] or ''} |"
+            )
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dry-run", action="store_true", help="every part on CPU at tiny shapes (seconds)")
     ap.add_argument("--out-dir", help="default benchmarks/results/gpu (outputs/gpu_check with --dry-run)")
     ap.add_argument("--budget-s", type=float, help="whole-run budget in seconds (default 420, dry run 110)")
     ap.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
+    ap.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="time regional compilation against eager at the target case of refiner_sample and wan14b (default on)",
+    )
     a = ap.parse_args(argv)
     parts = [p for p in a.parts.split(",") if p]
     unknown = sorted(set(parts) - set(PARTS))
@@ -1362,6 +1551,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: no CUDA device; run with --dry-run for the CPU rehearsal at tiny shapes", file=sys.stderr)
         return 2
     plan = Plan.dry() if a.dry_run else Plan(dry_run=False)
+    plan.compile = a.compile
     budget = a.budget_s or (110.0 if a.dry_run else 420.0)
     t_start = time.monotonic()
     # a hang (a stuck kernel or collective) must not eat the lease: dump the stacks and exit; the JSON is on disk
@@ -1382,8 +1572,11 @@ def main(argv: list[str] | None = None) -> int:
     for p in PARTS:
         if p not in parts:
             doc["parts"][p].update(status="skipped", reason="not in --parts")
-            for c in doc["parts"][p]["results"].get("cases", {}).values():
+            for _, c in all_cases(doc["parts"][p]["results"]):
                 c.update(status="skipped", reason="part not in --parts")
+        elif not plan.compile:
+            for c in doc["parts"][p]["results"].get("compiled", {}).values():
+                c.update(status="skipped", reason="--no-compile")
     report.save()
     torch.manual_seed(0)
     if a.dry_run:

@@ -65,6 +65,28 @@ def test_dry_run_runs_every_part_with_the_real_schema(dry_run):
 
 
 @pytest.mark.slow
+def test_dry_run_times_the_compiled_twins_against_eager(dry_run):
+    """Regional compilation (fullgraph) of the tiny Refiner and Wan on CPU: each compiled target case is timed
+    after a first call that compiles, and its output equals the eager case's within bf16 rounding."""
+    doc, stdout = dry_run[1], dry_run[2]
+    assert doc["compile"] == {"enabled": True, "call": "compile_repeated_blocks(fullgraph=True)"}
+    for part in ("refiner_sample", "wan14b"):
+        r = doc["parts"][part]["results"]
+        c, eager = r["compiled"]["target"], r["cases"]["target"]
+        assert c["status"] == "ok" and c["repeats"] >= 1 and c["warmup"] == 1 and c["ms"] > 0, part
+        assert c["latent"] == eager["latent"] and c["eager_ms"] == eager["ms"]
+        assert c["speedup"] == pytest.approx(eager["ms"] / c["ms"]) and c["tflop"] == pytest.approx(eager["tflop"])
+        assert c["compile_s"] * 1e3 > c["ms"]  # the first call traces and compiles
+        assert c["out_abs_max"] > 0.1 and c["rel_diff"] == pytest.approx(c["max_abs_diff"] / c["out_abs_max"])
+        assert c["rel_diff"] < 2**-5, part  # bf16 (8 significant bits): a few ulps of the largest output
+    assert doc["parts"]["refiner_sample"]["results"]["compiled"]["target"]["per_step_ms"] == pytest.approx(
+        doc["parts"]["refiner_sample"]["results"]["compiled"]["target"]["ms"] / 3
+    )
+    assert doc["parts"]["wan14b"]["results"]["compiled"]["target"]["output_finite"] is True
+    assert "| wan14b | target 128x64 | ok |" in stdout.split("Regional compilation")[1]
+
+
+@pytest.mark.slow
 def test_dry_run_sdpa_table(dry_run):
     """Every traced attention call was tried on each backend; only the mask form's shifted windows carry a mask."""
     env = dry_run[1]["parts"]["environment"]["results"]
@@ -157,7 +179,8 @@ def test_failures_are_recorded_and_the_run_goes_on(tmp_path, monkeypatch):
 
     monkeypatch.setattr(G, "measure", measure)
     monkeypatch.setattr(G, "part_refiner_sample", broken)
-    assert G.main(["--dry-run", "--out-dir", str(tmp_path), "--parts", "refiner_train,refiner_sample,wan14b"]) == 0
+    args = ["--dry-run", "--out-dir", str(tmp_path), "--parts", "refiner_train,refiner_sample,wan14b", "--no-compile"]
+    assert G.main(args) == 0
     doc = json.loads((tmp_path / "dry-run-cpu.json").read_text())
     parts = doc["parts"]
     train = parts["refiner_train"]
@@ -172,7 +195,36 @@ def test_failures_are_recorded_and_the_run_goes_on(tmp_path, monkeypatch):
     assert wan["results"]["composition"]["baseline_s"] > 0
     assert "refiner_sample" in wan["results"]["composition"]["null_reasons"]["refiner_step_source"]
     assert parts["environment"]["status"] == "skipped" and parts["lightning_deepspeed"]["reason"] == "not in --parts"
+    assert doc["compile"]["enabled"] is False
+    for p in ("refiner_sample", "wan14b"):
+        assert parts[p]["results"]["compiled"]["target"]["reason"] == "--no-compile"
     assert G.unexplained_nulls(doc) == []
+
+
+def test_compiled_twins_fit_the_deadline_and_a_compile_failure_is_recorded(tmp_path, monkeypatch):
+    """A compiled case whose compile estimate does not fit the part's deadline is skipped with the estimate, and a
+    failing compilation is recorded; the eager cases, the composition and the other parts are unaffected."""
+    from surf_train.models.refiner import Refiner
+
+    def no_compiler(self, **kw):
+        raise RuntimeError("InductorError: no working C++ compiler found")
+
+    plan = G.Plan.dry()
+    plan.compile_estimate_s = {**plan.compile_estimate_s, "wan14b": 1e4}
+    monkeypatch.setattr(G.Plan, "dry", classmethod(lambda cls: plan))
+    monkeypatch.setattr(Refiner, "compile_repeated_blocks", no_compiler)
+    assert G.main(["--dry-run", "--out-dir", str(tmp_path), "--parts", "refiner_sample,wan14b"]) == 0
+    doc = json.loads((tmp_path / "dry-run-cpu.json").read_text())
+    sample, wan = doc["parts"]["refiner_sample"], doc["parts"]["wan14b"]
+    c = sample["results"]["compiled"]["target"]
+    assert c["status"] == "failed" and "no working C++ compiler" in c["reason"] and c["ms"] is None
+    assert sample["status"] == "ok" and "compiled target" in sample["reason"]
+    c = wan["results"]["compiled"]["target"]
+    assert c["status"] == "skipped" and "compilation" in c["reason"] and "part deadline" in c["reason"]
+    assert all(e["status"] == "ok" for p in (sample, wan) for e in p["results"]["cases"].values())
+    assert wan["results"]["composition"]["speedup"] > 0 and G.unexplained_nulls(doc) == []
+    md = (tmp_path / "dry-run-cpu.md").read_text()
+    assert "| refiner_sample | target 128x64 | failed |" in md and "| wan14b | target 128x64 | skipped |" in md
 
 
 def test_real_training_overrides_compose_to_the_wan_experiment(tmp_path):
