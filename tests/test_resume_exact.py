@@ -11,10 +11,11 @@ import sys
 import pytest
 import torch
 from procs import free_port
+from test_data import _flip_tensor_byte
 from test_train import ROOT, SHRINK, compose_cfg
 
 from surf_train.data.datamodule import DataConfig, PairDataModule
-from surf_train.data.shards import shard_keys
+from surf_train.data.shards import list_shards, shard_keys
 from surf_train.training.checkpoint import read_checkpoint
 from surf_train.training.module import RefinerModule
 from surf_train.training.train import train
@@ -194,12 +195,16 @@ cli()
 """
 
 
-def _torchrun(script, args, keys_out):
+def _torchrun(script, args, keys_out) -> list[str]:
+    """2 CPU ranks; each rank's batches go to <keys_out>.<rank>; returns each rank's own log."""
+    logs = keys_out.parent / f"{keys_out.name}.logs"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}"]
+    cmd += [f"--log-dir={logs}", "--tee=3"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "KEYS_OUT": str(keys_out)}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     r = subprocess.run([*cmd, str(script), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return ["".join(f.read_text() for f in sorted(logs.rglob(f"attempt_0/{rank}/std*.log"))) for rank in (0, 1)]
 
 
 def _rank_keys(keys_out, rank):
@@ -211,7 +216,12 @@ def _rank_keys(keys_out, rank):
 @pytest.mark.parametrize("strategy", ["ddp", "deepspeed"])
 def test_two_ranks_resume_exactly(pairs, tmp_path, strategy):
     """2 CPU ranks (DDP: rank 0 writes the file; ZeRO-2: a directory with rank 0's client state): each rank's
-    batches after the resume are its own uninterrupted ones; the weights end equal."""
+    batches after the resume are its own uninterrupted ones and the weights end equal. Every shard's first sample
+    is corrupt: data_skipped is the skips of both ranks (as many as their logs report)."""
+    data = tmp_path / "pairs"
+    shutil.copytree(pairs, data)
+    for shard in list_shards(data):
+        _flip_tensor_byte(shard, shard_keys(shard)[0])
     script = tmp_path / "launch.py"
     script.write_text(LAUNCH)
     trainer = (
@@ -219,13 +229,16 @@ def test_two_ranks_resume_exactly(pairs, tmp_path, strategy):
         if strategy == "deepspeed"
         else ["trainer.strategy=ddp"]
     )
-    base = [*trainer, "trainer.devices=2", f"data.shards={pairs}", "data.batch_size=2", "data.num_workers=1"]
-    base += [*QUICK, "ckpt_every=4"]  # 12 samples per rank: 6 steps per epoch
-    _torchrun(script, [*base, f"run_dir={tmp_path / 'straight'}", "trainer.max_steps=10"], tmp_path / "straight.keys")
+    base = [*trainer, "trainer.devices=2", f"data.shards={data}", "data.batch_size=2", "data.num_workers=1"]
+    base += [*QUICK, "ckpt_every=4", "data.skip_corrupt=true"]  # 12 samples per rank: 6 steps per epoch
+    logs = _torchrun(script, [*base, f"run_dir={tmp_path / 'straight'}", "trainer.max_steps=10"], tmp_path / "s.keys")
     _torchrun(script, [*base, f"run_dir={tmp_path / 'resumed'}", "trainer.max_steps=4"], tmp_path / "first.keys")
-    _torchrun(script, [*base, f"run_dir={tmp_path / 'resumed'}", "trainer.max_steps=10"], tmp_path / "resumed.keys")
+    _torchrun(script, [*base, f"run_dir={tmp_path / 'resumed'}", "trainer.max_steps=10"], tmp_path / "r.keys")
     for rank in (0, 1):
-        straight, resumed = _rank_keys(tmp_path / "straight.keys", rank), _rank_keys(tmp_path / "resumed.keys", rank)
+        straight, resumed = _rank_keys(tmp_path / "s.keys", rank), _rank_keys(tmp_path / "r.keys", rank)
         assert [s for s, _ in resumed] == list(range(4, 10)) and resumed == straight[4:], rank
-    assert _rank_keys(tmp_path / "straight.keys", 0) != _rank_keys(tmp_path / "straight.keys", 1)
+    assert _rank_keys(tmp_path / "s.keys", 0) != _rank_keys(tmp_path / "s.keys", 1)
     _assert_same_weights(_weights(tmp_path / "straight"), _weights(tmp_path / "resumed"))
+    skips = [log.count("skipped corrupt sample") for log in logs]
+    assert min(skips) > 0
+    assert json.loads((tmp_path / "straight" / "summary.json").read_text())["data_skipped"] == sum(skips)
