@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -31,16 +32,15 @@ class Crash(RuntimeError):
 @pytest.fixture
 def record(monkeypatch):
     """Every training batch's (global step, keys) in order; `record.crash_at = n` kills the run at step n."""
-    seen: list[tuple[int, list[str]]] = []
+    rec = SimpleNamespace(seen=[], crash_at=None)
 
     def hook(self, batch, batch_idx):
-        if self.global_step == getattr(record, "crash_at", None):
+        if self.global_step == rec.crash_at:
             raise Crash(f"killed at step {self.global_step}")
-        seen.append((self.global_step, list(batch["keys"])))
+        rec.seen.append((self.global_step, list(batch["keys"])))
 
     monkeypatch.setattr(RefinerModule, "on_train_batch_start", hook, raising=False)
-    record.seen = seen
-    return record
+    return rec
 
 
 def _weights(run_dir):
