@@ -1,7 +1,9 @@
 """Training and validation data from (preview, target) pair shards (schema: surf_train.data.shards).
 
-Training is an endless stream of shards drawn with replacement, cut to the same number of batches per
-epoch on every rank: uneven per-rank sample counts hang DDP (docs/architecture.md#facts-the-code-relies-on).
+Training is an endless stream of shards drawn with replacement (surf_train.data.stream), cut to the same number
+of batches per epoch on every rank: uneven per-rank sample counts hang DDP
+(docs/architecture.md#facts-the-code-relies-on). Its position is saved in checkpoints, so a resume continues it
+exactly (docs/training.md#what-a-resume-guarantees).
 Validation is a fixed set held in memory. Entries are decoded by `decode_sample` only, so nothing in a shard is
 unpickled.
 """
@@ -11,8 +13,7 @@ from __future__ import annotations
 import glob
 import logging
 import multiprocessing
-import random
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -21,11 +22,12 @@ import lightning.pytorch as pl
 import torch
 import webdataset as wds
 from braceexpand import braceexpand
-from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset
 
 from surf_train.common.config import check
 from surf_train.common.errors import ConfigError
-from surf_train.data.shards import ShardError, decode_sample, list_shards, raise_named, shard_keys
+from surf_train.data.shards import ShardError, list_shards, shard_keys
+from surf_train.data.stream import Corrupt, StatefulLoader, StreamDataset, StreamSpec, collate, crop, prepare, shape_key
 
 log = logging.getLogger(__name__)
 
@@ -132,162 +134,6 @@ def split_shards(cfg: DataConfig) -> tuple[dict[str, list[Path]], dict[str, list
     return train, val
 
 
-def collate(samples: Sequence[dict]) -> dict:
-    """Samples of one shape -> {"preview": (B,C,F,h,w), "target": (B,C,F,H,W), ["text": (B,L,D)], "keys", "meta"}.
-
-    Text is stored at its real length: it is zero-padded to the longest in the batch (the Refiner masks
-    all-zero rows, so this is what the zero-padded text of older shards gave)."""
-    batch = {name: torch.stack([s[name] for s in samples]).float() for name in ("preview", "target")}
-    if "text" in samples[0]:
-        n = max(s["text"].shape[0] for s in samples)
-        batch["text"] = torch.stack(
-            [torch.nn.functional.pad(s["text"], (0, 0, 0, n - s["text"].shape[0])) for s in samples]
-        ).float()  # (B, L, D)
-    batch["keys"] = [s["key"] for s in samples]
-    batch["meta"] = [s["meta"] for s in samples]
-    return batch
-
-
-def shape_key(sample: dict) -> tuple:
-    """What a batch must share: the latent shapes and the text width (None without text); text lengths differ."""
-    text = sample["text"].shape[1:] if "text" in sample else None
-    return tuple(sample["preview"].shape), tuple(sample["target"].shape), text
-
-
-def group_batches(samples: Iterable[dict], batch_size: int) -> Iterator[dict]:
-    """Collated batches of `batch_size` samples of equal shape; incomplete buckets are dropped at the end."""
-    buckets: dict[tuple, list[dict]] = {}
-    for s in samples:
-        bucket = buckets.setdefault(shape_key(s), [])
-        bucket.append(s)
-        if len(bucket) == batch_size:
-            yield collate(bucket)
-            buckets[shape_key(s)] = []
-
-
-def crop(sample: dict, frames: int, start: int) -> dict:
-    """Frames [start, start + frames) of preview and target (axis 1 of (C, F, h, w)); text unchanged."""
-    out = {**sample, "meta": {**sample["meta"], "crop": [start, start + frames]}}
-    for name in ("preview", "target"):
-        out[name] = sample[name][:, start : start + frames]
-    return out
-
-
-def prepare(raw: dict, keep_text: bool = True, sources: dict[str, str] | None = None) -> dict:
-    """decode_sample plus the checks the training loop relies on; `sources` (shard url -> name) tags
-    meta["data_source"] when sources are mixed."""
-    s = decode_sample(raw)
-    if sources:
-        s["meta"]["data_source"] = sources.get(raw.get("__url__"), "?")
-    if s["preview"].ndim != 4 or s["target"].ndim != 4 or s["preview"].shape[:2] != s["target"].shape[:2]:
-        raise ShardError(
-            f"{raw.get('__url__', '?')}: sample {s['key']}: preview {tuple(s['preview'].shape)} and "
-            f"target {tuple(s['target'].shape)} must be (C, F, h, w) and (C, F, H, W)"
-        )
-    if not keep_text:
-        s.pop("text", None)
-    return s
-
-
-class _Stream:
-    """Per-worker state of the training stream: seeds, the current epoch, shards found corrupt."""
-
-    def __init__(self, urls: list[str], seed: int, rank: int, skipped, skip: bool, weights: list[float] | None = None):
-        self.urls, self.seed, self.rank, self.skipped, self.skip = urls, seed, rank, skipped, skip
-        self.weights = weights  # per url: draw probabilities of mixed sources; None: uniform
-        self.epoch = 0
-        self.bad: set[str] = set()  # shards that failed here are not drawn again in this worker
-        self.seen: set[str] = set()  # corrupt samples already reported by this worker
-        self.since_good = 0  # shards drawn since the last sample decoded
-
-    def rng(self, what: str) -> random.Random:
-        """Generator seeded by (seed, rank, worker, epoch, what): ranks and workers draw different streams."""
-        info = get_worker_info()
-        return random.Random(f"{self.seed}/{self.rank}/{info.id if info else 0}/{self.epoch}/{what}")
-
-    def _count(self) -> int:
-        with self.skipped.get_lock():
-            self.skipped.value += 1
-            return self.skipped.value
-
-    def on_shard_error(self, exn: Exception) -> bool:
-        if not self.skip:
-            return raise_named(exn)
-        text = " ".join(str(a) for a in exn.args)
-        url = next((u for u in self.urls if u in text), "?")
-        self.bad.add(url)
-        log.warning(
-            "skipped corrupt shard %s (%d skipped so far): %s: %s",
-            url,
-            self._count(),
-            type(exn).__name__,
-            exn.args[0] if exn.args else "",
-        )
-        return True
-
-    def on_sample_error(self, exn: Exception) -> bool:
-        if not self.skip:
-            return raise_named(exn)
-        if str(exn) not in self.seen:
-            self.seen.add(str(exn))
-            log.warning("skipped corrupt sample (%d skipped so far): %s", self._count(), exn)
-        return True
-
-
-class _Shards(IterableDataset):
-    """Endless {"url"} draws with replacement from the training shards (seeded per rank, worker, epoch)."""
-
-    def __init__(self, stream: _Stream):
-        self.stream = stream
-
-    def __iter__(self) -> Iterator[dict]:
-        st, rng = self.stream, self.stream.rng("shards")
-        limit, ok, okw, nbad = 4 * len(st.urls) + 16, st.urls, st.weights, 0
-        while True:
-            if len(st.bad) != nbad:
-                keep = [i for i, u in enumerate(st.urls) if u not in st.bad]
-                ok, nbad = [st.urls[i] for i in keep], len(st.bad)
-                okw = [st.weights[i] for i in keep] if st.weights else None
-            if not ok:
-                raise ShardError(f"all {len(st.urls)} training shards are corrupt, e.g. {st.urls[0]}")
-            if st.since_good > limit:
-                raise ShardError(
-                    f"no readable sample in the last {limit} shards drawn from {len(st.urls)} "
-                    f"training shards, e.g. {st.urls[0]}"
-                )
-            st.since_good += 1
-            yield {"url": rng.choices(ok, weights=okw)[0] if okw else rng.choice(ok)}
-
-
-def _decoded(src: Iterable[dict], stream: _Stream, keep_text: bool, sources: dict[str, str] | None) -> Iterator[dict]:
-    for s in wds.map(partial(prepare, keep_text=keep_text, sources=sources), handler=stream.on_sample_error)(src):
-        stream.since_good = 0
-        yield s
-
-
-def _cropped(src: Iterable[dict], stream: _Stream, frames: int) -> Iterator[dict]:
-    rng = stream.rng("crop")
-    for s in src:
-        n = s["target"].shape[1]
-        yield crop(s, frames, rng.randint(0, n - frames)) if n > frames else s
-
-
-def _shuffled(src: Iterable[dict], stream: _Stream, bufsize: int) -> Iterator[dict]:
-    return wds.filters.shuffle(bufsize, bufsize, rng=stream.rng("shuffle"))(src)
-
-
-class _TrainLoader(wds.WebLoader):
-    """WebLoader that tells the stream its epoch before the workers are started (they copy the stream)."""
-
-    def __init__(self, dataset: wds.DataPipeline, stream: _Stream, epoch_fn, **kw):
-        super().__init__(dataset, **kw)
-        self.stream, self.epoch_fn = stream, epoch_fn
-
-    def __iter__(self):
-        self.stream.epoch = self.epoch_fn()
-        return super().__iter__()
-
-
 class _Batches(Dataset):
     def __init__(self, batches: list[dict]):
         self.batches = batches
@@ -316,16 +162,26 @@ class PairDataModule(pl.LightningDataModule):
         self.source_samples: dict[str, int] = {}  # training samples per source (mixed sources only)
         self.shard_weights: list[float] | None = None  # draw probability of each training shard (mixed sources)
         self.shard_source: dict[str, str] = {}  # shard url -> source name (mixed sources)
-        self._skipped = multiprocessing.Value("q", 0)  # shared with DataLoader workers
+        self._skipped = multiprocessing.Value("q", 0)  # skips in the training stream, shared with DataLoader workers
+        self._skipped_here = multiprocessing.Value("q", 0)  # skips at setup and in validation: the same on every rank
         self._val: list[dict] | None = None
         self._epochs = 0
         self._ready = False
 
     @property
     def skipped(self) -> int:
-        """Skips of corrupt shards and samples so far (all workers; with skip_corrupt); a worker restarted for a
-        new epoch counts a corrupt sample it draws again."""
-        return self._skipped.value
+        """Skips of corrupt shards and samples so far on this rank (all workers; with skip_corrupt); a worker
+        restarted for a new epoch counts a corrupt sample it draws again."""
+        return self._skipped.value + self._skipped_here.value
+
+    def skipped_all_ranks(self) -> int:
+        """`skipped` with the training streams' skips summed over ranks (a collective when ranks are distributed);
+        the index scan and validation read the same shards on every rank and count once."""
+        stream = [self._skipped.value]
+        if self.rank_world()[1] > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            stream = [0] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(stream, self._skipped.value)
+        return sum(stream) + self._skipped_here.value
 
     def rank_world(self) -> tuple[int, int]:
         if self._rank_world[0] is not None:
@@ -375,8 +231,8 @@ class PairDataModule(pl.LightningDataModule):
         except ShardError as e:
             if not self.cfg.skip_corrupt:
                 raise
-            with self._skipped.get_lock():
-                self._skipped.value += 1
+            with self._skipped_here.get_lock():
+                self._skipped_here.value += 1
             log.warning("skipped corrupt shard %s (%d skipped so far): %s", path, self.skipped, e)
             return None
 
@@ -399,31 +255,30 @@ class PairDataModule(pl.LightningDataModule):
         self._epochs += 1
         return self._epochs - 1
 
-    def train_dataloader(self) -> wds.WebLoader:
+    def _position(self) -> int | None:
+        """Batches of the current epoch the trainer has already trained (a resumed epoch starts past 0); None
+        without a trainer."""
+        return self.trainer.fit_loop.epoch_loop.batch_progress.current.ready if self.trainer is not None else None
+
+    def train_dataloader(self) -> StatefulLoader:
         self.setup()
         cfg, (rank, _) = self.cfg, self.rank_world()
-        stream = _Stream(
-            [str(p) for p in self.train_shards], cfg.seed, rank, self._skipped, cfg.skip_corrupt, self.shard_weights
+        spec = StreamSpec(
+            urls=[str(p) for p in self.train_shards],
+            weights=self.shard_weights,
+            seed=cfg.seed,
+            rank=rank,
+            skip=cfg.skip_corrupt,
+            skipped=self._skipped,
+            keep_text=cfg.text,
+            sources=self.shard_source,
+            crop_frames=cfg.crop_frames,
+            shuffle_buffer=cfg.shuffle_buffer,
+            batch_size=cfg.batch_size,
         )
-        stages = [
-            _Shards(stream),
-            wds.tarfile_to_samples(handler=stream.on_shard_error),
-            partial(_decoded, stream=stream, keep_text=cfg.text, sources=self.shard_source),
-        ]
-        if cfg.crop_frames:
-            stages.append(partial(_cropped, stream=stream, frames=cfg.crop_frames))
-        if cfg.shuffle_buffer > 1:
-            stages.append(partial(_shuffled, stream=stream, bufsize=cfg.shuffle_buffer))
-        stages.append(partial(group_batches, batch_size=cfg.batch_size))
-        loader = _TrainLoader(
-            wds.DataPipeline(*stages),
-            stream,
-            self._epoch,
-            batch_size=None,
-            num_workers=cfg.num_workers,
-            persistent_workers=False,
+        return StatefulLoader(
+            StreamDataset(spec), self.steps_per_epoch, cfg.num_workers, self._epoch, self._position, self.rank_world
         )
-        return loader.with_epoch(self.steps_per_epoch).with_length(self.steps_per_epoch, silent=True)
 
     def val_set(self) -> list[dict]:
         """The validation samples (first `val_samples` in key order), loaded once."""
@@ -446,7 +301,7 @@ class PairDataModule(pl.LightningDataModule):
             )
             return []
         # the training stream's error handling, without resampling: shards in order, each read once
-        stream = _Stream(urls, cfg.seed, 0, self._skipped, cfg.skip_corrupt)
+        stream = Corrupt(urls, cfg.skip_corrupt, self._skipped_here)
         raw = wds.DataPipeline(
             wds.SimpleShardList(urls),
             wds.tarfile_to_samples(handler=stream.on_shard_error),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import copy
 import logging
+import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -114,6 +115,7 @@ class RefinerModule(pl.LightningModule):
         # a plain attribute, not a submodule: see EMA
         object.__setattr__(self, "ema", EMA(self.net, ema_decay) if ema_decay else None)
         self._decoder = None
+        self._noise_seed = 0  # set at fit start
         self._losses_first: list[torch.Tensor] = []  # first and last LOSS_WINDOW losses of this process
         self._losses_last: collections.deque = collections.deque(maxlen=LOSS_WINDOW)
 
@@ -153,12 +155,21 @@ class RefinerModule(pl.LightningModule):
             raise ConfigError("EMA needs full parameters on every rank: use ZeRO stage 2 or set module.ema_decay=null")
         if self.ema is not None:
             self.ema.module.to(self.device)
+        self._noise_seed = torch.initial_seed()  # the run's seed (seed_everything), before the reseed below
         # ranks draw different bridge times and noise from the same seed
         torch.manual_seed(torch.initial_seed() + 1000 * self.global_rank + self.global_step)
 
+    def _noise(self, batch_idx: int) -> torch.Generator:
+        """The bridge times and noise of one batch, from (seed, rank, step, batch): a resumed run draws the
+        uninterrupted run's (docs/training.md#what-a-resume-guarantees)."""
+        key = f"{self._noise_seed}/{self.global_rank}/{self.global_step}/{batch_idx}"
+        return torch.Generator().manual_seed(random.Random(key).getrandbits(63))
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         text = self._text(batch)
-        loss = bridge_loss(self._net_fn(self.net, text), batch["preview"], batch["target"], self.bridge, text)
+        loss = bridge_loss(
+            self._net_fn(self.net, text), batch["preview"], batch["target"], self.bridge, text, self._noise(batch_idx)
+        )
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["target"].shape[0])
         if len(self._losses_first) < LOSS_WINDOW:
             self._losses_first.append(loss.detach())

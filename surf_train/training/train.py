@@ -322,8 +322,8 @@ def _summary(
         "val_mse_upsample": val[0].get("val/mse_upsample"),
         "world_size": trainer.world_size,
         "checkpoint": str((run_dir / "checkpoints" / "last.ckpt").resolve()),
-        "data_skipped": data.skipped,  # skips of corrupt shards/samples on rank 0 (data.skip_corrupt); a sample
-        # drawn again in a later epoch by restarted DataLoader workers counts again
+        "data_skipped": data.skipped_all_ranks(),  # skips of corrupt shards/samples, all ranks (data.skip_corrupt);
+        # a sample drawn again in a later epoch by restarted DataLoader workers counts again
     }
 
 
@@ -345,7 +345,7 @@ def _write_summary(summary: dict, run_dir: Path, data: PairDataModule) -> None:
         return
     ref, up = summary["val_mse_refiner"], summary["val_mse_upsample"]
     val_txt = f"val mse refiner {_fmt(ref)} vs upsample {_fmt(up)}" if ref is not None else "no validation"
-    skip_txt = f", {data.skipped} skip(s) of corrupt shards/samples" if data.cfg.skip_corrupt else ""
+    skip_txt = f", {summary['data_skipped']} skip(s) of corrupt shards/samples" if data.cfg.skip_corrupt else ""
     print(
         f"[surf_train] {summary['steps']} steps, train loss {_fmt(summary['train_loss_first'])} -> "
         f"{_fmt(summary['train_loss_last'])}, {val_txt}{skip_txt}; summary: {run_dir / 'summary.json'}",
