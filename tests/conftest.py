@@ -11,6 +11,20 @@ os.environ.setdefault("WANDB_MODE", "offline")
 # cores, 2 threads make the tiny VAE 40x slower (1.34 s vs 0.03 s per 64x64x9 encode, measured)
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 2)))
 
+# the marks diffusers' test mixins put on their tests (tests/referee; diffusers registers them in its own
+# tests/conftest.py, which is not collected). Registered here: a second conftest.py under tests/ would shadow this
+# one for the test modules that `from conftest import ...`.
+DIFFUSERS_MARKS = (
+    *("training", "attention", "compile", "cache", "memory", "cpu_offload", "group_offload", "lora", "ip_adapter"),
+    *("single_file", "quantization", "bitsandbytes", "quanto", "torchao", "gguf", "modelopt", "sdnq", "autoround"),
+    *("context_parallel", "tensor_parallel", "big_accelerator", "nightly"),
+)
+
+
+def pytest_configure(config):
+    for mark in DIFFUSERS_MARKS:
+        config.addinivalue_line("markers", f"{mark}: a diffusers test-mixin mark")
+
 
 @pytest.fixture(scope="session")
 def tiny_wan():
