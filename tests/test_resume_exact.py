@@ -17,7 +17,7 @@ from test_train import ROOT, SHRINK, compose_cfg
 
 from surf_train.data.datamodule import DataConfig, PairDataModule
 from surf_train.data.shards import list_shards, shard_keys
-from surf_train.training.checkpoint import read_checkpoint
+from surf_train.training.checkpoint import EMA_PREFIX, read_checkpoint
 from surf_train.training.module import RefinerModule
 from surf_train.training.train import train
 
@@ -77,20 +77,24 @@ def _assert_resumes_exactly(record, overrides, run_dir, straight, stop, crash_at
 def _assert_same_weights(w_straight, w_resumed):
     (a, sa), (b, sb) = w_straight, w_resumed
     assert sa == sb and a.keys() == b.keys()
+    ema = [k for k in a if k.startswith(EMA_PREFIX)]
+    assert not ema or len(ema) * 2 == len(a)  # with an EMA: every weight has its average, compared too
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
 
 
 @pytest.mark.parametrize(
-    "steps,stop,workers,crash_at",
-    [(24, 12, 0, None), (12, 9, 2, None), (12, 8, 0, 10)],
-    ids=["24-vs-12+12", "2-workers", "killed-between-checkpoints"],
+    "steps,stop,workers,crash_at,ema",
+    [(24, 12, 0, None, None), (12, 9, 2, None, None), (12, 8, 0, 10, 0.5)],
+    ids=["24-vs-12+12", "2-workers", "killed-between-checkpoints-with-ema"],
 )
-def test_resume_continues_the_uninterrupted_run(pairs, tmp_path, record, steps, stop, workers, crash_at):
+def test_resume_continues_the_uninterrupted_run(pairs, tmp_path, record, steps, stop, workers, crash_at, ema):
     """Straight vs stopped (or killed) and resumed: the steps after the resume draw the same batches and end at
-    the same weights (and EMA). Step 9 is batch 3 of epoch 1: the second of 2 workers is next."""
+    the same weights, and the same EMA (decay 0.5: one missed update would show). Step 9 is batch 3 of epoch 1:
+    the second of 2 workers is next."""
     every = 4 if crash_at else stop  # killed at 10 after checkpoints at 4 and 8: resumes from 8
     overrides = [f"data.shards={pairs}", f"data.num_workers={workers}", "data.batch_size=4", *QUICK]
+    overrides.append(f"module.ema_decay={ema}" if ema else "module.ema_decay=null")
     straight = _run(record, overrides, tmp_path / "straight", steps)
     _assert_resumes_exactly(record, [*overrides, f"ckpt_every={every}"], tmp_path / "resumed", straight, stop, crash_at)
 

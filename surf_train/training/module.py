@@ -186,7 +186,10 @@ class RefinerModule(pl.LightningModule):
         """Mean training loss over the last steps this process ran."""
         return float(torch.stack(list(self._losses_last)).mean()) if self._losses_last else None
 
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # the EMA moves with the optimizer step, before any callback's on_train_batch_end: a checkpoint saved at
+        # step N (ModelCheckpoint, a stop, a requeue) holds the EMA of step N, so a resume misses no update
         if self.ema is not None:
             self.ema.update(self.net)
 
