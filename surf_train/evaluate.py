@@ -37,6 +37,7 @@ from surf_train.evaluation.command import parse_settings, run_or_exit
 from surf_train.evaluation.fidelity import evaluate_fidelity
 from surf_train.evaluation.report import format_sr_table, format_table
 from surf_train.evaluation.sr import evaluate_sr
+from surf_train.models.refiner import PREVIEW_KINDS
 
 DEFAULT_REFINER = str(TOY_REFINER)  # the shipped toy-world Refiner; `make demo` exports its own to runs/demo/refiner
 MODES = ("surf", "sr")
@@ -57,6 +58,7 @@ class EvalConfig:
     refiner_steps: int | None = None  # Refiner steps; None: the K stored with the export
     start_noise: float | None = None  # Refiner start-point noise (sigma_aug_eval); None: the export's (--refiner only)
     consistency: str | None = None  # on|off: project refined latents onto the preview; None: each export's
+    preview_kind: str | None = None  # told a Refiner with kind_condition; None: exact (--mode sr), generated (surf)
     batch: int = 16  # clips per batch
     bootstrap: int = 2000  # bootstrap resamples for the intervals
     out_dir: str = "outputs/evaluate"  # where results.json, table.md and the plots go
@@ -99,6 +101,7 @@ def parse_args(argv: list[str] | None = None) -> EvalConfig:
         rules={"help": f"re-noise rules to compare, from {list(RULES)}"},
         mode={"choices": list(MODES)},
         consistency={"choices": ["on", "off"]},
+        preview_kind={"choices": list(PREVIEW_KINDS)},
     )
 
 

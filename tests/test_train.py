@@ -78,7 +78,7 @@ def test_untrained_refiner_returns_the_upsampled_preview():
     m = RefinerModule(model={"preset": "tiny"})
     preview, text = torch.randn(2, 16, 3, 4, 4), torch.randn(2, 5, 32)
     x_up = upsample(preview, (8, 8))
-    out = RefinerSampler(steps=4).refine(m._net_fn(m.net, text), x_up, text=text)
+    out = RefinerSampler(steps=4).refine(m._net_fn(m.net), x_up, text=text)
     assert torch.equal(out, x_up)
 
 

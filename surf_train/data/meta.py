@@ -10,6 +10,8 @@ from pathlib import Path
 
 from surf_train.base import BaseModel, BaseSpec
 from surf_train.base.sampling import PreviewPlan
+from surf_train.data.shards import ShardError
+from surf_train.models.refiner import PREVIEW_KINDS
 
 
 def base_fingerprint(b: BaseSpec) -> dict:
@@ -91,3 +93,21 @@ def schedule_meta(plan: PreviewPlan, steps: int, guidance: float, experts: dict 
             "down": plan.down,
         },
     }
+
+
+def preview_kind(meta: dict) -> str:
+    """A sample's preview kind (models.refiner.PREVIEW_KINDS): its `preview_kind` metadata, or for shards written
+    before that field, read off what made the preview: make_pairs at switch = steps pools the finished target
+    (exact), at an earlier switch finishes after reshifting (generated); make_video_pairs degrades the clip
+    (degraded) or lets the base model finish it at preview size (repreview: generated). Metadata that says
+    neither: generated, SURF's own kind."""
+    kind = meta.get("preview_kind")
+    if kind is None:
+        kind = "generated"
+        if meta.get("source") == "video":
+            kind = "degraded" if meta.get("preview_mode", "degrade") == "degrade" else "generated"
+        elif "switch" in meta.get("reshift", {}) and "steps" in meta.get("schedule", {}):
+            kind = "exact" if meta["reshift"]["switch"] >= meta["schedule"]["steps"] else "generated"
+    if kind not in PREVIEW_KINDS:
+        raise ShardError(f"sample {meta.get('key', '?')}: preview kind {kind!r} is not one of {PREVIEW_KINDS}")
+    return kind

@@ -301,6 +301,8 @@ def generate_pairs(model: BaseModel, cfg: PairsConfig, jobs: list[Job]) -> list[
             tensors["text"] = cond.text(i).to(dt)  # (L, D) zero-padded; stored at its real length
         meta = {
             "source": "generated",
+            # the finished target pooled (switch = steps) or the base model's finish after reshifting
+            "preview_kind": "exact" if plan.switch >= cfg.steps else "generated",
             "prompt": job.prompt,
             "seed": job.seed,
             "version": __version__,

@@ -26,7 +26,9 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from surf_train.data.meta import preview_kind
 from surf_train.data.shards import ShardError, decode_sample, raise_named
+from surf_train.models.refiner import PREVIEW_KINDS
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +42,8 @@ RNGS = ("shards", "crop", "shuffle")
 
 
 def collate(samples: list[dict]) -> dict:
-    """Samples of one shape -> {"preview": (B,C,F,h,w), "target": (B,C,F,H,W), ["text": (B,L,D)], "keys", "meta"}.
+    """Samples of one shape -> {"preview": (B,C,F,h,w), "target": (B,C,F,H,W), ["text": (B,L,D)], "preview_kind":
+    (B,) indices into PREVIEW_KINDS, "keys", "meta"}.
 
     Text is stored at its real length: it is zero-padded to the longest in the batch (the Refiner masks
     all-zero rows, so this is what the zero-padded text of older shards gave)."""
@@ -50,6 +53,7 @@ def collate(samples: list[dict]) -> dict:
         batch["text"] = torch.stack(
             [torch.nn.functional.pad(s["text"], (0, 0, 0, n - s["text"].shape[0])) for s in samples]
         ).float()  # (B, L, D)
+    batch["preview_kind"] = torch.tensor([PREVIEW_KINDS.index(preview_kind(s["meta"])) for s in samples])  # (B,)
     batch["keys"] = [s["key"] for s in samples]
     batch["meta"] = [s["meta"] for s in samples]
     return batch

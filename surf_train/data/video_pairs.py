@@ -301,6 +301,7 @@ def _clip_meta(cfg: VideoPairsConfig, clip: Clip, backend: str) -> dict:
     return {
         "source": "video",
         "preview_mode": cfg.mode,
+        "preview_kind": "degraded" if cfg.mode == "degrade" else "generated",
         "prompt": clip.video.caption or cfg.prompt,
         "caption": clip.video.caption,
         "seed": cfg.seed,

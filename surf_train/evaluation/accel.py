@@ -76,7 +76,7 @@ def _run(cfg, st: Setup, m: Method, b: Batch) -> tuple[torch.Tensor, float, floa
         else:
             plan = PreviewPlan(model.schedule(m.steps), switch=m.switch, preview_size=st.lo, rule=cfg.rule)
             pre = preview_sample(vel, b.noise, plan, b.fresh)
-            x = st.sampler(st.net, pre, st.hi, text, b.gens[0])
+            x = st.sampler.override(preview_kind="generated")(st.net, pre, st.hi, text, b.gens[0])
     seconds = time.perf_counter() - t0
     lat = {hw: (st.c, st.f_lat, *hw) for hw in model.meter.forwards}
     meter = model.meter

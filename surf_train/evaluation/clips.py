@@ -131,11 +131,12 @@ def refiner_text(net, cond: Cond) -> torch.Tensor | None:
 
 
 def sampler_at(
-    sampler: RefinerSampler, steps: int, consistency: str | None, start_noise: float | None
+    sampler: RefinerSampler, steps: int, consistency: str | None, start_noise: float | None, kind: str | None = None
 ) -> RefinerSampler:
-    """A Refiner's sampler at K = `steps`, with --consistency (on|off) and start noise where given."""
+    """A Refiner's sampler at K = `steps`, with --consistency (on|off), start noise and the preview kind told a
+    Refiner with kind_condition, where given."""
     on = None if consistency is None else consistency == "on"
-    return sampler.override(steps=steps, start_noise=start_noise, consistency=on)
+    return sampler.override(steps=steps, start_noise=start_noise, consistency=on, preview_kind=kind)
 
 
 def refine_flops(st: Setup, k: int, net=None) -> int:

@@ -85,7 +85,7 @@ def _refine(cfg, st: Setup, sampler: RefinerSampler, b: Batch, latents: dict, co
     cost["upsampled"] = (cost[surf_name][0] + time.perf_counter() - t0, cost[surf_name][1])
     if st.net is not None:
         t0 = time.perf_counter()
-        run = sampler_at(sampler, k_ref, cfg.consistency, cfg.start_noise)
+        run = sampler_at(sampler, k_ref, cfg.consistency, cfg.start_noise, cfg.preview_kind or "generated")
         latents["surf"] = run.refine(st.net, x_up, latents[surf_name], refiner_text(st.net, b.cond), b.gens[0])
         cost["surf"] = (
             cost["upsampled"][0] + time.perf_counter() - t0,

@@ -31,12 +31,14 @@ SR_UPSAMPLERS = ("bilinear", "bicubic")  # latent-space upsamplers the Refiner m
 
 def refiners(cfg, st: Setup) -> dict[str, tuple[object, RefinerSampler]]:
     """Method name -> (Refiner, its sampler at K): --refiner at every K in --ks, --compare at its own K."""
-    out = {}
+    out, kind = {}, cfg.preview_kind or "exact"  # the reference pooled: an exact preview
     if st.net is not None:
-        out = {f"refiner@{k}": (st.net, sampler_at(st.sampler, k, cfg.consistency, cfg.start_noise)) for k in cfg.ks}
+        out = {
+            f"refiner@{k}": (st.net, sampler_at(st.sampler, k, cfg.consistency, cfg.start_noise, kind)) for k in cfg.ks
+        }
     if cfg.compare:
         net2, sampler2 = load_checked_refiner(cfg.compare, st.spec)
-        out[f"compare@{sampler2.steps}"] = (net2, sampler_at(sampler2, sampler2.steps, cfg.consistency, None))
+        out[f"compare@{sampler2.steps}"] = (net2, sampler_at(sampler2, sampler2.steps, cfg.consistency, None, kind))
     return out
 
 

@@ -47,7 +47,7 @@ from surf_train.inference.clock import StageClock
 from surf_train.inference.conventions import callback_inputs, realign, step_end, write_module_file
 from surf_train.inference.plan import MODES, SurfPlan, check_call, check_target, default_prefix, plan_sizes
 from surf_train.models.refiner import Refiner
-from surf_train.models.sampler import RefinerSampler
+from surf_train.models.sampler import RefinerSampler, takes_kind
 
 OUTPUT_TYPES = ("np", "pil", "pt", "latent")
 
@@ -465,10 +465,11 @@ class SurfPipeline(DiffusionPipeline):
         if plan.mode == "preview":
             return x_up
         net, dt = self.refiner, model.dtype
+        kind = {"preview_kind": "generated"} if takes_kind(net) else {}  # the base model's own preview
 
         def ref_fn(x, t, cnd, txt):
             txt = None if txt is None else txt.to(dt)
-            return net(x.to(dt), t.to(dt), cnd.to(dt), txt, return_dict=False)[0].float()
+            return net(x.to(dt), t.to(dt), cnd.to(dt), txt, return_dict=False, **kind)[0].float()
 
         sampler = sampler.override(steps=plan.refiner_steps)
         return clock.time("refine", sampler.refine, ref_fn, x_up, preview, text, generator, after)

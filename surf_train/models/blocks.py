@@ -282,19 +282,24 @@ class _TimeMLP(nn.Module):
 class ConditionEmbedder(nn.Module):
     """Timestep MLP, shared adaLN time projection and text projection (Wan's condition_embedder)."""
 
-    def __init__(self, freq_dim: int, dim: int, text_dim: int):
+    def __init__(self, freq_dim: int, dim: int, text_dim: int, kinds: int = 0):
         super().__init__()
         self.freq_dim = freq_dim
         self.time_embedder = _TimeMLP(freq_dim, dim, nn.SiLU())
         self.time_proj = nn.Linear(dim, 6 * dim)
         if text_dim:
             self.text_embedder = _TimeMLP(text_dim, dim, nn.GELU(approximate="tanh"))
+        if kinds:  # the preview's kind, added to the time embedding; zero at init: the model starts without it
+            self.kind_embedder = nn.Embedding(kinds, dim)
+            nn.init.zeros_(self.kind_embedder.weight)
 
-    def forward(self, t: torch.Tensor, text: torch.Tensor | None):
-        """t (B,) in [0, 1] -> temb (B, D), mod (B, 6, D), text (B, L, D) | None."""
+    def forward(self, t: torch.Tensor, text: torch.Tensor | None, kind: torch.Tensor | None = None):
+        """t (B,) in [0, 1], kind (B,) indices or None -> temb (B, D), mod (B, 6, D), text (B, L, D) | None."""
         # time_embedder may be float32 beside a bf16 time_proj (Refiner._keep_in_fp32_modules)
         temb = self.time_embedder(
             timestep_embedding(t * T_SCALE, self.freq_dim).to(self.time_embedder.linear_1.weight.dtype)
         )
+        if kind is not None:
+            temb = temb + self.kind_embedder(kind).to(temb.dtype)
         mod = self.time_proj(F.silu(temb).to(self.time_proj.weight.dtype)).unflatten(1, (6, -1))
         return temb, mod, (self.text_embedder(text) if text is not None else None)

@@ -20,7 +20,7 @@ import functools
 import inspect
 import math
 import typing
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -35,6 +35,30 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from surf_train.common.errors import ConfigError
 from surf_train.models.blocks import EPS, ConditionEmbedder, RefinerBlock, rope_angles
 from surf_train.models.windows import IMPLS, Size3
+
+# What a preview can be (docs/method.md, "Preview kinds"): the target's latent area-pooled (super-resolution of an
+# exact low-resolution latent), a degraded encoding of real video, or the base model's own low-resolution finish
+# after noise reshifting (SURF's previews). A Refiner with `kind_condition` is told which one it refines.
+PREVIEW_KINDS = ("exact", "degraded", "generated")
+
+
+def kind_index(
+    kind: str | Sequence[str] | torch.Tensor, batch: int, device: torch.device | None = None
+) -> torch.Tensor:
+    """A preview kind (a name for the whole batch, one name per sample, or (B,) indices) -> (B,) long indices."""
+    if isinstance(kind, torch.Tensor):
+        if kind.shape != (batch,) or kind.dtype != torch.long:
+            raise ValueError(
+                f"preview_kind must be (B,) = ({batch},) long indices, got {kind.dtype} {tuple(kind.shape)}"
+            )
+        if int(kind.min()) < 0 or int(kind.max()) >= len(PREVIEW_KINDS):
+            raise ValueError(f"preview_kind indices must be in [0, {len(PREVIEW_KINDS)}), got {kind.tolist()}")
+        return kind.to(device)
+    names = [kind] * batch if isinstance(kind, str) else list(kind)
+    bad = [k for k in names if k not in PREVIEW_KINDS]
+    if bad or len(names) != batch:
+        raise ValueError(f"preview_kind must be one of {PREVIEW_KINDS} (or {batch} of them), got {kind!r}")
+    return torch.tensor([PREVIEW_KINDS.index(k) for k in names], dtype=torch.long, device=device)
 
 
 def text_padding_mask(text: torch.Tensor) -> torch.Tensor:
@@ -103,7 +127,7 @@ class Refiner(ModelMixin, AttentionMixin, ConfigMixin):
     # layerwise casting (fp8 storage) leaves these in the compute dtype, as Wan's
     _skip_layerwise_casting_patterns = ["patch_embedding", "condition_embedder", "norm"]
     # kept float32 by from_pretrained(torch_dtype=bf16): adaLN tables, norm weights, the timestep MLP (as Wan)
-    _keep_in_fp32_modules = ["scale_shift_table", "norm_q", "norm_k", "norm2", "time_embedder"]
+    _keep_in_fp32_modules = ["scale_shift_table", "norm_q", "norm_k", "norm2", "time_embedder", "kind_embedder"]
     ignore_for_config = ["grad_checkpointing"]
 
     @register_to_config
@@ -123,13 +147,15 @@ class Refiner(ModelMixin, AttentionMixin, ConfigMixin):
         grad_checkpointing: bool = False,
         attn_impl: Literal[IMPLS] = "auto",  # "mask" | "grouped" | "auto", see windows.window_attention
         ffn_conv: int = 0,  # k > 0: a k x k depthwise conv (per frame) in each FFN, across window cuts; 0: none
+        kind_condition: bool = False,  # told the preview's kind (PREVIEW_KINDS): an embedding added to the time's
     ):
         super().__init__()
         # register_to_config has stored every argument but grad_checkpointing as self.config (config.json)
         self._cfg = cfg = RefinerConfig.from_dict({k: v for k, v in self.config.items() if not k.startswith("_")})
         c, d = cfg.in_channels, cfg.dim
         self.patch_embedding = nn.Conv3d(2 * c, d, kernel_size=cfg.patch_size, stride=cfg.patch_size)
-        self.condition_embedder = ConditionEmbedder(cfg.freq_dim, d, cfg.text_dim)
+        kinds = len(PREVIEW_KINDS) if cfg.kind_condition else 0
+        self.condition_embedder = ConditionEmbedder(cfg.freq_dim, d, cfg.text_dim, kinds)
         kw = {k: getattr(cfg, k) for k in ("window", "attn_impl", "qk_norm", "text_dim", "ffn_conv")}
         blocks = (RefinerBlock(d, cfg.heads, cfg.ffn_dim, shift=i % 2 == 1, **kw) for i in range(cfg.depth))
         self.blocks = nn.ModuleList(blocks)  # odd blocks attend in shifted windows
@@ -216,14 +242,21 @@ class Refiner(ModelMixin, AttentionMixin, ConfigMixin):
         text: torch.Tensor | None = None,  # (B, L, text_dim)
         text_mask: torch.Tensor | None = None,  # (B, L) bool, True = real token; None: the non-zero rows of text
         return_dict: bool = True,
+        preview_kind: str | Sequence[str] | torch.Tensor | None = None,  # PREVIEW_KINDS name(s) or (B,) indices
     ) -> Transformer2DModelOutput | tuple[torch.Tensor]:
+        """The velocity at (x_t, t) given the upsampled preview. `preview_kind` (a Refiner with `kind_condition`):
+        what the preview is; None leaves the kind embedding out, as for a Refiner trained without it."""
         self._check(x_t, t, cond, text, text_mask)
+        if preview_kind is not None:
+            if not self._cfg.kind_condition:
+                raise ValueError("preview_kind given but this Refiner has no kind condition (kind_condition=False)")
+            preview_kind = kind_index(preview_kind, x_t.shape[0], x_t.device)
         text, text_mask = trim_text(text, text_mask)
         cfg = self._cfg
         grid = patch_grid(x_t.shape, cfg.patch_size)
         x = self.patch_embedding(torch.cat([x_t, cond], dim=1))  # (B, D, F', H', W')
         x = x.flatten(2).transpose(1, 2)  # (B, N, D)
-        temb, mod, text = self.condition_embedder(t, text)  # (B, D), (B, 6, D), (B, L, D)
+        temb, mod, text = self.condition_embedder(t, text, preview_kind)  # (B, D), (B, 6, D), (B, L, D)
         rope = rope_angles(grid, cfg.rope_dims, cfg.rope_theta, x.device)  # 2 x (N, head_dim/2)
         for blk in self.blocks:
             if self.gradient_checkpointing and torch.is_grad_enabled():

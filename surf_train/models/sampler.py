@@ -17,7 +17,7 @@ import torch
 
 from surf_train.base.sampling import UP_MODES, AfterStep, UpMode, euler_sample, randn, resize_latent
 from surf_train.common.errors import ConfigError
-from surf_train.models.refiner import as_velocity
+from surf_train.models.refiner import PREVIEW_KINDS, as_velocity
 
 # net(x_t (B,C,F,H,W), t (B,), cond (B,C,F,H,W), text (B,L,D) | None) -> v (B,C,F,H,W)
 RefinerFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
@@ -45,6 +45,12 @@ def start_noise(
     return match_preview(eps, torch.zeros(*shape[:3], *preview_hw))
 
 
+def takes_kind(net) -> bool:
+    """Whether `net` is a Refiner told the preview's kind (kind_condition); plain velocity functions are not."""
+    config = getattr(net, "config", None)
+    return bool(config.get("kind_condition", False)) if hasattr(config, "get") else False
+
+
 def match_preview(x: torch.Tensor, preview: torch.Tensor) -> torch.Tensor:
     """The latent nearest to x (B, C, F, H, W) whose r x r area pooling is `preview` (B, C, F, H/r, W/r).
 
@@ -68,6 +74,7 @@ class RefinerSampler:
     start_noise: float = 0.0  # sigma of the start-point noise (training's sigma_aug_eval)
     noise_space: NoiseSpace = "full"  # detail: no noise component on the preview grid (start_noise())
     consistency: bool = False  # keep every step's target estimate on the preview (match_preview)
+    preview_kind: str | None = None  # what the preview is (PREVIEW_KINDS), told to a Refiner with kind_condition
 
     def __post_init__(self):
         if self.steps < 1:
@@ -78,6 +85,8 @@ class RefinerSampler:
             raise ConfigError(f"noise_space {self.noise_space!r}: choose from {list(NOISE_SPACES)}")
         if self.start_noise < 0:
             raise ConfigError(f"start_noise {self.start_noise} must be >= 0")
+        if self.preview_kind is not None and self.preview_kind not in PREVIEW_KINDS:
+            raise ConfigError(f"preview_kind {self.preview_kind!r}: choose from {list(PREVIEW_KINDS)}")
 
     @classmethod
     def from_bridge(cls, bridge: dict) -> RefinerSampler:
@@ -131,9 +140,10 @@ class RefinerSampler:
         eps = start_noise(x_up.shape, hw, self.noise_space, generator).to(x_up) if noisy else 0
         x = x_up + self.start_noise * eps
         b = x_up.shape[0]
+        kind = {"preview_kind": self.preview_kind} if self.preview_kind and takes_kind(net) else {}
 
         def velocity(x, s):
-            return as_velocity(net(x, torch.full((b,), s, device=x.device, dtype=x.dtype), x_up, text))
+            return as_velocity(net(x, torch.full((b,), s, device=x.device, dtype=x.dtype), x_up, text, **kind))
 
         ts = torch.linspace(1.0, 0.0, self.steps + 1, dtype=torch.float64)
         if not self.consistency:

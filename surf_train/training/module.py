@@ -137,17 +137,24 @@ class RefinerModule(pl.LightningModule):
         return used
 
     # --- training -------------------------------------------------------------------------------
-    def _net_fn(self, net: Refiner, text: torch.Tensor | None):
+    def _net_fn(self, net: Refiner, kind: torch.Tensor | None = None):
+        """The network as the objective and the sampler call it, (x, t, cond, text) -> velocity; `kind` the batch's
+        preview kinds (`_kind`), told to a Refiner with kind_condition."""
         dtype = next(net.parameters()).dtype  # the float32 EMA beside a bf16 engine module
 
         def fn(x, t, cond, txt):
             cast = (lambda y: y) if x.dtype == dtype else (lambda y: None if y is None else y.to(dtype))
-            return net(cast(x), cast(t), cast(cond), cast(txt), return_dict=False)[0].to(x.dtype)  # zero rows: padding
+            out = net(cast(x), cast(t), cast(cond), cast(txt), return_dict=False, preview_kind=kind)
+            return out[0].to(x.dtype)  # text's zero rows: padding
 
         return fn
 
     def _text(self, batch: dict) -> torch.Tensor | None:
         return batch.get("text") if self.hparams.use_text and self.model_cfg.text_dim else None
+
+    def _kind(self, batch: dict) -> torch.Tensor | None:
+        """The batch's (B,) preview kinds for a Refiner with kind_condition, else None."""
+        return batch["preview_kind"] if self.model_cfg.kind_condition else None
 
     def on_fit_start(self) -> None:
         stage = getattr(self.trainer.strategy, "zero_stage_3", False)
@@ -168,7 +175,12 @@ class RefinerModule(pl.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         text = self._text(batch)
         loss = bridge_loss(
-            self._net_fn(self.net, text), batch["preview"], batch["target"], self.bridge, text, self._noise(batch_idx)
+            self._net_fn(self.net, self._kind(batch)),
+            batch["preview"],
+            batch["target"],
+            self.bridge,
+            text,
+            self._noise(batch_idx),
         )
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["target"].shape[0])
         if len(self._losses_first) < LOSS_WINDOW:
@@ -232,7 +244,7 @@ class RefinerModule(pl.LightningModule):
         sampler = self.bridge.sampler()
         x_up = sampler.upsample(preview, tuple(target.shape[-2:]))  # (B, C, F, H, W)
         gen = torch.Generator().manual_seed(batch_idx)  # the same start noise at every validation
-        refined = sampler.refine(self._net_fn(self.eval_net, text), x_up, preview, text, gen)
+        refined = sampler.refine(self._net_fn(self.eval_net, self._kind(batch)), x_up, preview, text, gen)
         b = target.shape[0]
         self.log("val/mse_refiner", F.mse_loss(refined, target), sync_dist=True, batch_size=b)
         self.log("val/mse_upsample", F.mse_loss(x_up, target), sync_dist=True, batch_size=b)

@@ -70,6 +70,7 @@ def fill_from_data(cfg: DictConfig, data_cfg: DataConfig) -> None:
     its metadata. So the default config trains on whatever base model the pairs came from. The base model
     and the sizes of that sample are also recorded (`module.trained_on`), so an export names them."""
     from surf_train.data.datamodule import split_shards
+    from surf_train.data.meta import preview_kind
     from surf_train.data.shards import read_shards
 
     m = cfg.model
@@ -96,6 +97,8 @@ def fill_from_data(cfg: DictConfig, data_cfg: DataConfig) -> None:
             "target_latent": list(sample["target"].shape[1:]),
             "preview_size": meta.get("preview_size"),
             "target_size": meta.get("target_size"),
+            # each source's (its first sample's): what a Refiner with model.kind_condition was told
+            "preview_kinds": {name: preview_kind(s["meta"]) for name, s in samples.items()},
         }
     log.info(
         "from %s: model.in_channels=%s model.text_dim=%s module.decode_base=%s",
