@@ -168,6 +168,23 @@ def test_a_resumed_distillation_continues_exactly(teacher, pairs, tmp_path, capl
     assert hp["bridge"]["steps"] == 2 and hp["distill"]["teacher"] == str(teacher)
 
 
+def test_a_teacher_with_kind_condition_and_its_student_are_told_each_samples_kind(pairs, tmp_path, monkeypatch):
+    """model.kind_condition: both networks get the batch's (B,) preview kinds at every call, in training and in
+    validation, as ordinary training tells the Refiner."""
+    net = Refiner.from_cfg(refiner_config({**MODEL, "kind_condition": True}))
+    path = save_refiner(net.state_dict(), net.cfg, tmp_path / "kind_teacher", bridge=TEACHER_BRIDGE, step=0)
+    kinds, forward = [], Refiner.forward
+
+    def spy(self, *args, preview_kind=None, **kw):
+        kinds.append(preview_kind)
+        return forward(self, *args, preview_kind=preview_kind, **kw)
+
+    monkeypatch.setattr(Refiner, "forward", spy)
+    s = _distill(path, pairs, tmp_path / "run", 2, ["model.kind_condition=true", "data.val_samples=4"])
+    assert s["val_mse_to_teacher"] is not None
+    assert len(kinds) >= 2 * (4 + 1) and all(isinstance(k, torch.Tensor) and k.dtype == torch.long for k in kinds)
+
+
 def test_a_resume_with_another_teacher_is_one_warning(teacher, pairs, tmp_path, caplog):
     """The checkpoint keeps the teacher's fingerprint (not its weights): an export rebuilt at the teacher's path
     between the two halves of a run is named in one warning line."""
