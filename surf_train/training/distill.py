@@ -65,7 +65,9 @@ class Teacher:
         h = hashlib.sha256()
         for k, v in sorted(self.net.state_dict().items()):
             h.update(k.encode())
-            h.update(v.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+            h.update(
+                v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+            )  # any dtype, 0-d too
         return h.hexdigest()
 
     def student_bridge(self, steps: int) -> BridgeConfig:
