@@ -5,7 +5,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/pip install -c constraints-cpu.txt
 
-.PHONY: venv demo test test-fast lint format bench toy-base toy-refiner clean gpu-wheels gpu-check
+.PHONY: venv demo test test-fast lint format bench toy-base toy-pairs toy-refiner toy-student clean gpu-wheels \
+	gpu-check
 
 $(BIN)/.installed: pyproject.toml setup.py constraints-cpu.txt
 	$(PY) -m venv $(VENV)
@@ -35,17 +36,28 @@ toy-base: venv
 	$(BIN)/python data_prep/train_toy_base.py --init runs/toy_stage1 --steps 8000 --stop-at 1688 \
 		--work runs/toy_stage2_state
 
-# the shipped assets/toy_refiner, rebuilt (about 35 min on 2 CPU threads; every step resumes when rerun): 1024
-# super-resolution and 1024 generated pairs of the same native clips, 4000 steps (conf/experiment/toy_refiner.yaml),
-# exported with the K and the start-point noise chosen in docs/evaluation.md
-TOY_REFINER_K ?= 4
-TOY_REFINER_NOISE ?= 0.75
-toy-refiner: venv
+# the toy Refiner's training pairs: 1024 super-resolution and 1024 generated pairs of the same native clips (a rerun
+# resumes, or finds them complete)
+toy-pairs: venv
 	$(BIN)/python data_prep/make_pairs.py out_dir=runs/toy_refiner/sr_pairs num_pairs=1024 switch=20 seed=100000
 	$(BIN)/python data_prep/make_pairs.py out_dir=runs/toy_refiner/gen_pairs num_pairs=1024 seed=100000
+
+# the shipped assets/toy_refiner, rebuilt (about 35 min on 2 CPU threads; every step resumes when rerun): the toy
+# pairs, 4000 steps (conf/experiment/toy_refiner.yaml), exported with the K and the start-point noise chosen in
+# docs/evaluation.md
+TOY_REFINER_K ?= 4
+TOY_REFINER_NOISE ?= 0.75
+toy-refiner: toy-pairs
 	$(BIN)/python -m surf_train +experiment=toy_refiner
 	$(BIN)/python -m surf_train.export runs/toy_refiner/train/checkpoints/last.ckpt assets/toy_refiner \
 		--steps $(TOY_REFINER_K) --start-noise $(TOY_REFINER_NOISE)
+
+# a 1-step student distilled from assets/toy_refiner (docs/training.md#distilling-a-few-step-student; under 60 min
+# on 2 CPU threads, conf/experiment/toy_student.yaml has the arithmetic; every step resumes when rerun): the toy
+# pairs, 2500 steps, exported with the K and start noise the run records (the student's 1, the teacher's 0.75)
+toy-student: toy-pairs
+	$(BIN)/python -m surf_train +experiment=toy_student
+	$(BIN)/python -m surf_train.export runs/toy_student/train/checkpoints/last.ckpt assets/toy_student
 
 test: venv lint
 	$(BIN)/python -m pytest -q

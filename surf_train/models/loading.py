@@ -92,8 +92,9 @@ def export_dir(source: str | os.PathLike, subfolder: str | None = None, revision
     except HFValidationError:
         raise ConfigError(f"{source}: no such directory, and not a Hugging Face Hub id") from None
     except (OSError, ValueError) as e:  # offline and not cached, not found, no access (HTTP errors are OSErrors)
+        said = " ".join(str(e).split())  # one line: huggingface_hub's messages can span several
         raise ConfigError(
-            f"{source}: no such directory, and not loadable from the Hub ({type(e).__name__}: {e})"
+            f"{source}: no such directory, and not loadable from the Hub ({type(e).__name__}: {said})"
         ) from None
     return Path(root) / (subfolder or "")
 

@@ -133,12 +133,35 @@ class RefinerSampler:
         sampling, as DDNM does): the result is exactly consistent, and the network smooths the projection's block
         edges in the steps after (projecting only the result left them, measured). after: see sampling.AfterStep
         (t = 1000 x the bridge time of the step's start)."""
+        return self.integrate(net, self.start(x_up, preview, generator), x_up, preview, text, after)
+
+    def start(
+        self,
+        x_up: torch.Tensor,
+        preview: torch.Tensor | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+    ) -> torch.Tensor:
+        """refine's start point x_start = x_up + start_noise * eps (B, C, F, H, W), eps drawn by start_noise()."""
         noisy = self.start_noise > 0
         if preview is None and (self.consistency or (self.noise_space != "full" and noisy)):
             raise ConfigError(f"refine: noise_space {self.noise_space!r} and consistency need the preview")
         hw = x_up.shape[-2:] if preview is None else preview.shape[-2:]
         eps = start_noise(x_up.shape, hw, self.noise_space, generator).to(x_up) if noisy else 0
-        x = x_up + self.start_noise * eps
+        return x_up + self.start_noise * eps
+
+    def integrate(
+        self,
+        net: RefinerFn,
+        x: torch.Tensor,
+        x_up: torch.Tensor,
+        preview: torch.Tensor | None = None,
+        text: torch.Tensor | None = None,
+        after: AfterStep | None = None,
+    ) -> torch.Tensor:
+        """refine's K steps from the start point x (B, C, F, H, W), with autograd as the caller has it on: a
+        distilled student trains through them (surf_train.training.distill)."""
+        if preview is None and self.consistency:
+            raise ConfigError("refine: consistency needs the preview")
         b = x_up.shape[0]
         kind = {"preview_kind": self.preview_kind} if self.preview_kind and takes_kind(net) else {}
 

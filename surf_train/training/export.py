@@ -28,6 +28,7 @@ from surf_train.models.loading import (
 from surf_train.models.refiner import Refiner, RefinerConfig, num_params, refiner_config
 from surf_train.models.sampler import RefinerSampler
 from surf_train.training.checkpoint import read_checkpoint, refiner_weights
+from surf_train.training.distill import provenance
 
 
 def export(
@@ -63,6 +64,7 @@ def export(
         source=Path(ckpt).name,  # the file name only: an absolute path would publish the training machine's layout
         trained_on=hp.get("trained_on"),
         run=_run_summary(Path(ckpt)),
+        **({"distilled_from": provenance(hp["distill"])} if hp.get("distill") else {}),
     )
 
 
@@ -217,12 +219,20 @@ def _card_table(cfg: RefinerConfig, meta: dict, n_params: int) -> list[str]:
             f"(F, H, W; {on.get('latent_channels')} channels), preview size {on.get('preview_size')} -> "
             f"target size {on.get('target_size')} |"
         )
-    return lines + [
+    lines += [
         f"| steps | {meta.get('step')} ({meta.get('weights', 'given')} weights, stored as {meta['dtype']}) |",
         f"| architecture | {n_params / 1e6:.2f}M parameters: dim {cfg.dim}, depth {cfg.depth}, heads "
         f"{cfg.heads}, window {list(cfg.window)}, patch {list(cfg.patch_size)}, text_dim {cfg.text_dim} |",
         f"| sampler | {RefinerSampler.from_bridge(meta.get('bridge', {})).steps} Euler steps |",
     ]
+    return lines + _card_distilled(meta.get("distilled_from"))
+
+
+def _card_distilled(d: dict | None) -> list[str]:
+    """The model card's row for a distilled student (module.distill), none otherwise."""
+    if not d:
+        return []
+    return [f"| distilled from | `{d.get('teacher')}`, into {d.get('steps')} step(s), gt_weight {d.get('gt_weight')} |"]
 
 
 def _card_validation(run: dict | None) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import dataclasses
 import logging
 import random
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 from surf_train.common.config import check
 from surf_train.common.errors import ConfigError, known_keys
 from surf_train.models.refiner import Refiner, refiner_config
+from surf_train.training.distill import DistillConfig, Teacher, distill_loss, load_teacher
 from surf_train.training.objective import BridgeConfig, bridge_loss
 
 log = logging.getLogger(__name__)
@@ -82,7 +84,8 @@ class EMA:
 
 
 class RefinerModule(pl.LightningModule):
-    """Bridge-flow training of a shifted-window Refiner, with EMA and a K-step validation sampler."""
+    """Bridge-flow training of a shifted-window Refiner, with EMA and a K-step validation sampler; with `distill`,
+    distillation of an exported K-step Refiner into a few-step student (surf_train.training.distill)."""
 
     def __init__(
         self,
@@ -96,12 +99,16 @@ class RefinerModule(pl.LightningModule):
         val_videos: int = 1,
         video_dir: str | None = None,
         trained_on: dict | None = None,
+        distill: dict | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
         self.model_cfg = refiner_config(model)
         self.bridge = BridgeConfig(**known_keys(bridge, BridgeConfig, "module.bridge"))
         self.optim = OptimConfig(**known_keys(optim, OptimConfig, "module.optim"))
+        self.distill: DistillConfig | None = None
+        if distill and init_from_wan:
+            raise ConfigError("module.distill starts the student from the teacher: set module.init_from_wan=null")
         if init_from_wan:
             self.net, report = Refiner.from_wan_transformer(init_from_wan, **self.model_cfg.to_dict())
             log.info(
@@ -112,12 +119,36 @@ class RefinerModule(pl.LightningModule):
             )
         else:
             self.net = Refiner.from_cfg(self.model_cfg)
-        # a plain attribute, not a submodule: see EMA
+        # plain attributes, not submodules: see EMA; the teacher stays out of the optimizer and the checkpoints
+        object.__setattr__(self, "teacher", self._distill_from(distill) if distill else None)
         object.__setattr__(self, "ema", EMA(self.net, ema_decay) if ema_decay else None)
         self._decoder = None
         self._noise_seed = 0  # set at fit start
         self._losses_first: list[torch.Tensor] = []  # first and last LOSS_WINDOW losses of this process
         self._losses_last: collections.deque = collections.deque(maxlen=LOSS_WINDOW)
+
+    def _distill_from(self, distill: dict) -> Teacher:
+        """Load the teacher, start the student from its weights, and take its sampler with the student's K as this
+        run's bridge (validation's, and recorded in the checkpoints, so the export's)."""
+        self.distill = DistillConfig(**known_keys(distill, DistillConfig, "module.distill"))
+        teacher = load_teacher(self.distill, self.model_cfg)
+        self.net.load_state_dict(teacher.net.state_dict())
+        given, default = dataclasses.asdict(self.bridge), dataclasses.asdict(BridgeConfig())
+        self.bridge = teacher.student_bridge(self.distill.steps)
+        mine = dataclasses.asdict(self.bridge)
+        ignored = [f"{k}={v}" for k, v in given.items() if v != default[k] and v != mine[k]]
+        if ignored:
+            log.warning("module.distill: the bridge is the teacher's, module.bridge %s ignored", " ".join(ignored))
+        self.hparams["bridge"] = mine
+        log.info(
+            "distilling %s (%d steps) into a %d-step student, start noise %s (%s)",
+            self.distill.teacher,
+            teacher.sampler.steps,
+            self.distill.steps,
+            teacher.sampler.start_noise,
+            teacher.sampler.noise_space,
+        )
+        return teacher
 
     def init_weights(self, path: str) -> str:
         """Load another run's Refiner weights into this fresh module (progressive stage 2); returns "ema",
@@ -162,6 +193,8 @@ class RefinerModule(pl.LightningModule):
             raise ConfigError("EMA needs full parameters on every rank: use ZeRO stage 2 or set module.ema_decay=null")
         if self.ema is not None:
             self.ema.module.to(self.device)
+        if self.teacher is not None:
+            self.teacher.net.to(self.device)
         self._noise_seed = torch.initial_seed()  # the run's seed (seed_everything), before the reseed below
         # ranks draw different bridge times and noise from the same seed
         torch.manual_seed(torch.initial_seed() + 1000 * self.global_rank + self.global_step)
@@ -173,15 +206,28 @@ class RefinerModule(pl.LightningModule):
         return torch.Generator().manual_seed(random.Random(key).getrandbits(63))
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        text = self._text(batch)
-        loss = bridge_loss(
-            self._net_fn(self.net, self._kind(batch)),
-            batch["preview"],
-            batch["target"],
-            self.bridge,
-            text,
-            self._noise(batch_idx),
-        )
+        text, kind = self._text(batch), self._kind(batch)
+        if self.teacher is None:
+            loss = bridge_loss(
+                self._net_fn(self.net, kind),
+                batch["preview"],
+                batch["target"],
+                self.bridge,
+                text,
+                self._noise(batch_idx),
+            )
+        else:  # the teacher's start point and K steps against the student's `steps` from it
+            loss = distill_loss(
+                self._net_fn(self.net, kind),
+                self._net_fn(self.teacher.net, kind),
+                self.teacher.sampler,
+                self.distill.steps,
+                batch["preview"],
+                batch["target"],
+                text,
+                self._noise(batch_idx),
+                self.distill.gt_weight,
+            )
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["target"].shape[0])
         if len(self._losses_first) < LOSS_WINDOW:
             self._losses_first.append(loss.detach())
@@ -208,8 +254,19 @@ class RefinerModule(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         if self.ema is not None:  # a top-level key: DeepSpeed keeps it in its client state, Lightning in the file
             checkpoint["ema"] = self.ema.state_dict()
+        if self.teacher is not None:  # the teacher's weights are not saved, only which they were
+            checkpoint["distill_teacher"] = self.teacher.fingerprint
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        was = checkpoint.get("distill_teacher")
+        if self.teacher is not None and was is not None and was != self.teacher.fingerprint:
+            log.warning(
+                "module.distill.teacher %s is not the teacher this run distilled until its checkpoint (weights sha256 "
+                "%s..., then %s...): the resumed run distils another one",
+                self.distill.teacher,
+                self.teacher.fingerprint[:12],
+                was[:12],
+            )
         # checkpoints written before the EMA left the module keep it as ema.* entries of the state dict
         state = checkpoint.get("state_dict") or {}
         old = {k: state.pop(k) for k in [k for k in state if k.startswith("ema.")]}
@@ -247,6 +304,13 @@ class RefinerModule(pl.LightningModule):
         refined = sampler.refine(self._net_fn(self.eval_net, self._kind(batch)), x_up, preview, text, gen)
         b = target.shape[0]
         self.log("val/mse_refiner", F.mse_loss(refined, target), sync_dist=True, batch_size=b)
+        if self.teacher is not None:  # the teacher from the same start point (the same seed, the same draw)
+            self.teacher.net.to(self.device)
+            gen = torch.Generator().manual_seed(batch_idx)
+            want = self.teacher.sampler.refine(
+                self._net_fn(self.teacher.net, self._kind(batch)), x_up, preview, text, gen
+            )
+            self.log("val/mse_to_teacher", F.mse_loss(refined, want), sync_dist=True, batch_size=b)
         self.log("val/mse_upsample", F.mse_loss(x_up, target), sync_dist=True, batch_size=b)
         if batch_idx == 0 and self.global_rank == 0 and self.hparams.val_videos and self.hparams.decode_base:
             self._log_videos(

@@ -314,7 +314,7 @@ def _summary(
             trainer.global_step,
             trainer.max_steps,
         )
-    return {
+    summary = {
         "steps": trainer.global_step,
         "resumed_from": str(resume) if resume else None,
         "initialised_from": str(init) if init else None,
@@ -328,6 +328,9 @@ def _summary(
         "data_skipped": data.skipped_all_ranks(),  # skips of corrupt shards/samples, all ranks (data.skip_corrupt);
         # a sample drawn again in a later epoch by restarted DataLoader workers counts again
     }
+    if "val/mse_to_teacher" in val[0]:  # a distillation (module.distill): the student's K steps vs the teacher's
+        summary["val_mse_to_teacher"] = val[0]["val/mse_to_teacher"]
+    return summary
 
 
 def _write_summary(summary: dict, run_dir: Path, data: PairDataModule) -> None:
