@@ -41,3 +41,21 @@ def test_shipped_refiner_is_sharp_and_faithful_at_the_default_switch(tmp_path, m
     assert 0.65 <= surf["sharpness"] <= 1.3  # measured 0.81 at N = 64; the deterministic sampler gave 0.52
     assert surf["ssim"] >= up["ssim"]
     assert surf["psnr_lo"] >= up["psnr_lo"] - 0.5
+
+
+@pytest.mark.slow
+def test_shipped_one_step_student_keeps_its_teachers_fidelity(tmp_path, monkeypatch):
+    """assets/toy_student (make toy-student: the shipped Refiner distilled to K = 1), each with its own sampler:
+    in super-resolution the student at 1 step is within 0.5 dB of the teacher at its 4 and far above the teacher
+    at 1 step in the background; at the default switch it beats upsampling in SSIM."""
+    student = TOY_REFINER.parent / "toy_student"
+    monkeypatch.chdir(CONF_DIR.parent)
+    main(["--mode", "sr", "--ks", "1", "4", "--compare", str(student), "--out-dir", str(tmp_path / "sr"), *FAST])
+    m = json.loads((tmp_path / "sr" / "results_sr.json").read_text())["methods"]
+    assert json.loads((student / "surf.json").read_text())["bridge"]["steps"] == 1
+    assert m["compare@1"]["psnr"] >= m["refiner@4"]["psnr"] - 0.5  # N = 64: +0.26 dB
+    assert m["compare@1"]["psnr_bg"] >= m["refiner@1"]["psnr_bg"] + 1.0  # N = 64: 39.5 against 36.5 dB
+    assert m["compare@1"]["psnr"] >= m["bilinear"]["psnr"] + 1.0
+    main(["--switches", "5", "--rules", "pool", "--refiner", str(student), "--out-dir", str(tmp_path / "surf"), *FAST])
+    m = json.loads((tmp_path / "surf" / "results.json").read_text())["methods"]
+    assert m["surf"]["ssim"] >= m["upsampled"]["ssim"]  # N = 64: +0.037
