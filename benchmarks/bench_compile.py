@@ -23,6 +23,7 @@ import platform
 import shlex
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -108,7 +109,7 @@ def markdown(res: dict) -> str:
         "# Regional compilation on CPU (`compile_repeated_blocks`), compiled against eager",
         "",
         f"`{res['command']}` on {res['machine']}, {res['threads']} torch thread(s), torch {res['torch']}, "
-        f"float32; median of {res['repeats']} calls after a warm-up.",
+        f"float32; median of {res['repeats']} calls after a warm-up; inductor cache {res['inductor_cache']}.",
         "",
         "| model | shape | tokens | eager s | compiled s | speedup | compile s | max abs diff | max abs output |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",
@@ -134,7 +135,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1, as bench_generate)")
     ap.add_argument("--out", default="benchmarks/results/compile.json", help="JSON output (.md next to it)")
+    ap.add_argument("--warm-cache", action="store_true", help="use inductor's on-disk cache (default: a fresh one)")
     a = ap.parse_args(argv)
+    if not a.warm_cache:  # compile seconds as a first run on a new machine sees them: nothing compiled before
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="bench_compile_inductor_")
     os.chdir(ROOT)
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
@@ -167,6 +171,7 @@ def main(argv: list[str] | None = None) -> None:
         "threads": a.threads,
         "torch": torch.__version__,
         "repeats": a.repeats,
+        "inductor_cache": "warm (on disk)" if a.warm_cache else "fresh (cold compile)",
         "latents": {k: list(v) for k, v in latents.items()},
         "tokens": tokens,
         "params": {"refiner": num_params(net), "base": num_params(model.pipe.transformer)},

@@ -118,19 +118,21 @@ def test_experiment_configs(experiment, pairs, tmp_path):
     assert s["steps"] == 2 and s["val_mse_refiner"] is not None
 
 
-@pytest.mark.skipif(not (ASSETS_DIR / "toy_base" / "transformer").is_dir(), reason="assets/toy_base missing")
-def test_demo_experiment_starts_from_every_toy_base_tensor():
-    """+experiment=demo (make demo): the toy preset is the toy base's shape, so init_from_wan copies every tensor."""
-    from surf_train.models.refiner import Refiner, RefinerConfig
-    from surf_train.training.module import RefinerModule
+@pytest.mark.skipif(not (ASSETS_DIR / "toy_refiner" / "surf.json").is_file(), reason="assets/toy_refiner missing")
+def test_demo_experiment_fine_tunes_the_shipped_refiner_with_its_sampler():
+    """+experiment=demo (make demo): the model is the shipped toy Refiner's shape, so init_from loads every tensor,
+    and the run's sampler (what its export records) is the shipped one's."""
+    from surf_train.models.loading import load_refiner
+    from surf_train.models.refiner import Refiner, refiner_config
 
     full = compose_cfg(["+experiment=demo"])
-    assert full.name == "demo" and full.model.preset == "toy" and full.module.bridge.noise_space == "detail"
-    model = {k: v for k, v in full.model.items() if k != "preset"}
-    _, report = Refiner.from_wan_transformer(full.module.init_from_wan, **RefinerConfig(**model).to_dict())
-    assert len(report.copied) == 123 and not report.skipped
-    m = RefinerModule(model=model, init_from_wan=full.module.init_from_wan)
-    assert m.net.cfg == RefinerConfig.preset("toy")
+    shipped, meta = load_refiner(ASSETS_DIR / "toy_refiner")
+    assert full.name == "demo" and full.init_from == "assets/toy_refiner" and full.module.get("init_from_wan") is None
+    cfg = refiner_config(OmegaConf.to_container(full.model))
+    assert cfg == shipped.cfg
+    Refiner.from_cfg(cfg).load_state_dict(shipped.state_dict())  # strict: every tensor has its place
+    for key in ("steps", "sigma_aug_eval", "noise_space", "up_mode"):
+        assert full.module.bridge[key] == meta["bridge"][key], key
 
 
 def test_bad_config_is_one_clear_error(tmp_path):
