@@ -52,7 +52,7 @@ def test_latent_frame_formula_is_written_once():
         for i, line in enumerate(p.read_text().splitlines(), 1)
         if formula.search(line)
     ]
-    assert found == ["base/adapter.py:" + str(_line_of("base/adapter.py", "return (frames - 1) // stride_t + 1"))]
+    assert found == ["base/spec.py:" + str(_line_of("base/spec.py", "return (frames - 1) // stride_t + 1"))]
 
 
 def _line_of(path: str, text: str) -> int:

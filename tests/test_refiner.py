@@ -291,7 +291,13 @@ def test_refiner_config_is_derived_from_the_init_signature():
     assert typing.get_args({f.name: f.type for f in fields}["attn_impl"]) == IMPLS
     assert Refiner().cfg == RefinerConfig()
     # to_dict keeps the field order that surf.json and the cost reports were written with
-    assert list(RefinerConfig().to_dict())[-4:] == ["qk_norm", "grad_checkpointing", "attn_impl", "ffn_conv"]
+    assert list(RefinerConfig().to_dict())[-5:] == [
+        "qk_norm",
+        "grad_checkpointing",
+        "attn_impl",
+        "ffn_conv",
+        "kind_condition",
+    ]
 
 
 @pytest.mark.parametrize(

@@ -142,7 +142,7 @@ def test_cpu_attention_backends_agree_with_native(backend, restore_backend):
 
 
 def test_diffusers_class_attributes_name_the_refiners_parts():
-    net = _net()
+    net = _net(kind_condition=True)  # every optional part present: the preview-kind embedding too
     classes = {type(m).__name__ for m in net.modules()}
     assert set(Refiner._repeated_blocks) <= classes and set(Refiner._no_split_modules) <= classes
     names = [n for n, _ in net.named_modules()]

@@ -142,6 +142,17 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         except OSError as e:
             tmp.unlink(missing_ok=True)
             raise write_error(path, e, tensor_bytes(checkpoint)) from None
+        except RuntimeError as e:
+            # torch's zip writer reports a short write (a disk filling up under it) as "unexpected pos", not as
+            # an OSError: with less room than the checkpoint needs it is a full disk, otherwise an I/O error
+            if "unexpected pos" not in str(e):
+                tmp.unlink(missing_ok=True)
+                raise
+            need = tensor_bytes(checkpoint)
+            full = shutil.disk_usage(tmp.parent).free < need - (tmp.stat().st_size if tmp.exists() else 0)
+            tmp.unlink(missing_ok=True)
+            code = errno.ENOSPC if full else errno.EIO
+            raise write_error(path, OSError(code, os.strerror(code)), need) from None
 
 
 def tensor_bytes(obj) -> int:
