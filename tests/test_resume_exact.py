@@ -233,7 +233,9 @@ def test_two_ranks_resume_exactly(pairs, tmp_path, strategy):
         if strategy == "deepspeed"
         else ["trainer.strategy=ddp"]
     )
-    base = [*trainer, "trainer.devices=2", f"data.shards={data}", "data.batch_size=2", "data.num_workers=1"]
+    # no DataLoader workers here: forking one under 2-rank gloo hung once in CI (CPython 3.11 deadlock in
+    # PyOS_AfterFork_Child); the workers' states are covered by the single-rank 2-worker case above
+    base = [*trainer, "trainer.devices=2", f"data.shards={data}", "data.batch_size=2", "data.num_workers=0"]
     base += [*QUICK, "ckpt_every=4", "data.skip_corrupt=true"]  # 12 samples per rank: 6 steps per epoch
     logs = _torchrun(script, [*base, f"run_dir={tmp_path / 'straight'}", "trainer.max_steps=10"], tmp_path / "s.keys")
     _torchrun(script, [*base, f"run_dir={tmp_path / 'resumed'}", "trainer.max_steps=4"], tmp_path / "first.keys")
