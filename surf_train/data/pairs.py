@@ -27,7 +27,7 @@ from surf_train.common.config import check, schema
 from surf_train.common.dist_env import rank_world
 from surf_train.common.dtypes import DTYPES, DType
 from surf_train.common.errors import ConfigError, known_keys
-from surf_train.data.meta import base_fingerprint, base_meta, expert_meta, schedule_meta
+from surf_train.data.meta import base_fingerprint, base_meta, expert_meta, preview_kind, schedule_meta
 from surf_train.data.shards import (
     OutDirLock,
     ShardWriter,
@@ -301,8 +301,6 @@ def generate_pairs(model: BaseModel, cfg: PairsConfig, jobs: list[Job]) -> list[
             tensors["text"] = cond.text(i).to(dt)  # (L, D) zero-padded; stored at its real length
         meta = {
             "source": "generated",
-            # the finished target pooled (switch = steps) or the base model's finish after reshifting
-            "preview_kind": "exact" if plan.switch >= cfg.steps else "generated",
             "prompt": job.prompt,
             "seed": job.seed,
             "version": __version__,
@@ -312,6 +310,7 @@ def generate_pairs(model: BaseModel, cfg: PairsConfig, jobs: list[Job]) -> list[
             **schedule_meta(plan, cfg.steps, cfg.guidance, expert_meta(model, plan, shape[-2:], cfg.guidance)),
             "dtype": cfg.dtype,
         }
+        meta["preview_kind"] = preview_kind(meta)  # exact at switch = steps (the target pooled), else generated
         out.append((tensors, meta))
     return out
 
