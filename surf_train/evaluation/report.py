@@ -111,30 +111,40 @@ def format_sr_table(result: dict) -> str:
             f"{v['obj_iou']:.3f} | {v['pos_err']:.4f} | {v['all3']:.2f} | {v['gflops']:.3f} | "
             f"{1000 * v['seconds']:.1f} |"
         )
-    if result["k_table"]:
-        lines += [
-            "",
-            "Refiner steps K (fidelity and cost; ms measured on this machine, GFLOPs analytic, per clip):",
-            "",
-            *table_head(
-                "K",
-                "PSNR dB",
-                "PSNR object dB",
-                "PSNR background dB",
-                "SSIM",
-                "sharpness",
-                "object IoU",
-                "GFLOPs",
-                "ms/clip",
-            ),
-        ]
-        for r in result["k_table"]:
-            lines.append(
-                f"| {r['k']} | {_f(r['psnr'], '.2f')} | {_f(r['psnr_obj'], '.2f')} | {_f(r['psnr_bg'], '.2f')} | "
-                f"{r['ssim']:.3f} | {r['sharpness']:.3f} | {r['obj_iou']:.3f} | {r['gflops']:.3f} | {r['ms']:.1f} |"
-            )
-    lines += iou_table(result)
-    lines += [
+    return "\n".join(lines + _k_table(result) + iou_table(result) + _sr_gains(result)) + "\n"
+
+
+def _k_table(result: dict) -> list[str]:
+    """table_sr.md's K table: fidelity and cost of the Refiner at each K (none without a Refiner)."""
+    if not result["k_table"]:
+        return []
+    lines = [
+        "",
+        "Refiner steps K (fidelity and cost; ms measured on this machine, GFLOPs analytic, per clip):",
+        "",
+        *table_head(
+            "K",
+            "PSNR dB",
+            "PSNR object dB",
+            "PSNR background dB",
+            "SSIM",
+            "sharpness",
+            "object IoU",
+            "GFLOPs",
+            "ms/clip",
+        ),
+    ]
+    for r in result["k_table"]:
+        lines.append(
+            f"| {r['k']} | {_f(r['psnr'], '.2f')} | {_f(r['psnr_obj'], '.2f')} | {_f(r['psnr_bg'], '.2f')} | "
+            f"{r['ssim']:.3f} | {r['sharpness']:.3f} | {r['obj_iou']:.3f} | {r['gflops']:.3f} | {r['ms']:.1f} |"
+        )
+    return lines
+
+
+def _sr_gains(result: dict) -> list[str]:
+    """table_sr.md's paired gains with their bootstrap intervals."""
+    lines = [
         "",
         "Gains (a - b, mean over clips, 95% bootstrap interval; higher is better except position error; for "
         "sharpness nearer 1 is better):",
@@ -147,7 +157,7 @@ def format_sr_table(result: dict) -> str:
             f"| {d['a']} | {d['b']} | {d['metric']} | {_f(d['mean'], '+.4f')} | [{_f(lo, '+.4f')}, {_f(hi, '+.4f')}] | "
             f"{'yes' if d['separated'] else 'no'} |"
         )
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def two_panels():
