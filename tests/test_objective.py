@@ -6,8 +6,9 @@ import torch
 
 from surf_train.base.sampling import resize_latent
 from surf_train.common.errors import ConfigError
+from surf_train.models.refiner import PREVIEW_KINDS
 from surf_train.models.sampler import RefinerSampler, match_preview, start_noise, upsample
-from surf_train.training.objective import BridgeConfig, bridge_batch
+from surf_train.training.objective import BridgeConfig, bridge_batch, bridge_loss
 
 
 def test_match_preview_is_the_orthogonal_projection_onto_the_preview():
@@ -108,3 +109,32 @@ def test_sampler_call_is_upsample_then_refine():
     x_up = upsample(preview, (8, 8), "bicubic")
     want = s.refine(net, x_up, preview, generator=torch.Generator().manual_seed(9))
     assert torch.equal(s(net, preview, (8, 8), generator=torch.Generator().manual_seed(9)), want)
+
+
+def test_exact_low_weight_weighs_only_the_exact_previews_low_band():
+    """bridge.exact_low_weight adds w x the mean square of each exact preview's velocity error pooled to the preview
+    grid: an error with no low band adds nothing, a constant error c adds w c^2 per exact sample, and previews of
+    the other kinds, or no kinds at all, add nothing."""
+    g = torch.Generator().manual_seed(3)
+    preview, target = torch.randn(2, 4, 3, 4, 4, generator=g), torch.randn(2, 4, 3, 8, 8, generator=g)
+    detail = start_noise((2, 4, 3, 8, 8), (4, 4), "detail", g)  # pools to 0
+
+    def net_off_by(err):  # the bridge velocity (x_t - target) / t, off by `err`
+        return lambda x, t, c, txt: (x - target) / t.view(-1, 1, 1, 1, 1) + err
+
+    cfg = BridgeConfig(exact_low_weight=3.0)
+    exact_gen = torch.tensor([PREVIEW_KINDS.index("exact"), PREVIEW_KINDS.index("generated")])
+    plain = bridge_loss(net_off_by(detail), preview, target, BridgeConfig(), generator=torch.Generator())
+    torch.testing.assert_close(plain, detail.square().mean())
+    torch.testing.assert_close(bridge_loss(net_off_by(detail), preview, target, cfg, kind=exact_gen), plain)
+    c = 0.5
+    const = torch.full_like(target, c)
+    for kind, want in (
+        (exact_gen, c**2 + 3.0 * c**2 / 2),
+        (exact_gen.flip(0), c**2 + 3.0 * c**2 / 2),
+        (torch.tensor([2, 2]), c**2),
+        (None, c**2),
+    ):
+        torch.testing.assert_close(bridge_loss(net_off_by(const), preview, target, cfg, kind=kind), torch.tensor(want))
+    with pytest.raises(ConfigError, match="bridge.exact_low_weight=-1"):
+        BridgeConfig(exact_low_weight=-1.0)

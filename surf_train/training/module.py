@@ -215,6 +215,7 @@ class RefinerModule(pl.LightningModule):
                 self.bridge,
                 text,
                 self._noise(batch_idx),
+                batch.get("preview_kind"),  # the loss's exact_low_weight reads it, told to the net or not
             )
         else:  # the teacher's start point and K steps against the student's `steps` from it
             loss = distill_loss(

@@ -2,7 +2,7 @@
 (docs/method.md, "Refiner"); its sampler is surf_train.models.sampler.
 
 x_up = up(preview); x_start = x_up + sigma_aug * eps; x_t = (1 - t) * x_hr + t * x_start;
-target velocity v = x_start - x_hr.
+target velocity v = x_start - x_hr; exact previews' error on the preview grid weighed up by exact_low_weight.
 """
 
 from __future__ import annotations
@@ -12,13 +12,12 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 
-from surf_train.base.sampling import UpMode
+from surf_train.base.sampling import UpMode, resize_latent
 from surf_train.common.config import check
 from surf_train.common.errors import ConfigError
 from surf_train.data.degrade import gaussian_blur
-from surf_train.models.refiner import as_velocity
+from surf_train.models.refiner import PREVIEW_KINDS, as_velocity
 from surf_train.models.sampler import NoiseSpace, RefinerFn, RefinerSampler, start_noise, upsample
 
 
@@ -39,11 +38,14 @@ class BridgeConfig:
     t_mean: float = 0.0  # logit-normal location
     t_std: float = 1.0  # logit-normal scale
     degrade_prob: float = 0.5  # probability that a sample gets the latent degradations
+    exact_low_weight: float = 0.0  # extra loss weight on exact previews' low band (bridge_loss; docs/method.md)
 
     def __post_init__(self):
         check(self, "bridge.")
         if self.steps < 1:
             raise ConfigError(f"bridge.steps={self.steps} must be >= 1")
+        if self.exact_low_weight < 0:
+            raise ConfigError(f"bridge.exact_low_weight={self.exact_low_weight} must be >= 0")
 
     def sampler(self) -> RefinerSampler:
         """The sampler these settings describe (validation's; an export stores them for generation)."""
@@ -100,7 +102,16 @@ def bridge_loss(
     cfg: BridgeConfig,
     text: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    kind: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """MSE between the predicted and the bridge velocity."""
+    """MSE between the predicted and the bridge velocity, plus cfg.exact_low_weight x the mean square of the exact
+    previews' velocity error area-pooled to the preview grid (kind: (B,) PREVIEW_KINDS indices): what that error
+    moves is the low band the preview fixes, and the plain MSE gives it 1 / r^2 of its weight."""
     bb = bridge_batch(preview, target, cfg, generator)
-    return F.mse_loss(as_velocity(net(bb.x_t, bb.t, bb.cond, text)).float(), bb.v.float())
+    err = as_velocity(net(bb.x_t, bb.t, bb.cond, text)).float() - bb.v.float()
+    loss = err.square().mean()
+    if cfg.exact_low_weight and kind is not None:
+        exact = (kind == PREVIEW_KINDS.index("exact")).to(err)  # (B,)
+        low = resize_latent(err, tuple(preview.shape[-2:]), "area").square().mean(dim=(1, 2, 3, 4))  # (B,)
+        loss = loss + cfg.exact_low_weight * (exact * low).mean()
+    return loss
