@@ -133,14 +133,14 @@ def test_bad_settings_are_named():
         evaluate(EvalConfig(refiner="/nonexistent", n=2))
 
 
-def _tiny_refiner(path):
+def _tiny_refiner(path, up_mode="bilinear"):
     """An untrained Refiner: its output layer starts at zero, so it returns the upsampled input."""
     from surf_train.models.refiner import Refiner, RefinerConfig
     from surf_train.training.export import save_refiner
 
     cfg = RefinerConfig(in_channels=12, dim=32, depth=2, heads=2, text_dim=64, window=(1, 4, 4))
     torch.manual_seed(0)
-    save_refiner(Refiner.from_cfg(cfg).state_dict(), cfg, path, bridge={"steps": 2})
+    save_refiner(Refiner.from_cfg(cfg).state_dict(), cfg, path, bridge={"steps": 2, "up_mode": up_mode})
     return path
 
 
@@ -317,3 +317,19 @@ def test_object_iou_is_exact_for_a_shifted_mask_and_drops_when_a_pillar_breaks_u
     broken[:, :, 12:18] = -0.9  # a black band across the frame: the pillar breaks into two pieces
     assert clip_metrics(broken, ref, det, CAP)["obj_iou"] < 1.0
     assert clip_metrics(torch.full_like(ref, -0.9), ref, det, CAP)["obj_iou"] == 0.0  # no object at all
+
+
+@needs_toy_base
+def test_upsampled_is_bilinear_whatever_the_refiners_upsampling(tmp_path, monkeypatch):
+    """`upsampled` is one baseline for every Refiner: a zero-output Refiner with nearest upsampling returns its
+    blocky input as `surf`, while `upsampled` stays the bilinear preview (a weaker baseline would flatter it)."""
+    monkeypatch.chdir(CONF_DIR.parent)
+    args = ["--n", "2", "--batch", "2", "--switches", "3", "--steps", "6", "--surf-switch", "3", "--rules", "pool"]
+    args += ["--no-progress", "--bootstrap", "50", "--grid-clips", "0"]
+    meth = {}
+    for mode in ("bilinear", "nearest"):
+        main([*args, "--refiner", str(_tiny_refiner(tmp_path / mode, mode)), "--out-dir", str(tmp_path / f"e_{mode}")])
+        meth[mode] = json.loads((tmp_path / f"e_{mode}" / "results.json").read_text())["methods"]
+    assert meth["nearest"]["upsampled"]["psnr"] == pytest.approx(meth["bilinear"]["upsampled"]["psnr"], abs=1e-6)
+    assert meth["bilinear"]["surf"]["psnr"] == pytest.approx(meth["bilinear"]["upsampled"]["psnr"], abs=1e-6)
+    assert meth["nearest"]["surf"]["sharpness"] > meth["nearest"]["upsampled"]["sharpness"] + 0.05  # block edges

@@ -25,7 +25,7 @@ from surf_train.evaluation.clips import (
 from surf_train.evaluation.metrics import score_batch
 from surf_train.evaluation.report import keep_shown, write_grid, write_outputs
 from surf_train.evaluation.stats import summarise
-from surf_train.models.sampler import RefinerSampler
+from surf_train.models.sampler import RefinerSampler, upsample
 
 
 def method_names(cfg) -> list[str]:
@@ -76,15 +76,16 @@ def _previews(cfg, st: Setup, b: Batch, flops: dict) -> tuple[dict, dict]:
 
 
 def _refine(cfg, st: Setup, sampler: RefinerSampler, b: Batch, latents: dict, cost: dict) -> None:
-    """Add `upsampled` (SURF's preview upsampled) and, with a Refiner, `surf` (that refined) to latents and cost."""
+    """Add `upsampled` (SURF's preview upsampled bilinearly: one baseline whatever the Refiner's own upsampling) and,
+    with a Refiner, `surf` (the preview refined from the Refiner's upsampling) to latents and cost."""
     surf_name = f"{cfg.surf_rule}@{cfg.surf_switch}"
     k_ref = cfg.refiner_steps or sampler.steps
     t0 = time.perf_counter()
-    x_up = sampler.upsample(latents[surf_name], st.hi)
-    latents["upsampled"] = x_up
+    latents["upsampled"] = upsample(latents[surf_name], st.hi, "bilinear")
     cost["upsampled"] = (cost[surf_name][0] + time.perf_counter() - t0, cost[surf_name][1])
     if st.net is not None:
         t0 = time.perf_counter()
+        x_up = sampler.upsample(latents[surf_name], st.hi)
         run = sampler_at(sampler, k_ref, cfg.consistency, cfg.start_noise, cfg.preview_kind or "generated")
         latents["surf"] = run.refine(st.net, x_up, latents[surf_name], refiner_text(st.net, b.cond), b.gens[0])
         cost["surf"] = (
