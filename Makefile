@@ -26,8 +26,8 @@ demo: venv
 	$(BIN)/python -m surf_train.export runs/demo/checkpoints/last.ckpt runs/demo/refiner
 	$(BIN)/python -m surf_train.generate
 	$(BIN)/python -m surf_train.evaluate --n 16 --switches 5 --refiner runs/demo/refiner --out-dir outputs/evaluate
-	$(BIN)/python -m surf_train.evaluate --mode sr --n 16 --ks 10 --refiner runs/demo/refiner \
-		--consistency on --compare assets/toy_refiner --out-dir outputs/evaluate_sr
+	$(BIN)/python -m surf_train.evaluate --mode sr --n 16 --ks 4 --refiner runs/demo/refiner \
+		--compare assets/toy_refiner --out-dir outputs/evaluate_sr
 
 # the shipped assets/toy_base, rebuilt (about 2 h 20 min on 2 CPU threads; both stages resume when rerun):
 # 16000 steps from random weights, then a warm restart on a fresh 8000-step schedule stopped at step 1688
@@ -46,7 +46,7 @@ toy-pairs: venv
 # pairs, 4000 steps (conf/experiment/toy_refiner.yaml), exported with the K and the start-point noise chosen in
 # docs/evaluation.md
 TOY_REFINER_K ?= 4
-TOY_REFINER_NOISE ?= 0.75
+TOY_REFINER_NOISE ?= 0.6
 toy-refiner: toy-pairs
 	$(BIN)/python -m surf_train +experiment=toy_refiner
 	$(BIN)/python -m surf_train.export runs/toy_refiner/train/checkpoints/last.ckpt assets/toy_refiner \
@@ -54,7 +54,7 @@ toy-refiner: toy-pairs
 
 # a 1-step student distilled from assets/toy_refiner (docs/training.md#distilling-a-few-step-student; under 60 min
 # on 2 CPU threads, conf/experiment/toy_student.yaml has the arithmetic; every step resumes when rerun): the toy
-# pairs, 2500 steps, exported with the K and start noise the run records (the student's 1, the teacher's 0.75)
+# pairs, 2500 steps, exported with the K and start noise the run records (the student's 1, the teacher's 0.6)
 toy-student: toy-pairs
 	$(BIN)/python -m surf_train +experiment=toy_student
 	$(BIN)/python -m surf_train.export runs/toy_student/train/checkpoints/last.ckpt assets/toy_student

@@ -231,4 +231,9 @@ def test_toy_student_experiment_distils_the_shipped_refiner():
     m = instantiate(cfg.module, _convert_="all")
     teacher = load_refiner(ASSETS_DIR / "toy_refiner")[1]["bridge"]
     assert {k: m.hparams["bridge"][k] for k in teacher} == {**teacher, "steps": 1}
-    assert (m.bridge.steps, m.bridge.sigma_aug_eval, m.bridge.noise_space) == (1, 0.75, "detail")
+    assert (m.bridge.steps, m.bridge.sigma_aug_eval, m.bridge.noise_space, m.bridge.up_mode) == (
+        1,
+        0.6,
+        "detail",
+        "nearest",
+    )
