@@ -19,7 +19,7 @@ from surf_train.models.loading import load_refiner
 from surf_train.models.refiner import Refiner, refiner_config
 from surf_train.models.sampler import RefinerSampler
 from surf_train.training.checkpoint import read_checkpoint
-from surf_train.training.distill import distill_loss
+from surf_train.training.distill import distill_loss, provenance
 from surf_train.training.export import export, save_refiner
 from surf_train.training.module import RefinerModule
 from surf_train.training.train import train
@@ -237,3 +237,11 @@ def test_toy_student_experiment_distils_the_shipped_refiner():
         "detail",
         "nearest",
     )
+
+
+def test_a_checkpoint_with_an_unknown_distill_setting_is_one_configerror():
+    """An export of a checkpoint whose module.distill records a setting this code does not know (one from another
+    version) is one line naming it, not a TypeError."""
+    assert provenance({"teacher": "assets/toy_refiner", "steps": 1})["gt_weight"] == 0.0
+    with pytest.raises(ConfigError, match=r"module.distill: unknown settings \['sharpness_weight'\]"):
+        provenance({"teacher": "assets/toy_refiner", "steps": 1, "sharpness_weight": 0.0})

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from surf_train import DATA_DIR
 from surf_train.common.config import check
-from surf_train.common.errors import ConfigError
+from surf_train.common.errors import ConfigError, known_keys
 from surf_train.models.refiner import Refiner, RefinerConfig
 from surf_train.models.sampler import RefinerFn, RefinerSampler
 from surf_train.training.objective import BridgeConfig
@@ -128,5 +128,5 @@ def provenance(distill: dict | None) -> dict | None:
     never the training machine's layout) and the ground-truth weight."""
     if not distill:
         return None
-    d = dataclasses.asdict(DistillConfig(**distill))
+    d = dataclasses.asdict(DistillConfig(**known_keys(distill, DistillConfig, "module.distill")))
     return {**d, "teacher": os.path.basename(d["teacher"].rstrip("/")) if os.path.isabs(d["teacher"]) else d["teacher"]}
