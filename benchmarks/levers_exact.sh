@@ -35,6 +35,8 @@ done
 # from the toy base, 4000 steps: bilinear with the term, and today's recipe (nearest with the term)
 train scratch_bilinear module.bridge.up_mode=bilinear
 check scratch_bilinear 0.75
+[ -f $L/scratch_bilinear/s0.6/results_sr.json ] || $PY -m surf_train.evaluate --mode sr --n 64 --ks 4 \
+  --start-noise 0.6 --refiner $L/scratch_bilinear/s0.75/refiner --out-dir $L/scratch_bilinear/s0.6 --no-progress
 train shipped
 check shipped 0.75
 # the start noise of the export, chosen on 32 other clips
